@@ -1,0 +1,127 @@
+//! The invocation contract between the operator (or local mode) and `sluice-worker`: environment
+//! variable names, exit codes and the storage layout under the output prefix. Both sides use
+//! these constants, so a pod and a local process see exactly the same interface.
+
+/// Environment variables a worker reads (flags of the same meaning override them).
+pub mod env {
+    /// Shard index, set by the Job controller for Indexed Jobs.
+    pub const JOB_COMPLETION_INDEX: &str = "JOB_COMPLETION_INDEX";
+    /// URI of the job's `plan.json`.
+    pub const PLAN_URI: &str = "SLUICE_PLAN_URI";
+    /// Input JSONL object.
+    pub const INPUT_URI: &str = "SLUICE_INPUT_URI";
+    /// Input line format: `auto`, `openai` or `prompts`.
+    pub const INPUT_FORMAT: &str = "SLUICE_INPUT_FORMAT";
+    /// Output prefix.
+    pub const OUTPUT_URI: &str = "SLUICE_OUTPUT_URI";
+    /// Model directory: local path or object-store prefix.
+    pub const MODEL_URI: &str = "SLUICE_MODEL_URI";
+    /// Model dtype: `auto`, `bf16`, `f16`, `f32`.
+    pub const MODEL_DTYPE: &str = "SLUICE_MODEL_DTYPE";
+    /// Longest prompt plus completion in tokens.
+    pub const MAX_MODEL_LEN: &str = "SLUICE_MAX_MODEL_LEN";
+    /// Directory where object-store models are cached.
+    pub const MODEL_CACHE_DIR: &str = "SLUICE_MODEL_CACHE_DIR";
+    /// Sampling defaults as the JSON form of `SamplingSpec`.
+    pub const SAMPLING: &str = "SLUICE_SAMPLING";
+    /// Most sequences per batch.
+    pub const MAX_BATCH_SIZE: &str = "SLUICE_MAX_BATCH_SIZE";
+    /// S3-compatible endpoint.
+    pub const STORAGE_ENDPOINT: &str = "SLUICE_STORAGE_ENDPOINT";
+    /// Bucket region.
+    pub const STORAGE_REGION: &str = "SLUICE_STORAGE_REGION";
+    /// `true` for path-style S3 addressing.
+    pub const STORAGE_PATH_STYLE: &str = "SLUICE_STORAGE_PATH_STYLE";
+    /// `true` to allow plain-HTTP endpoints.
+    pub const STORAGE_ALLOW_HTTP: &str = "SLUICE_STORAGE_ALLOW_HTTP";
+    /// Address for `/metrics` and `/healthz`.
+    pub const METRICS_ADDR: &str = "SLUICE_METRICS_ADDR";
+    /// Name of the BatchInferenceJob (for logs and the output's model field).
+    pub const JOB_NAME: &str = "SLUICE_JOB_NAME";
+    /// Identifies this attempt (the pod name on a cluster).
+    pub const ATTEMPT: &str = "SLUICE_ATTEMPT";
+    /// `json` for JSON logs.
+    pub const LOG_FORMAT: &str = "SLUICE_LOG_FORMAT";
+    /// `cpu` or `cuda` (default: cuda when built with it and a GPU is present).
+    pub const DEVICE: &str = "SLUICE_DEVICE";
+}
+
+/// Worker exit codes. The operator's pod failure policy fails an index at once on
+/// [`EXIT_PERMANENT`] and retries on anything else.
+pub mod exit {
+    /// The shard is fully committed.
+    pub const SUCCESS: i32 = 0;
+    /// A transient failure (storage hiccup, OOM, preemption): retry the shard.
+    pub const RETRYABLE: i32 = 1;
+    /// Bad invocation (flags).
+    pub const USAGE: i32 = 2;
+    /// A failure a retry cannot fix (bad model, unreadable or missing input, bad plan).
+    pub const PERMANENT: i32 = 3;
+    /// Stopped by SIGTERM after committing what was finished.
+    pub const TERMINATED: i32 = 143;
+}
+
+/// Object paths relative to the output prefix.
+pub mod layout {
+    /// The shard plan, written once by the planner.
+    pub const PLAN: &str = "_sluice/plan.json";
+    /// The final manifest, written last (like `_SUCCESS`).
+    pub const MANIFEST: &str = "manifest.json";
+    /// Prefix of progress records.
+    pub const PROGRESS_PREFIX: &str = "_sluice/progress/";
+
+    /// A shard's progress record.
+    pub fn progress(shard: u32) -> String {
+        format!("{PROGRESS_PREFIX}{shard:05}.json")
+    }
+    /// Prefix of a shard's immutable chunks.
+    pub fn chunk_prefix(shard: u32) -> String {
+        format!("_sluice/shards/{shard:05}/")
+    }
+    /// A chunk covering input lines `[first_line, end_line)` of a shard (1-based line numbers).
+    /// Zero-padded so lexical order is line order.
+    pub fn chunk(shard: u32, first_line: u64, end_line: u64) -> String {
+        format!("{}{first_line:012}-{end_line:012}.jsonl", chunk_prefix(shard))
+    }
+    /// Parse a chunk object name (the last path segment) back into `(first_line, end_line)`.
+    pub fn parse_chunk_name(name: &str) -> Option<(u64, u64)> {
+        let stem = name.rsplit('/').next()?.strip_suffix(".jsonl")?;
+        let (a, b) = stem.split_once('-')?;
+        let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+        (a < b).then_some((a, b))
+    }
+    /// A shard's final result file.
+    pub fn results(shard: u32) -> String {
+        format!("results/{shard:05}.jsonl")
+    }
+    /// A shard's final error file.
+    pub fn errors(shard: u32) -> String {
+        format!("errors/{shard:05}.jsonl")
+    }
+
+    /// Join an output prefix URI and a relative path with exactly one `/`.
+    pub fn join(prefix: &str, rel: &str) -> String {
+        format!("{}/{}", prefix.trim_end_matches('/'), rel.trim_start_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout::*;
+
+    #[test]
+    fn chunk_names_round_trip_and_sort() {
+        let a = chunk(3, 1, 65);
+        let b = chunk(3, 65, 129);
+        assert!(a < b);
+        assert_eq!(parse_chunk_name(&a), Some((1, 65)));
+        assert_eq!(parse_chunk_name("x/000000000009-000000000001.jsonl"), None);
+        assert_eq!(parse_chunk_name("garbage.jsonl"), None);
+    }
+
+    #[test]
+    fn join_handles_slashes() {
+        assert_eq!(join("s3://b/out/", "/manifest.json"), "s3://b/out/manifest.json");
+        assert_eq!(join("file:///tmp/o", PLAN), "file:///tmp/o/_sluice/plan.json");
+    }
+}

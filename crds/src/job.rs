@@ -1,0 +1,557 @@
+//! The `BatchInferenceJob` custom resource (group `sluice.dev`, version `v1alpha1`): spec, status
+//! and the CEL rules the API server enforces. The doc comments become the CRD's descriptions.
+//! This module holds types only; the operator decides, the worker does.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{LocalObjectReference, PodTemplateSpec, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A batch of LLM requests to finish before a deadline at the lowest GPU cost that makes it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "BatchInferenceJob",
+    plural = "batchinferencejobs",
+    singular = "batchinferencejob",
+    shortname = "bij",
+    category = "sluice",
+    namespaced,
+    status = "BatchInferenceJobStatus",
+    derive = "PartialEq",
+    doc = "A batch of LLM requests that Sluice runs on GPUs and finishes before a deadline at the lowest GPU cost that still makes it.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Done", type_ = "string", json_path = ".status.progress", description = "Finished requests / total"),
+    printcolumn(name = "Rate", type_ = "string", json_path = ".status.throughput.display", description = "Observed requests per second"),
+    printcolumn(name = "ETA", type_ = "date", json_path = ".status.projectedCompletionTime", description = "Projected completion time"),
+    printcolumn(name = "Deadline", type_ = "date", json_path = ".status.deadline", description = "Effective deadline"),
+    printcolumn(name = "SLA", type_ = "string", json_path = ".status.slaStatus", description = "Deadline status"),
+    printcolumn(name = "Workers", type_ = "string", json_path = ".status.workers.display", description = "Active / desired workers"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchInferenceJobSpec {
+    /// The model to serve. Immutable once the job is created.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.model is immutable once the job is created"))]
+    pub model: ModelSpec,
+    /// The input requests. Immutable once the job is created.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.input is immutable once the job is created"))]
+    pub input: InputSpec,
+    /// Where results go. Immutable once the job is created.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.output is immutable once the job is created"))]
+    pub output: OutputSpec,
+    /// Object-storage connection settings shared by model, input and output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+    /// Sampling defaults; an OpenAI batch line's body overrides them per request.
+    #[serde(default)]
+    pub sampling: SamplingSpec,
+    /// The completion deadline and how to trade cost against it.
+    pub sla: SlaSpec,
+    /// Worker pods: bounds, resources and scheduling.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// How the input is split into shards.
+    #[serde(default)]
+    pub sharding: ShardingSpec,
+    /// Retry limits for failed shards.
+    #[serde(default)]
+    pub retries: RetriesSpec,
+    /// Pause the job: no new workers start; running workers are stopped gracefully.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Kueue LocalQueue name, passed to the Job as the `kueue.x-k8s.io/queue-name` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_name: Option<String>,
+    /// Seconds after the job finishes before its Kubernetes Job (not the output) is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+}
+
+/// Weight precision the worker loads the model in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    // bf16 on GPU, f32 on CPU.
+    #[default]
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+/// The model a worker loads.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// A model directory as published on the Hugging Face hub (config.json, safetensors,
+    /// tokenizer.json): a local path or `file://` URI (PVC or hostPath mount) or an object-store
+    /// prefix (`s3://`, `gs://`, `az://`).
+    #[schemars(length(min = 1))]
+    pub uri: String,
+    /// Weight precision.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Longest prompt plus completion in tokens; defaults to the model's own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_model_len: Option<u32>,
+}
+
+/// The format of the input lines.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    // Detect per line: OpenAI batch lines or `{"id","prompt"}` lines.
+    #[default]
+    Auto,
+    // OpenAI batch lines `{"custom_id","method","url","body"}`.
+    Openai,
+    // Plain `{"id","prompt"}` lines.
+    Prompts,
+}
+
+/// The input object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InputSpec {
+    /// A JSONL object: `file://`, `s3://`, `gs://` or `az://` URI.
+    #[schemars(length(min = 1))]
+    pub uri: String,
+    /// Line format.
+    #[serde(default)]
+    pub format: InputFormat,
+}
+
+/// The output prefix.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// Prefix under which `results/`, `errors/`, `manifest.json` and `_sluice/` are written.
+    #[schemars(length(min = 1))]
+    pub uri: String,
+}
+
+/// Object-storage connection settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Secret whose keys are exposed to workers and the operator as environment variables
+    /// (for example `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+    /// Endpoint of an S3-compatible server such as MinIO (`http://minio.minio:9000`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region of the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Use path-style S3 addressing (needed by most S3-compatible servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// Allow plain-HTTP endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_http: Option<bool>,
+}
+
+/// Sampling defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SamplingSpec {
+    /// Most tokens generated per request.
+    #[serde(default = "default_max_tokens")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: f64,
+    /// Nucleus sampling mass, in (0, 1].
+    #[serde(default = "default_top_p")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("sampling.topP must be in (0, 1]"))]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens; unset keeps all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub top_k: Option<u32>,
+    /// Base seed; each request's seed derives from it and its custom_id, so retries repeat.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub seed: i64,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub stop: Vec<String>,
+}
+
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        Self {
+            max_tokens: default_max_tokens(),
+            temperature: 0.0,
+            top_p: default_top_p(),
+            top_k: None,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// How the scaler trades GPU cost against the deadline.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum SlaPolicy {
+    // The fewest workers that still finish by `deadline − margin`.
+    #[default]
+    Deadline,
+    // Always `workers.max`.
+    Fastest,
+}
+
+/// The completion deadline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.deadline) != has(self.completionWindow)").message("set exactly one of sla.deadline or sla.completionWindow"))]
+pub struct SlaSpec {
+    /// Absolute deadline (RFC 3339, e.g. `2026-12-01T08:00:00Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub deadline: Option<String>,
+    /// Deadline relative to the job's creation, as a duration such as `24h` or `90m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub completion_window: Option<String>,
+    /// Safety margin as a fraction of the window: the scaler aims for `deadline − margin × window`.
+    #[serde(default = "default_margin")]
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub margin: f64,
+    /// Scaling policy.
+    #[serde(default)]
+    pub policy: SlaPolicy,
+}
+
+fn default_margin() -> f64 {
+    0.1
+}
+
+/// Worker pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.min <= self.max").message("workers.min must be less than or equal to workers.max"))]
+pub struct WorkersSpec {
+    /// Fewest concurrent workers while work remains.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub min: i32,
+    /// Most concurrent workers.
+    #[serde(default = "default_max_workers")]
+    #[schemars(range(min = 1))]
+    pub max: i32,
+    /// GPUs per worker pod.
+    #[serde(default = "default_gpus")]
+    #[schemars(range(min = 0))]
+    pub gpus: i32,
+    /// Worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Most sequences a worker runs in one batch.
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1))]
+    pub max_batch_size: i32,
+    /// Worker container resources (the GPU request is added from `gpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector for worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations for worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Priority class of worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// A pod template merged over the generated one (the `worker` container is matched by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_object")]
+    pub pod_template: Option<PodTemplateSpec>,
+}
+
+fn default_max_workers() -> i32 {
+    1
+}
+fn default_gpus() -> i32 {
+    1
+}
+fn default_max_batch_size() -> i32 {
+    256
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            min: 0,
+            max: default_max_workers(),
+            gpus: default_gpus(),
+            image: None,
+            max_batch_size: default_max_batch_size(),
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            priority_class_name: None,
+            pod_template: None,
+        }
+    }
+}
+
+fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "A pod template merged over the generated one (the `worker` container is matched by name).",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+/// How the input is split into shards.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardingSpec {
+    /// Requests per shard; unset chooses automatically from the input size and `workers.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_shard: Option<u32>,
+}
+
+/// Retry limits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetriesSpec {
+    /// Retries of one shard before it counts as failed (the Job's `backoffLimitPerIndex`).
+    #[serde(default = "default_per_shard")]
+    #[schemars(range(min = 0, max = 100))]
+    pub per_shard: i32,
+    /// Failed shards tolerated before the whole job fails (the Job's `maxFailedIndexes`).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_failed_shards: i32,
+}
+
+fn default_per_shard() -> i32 {
+    3
+}
+
+impl Default for RetriesSpec {
+    fn default() -> Self {
+        Self { per_shard: default_per_shard(), max_failed_shards: 0 }
+    }
+}
+
+/// Lifecycle phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum JobPhase {
+    // Accepted, not yet planned.
+    #[default]
+    Pending,
+    // Reading the input to plan shards.
+    Planning,
+    // Workers are processing shards.
+    Running,
+    // Paused by `spec.suspend`.
+    Suspended,
+    // Every shard committed and the manifest written.
+    Succeeded,
+    // Too many failed shards, or a permanent error.
+    Failed,
+}
+
+impl JobPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Pending => "Pending",
+            JobPhase::Planning => "Planning",
+            JobPhase::Running => "Running",
+            JobPhase::Suspended => "Suspended",
+            JobPhase::Succeeded => "Succeeded",
+            JobPhase::Failed => "Failed",
+        }
+    }
+    pub const ALL: [JobPhase; 6] = [
+        JobPhase::Pending,
+        JobPhase::Planning,
+        JobPhase::Running,
+        JobPhase::Suspended,
+        JobPhase::Succeeded,
+        JobPhase::Failed,
+    ];
+    /// Whether the job has finished for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed)
+    }
+}
+
+/// Whether the job will make its deadline.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum SlaStatus {
+    // Projected to finish before `deadline − margin`.
+    OnTrack,
+    // Projected to finish after `deadline − margin`, or too uncertain to promise.
+    AtRisk,
+    // The deadline has passed and work remains.
+    Breached,
+    // Finished before the deadline.
+    Met,
+    // Finished after the deadline.
+    Missed,
+    // Even `workers.max` cannot make the deadline.
+    Infeasible,
+}
+
+impl SlaStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlaStatus::OnTrack => "OnTrack",
+            SlaStatus::AtRisk => "AtRisk",
+            SlaStatus::Breached => "Breached",
+            SlaStatus::Met => "Met",
+            SlaStatus::Missed => "Missed",
+            SlaStatus::Infeasible => "Infeasible",
+        }
+    }
+    pub const ALL: [SlaStatus; 6] = [
+        SlaStatus::OnTrack,
+        SlaStatus::AtRisk,
+        SlaStatus::Breached,
+        SlaStatus::Met,
+        SlaStatus::Missed,
+        SlaStatus::Infeasible,
+    ];
+}
+
+/// Condition types used in `status.conditions`.
+pub mod condition_types {
+    pub const ADMITTED: &str = "Admitted";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const ON_TRACK: &str = "OnTrack";
+    pub const COMPLETE: &str = "Complete";
+    pub const FAILED: &str = "Failed";
+    pub const SUSPENDED: &str = "Suspended";
+}
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchInferenceJobStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: JobPhase,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Kubernetes-style conditions: Admitted, Progressing, OnTrack, Complete, Failed, Suspended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Finished requests over total, e.g. `1200/5000`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Request counts.
+    #[serde(default)]
+    pub requests: RequestCounts,
+    /// Shard counts.
+    #[serde(default)]
+    pub shards: ShardCounts,
+    /// Worker counts.
+    #[serde(default)]
+    pub workers: WorkerCounts,
+    /// Observed throughput.
+    #[serde(default)]
+    pub throughput: Throughput,
+    /// When the job is projected to finish at the desired worker count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projected_completion_time: Option<Time>,
+    /// The effective deadline (from `sla.deadline`, or creation time plus `sla.completionWindow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
+    /// Deadline minus projected completion, in seconds (negative means late).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack_seconds: Option<i64>,
+    /// Whether the job will make its deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_status: Option<SlaStatus>,
+    /// GPU-seconds used by workers so far.
+    #[serde(default)]
+    pub gpu_seconds: f64,
+    /// When the first worker started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// URI of `manifest.json`, set on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_uri: Option<String>,
+}
+
+/// Request counts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestCounts {
+    /// Lines in the input.
+    pub total: i64,
+    /// Requests with a committed result.
+    pub succeeded: i64,
+    /// Requests with a committed error record.
+    pub failed: i64,
+}
+
+/// Shard counts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardCounts {
+    /// Shards in the plan.
+    pub total: i32,
+    /// Shards fully committed.
+    pub completed: i32,
+    /// Shards that ran out of retries.
+    pub failed: i32,
+    /// Shards with a running worker.
+    pub active: i32,
+}
+
+/// Worker counts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCounts {
+    /// Concurrent workers the scaler wants (the Job's parallelism).
+    pub desired: i32,
+    /// Worker pods running now.
+    pub active: i32,
+    /// `active/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+/// Observed throughput.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Throughput {
+    /// Requests per second, whole job.
+    pub requests_per_second: f64,
+    /// Output tokens per second, whole job.
+    pub output_tokens_per_second: f64,
+    /// Requests per second of one worker (the scaler's estimate).
+    #[serde(default)]
+    pub per_worker_requests_per_second: f64,
+    /// Human-readable rate, e.g. `12.5/s`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}

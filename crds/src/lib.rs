@@ -1,0 +1,16 @@
+//! `sluice-api`: the contract between the Sluice operator and its workers. The
+//! `BatchInferenceJob` CRD types, the shard plan, progress records, input and output line
+//! formats, the worker invocation contract, and manifest validation with the CRD's own rules.
+
+pub mod contract;
+pub mod deadline;
+pub mod job;
+pub mod lines;
+pub mod output;
+pub mod plan;
+pub mod progress;
+#[cfg(feature = "storage")]
+pub mod storage;
+pub mod validate;
+
+pub use job::{BatchInferenceJob, BatchInferenceJobSpec, BatchInferenceJobStatus};

@@ -1,0 +1,130 @@
+//! The state every reconcile shares: the Kubernetes client, the Event recorder, metrics, the
+//! operator's configuration, the object-store opener, the clock (a parameter, fixed in tests),
+//! leadership, and a small per-job cache of what never changes once read (plan, final progress).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use sluice_api::plan::ShardPlan;
+use sluice_api::progress::ShardProgress;
+
+use crate::job_builder::{FIELD_MANAGER, WorkerDefaults};
+use crate::metrics::Metrics;
+use crate::storage_io::StoreOpener;
+
+/// Operator settings from flags.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Worker pod defaults.
+    pub worker: WorkerDefaults,
+    /// Resync interval while a job runs (progress must be visible within 30 s).
+    pub requeue_running: Duration,
+    /// Resync interval of a suspended or held job.
+    pub requeue_idle: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { worker: WorkerDefaults::default(), requeue_running: Duration::from_secs(30), requeue_idle: Duration::from_secs(300) }
+    }
+}
+
+/// What the operator remembers about one job between reconciles. Only facts that cannot change
+/// are cached (a plan is write-once; a complete shard's record is final), so losing the cache
+/// on restart costs reads, never correctness.
+#[derive(Clone, Debug, Default)]
+pub struct JobCache {
+    pub plan: Option<Arc<ShardPlan>>,
+    /// Final progress records of complete shards.
+    pub complete: BTreeMap<u32, ShardProgress>,
+    /// Finished requests at the last sync, and when that number last grew.
+    pub last_done: u64,
+    pub last_progress_at: Option<Timestamp>,
+}
+
+/// The clock: `Timestamp::now` in the binary, a fixed time in tests.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// Shared reconcile state.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub config: Config,
+    pub stores: Arc<dyn StoreOpener>,
+    pub clock: Clock,
+    leader: Arc<AtomicBool>,
+    cache: Mutex<HashMap<String, JobCache>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context. `leader` is shared with the lease task; pass `Arc::new(AtomicBool::new(true))`
+    /// without leader election.
+    pub fn new(client: Client, metrics: Metrics, config: Config, stores: Arc<dyn StoreOpener>, clock: Clock, leader: Arc<AtomicBool>) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            config,
+            stores,
+            clock,
+            leader,
+            cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this replica may write.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    /// A copy of the cache entry of job `uid`.
+    pub fn cached(&self, uid: &str) -> JobCache {
+        self.cache.lock().map(|c| c.get(uid).cloned().unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// Replace the cache entry of job `uid`.
+    pub fn store_cache(&self, uid: &str, entry: JobCache) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(uid.to_string(), entry);
+        }
+    }
+
+    /// Count a failed reconcile of `key`; returns the failures before this one.
+    pub fn note_failure(&self, key: &str) -> u32 {
+        self.failures
+            .lock()
+            .map(|mut f| {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n += 1;
+                *n - 1
+            })
+            .unwrap_or(0)
+    }
+
+    /// Reset the failure count of `key` after a successful reconcile.
+    pub fn clear_failures(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Forget job `uid`.
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(uid);
+        }
+    }
+}

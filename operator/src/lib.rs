@@ -1,0 +1,5 @@
+//! Sluice operator.
+pub mod sla;
+pub mod error;
+pub mod planner;
+pub mod storage_io;

@@ -1,0 +1,570 @@
+//! One reconcile of a BatchInferenceJob: plan → create the Indexed Job → read progress and the
+//! Job's status → status, SLA decision, scaling patch, Events → manifest and Complete/Failed.
+//! Finalizer-wrapped (cleanup only forgets the job: owner references delete the Job, the output
+//! is never deleted). Writes only what differs from what it observed, so a resync is free.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use object_store::ObjectStoreExt;
+use serde_json::json;
+use sluice_api::BatchInferenceJob;
+use sluice_api::BatchInferenceJobStatus;
+use sluice_api::contract::layout;
+use sluice_api::deadline::effective_deadline;
+use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
+use sluice_api::output::{ManifestCounts, ManifestShard, OutputLine, OutputManifest, Usage};
+use sluice_api::plan::ShardPlan;
+use sluice_api::progress::ShardProgress;
+
+use crate::conditions::{self, Cond};
+use crate::context::{Context, JobCache};
+use crate::error::{Error, Result};
+use crate::job_builder::{self, FIELD_MANAGER};
+use crate::planner;
+use crate::sla::{self, SlaConfig, SlaObservation};
+use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
+use crate::storage_io::{self, Location};
+
+/// The finalizer the operator puts on every BatchInferenceJob.
+pub const FINALIZER: &str = "sluice.dev/cleanup";
+
+/// Entry point for the controller: decode errors become a Warning Event and a log line, never a
+/// stuck watch; everything else goes through the finalizer.
+pub async fn reconcile(guard: Arc<DeserializeGuard<BatchInferenceJob>>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.is_leader() {
+        return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+    }
+    let bij = match &guard.0 {
+        Ok(bij) => Arc::new(bij.clone()),
+        Err(invalid) => {
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            tracing::warn!(object = %name, error = %invalid.error, "malformed BatchInferenceJob skipped");
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("sluice.dev/v1alpha1".into()),
+                kind: Some("BatchInferenceJob".into()),
+                name: invalid.metadata.name.clone(),
+                namespace: invalid.metadata.namespace.clone(),
+                uid: invalid.metadata.uid.clone(),
+                ..Default::default()
+            };
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "InvalidObject".into(),
+                note: Some(truncate(&format!("cannot decode the object: {}", invalid.error), 1000)),
+                action: "Decode".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, "publishing an Event failed");
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let _timer = ctx.metrics.reconcile_timer();
+    let ns = bij.namespace().unwrap_or_default();
+    let api: Api<BatchInferenceJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = format!("{ns}/{}", bij.name_any());
+    let result = finalizer(&api, FINALIZER, bij, |event| async {
+        match event {
+            Finalizer::Apply(bij) => apply(&bij, &ctx).await,
+            Finalizer::Cleanup(bij) => cleanup(&bij, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        ctx.clear_failures(&key);
+    }
+    result
+}
+
+/// Count the failure and back off exponentially per object (10 s doubling, at most 5 min; an
+/// error's own floor, e.g. a missing input, wins when longer).
+pub fn error_policy(guard: Arc<DeserializeGuard<BatchInferenceJob>>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(err.metric_label());
+    let key = match &guard.0 {
+        Ok(b) => format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
+        Err(i) => format!("{}/{}", i.metadata.namespace.clone().unwrap_or_default(), i.metadata.name.clone().unwrap_or_default()),
+    };
+    let n = ctx.note_failure(&key);
+    let backoff = std::time::Duration::from_secs(10u64.saturating_mul(1u64 << n.min(5))).min(std::time::Duration::from_secs(300));
+    tracing::warn!(object = %key, error = %err, attempt = n + 1, ?backoff, "reconcile failed");
+    Action::requeue(backoff.max(err.retry_after().min(std::time::Duration::from_secs(300))))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+async fn publish(ctx: &Context, bij: &BatchInferenceJob, type_: EventType, reason: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(truncate(&note, 1000)), action: reason.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &bij.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing an Event failed");
+    }
+}
+
+async fn patch_status(ctx: &Context, bij: &BatchInferenceJob, status: &BatchInferenceJobStatus) -> Result<()> {
+    let name = bij.name_any();
+    let api: Api<BatchInferenceJob> = Api::namespaced(ctx.client.clone(), &bij.namespace().unwrap_or_default());
+    let patch = json!({ "apiVersion": "sluice.dev/v1alpha1", "kind": "BatchInferenceJob", "status": status });
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::kube(format!("patch status of {}/{name}", bij.namespace().unwrap_or_default())))?;
+    Ok(())
+}
+
+/// Write `status` when it differs from the stored one.
+async fn write_status(ctx: &Context, bij: &BatchInferenceJob, status: &BatchInferenceJobStatus) -> Result<()> {
+    if bij.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    patch_status(ctx, bij, status).await
+}
+
+async fn read_secret(ctx: &Context, bij: &BatchInferenceJob) -> Result<BTreeMap<String, String>> {
+    let Some(name) = bij.spec.storage.as_ref().and_then(|s| s.secret_ref.as_ref()).map(|r| r.name.clone()) else {
+        return Ok(BTreeMap::new());
+    };
+    let ns = bij.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = api.get(&name).await.map_err(Error::kube(format!("get Secret {ns}/{name} (spec.storage.secretRef)")))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in secret.data.unwrap_or_default() {
+        if let Ok(s) = String::from_utf8(v.0) {
+            out.insert(k, s);
+        }
+    }
+    out.extend(secret.string_data.unwrap_or_default());
+    Ok(out)
+}
+
+/// Hold the job (not planned yet) with `Admitted=False` and a Warning Event the first time.
+async fn hold(ctx: &Context, bij: &BatchInferenceJob, reason: &str, message: String, now: Timestamp) -> Result<()> {
+    let old = bij.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.phase = JobPhase::Pending;
+    status.observed_generation = bij.metadata.generation;
+    conditions::set(&mut status.conditions, Cond::new(ct::ADMITTED, false, reason, message.clone()), bij.metadata.generation, now);
+    if status != old {
+        publish(ctx, bij, EventType::Warning, reason, message).await;
+        patch_status(ctx, bij, &status).await?;
+    }
+    Ok(())
+}
+
+/// Mark the job Failed (a permanent error before any Job ran).
+async fn fail_early(ctx: &Context, bij: &BatchInferenceJob, reason: &str, message: String, now: Timestamp) -> Result<()> {
+    let old = bij.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.phase = JobPhase::Failed;
+    status.observed_generation = bij.metadata.generation;
+    status.completion_time = status.completion_time.or(Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)));
+    let g = bij.metadata.generation;
+    conditions::set(&mut status.conditions, Cond::new(ct::ADMITTED, false, reason, message.clone()), g, now);
+    conditions::set(&mut status.conditions, Cond::new(ct::FAILED, true, reason, message.clone()), g, now);
+    conditions::set(&mut status.conditions, Cond::new(ct::PROGRESSING, false, reason, message.clone()), g, now);
+    if status != old {
+        publish(ctx, bij, EventType::Warning, reason, message).await;
+        patch_status(ctx, bij, &status).await?;
+    }
+    Ok(())
+}
+
+/// Progress records of the plan's shards: cached final records plus fresh reads of the others.
+async fn read_progress(output: &Location, plan: &ShardPlan, cache: &mut JobCache, completed_by_job: &BTreeSet<u32>) -> Result<BTreeMap<u32, ShardProgress>> {
+    let mut records = cache.complete.clone();
+    let names = storage_io::list_names(&output.join(layout::PROGRESS_PREFIX)).await?;
+    let present: BTreeSet<String> = names.into_iter().collect();
+    for shard in &plan.shards {
+        if records.contains_key(&shard.index) {
+            continue;
+        }
+        let rel = layout::progress(shard.index);
+        let file = rel.rsplit('/').next().unwrap_or(&rel).to_string();
+        if !present.contains(&file) {
+            continue;
+        }
+        let loc = output.join(&rel);
+        if let Some(r) = storage_io::read_json::<ShardProgress>(&loc, "progress record").await? {
+            if r.shard != shard.index {
+                return Err(Error::BadDocument { uri: loc.uri, what: "progress record", reason: format!("names shard {} instead of {}", r.shard, shard.index) });
+            }
+            if r.complete || completed_by_job.contains(&shard.index) {
+                cache.complete.insert(shard.index, r.clone());
+            }
+            records.insert(shard.index, r);
+        }
+    }
+    Ok(records)
+}
+
+/// Count lines, results and usage of a committed shard's files, when its final progress record
+/// is missing.
+async fn count_shard_files(output: &Location, index: u32, lines: u64) -> Result<ManifestShard> {
+    let mut shard = ManifestShard {
+        index,
+        results: layout::results(index),
+        errors: layout::errors(index),
+        lines,
+        succeeded: 0,
+        failed: 0,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    for (rel, success) in [(layout::results(index), true), (layout::errors(index), false)] {
+        let loc = output.join(&rel);
+        let bytes = match loc.store.get(&loc.path).await {
+            Ok(r) => r.bytes().await.map_err(Error::storage("get", &loc.uri))?,
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(Error::storage("get", &loc.uri)(e)),
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if success {
+                shard.succeeded += 1;
+                let usage = serde_json::from_slice::<OutputLine>(line).ok().and_then(|l| l.usage()).unwrap_or_default();
+                shard.prompt_tokens += usage.prompt_tokens;
+                shard.completion_tokens += usage.completion_tokens;
+            } else {
+                shard.failed += 1;
+            }
+        }
+    }
+    Ok(shard)
+}
+
+/// Build `manifest.json` from the final progress records (or the shard files).
+pub async fn build_manifest(
+    job: &str,
+    spec_input: &str,
+    output: &Location,
+    plan: &ShardPlan,
+    records: &BTreeMap<u32, ShardProgress>,
+    failed_shards: &BTreeSet<u32>,
+    now: Timestamp,
+) -> Result<OutputManifest> {
+    let mut shards = Vec::new();
+    let mut counts = ManifestCounts { total: plan.line_count, succeeded: 0, failed: 0 };
+    let (mut prompt, mut completion) = (0u64, 0u64);
+    for s in &plan.shards {
+        if failed_shards.contains(&s.index) {
+            counts.failed += s.line_count;
+            continue;
+        }
+        let m = match records.get(&s.index).filter(|r| r.complete) {
+            Some(r) => ManifestShard {
+                index: s.index,
+                results: layout::results(s.index),
+                errors: layout::errors(s.index),
+                lines: s.line_count,
+                succeeded: r.succeeded,
+                failed: r.failed,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+            },
+            None => count_shard_files(output, s.index, s.line_count).await?,
+        };
+        counts.succeeded += m.succeeded;
+        counts.failed += m.failed;
+        prompt += m.prompt_tokens;
+        completion += m.completion_tokens;
+        shards.push(m);
+    }
+    Ok(OutputManifest {
+        job: job.to_string(),
+        input_uri: spec_input.to_string(),
+        output_uri: output.uri.clone(),
+        completed_at: now.to_string(),
+        requests: counts,
+        usage: Usage::new(prompt, completion),
+        shards,
+    })
+}
+
+async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
+    let now = ctx.now();
+    let ns = bij.namespace().unwrap_or_default();
+    let name = bij.name_any();
+    let uid = bij.uid().unwrap_or_default();
+    let generation = bij.metadata.generation;
+    let old = bij.status.clone().unwrap_or_default();
+    let created = bij.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+
+    if old.phase.is_terminal() {
+        ctx.metrics.set_job(&ns, &name, &old, None);
+        return Ok(Action::await_change());
+    }
+    let deadline = match effective_deadline(&bij.spec.sla, created) {
+        Ok(d) => d,
+        Err(reason) => {
+            hold(ctx, bij, "InvalidSpec", reason, now).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Storage and plan.
+    let secret = read_secret(ctx, bij).await?;
+    let storage = bij.spec.storage.as_ref();
+    let opened = ctx
+        .stores
+        .open("spec.input.uri", &bij.spec.input.uri, storage, &secret)
+        .and_then(|i| Ok((i, ctx.stores.open("spec.output.uri", &bij.spec.output.uri, storage, &secret)?)));
+    let (input, output) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            fail_early(ctx, bij, "InvalidStorage", e.to_string(), now).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let mut cache = ctx.cached(&uid);
+    let plan = match cache.plan.clone() {
+        Some(p) => p,
+        None => {
+            if old.phase == JobPhase::Pending && old.conditions.is_empty() {
+                let mut planning = old.clone();
+                planning.phase = JobPhase::Planning;
+                planning.observed_generation = generation;
+                conditions::set(&mut planning.conditions, Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"), generation, now);
+                patch_status(ctx, bij, &planning).await?;
+            }
+            match planner::load_or_create(&bij.spec, &input, &output).await {
+                Ok(outcome) => {
+                    if outcome.created {
+                        let p = &outcome.plan;
+                        let note = format!("planned {} requests into {} shards of about {} requests; plan at {}", p.line_count, p.shards.len(), p.requests_per_shard, layout::join(&output.uri, layout::PLAN));
+                        publish(ctx, bij, EventType::Normal, "Planned", note).await;
+                    }
+                    let p = Arc::new(outcome.plan);
+                    cache.plan = Some(p.clone());
+                    p
+                }
+                Err(e @ Error::InputNotFound { .. }) => {
+                    hold(ctx, bij, "InputNotFound", e.to_string(), now).await?;
+                    return Ok(Action::requeue(e.retry_after()));
+                }
+                Err(e) if e.is_permanent() => {
+                    fail_early(ctx, bij, "PlanFailed", e.to_string(), now).await?;
+                    return Ok(Action::await_change());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+
+    // Observe the Job, its pods and the workers' progress.
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let job_name = job_builder::job_name(&name);
+    let job = jobs.get_opt(&job_name).await.map_err(Error::kube(format!("get Job {ns}/{job_name}")))?;
+    let view = JobView::from_job(job.as_ref());
+    let pods: Vec<Pod> = if view.exists {
+        let selector = format!("{}={}", job_builder::JOB_LABEL, job_builder::selector_labels(&name)[job_builder::JOB_LABEL]);
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        api.list(&ListParams::default().labels(&selector)).await.map_err(Error::kube(format!("list pods of {ns}/{job_name}")))?.items
+    } else {
+        Vec::new()
+    };
+    let records = read_progress(&output, &plan, &mut cache, &view.completed).await?;
+    let pod_created: BTreeMap<String, Timestamp> =
+        pods.iter().filter_map(|p| Some((p.name_any(), p.metadata.creation_timestamp.as_ref()?.0))).collect();
+    let summary = status::summarize(&records, &pod_created, now);
+    let indexes: BTreeSet<u32> = plan.shards.iter().map(|s| s.index).collect();
+    let completed: BTreeSet<u32> = view.completed.union(&summary.complete).filter(|i| indexes.contains(i)).copied().collect();
+    let failed: BTreeSet<u32> = view.failed.iter().filter(|i| indexes.contains(i) && !completed.contains(i)).copied().collect();
+    let total_shards = plan.shards.len();
+    let max_failed = usize::try_from(bij.spec.retries.max_failed_shards.max(0)).unwrap_or(0);
+    let too_many_failed = failed.len() > max_failed;
+    let all_done = !too_many_failed && completed.len() + failed.len() == total_shards;
+    let done_requests = summary.succeeded + summary.failed;
+    if done_requests > cache.last_done || cache.last_progress_at.is_none() && done_requests > 0 {
+        cache.last_done = done_requests;
+        cache.last_progress_at = summary.last_update.or(Some(now));
+    }
+
+    let phase = if all_done {
+        JobPhase::Succeeded
+    } else if too_many_failed {
+        JobPhase::Failed
+    } else if bij.spec.suspend {
+        JobPhase::Suspended
+    } else {
+        JobPhase::Running
+    };
+    let failure = too_many_failed.then(|| {
+        let list: Vec<String> = failed.iter().take(20).map(u32::to_string).collect();
+        let why = view.failed_condition.clone().map(|c| format!(" ({c})")).unwrap_or_default();
+        format!(
+            "{} shards failed after {} retries each (shards {}), more than retries.maxFailedShards={}{why}",
+            failed.len(),
+            bij.spec.retries.per_shard,
+            list.join(","),
+            max_failed
+        )
+    });
+
+    // Decide.
+    let decided_at = if phase.is_terminal() { old.completion_time.as_ref().map_or(now, |t| t.0) } else { now };
+    let remaining_shards = u32::try_from(total_shards - completed.len() - failed.len()).unwrap_or(u32::MAX);
+    let obs = SlaObservation {
+        now: decided_at,
+        window_start: created,
+        deadline,
+        total_requests: plan.line_count,
+        done_requests,
+        per_worker_rate: summary.estimator.estimate(),
+        startup_secs: summary.estimator.startup_secs(),
+        active_workers: u32::try_from(view.active.max(0)).unwrap_or(0),
+        current_desired: if view.exists { u32::try_from(view.parallelism.max(0)).unwrap_or(0) } else { 0 },
+        total_shards: u32::try_from(total_shards).unwrap_or(u32::MAX),
+        remaining_shards,
+        unschedulable_workers: status::unschedulable_pods(&pods),
+        last_scale_change: view.last_scale_change,
+        previous_status: old.sla_status,
+        finished: phase == JobPhase::Succeeded,
+    };
+    let cfg = SlaConfig::from_spec(&bij.spec);
+    let decision = sla::decide(&cfg, &obs);
+    let target = i32::try_from(decision.desired_workers).unwrap_or(i32::MAX);
+    // Never lower parallelism below the pods already running a shard: the Job controller would
+    // kill them. Pending pods (not started) are cheap to drop and the Job controller drops those
+    // first.
+    let desired = if view.exists && target < view.parallelism { target.max(view.ready.min(view.parallelism)) } else { target };
+
+    // Spec edits take effect now, with an Event.
+    if let (Some(seen), Some(g)) = (old.observed_generation, generation) {
+        if g > seen && !phase.is_terminal() {
+            let w = &bij.spec.workers;
+            let note = format!("applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}", w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy);
+            publish(ctx, bij, EventType::Normal, "SpecUpdated", note).await;
+        }
+    }
+
+    // Act on the Job.
+    let mut manifest_uri = None;
+    if total_shards > 0 && !phase.is_terminal() {
+        match &job {
+            None => {
+                let desired_job = job_builder::desired_job(bij, &plan, desired, &ctx.config.worker)?;
+                jobs.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired_job))
+                    .await
+                    .map_err(Error::kube(format!("apply Job {ns}/{job_name}")))?;
+                let note = format!("created Job {job_name}: {total_shards} shards, parallelism {desired}{}", if bij.spec.suspend { ", suspended" } else { "" });
+                publish(ctx, bij, EventType::Normal, "JobCreated", note).await;
+            }
+            Some(observed) => {
+                if let Some(mut patch) = job_builder::scaling_patch(bij, observed, desired) {
+                    let scaled = patch["spec"].get("parallelism").and_then(serde_json::Value::as_i64);
+                    if scaled.is_some() && !decision.shard_capped {
+                        patch["metadata"] = json!({ "annotations": { LAST_SCALE_ANNOTATION: now.to_string() } });
+                    }
+                    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+                    jobs.patch(&job_name, &params, &Patch::Merge(&patch)).await.map_err(Error::kube(format!("patch Job {ns}/{job_name}")))?;
+                    if let Some(to) = scaled {
+                        let to = i32::try_from(to).unwrap_or(desired);
+                        ctx.metrics.scaled(&ns, &name, view.parallelism, to);
+                        if !decision.shard_capped {
+                            let note = format!("scaled {}→{to}: {}", view.parallelism, decision.reason);
+                            publish(ctx, bij, EventType::Normal, "Scaled", note).await;
+                        }
+                    }
+                    match patch["spec"].get("suspend").and_then(serde_json::Value::as_bool) {
+                        Some(true) => publish(ctx, bij, EventType::Normal, "Suspended", "suspended: running workers stop after committing; no new workers start".into()).await,
+                        Some(false) => publish(ctx, bij, EventType::Normal, "Resumed", format!("resumed at parallelism {desired}")).await,
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+    if decision.status != old.sla_status.unwrap_or(SlaStatus::OnTrack) || old.sla_status.is_none() {
+        match (&decision.infeasible, decision.status) {
+            (Some(inf), SlaStatus::Infeasible) => publish(ctx, bij, EventType::Warning, "Infeasible", inf.suggestion.clone()).await,
+            (_, SlaStatus::AtRisk | SlaStatus::Breached) => publish(ctx, bij, EventType::Warning, decision.status.as_str(), decision.reason.clone()).await,
+            _ => {}
+        }
+    }
+    if phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
+        let manifest = build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, &output, &plan, &records, &failed, decided_at).await?;
+        let loc = output.join(layout::MANIFEST);
+        storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
+        let note = format!("all {total_shards} shards committed ({} succeeded, {} failed); manifest at {}; {}", manifest.requests.succeeded, manifest.requests.failed, loc.uri, decision.reason);
+        publish(ctx, bij, EventType::Normal, "Completed", note).await;
+        manifest_uri = Some(loc.uri);
+    }
+    if phase == JobPhase::Failed && old.phase != JobPhase::Failed {
+        publish(ctx, bij, EventType::Warning, "Failed", failure.clone().unwrap_or_default()).await;
+    }
+
+    // Status.
+    let gpu_seconds = status::pod_gpu_seconds(&pods, bij.spec.workers.gpus, now);
+    let input_status = StatusInput {
+        now,
+        generation,
+        phase,
+        plan: &plan,
+        job: &view,
+        progress: &summary,
+        completed: &completed,
+        failed: &failed,
+        desired,
+        deadline,
+        decision: &decision,
+        gpu_seconds,
+        manifest_uri,
+        failure,
+    };
+    let new_status = status::build(&old, &input_status);
+    write_status(ctx, bij, &new_status).await?;
+    let last_progress = cache.last_progress_at.map(|t| t.as_millisecond() as f64 / 1000.0);
+    ctx.metrics.set_job(&ns, &name, &new_status, last_progress);
+    ctx.store_cache(&uid, cache);
+
+    Ok(match phase {
+        JobPhase::Running => Action::requeue(ctx.config.requeue_running),
+        JobPhase::Suspended | JobPhase::Pending | JobPhase::Planning => Action::requeue(ctx.config.requeue_idle),
+        JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
+    })
+}
+
+async fn cleanup(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
+    let ns = bij.namespace().unwrap_or_default();
+    let name = bij.name_any();
+    let note = format!("deleting: the Job and its pods are garbage-collected; the output at {} is kept", bij.spec.output.uri);
+    publish(ctx, bij, EventType::Normal, "Deleting", note).await;
+    ctx.metrics.remove_job(&ns, &name);
+    ctx.forget(&bij.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+/// Drain a stream of controller results into logs (used by the controller runner).
+pub async fn log_results<S, T, E>(stream: S)
+where
+    S: futures::Stream<Item = std::result::Result<T, E>>,
+    T: std::fmt::Debug,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|r| async move {
+            match r {
+                Ok(o) => tracing::debug!(object = ?o, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,394 @@
+//! From what one sync observed (plan, the workers' progress records, the Job's status, its pods)
+//! to the numbers the SLA core and the BatchInferenceJob status need: counts, throughput, the
+//! per-worker rate estimate, start-up time, GPU-seconds, and the status itself. Pure; time is a
+//! parameter.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use sluice_api::BatchInferenceJobStatus;
+use sluice_api::job::{JobPhase, RequestCounts, ShardCounts, SlaStatus, Throughput, WorkerCounts, condition_types as ct};
+use sluice_api::plan::ShardPlan;
+use sluice_api::progress::ShardProgress;
+
+use crate::conditions::{self, Cond};
+use crate::sla::{SlaDecision, ThroughputEstimator};
+
+/// A progress record older than this (no update) no longer counts towards the live rate.
+pub const STALE_PROGRESS_SECS: f64 = 90.0;
+/// At most this many seconds of one attempt weigh in the rate estimate.
+pub const MAX_OBSERVATION_WEIGHT_SECS: f64 = 3600.0;
+
+/// Parse a Job's `completedIndexes`/`failedIndexes` (`"1,3-5,7"`). Malformed parts are skipped.
+pub fn parse_indexes(s: Option<&str>) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    for part in s.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => {
+                if let Ok(i) = part.parse() {
+                    out.insert(i);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the Job reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobView {
+    pub exists: bool,
+    pub parallelism: i32,
+    pub suspended: bool,
+    pub completed: BTreeSet<u32>,
+    pub failed: BTreeSet<u32>,
+    /// Pods pending or running.
+    pub active: i32,
+    /// Pods running and ready.
+    pub ready: i32,
+    pub start_time: Option<Timestamp>,
+    /// The Job itself failed (e.g. `maxFailedIndexes` exceeded), with its message.
+    pub failed_condition: Option<String>,
+    /// From the `sluice.dev/last-scale-time` annotation.
+    pub last_scale_change: Option<Timestamp>,
+}
+
+/// Annotation on the Job recording the last parallelism change (survives operator restarts).
+pub const LAST_SCALE_ANNOTATION: &str = "sluice.dev/last-scale-time";
+
+impl JobView {
+    pub fn from_job(job: Option<&Job>) -> Self {
+        let Some(job) = job else { return Self::default() };
+        let spec = job.spec.as_ref();
+        let st = job.status.as_ref();
+        let failed_condition = st.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+            cs.iter().find(|c| c.type_ == "Failed" && c.status == "True").map(|c| {
+                format!("{}: {}", c.reason.as_deref().unwrap_or("JobFailed"), c.message.as_deref().unwrap_or("the Job failed"))
+            })
+        });
+        Self {
+            exists: true,
+            parallelism: spec.and_then(|s| s.parallelism).unwrap_or(1),
+            suspended: spec.and_then(|s| s.suspend).unwrap_or(false),
+            completed: parse_indexes(st.and_then(|s| s.completed_indexes.as_deref())),
+            failed: parse_indexes(st.and_then(|s| s.failed_indexes.as_deref())),
+            active: st.and_then(|s| s.active).unwrap_or(0),
+            ready: st.and_then(|s| s.ready).unwrap_or(0),
+            start_time: st.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
+            failed_condition,
+            last_scale_change: job
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_SCALE_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// Sums over the workers' progress records.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProgressSummary {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Shards whose record says complete.
+    pub complete: BTreeSet<u32>,
+    /// Summed live rates of attempts updated recently.
+    pub requests_per_second: f64,
+    pub output_tokens_per_second: f64,
+    pub estimator: ThroughputEstimator,
+    /// Latest record update.
+    pub last_update: Option<Timestamp>,
+}
+
+fn secs(later: Timestamp, earlier: Timestamp) -> f64 {
+    later.duration_since(earlier).as_secs_f64()
+}
+
+/// Summarise progress records (one per shard, keyed by shard index). `pod_created` maps an
+/// attempt (pod name) to its creation time so start-up includes scheduling and image pull.
+pub fn summarize(records: &BTreeMap<u32, ShardProgress>, pod_created: &BTreeMap<String, Timestamp>, now: Timestamp) -> ProgressSummary {
+    let mut s = ProgressSummary::default();
+    let mut by_update: Vec<&ShardProgress> = records.values().collect();
+    by_update.sort_by_key(|r| (r.updated_at, r.shard));
+    for r in by_update {
+        s.succeeded += r.succeeded;
+        s.failed += r.failed;
+        s.prompt_tokens += r.prompt_tokens;
+        s.completion_tokens += r.completion_tokens;
+        if r.complete {
+            s.complete.insert(r.shard);
+        } else if secs(now, r.updated_at) <= STALE_PROGRESS_SECS {
+            s.requests_per_second += r.requests_per_second.max(0.0);
+            s.output_tokens_per_second += r.output_tokens_per_second.max(0.0);
+        }
+        if let Some(ready) = r.ready_at {
+            let weight = secs(r.updated_at, ready).min(MAX_OBSERVATION_WEIGHT_SECS);
+            if r.requests_per_second > 0.0 && weight > 0.0 {
+                s.estimator.observe(r.requests_per_second, weight);
+            }
+            let started = pod_created.get(&r.attempt).copied().unwrap_or(r.started_at);
+            s.estimator.observe_startup(secs(ready, started).max(0.0));
+        }
+        s.last_update = s.last_update.max(Some(r.updated_at));
+    }
+    s
+}
+
+/// GPU-seconds of the job's pods: each pod's run time (start to finish, or to `now` while it
+/// runs) times its GPUs.
+pub fn pod_gpu_seconds(pods: &[Pod], gpus: i32, now: Timestamp) -> f64 {
+    let gpus = f64::from(gpus.max(0));
+    pods.iter()
+        .filter_map(|p| {
+            let st = p.status.as_ref()?;
+            let start = st.start_time.as_ref()?.0;
+            let finished = st
+                .container_statuses
+                .iter()
+                .flatten()
+                .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref().map(|t| t.0))
+                .max();
+            let end = match st.phase.as_deref() {
+                Some("Succeeded") | Some("Failed") => finished.unwrap_or(start),
+                _ => now,
+            };
+            Some(secs(end, start).max(0.0) * gpus)
+        })
+        .sum()
+}
+
+/// Pods Pending because the scheduler found no room.
+pub fn unschedulable_pods(pods: &[Pod]) -> u32 {
+    pods.iter()
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Pending")
+                    && s.conditions.iter().flatten().any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+            })
+        })
+        .count() as u32
+}
+
+/// `12.5/s`, `0.31/s`, `1.2k/s`.
+pub fn rate_display(rps: f64) -> String {
+    if rps >= 1000.0 {
+        format!("{:.1}k/s", rps / 1000.0)
+    } else if rps >= 10.0 {
+        format!("{rps:.1}/s")
+    } else {
+        format!("{rps:.2}/s")
+    }
+}
+
+/// Everything the status is built from.
+#[derive(Clone, Debug)]
+pub struct StatusInput<'a> {
+    pub now: Timestamp,
+    pub generation: Option<i64>,
+    pub phase: JobPhase,
+    pub plan: &'a ShardPlan,
+    pub job: &'a JobView,
+    pub progress: &'a ProgressSummary,
+    pub completed: &'a BTreeSet<u32>,
+    pub failed: &'a BTreeSet<u32>,
+    pub desired: i32,
+    pub deadline: Timestamp,
+    pub decision: &'a SlaDecision,
+    pub gpu_seconds: f64,
+    pub manifest_uri: Option<String>,
+    /// For Failed: why.
+    pub failure: Option<String>,
+}
+
+fn round_rate(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// The new status, starting from the old one (conditions keep their transition times, start
+/// and completion times are kept once set, GPU-seconds never go down).
+pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferenceJobStatus {
+    let total = i64::try_from(i.plan.line_count).unwrap_or(i64::MAX);
+    let requests = RequestCounts {
+        total,
+        succeeded: i64::try_from(i.progress.succeeded).unwrap_or(i64::MAX),
+        failed: i64::try_from(i.progress.failed).unwrap_or(i64::MAX),
+    };
+    let done = requests.succeeded + requests.failed;
+    let shards_total = i32::try_from(i.plan.shards.len()).unwrap_or(i32::MAX);
+    let active = if i.phase.is_terminal() { 0 } else { i.job.active };
+    let shards = ShardCounts {
+        total: shards_total,
+        completed: i32::try_from(i.completed.len()).unwrap_or(i32::MAX),
+        failed: i32::try_from(i.failed.len()).unwrap_or(i32::MAX),
+        active,
+    };
+    let desired = if i.phase.is_terminal() { 0 } else { i.desired };
+    let workers = WorkerCounts { desired, active, display: Some(format!("{active}/{desired}")) };
+    let live = !i.phase.is_terminal() && i.phase != JobPhase::Suspended;
+    let rps = if live { round_rate(i.progress.requests_per_second) } else { 0.0 };
+    let throughput = Throughput {
+        requests_per_second: rps,
+        output_tokens_per_second: if live { round_rate(i.progress.output_tokens_per_second) } else { 0.0 },
+        per_worker_requests_per_second: round_rate(i.progress.estimator.estimate().map_or(0.0, |e| e.mean)),
+        display: Some(rate_display(rps)),
+    };
+    let d = i.decision;
+    let completion_time = match i.phase {
+        JobPhase::Succeeded | JobPhase::Failed => old.completion_time.clone().or(Some(Time(i.now))),
+        _ => None,
+    };
+    let start_time = old.start_time.clone().or_else(|| i.job.start_time.map(Time));
+
+    let mut conds = old.conditions.clone();
+    let now = i.now;
+    let g = i.generation;
+    let planned = format!("{} requests in {} shards", i.plan.line_count, i.plan.shards.len());
+    conditions::set(&mut conds, Cond::new(ct::ADMITTED, true, "Planned", planned), g, now);
+    let (progressing, reason, msg) = match i.phase {
+        JobPhase::Running => (true, "Running", format!("{done}/{total} requests done, {active} workers active")),
+        JobPhase::Suspended => (false, "Suspended", "spec.suspend is true".to_string()),
+        JobPhase::Succeeded => (false, "Complete", "every shard is committed".to_string()),
+        JobPhase::Failed => (false, "Failed", i.failure.clone().unwrap_or_default()),
+        JobPhase::Pending | JobPhase::Planning => (true, "Planning", "planning shards".to_string()),
+    };
+    conditions::set(&mut conds, Cond::new(ct::PROGRESSING, progressing, reason, msg), g, now);
+    let on_track = matches!(d.status, SlaStatus::OnTrack | SlaStatus::Met);
+    let message = match &d.infeasible {
+        Some(inf) => inf.suggestion.clone(),
+        None => d.reason.clone(),
+    };
+    conditions::set(&mut conds, Cond::new(ct::ON_TRACK, on_track, d.status.as_str(), message), g, now);
+    conditions::set(
+        &mut conds,
+        Cond::new(ct::SUSPENDED, i.phase == JobPhase::Suspended, if i.phase == JobPhase::Suspended { "Suspended" } else { "Running" }, ""),
+        g,
+        now,
+    );
+    if i.phase == JobPhase::Succeeded {
+        conditions::set(&mut conds, Cond::new(ct::COMPLETE, true, "AllShardsCommitted", format!("manifest written: {}", i.manifest_uri.clone().unwrap_or_default())), g, now);
+    } else {
+        conditions::remove(&mut conds, ct::COMPLETE);
+    }
+    if i.phase == JobPhase::Failed {
+        conditions::set(&mut conds, Cond::new(ct::FAILED, true, "ShardsFailed", i.failure.clone().unwrap_or_default()), g, now);
+    } else {
+        conditions::remove(&mut conds, ct::FAILED);
+    }
+
+    BatchInferenceJobStatus {
+        phase: i.phase,
+        observed_generation: g,
+        conditions: conds,
+        progress: Some(format!("{done}/{total}")),
+        requests,
+        shards,
+        workers,
+        throughput,
+        projected_completion_time: d.projected_completion.map(Time),
+        deadline: Some(Time(i.deadline)),
+        slack_seconds: d.slack_secs.filter(|s| s.is_finite()).map(|s| s.round() as i64),
+        sla_status: Some(d.status),
+        gpu_seconds: (i.gpu_seconds.max(old.gpu_seconds) * 10.0).round() / 10.0,
+        start_time,
+        completion_time,
+        manifest_uri: i.manifest_uri.clone().or_else(|| old.manifest_uri.clone()),
+    }
+}
+
+/// `now` plus whole seconds (saturating at the far future).
+pub fn plus_secs(now: Timestamp, s: i64) -> Timestamp {
+    now.checked_add(SignedDuration::from_secs(s)).unwrap_or(Timestamp::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn record(shard: u32, done: u64, complete: bool, updated: &str) -> ShardProgress {
+        ShardProgress {
+            shard,
+            attempt: format!("pod-{shard}"),
+            lines_total: 100,
+            lines_done: done,
+            succeeded: done.saturating_sub(1),
+            failed: u64::from(done > 0),
+            prompt_tokens: done * 10,
+            completion_tokens: done * 5,
+            started_at: t("2026-01-01T00:00:00Z"),
+            updated_at: t(updated),
+            ready_at: Some(t("2026-01-01T00:01:00Z")),
+            requests_per_second: 2.0,
+            output_tokens_per_second: 10.0,
+            complete,
+        }
+    }
+
+    #[test]
+    fn indexes_parse_ranges() {
+        assert_eq!(parse_indexes(Some("0,2-4,9")), BTreeSet::from([0, 2, 3, 4, 9]));
+        assert_eq!(parse_indexes(Some("")), BTreeSet::new());
+        assert_eq!(parse_indexes(None), BTreeSet::new());
+        assert_eq!(parse_indexes(Some("x,1")), BTreeSet::from([1]));
+    }
+
+    #[test]
+    fn summary_counts_live_rates_only_from_fresh_records() {
+        let now = t("2026-01-01T00:10:00Z");
+        let records = BTreeMap::from([
+            (0, record(0, 100, true, "2026-01-01T00:05:00Z")),
+            (1, record(1, 40, false, "2026-01-01T00:09:50Z")),
+            (2, record(2, 10, false, "2026-01-01T00:02:00Z")), // stale
+        ]);
+        let pods = BTreeMap::from([("pod-1".to_string(), t("2025-12-31T23:59:00Z"))]);
+        let s = summarize(&records, &pods, now);
+        assert_eq!((s.succeeded, s.failed), (99 + 39 + 9, 3));
+        assert_eq!(s.complete, BTreeSet::from([0]));
+        assert_eq!(s.requests_per_second, 2.0);
+        assert_eq!(s.output_tokens_per_second, 10.0);
+        let est = s.estimator.estimate().unwrap();
+        assert!((est.mean - 2.0).abs() < 1e-9);
+        // pod-1 started a minute before its process: its start-up counts from pod creation.
+        assert!(s.estimator.startup_secs().unwrap() > 60.0);
+        assert_eq!(s.last_update, Some(t("2026-01-01T00:09:50Z")));
+    }
+
+    #[test]
+    fn rate_display_formats() {
+        assert_eq!(rate_display(0.314), "0.31/s");
+        assert_eq!(rate_display(12.54), "12.5/s");
+        assert_eq!(rate_display(1234.0), "1.2k/s");
+    }
+
+    #[test]
+    fn gpu_seconds_from_pods() {
+        let pods: Vec<Pod> = serde_yaml::from_str(
+            r#"
+- status: {phase: Running, startTime: "2026-01-01T00:00:00Z"}
+- status:
+    phase: Succeeded
+    startTime: "2026-01-01T00:00:00Z"
+    containerStatuses:
+      - {name: worker, image: w, imageID: "", ready: false, restartCount: 0, state: {terminated: {exitCode: 0, finishedAt: "2026-01-01T00:01:40Z"}}}
+- status: {phase: Pending}
+"#,
+        )
+        .unwrap();
+        assert_eq!(pod_gpu_seconds(&pods, 2, t("2026-01-01T00:10:00Z")), (600.0 + 100.0) * 2.0);
+        assert_eq!(unschedulable_pods(&pods), 0);
+    }
+}

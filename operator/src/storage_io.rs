@@ -1,0 +1,262 @@
+//! The object-storage edge of the operator: turning a job's URIs plus its storage settings into
+//! an `ObjectStore` and path, and the few typed reads and writes the reconciler needs (plan,
+//! progress records, manifest). No Kubernetes calls and no decisions here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sluice_api::job::StorageSpec;
+
+use crate::error::{Error, Result};
+
+/// An object store plus a path in it, and the URI it came from (for messages).
+#[derive(Clone)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: Path,
+    pub uri: String,
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Location").field("uri", &self.uri).field("path", &self.path).finish()
+    }
+}
+
+impl Location {
+    /// The location of `rel` (a `/`-separated relative path) under this prefix.
+    pub fn join(&self, rel: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path = path.child(part);
+        }
+        Location { store: self.store.clone(), path, uri: sluice_api::contract::layout::join(&self.uri, rel) }
+    }
+}
+
+/// Opens the URIs a job names. The cluster build opens real stores; tests open one shared
+/// in-memory store.
+pub trait StoreOpener: Send + Sync + 'static {
+    /// Open `uri` (named by spec field `field`) with the job's storage settings and the data of
+    /// its storage Secret (already decoded).
+    fn open(&self, field: &'static str, uri: &str, storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> Result<Location>;
+}
+
+/// Opens `file://` (and absolute paths), `s3://`, `gs://` and `az://` URIs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UriOpener;
+
+fn bad_uri(field: &'static str, uri: &str, reason: impl Into<String>) -> Error {
+    Error::BadUri { field, uri: uri.to_string(), reason: reason.into() }
+}
+
+fn object_path(field: &'static str, uri: &str, raw: &str) -> Result<Path> {
+    Path::parse(raw.trim_matches('/')).map_err(|e| bad_uri(field, uri, format!("invalid object path: {e}")))
+}
+
+/// Split `scheme://bucket/key` into `(bucket, key)`.
+fn bucket_and_key<'a>(field: &'static str, uri: &'a str, rest: &'a str) -> Result<(&'a str, &'a str)> {
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(bad_uri(field, uri, "no bucket or container after the scheme"));
+    }
+    Ok((bucket, key))
+}
+
+impl StoreOpener for UriOpener {
+    fn open(&self, field: &'static str, uri: &str, storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> Result<Location> {
+        let storage_err = |e: object_store::Error| Error::Storage { action: "open", uri: uri.to_string(), source: e };
+        if let Some(path) = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri)) {
+            if !path.starts_with('/') {
+                return Err(bad_uri(field, uri, "file URIs must be absolute (file:///path) on a cluster"));
+            }
+            let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+            return Ok(Location { store, path: object_path(field, uri, path)?, uri: uri.to_string() });
+        }
+        let lower = |k: &String| k.to_ascii_lowercase();
+        if let Some(rest) = uri.strip_prefix("s3://").or_else(|| uri.strip_prefix("s3a://")) {
+            let (bucket, key) = bucket_and_key(field, uri, rest)?;
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            for (k, v) in secret {
+                if let Ok(key) = lower(k).parse::<AmazonS3ConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            if let Some(s) = storage {
+                if let Some(e) = &s.endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let Some(r) = &s.region {
+                    b = b.with_region(r);
+                }
+                if let Some(p) = s.path_style {
+                    b = b.with_virtual_hosted_style_request(!p);
+                }
+                if let Some(h) = s.allow_http {
+                    b = b.with_allow_http(h);
+                }
+            }
+            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
+            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
+        }
+        if let Some(rest) = uri.strip_prefix("gs://") {
+            let (bucket, key) = bucket_and_key(field, uri, rest)?;
+            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+            let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+            for (k, v) in secret {
+                if let Ok(key) = lower(k).parse::<GoogleConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
+            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
+        }
+        if let Some(rest) = uri.strip_prefix("az://").or_else(|| uri.strip_prefix("azure://")) {
+            let (container, key) = bucket_and_key(field, uri, rest)?;
+            use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+            let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+            for (k, v) in secret {
+                if let Ok(key) = lower(k).parse::<AzureConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            if let Some(h) = storage.and_then(|s| s.allow_http) {
+                b = b.with_allow_http(h);
+            }
+            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
+            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
+        }
+        Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)"))
+    }
+}
+
+/// Opens every URI in one shared store, using the part after `scheme://` as the path. For tests
+/// and simulations that keep input and output in memory.
+#[derive(Debug, Clone)]
+pub struct SharedStoreOpener {
+    pub store: Arc<dyn ObjectStore>,
+}
+
+impl StoreOpener for SharedStoreOpener {
+    fn open(&self, field: &'static str, uri: &str, _: Option<&StorageSpec>, _: &BTreeMap<String, String>) -> Result<Location> {
+        let raw = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+        Ok(Location { store: self.store.clone(), path: object_path(field, uri, raw)?, uri: uri.to_string() })
+    }
+}
+
+/// Read and parse a JSON document; `Ok(None)` when it does not exist.
+pub async fn read_json<T: DeserializeOwned>(loc: &Location, what: &'static str) -> Result<Option<T>> {
+    let bytes = match loc.store.get(&loc.path).await {
+        Ok(r) => r.bytes().await.map_err(Error::storage("get", &loc.uri))?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(Error::storage("get", &loc.uri)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::BadDocument { uri: loc.uri.clone(), what, reason: e.to_string() })
+}
+
+/// Outcome of a create-only write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// This call wrote the object.
+    Written,
+    /// The object already existed and was left alone.
+    AlreadyExisted,
+}
+
+/// Write a JSON document only if nothing exists at `loc` (create-only put where the store
+/// supports it; otherwise a check followed by a plain put).
+pub async fn put_json_create<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<Created> {
+    let body = serde_json::to_vec_pretty(value).map_err(|source| Error::Serialize { what, source })?;
+    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+    match loc.store.put_opts(&loc.path, PutPayload::from(body.clone()), opts).await {
+        Ok(_) => Ok(Created::Written),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExisted),
+        Err(object_store::Error::NotImplemented { .. }) | Err(object_store::Error::NotSupported { .. }) => {
+            match loc.store.head(&loc.path).await {
+                Ok(_) => Ok(Created::AlreadyExisted),
+                Err(object_store::Error::NotFound { .. }) => {
+                    loc.store.put(&loc.path, PutPayload::from(body)).await.map_err(Error::storage("put", &loc.uri))?;
+                    Ok(Created::Written)
+                }
+                Err(e) => Err(Error::storage("head", &loc.uri)(e)),
+            }
+        }
+        Err(e) => Err(Error::storage("put", &loc.uri)(e)),
+    }
+}
+
+/// Write a JSON document, replacing whatever is there.
+pub async fn put_json<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value).map_err(|source| Error::Serialize { what, source })?;
+    loc.store.put(&loc.path, PutPayload::from(body)).await.map_err(Error::storage("put", &loc.uri))?;
+    Ok(())
+}
+
+/// Names (last path segments) of the objects directly or indirectly under `loc`.
+pub async fn list_names(loc: &Location) -> Result<Vec<String>> {
+    let metas: Vec<object_store::ObjectMeta> =
+        loc.store.list(Some(&loc.path)).try_collect().await.map_err(Error::storage("list", &loc.uri))?;
+    let mut names: Vec<String> = metas.into_iter().filter_map(|m| m.location.filename().map(str::to_string)).collect();
+    names.sort();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn opener() -> SharedStoreOpener {
+        SharedStoreOpener { store: Arc::new(InMemory::new()) }
+    }
+
+    #[tokio::test]
+    async fn create_only_put_keeps_the_first_document() {
+        let o = opener();
+        let loc = o.open("spec.output.uri", "mem://out/run", None, &BTreeMap::new()).unwrap().join("_sluice/plan.json");
+        assert_eq!(loc.uri, "mem://out/run/_sluice/plan.json");
+        assert_eq!(loc.path.as_ref(), "out/run/_sluice/plan.json");
+        assert_eq!(read_json::<serde_json::Value>(&loc, "plan").await.unwrap(), None);
+        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 1}), "plan").await.unwrap(), Created::Written);
+        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 2}), "plan").await.unwrap(), Created::AlreadyExisted);
+        let v: serde_json::Value = read_json(&loc, "plan").await.unwrap().unwrap();
+        assert_eq!(v["a"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_bad_document_names_its_uri() {
+        let o = opener();
+        let loc = o.open("spec.output.uri", "mem://o/x.json", None, &BTreeMap::new()).unwrap();
+        loc.store.put(&loc.path, PutPayload::from_static(b"{not json")).await.unwrap();
+        let err = read_json::<serde_json::Value>(&loc, "progress record").await.unwrap_err();
+        assert!(err.to_string().contains("mem://o/x.json: not a valid progress record"), "{err}");
+    }
+
+    #[test]
+    fn uri_opener_rejects_relative_and_unknown_uris() {
+        let none = BTreeMap::new();
+        let e = UriOpener.open("spec.input.uri", "file://rel/in.jsonl", None, &none).unwrap_err();
+        assert!(e.to_string().contains("spec.input.uri") && e.to_string().contains("absolute"), "{e}");
+        let e = UriOpener.open("spec.output.uri", "ftp://x/y", None, &none).unwrap_err();
+        assert!(e.to_string().contains("unsupported scheme"), "{e}");
+        let e = UriOpener.open("spec.output.uri", "s3:///key", None, &none).unwrap_err();
+        assert!(e.to_string().contains("no bucket"), "{e}");
+        let loc = UriOpener.open("spec.output.uri", "file:///tmp/sluice/out/", None, &none).unwrap();
+        assert_eq!(loc.path.as_ref(), "tmp/sluice/out");
+        let mut secret = BTreeMap::new();
+        secret.insert("AWS_ACCESS_KEY_ID".to_string(), "k".to_string());
+        secret.insert("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string());
+        let storage = StorageSpec { endpoint: Some("http://minio:9000".into()), allow_http: Some(true), path_style: Some(true), ..Default::default() };
+        let loc = UriOpener.open("spec.output.uri", "s3://bucket/a/b/", Some(&storage), &secret).unwrap();
+        assert_eq!(loc.path.as_ref(), "a/b");
+    }
+}

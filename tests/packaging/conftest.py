@@ -1,0 +1,45 @@
+"""Shared fixtures: the chart rendered once per variant (render.py does the rendering)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import render  # noqa: E402
+
+# Every variant CI renders: name -> values.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "namespaced": {"watchNamespace": "team-a"},
+    "all-on": {
+        **render.ALL_ON,
+        "replicaCount": 2,
+        "worker": {
+            "image": {"repository": "registry.example/sluice-worker", "tag": "dev"},
+            "gpuResourceName": "amd.com/gpu",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "egress": {"enabled": True, "ports": [443, 6443], "extraRules": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]},
+        },
+    },
+    "all-on-namespaced": {**render.ALL_ON, "watchNamespace": "team-a"},
+    "no-crd-no-rbac": {"crds": {"install": False, "keep": True}, "rbac": {"create": False},
+                       "serviceAccount": {"create": False, "name": "byo"}},
+}
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[render.Doc]]:
+    return {name: render.render(values) for name, values in VARIANTS.items()}
+
+
+def by_kind(docs: list[render.Doc], kind: str) -> list[dict]:
+    return [d.obj for d in docs if d.kind == kind]

@@ -1,0 +1,419 @@
+"""The Helm chart: lint, values schema, Kubernetes schemas, Pod Security, RBAC, drift."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+import render
+from conftest import VARIANTS, by_kind
+
+# The chart's kubeVersion floor, and the newest release kubernetes-validate knows.
+KUBE_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+# --- Helm -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("kube_version", ["v1.31.0", "v1.35.0"])
+def test_helm_lint_strict(variant: str, kube_version: str) -> None:
+    report = helm.lint(str(render.CHART), VARIANTS[variant], strict=True,
+                       namespace=render.NAMESPACE, kube_version=kube_version)
+    findings = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert report["total_charts_linted"] == 1
+    assert not findings, findings
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicas": 2}, "replicas"),
+    ({"worker": {"gpuResourcename": "x"}}, "gpuResourcename"),
+    ({"logging": {"format": "yaml"}}, "format"),
+    ({"metrics": {"port": 0}}, "port"),
+    ({"image": {"repository": "x", "digest": "latest"}}, "digest"),
+])
+def test_values_schema_rejects(values: dict, message: str) -> None:
+    with helm.Chart.load(str(render.CHART)) as chart:
+        with pytest.raises(helm.HelmError) as err:
+            chart.render(values, name=render.RELEASE, namespace=render.NAMESPACE)
+    assert message in str(err.value)
+
+
+def test_values_schema_covers_every_default_value() -> None:
+    """Every key in values.yaml has a schema entry (the schema also forbids unknown keys)."""
+    with helm.Chart.load(str(render.CHART)) as chart:
+        values, schema = chart.values, chart.schema
+    assert schema is not None
+
+    def walk(value: object, node: dict, path: str) -> None:
+        assert node.get("description") or path == "", f"{path}: schema entry has no description"
+        if isinstance(value, dict) and node.get("additionalProperties") is False:
+            for key, sub in value.items():
+                assert key in node["properties"], f"{path}.{key} is not in values.schema.json"
+                walk(sub, node["properties"][key], f"{path}.{key}")
+
+    assert schema.get("additionalProperties") is False
+    walk(values, schema, "")
+
+
+def test_replicas_need_leader_election() -> None:
+    with helm.Chart.load(str(render.CHART)) as chart:
+        with pytest.raises(helm.HelmError, match="leaderElection"):
+            chart.render({"replicaCount": 2, "leaderElection": {"enabled": False,
+                                                                 "leaseName": "x"}})
+
+
+# --- Kubernetes schemas ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_objects_match_kubernetes_schemas(rendered, variant: str, kube_version: str) -> None:
+    docs = rendered[variant]
+    assert docs
+    for doc in docs:
+        if doc.kind in CUSTOM_KINDS:
+            continue  # no published schema; checked by test_custom_kinds_are_well_formed
+        try:
+            kubernetes_validate.validate(doc.obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{doc}: {'.'.join(map(str, err.path))}: {err.message}")
+
+
+def test_custom_kinds_skip_reason(rendered) -> None:
+    kinds = {d.kind for d in rendered["all-on"]}
+    assert CUSTOM_KINDS <= kinds
+    print("kubernetes-validate has no schema for the prometheus-operator kinds "
+          f"{sorted(CUSTOM_KINDS)}; they are checked structurally and their rules by promtool")
+
+
+def test_schema_validation_is_not_vacuous(rendered) -> None:
+    deployment = copy.deepcopy(by_kind(rendered["default"], "Deployment")[0])
+    deployment["spec"]["replica"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+def test_custom_kinds_are_well_formed(rendered) -> None:
+    docs = rendered["all-on"]
+    (service,) = by_kind(docs, "Service")
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [render.NAMESPACE]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["honorLabels"] is True, "per-job namespace/job labels must win"
+
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    groups = rule["spec"]["groups"]
+    assert groups and all(g["name"] and g["rules"] for g in groups)
+    for group in groups:
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations", "record",
+                              "keep_firing_for"}, r
+            assert r["expr"].strip()
+            assert "__" not in json.dumps(r), f"unfilled placeholder in {r['alert']}"
+
+
+def test_every_object_is_namespaced_where_it_should_be(rendered) -> None:
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    for name, docs in rendered.items():
+        for doc in docs:
+            ns = doc.obj["metadata"].get("namespace")
+            if doc.kind in cluster_scoped:
+                assert ns is None, f"{name}: {doc}"
+            else:
+                assert ns, f"{name}: {doc} has no namespace (kubectl apply would use the default)"
+
+
+# --- Pod Security "restricted" --------------------------------------------------------------
+
+SAFE_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                     "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The Pod Security Standards' "restricted" checks (baseline + restricted) on a pod spec."""
+    out: list[str] = []
+    psc = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            out.append(f"{field} is true")
+    for vol in pod.get("volumes") or []:
+        kinds = set(vol) - {"name"}
+        if not kinds <= SAFE_VOLUME_TYPES:
+            out.append(f"volume {vol['name']} uses {sorted(kinds - SAFE_VOLUME_TYPES)}")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            out.append(f"unsafe sysctl {sysctl['name']}")
+    if (psc.get("windowsOptions") or {}).get("hostProcess"):
+        out.append("hostProcess")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod seccompProfile {pod_seccomp}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    se = psc.get("seLinuxOptions") or {}
+    if se.get("user") or se.get("role") or se.get("type") not in (
+            None, "", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+        out.append("pod seLinuxOptions")
+    containers = [*(pod.get("initContainers") or []), *(pod.get("containers") or []),
+                  *(pod.get("ephemeralContainers") or [])]
+    if not containers:
+        out.append("no containers")
+    for c in containers:
+        name = c["name"]
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities {caps['add']}")
+        run_as_non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        if run_as_non_root is not True:
+            out.append(f"{name}: runAsNonRoot must be true (pod or container)")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if sc.get("procMount") not in (None, "Default"):
+            out.append(f"{name}: procMount")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort {port['hostPort']}")
+        apparmor = (sc.get("appArmorProfile") or {}).get("type")
+        if apparmor not in (None, "RuntimeDefault", "Localhost"):
+            out.append(f"{name}: appArmorProfile {apparmor}")
+    return out
+
+
+def pod_specs(docs: list[render.Doc]) -> list[tuple[str, dict]]:
+    out = []
+    for doc in docs:
+        if doc.kind in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
+            out.append((repr(doc), doc.obj["spec"]["template"]["spec"]))
+        elif doc.kind == "Pod":
+            out.append((repr(doc), doc.obj["spec"]))
+        elif doc.kind == "CronJob":
+            out.append((repr(doc), doc.obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pods_meet_pod_security_restricted(rendered, variant: str) -> None:
+    pods = pod_specs(rendered[variant])
+    assert pods, "no pod templates rendered"
+    for name, pod in pods:
+        assert restricted_violations(pod) == [], name
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            assert c["resources"]["requests"] and c["resources"]["limits"], name
+
+
+def test_restricted_check_is_not_vacuous(rendered) -> None:
+    (deployment,) = by_kind(rendered["default"], "Deployment")
+    pod = copy.deepcopy(deployment["spec"]["template"]["spec"])
+    pod["containers"][0]["securityContext"]["privileged"] = True
+    pod["containers"][0]["securityContext"].pop("capabilities")
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    problems = restricted_violations(pod)
+    assert any("privileged" in p for p in problems)
+    assert any("drop ALL" in p for p in problems)
+    assert any("hostPath" in p for p in problems)
+
+
+def test_install_namespace_enforces_restricted() -> None:
+    first = next(yaml.safe_load_all(render.INSTALL_YAML.read_text()))
+    assert first["kind"] == "Namespace"
+    assert first["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# --- Operator Deployment --------------------------------------------------------------------
+
+def _args(deployment: dict) -> dict[str, str]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    out = {}
+    for arg in container["args"]:
+        key, _, value = arg.partition("=")
+        out[key] = value
+    return out
+
+
+def test_operator_deployment_defaults(rendered) -> None:
+    (deployment,) = by_kind(rendered["default"], "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    args = _args(deployment)
+    assert args == {
+        "--metrics-addr": "0.0.0.0:8080",
+        "--leader-election": "true",
+        "--lease-name": "sluice-operator",
+        "--lease-namespace": "$(POD_NAMESPACE)",
+        "--watch-namespace": "",
+        "--worker-image": "ghcr.io/sluice-dev/sluice-worker:0.1.0",
+        "--gpu-resource-name": "nvidia.com/gpu",
+        "--log-format": "json",
+    }
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert container["ports"] == [{"name": "http-metrics", "containerPort": 8080,
+                                   "protocol": "TCP"}]
+    assert container["image"] == "ghcr.io/sluice-dev/sluice-operator:0.1.0"
+
+
+def test_worker_defaults_reach_the_operator(rendered) -> None:
+    (deployment,) = by_kind(rendered["all-on"], "Deployment")
+    args = _args(deployment)
+    assert deployment["spec"]["replicas"] == 2
+    assert args["--worker-image"] == "registry.example/sluice-worker:dev"
+    assert args["--gpu-resource-name"] == "amd.com/gpu"
+    assert json.loads(args["--worker-node-selector"]) == {"nvidia.com/gpu.present": "true"}
+    assert json.loads(args["--worker-tolerations"]) == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (ns_deployment,) = by_kind(rendered["namespaced"], "Deployment")
+    assert _args(ns_deployment)["--watch-namespace"] == "team-a"
+
+
+def test_toggles(rendered) -> None:
+    kinds = lambda v: sorted(d.kind for d in rendered[v])  # noqa: E731
+    for kind in ("ServiceMonitor", "PrometheusRule", "NetworkPolicy", "PodDisruptionBudget",
+                 "ConfigMap"):
+        assert kind not in kinds("default")
+        assert kind in kinds("all-on")
+    assert "CustomResourceDefinition" in kinds("default")
+    assert "CustomResourceDefinition" not in kinds("no-crd-no-rbac")
+    assert not {"ClusterRole", "Role", "ServiceAccount"} & set(kinds("no-crd-no-rbac"))
+    (deployment,) = by_kind(rendered["no-crd-no-rbac"], "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "byo"
+    (dashboard,) = by_kind(rendered["all-on"], "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+# --- CRD ------------------------------------------------------------------------------------
+
+def test_crd_is_the_generated_file_verbatim(rendered) -> None:
+    source = render.CRD_SOURCE if render.CRD_SOURCE.exists() else render.CRD_CHART_COPY
+    expected = yaml.safe_load(source.read_text())
+    (crd,) = by_kind(rendered["default"], "CustomResourceDefinition")
+    crd = copy.deepcopy(crd)
+    assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"].pop("labels")["app.kubernetes.io/part-of"] == "sluice"
+    assert crd == expected
+    assert crd["spec"]["group"] == "sluice.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["bij"]
+    assert "sluice" in crd["spec"]["names"]["categories"]
+
+
+def test_crd_chart_copy_matches_generated_file() -> None:
+    assert render.CRD_SOURCE.exists(), (
+        f"{render.CRD_SOURCE.relative_to(render.ROOT)} is missing: generate it "
+        "(cargo run -q -p sluice-api --bin crdgen), then run scripts/render-install.sh")
+    assert render.CRD_CHART_COPY.read_text() == render.CRD_SOURCE.read_text(), (
+        "charts/sluice/files/crds/batchinferencejob.yaml drifted from crds/batchinferencejob.yaml;"
+        " run scripts/render-install.sh")
+
+
+# --- RBAC -----------------------------------------------------------------------------------
+
+def _rule_set(rules: list[dict]) -> set[tuple]:
+    """Rules as a set of (apiGroup, resource, verb) grants, to compare independently of layout."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+def _expected_rules() -> list[dict]:
+    return json.loads(render.RBAC_SOURCE.read_text())
+
+
+def test_rbac_json_is_the_contract() -> None:
+    rules = _expected_rules()
+    assert _rule_set(rules) >= {("sluice.dev", "batchinferencejobs/status", "patch"),
+                                ("coordination.k8s.io", "leases", "update")}
+    for rule in rules:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    assert render.RBAC_CHART_COPY.read_text() == render.RBAC_SOURCE.read_text(), (
+        "charts/sluice/files/rbac.json drifted from operator/rbac.json; run "
+        "scripts/render-install.sh")
+
+
+def test_cluster_rbac_is_exactly_rbac_json(rendered) -> None:
+    docs = rendered["default"]
+    (role,) = by_kind(docs, "ClusterRole")
+    assert not by_kind(docs, "Role")
+    assert role["rules"] == _expected_rules()
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    (sa,) = by_kind(docs, "ServiceAccount")
+    (deployment,) = by_kind(docs, "Deployment")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": render.NAMESPACE}]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_namespaced_rbac_partitions_rbac_json(rendered) -> None:
+    docs = rendered["namespaced"]
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(docs, "Role")}
+    bindings = by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding")
+    # The ClusterRole only reads the CRD.
+    assert _rule_set(cluster_role["rules"]) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+    # Everything else is namespaced: the Lease at home, the rest in the watched namespace.
+    by_ns: dict[str, set] = {}
+    for (ns, _), role in roles.items():
+        by_ns.setdefault(ns, set()).update(_rule_set(role["rules"]))
+    assert set(by_ns) == {render.NAMESPACE, "team-a"}
+    assert {g for g, _, _ in by_ns[render.NAMESPACE]} == {"coordination.k8s.io"}
+    assert "coordination.k8s.io" not in {g for g, _, _ in by_ns["team-a"]}
+    union = _rule_set(cluster_role["rules"]) | by_ns[render.NAMESPACE] | by_ns["team-a"]
+    assert union == _rule_set(_expected_rules())
+    # Each role is bound, in its namespace, to the operator's ServiceAccount.
+    for binding in bindings:
+        ref = binding["roleRef"]
+        ns = binding["metadata"].get("namespace")
+        if ref["kind"] == "Role":
+            assert (ns, ref["name"]) in roles
+        assert binding["subjects"][0]["name"] == "sluice-operator"
+        assert binding["subjects"][0]["namespace"] == render.NAMESPACE
+    assert len(bindings) == len(roles) + 1
+
+
+# --- Generated files ------------------------------------------------------------------------
+
+def test_generated_files_are_fresh() -> None:
+    """manifests/install.yaml and deploy/prometheus/sluice-alerts.yaml equal a fresh render."""
+    problems = render.check_all(require_crd_source=False)  # its own test says so
+    assert not problems, "\n".join(problems)
+
+
+def test_install_yaml_is_the_default_render() -> None:
+    docs = list(yaml.safe_load_all(render.INSTALL_YAML.read_text()))
+    fresh = [d.obj for d in render.render()]
+    assert docs[1:] == fresh
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
+    assert kinds[0] == "Namespace"

@@ -1,0 +1,300 @@
+//! Model architecture description: parses a hub `config.json` (Qwen2, Llama, Mistral) into one
+//! [`ArchConfig`], and names the built-in shapes used for random-weight benchmarks.
+//! It knows nothing of weights, devices or requests.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::error::EngineError;
+
+/// The model families the engine implements; they share one transformer block shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `Qwen2ForCausalLM` (Qwen2 and Qwen2.5): QKV bias.
+    Qwen2,
+    /// `LlamaForCausalLM` (Llama 2/3, with Llama-3 RoPE scaling).
+    Llama,
+    /// `MistralForCausalLM`, the Llama shape (sliding window unsupported beyond max length).
+    Mistral,
+}
+
+impl Arch {
+    /// The architecture names accepted in `config.json`'s `architectures`.
+    pub const SUPPORTED: [&'static str; 3] =
+        ["Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"];
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            _ => None,
+        }
+    }
+}
+
+/// Llama-3 style frequency-dependent RoPE scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Everything the batched model needs to know about a checkpoint's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchConfig {
+    pub arch: Arch,
+    /// Name reported in outputs (directory name or preset name).
+    pub name: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> EngineError {
+    EngineError::ModelFile {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn req_usize(v: &Value, key: &str, path: &Path) -> Result<usize, EngineError> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|x| usize::try_from(x).ok())
+        .ok_or_else(|| bad(path, format!("missing or invalid integer field `{key}`")))
+}
+
+fn opt_f64(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+/// `eos_token_id` may be an integer or a list of integers.
+pub(crate) fn token_id_list(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ArchConfig {
+    /// Parses a `config.json` document; `path` is only used in error messages.
+    pub fn from_json(v: &Value, path: &Path, name: &str) -> Result<Self, EngineError> {
+        let archs: Vec<&str> = v
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let arch = match archs.iter().find_map(|a| Arch::from_name(a)) {
+            Some(a) => a,
+            None => {
+                let found = if archs.is_empty() {
+                    v.get("model_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>")
+                        .to_string()
+                } else {
+                    archs.join(", ")
+                };
+                return Err(EngineError::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
+        };
+        let hidden_size = req_usize(v, "hidden_size", path)?;
+        let num_heads = req_usize(v, "num_attention_heads", path)?;
+        let num_kv_heads = v
+            .get("num_key_value_heads")
+            .and_then(Value::as_u64)
+            .map_or(num_heads, |x| x as usize);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(bad(
+                path,
+                format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"),
+            ));
+        }
+        let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
+            Some(d) => d as usize,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(bad(path, "hidden_size is not a multiple of num_attention_heads"));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad(path, format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        // transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` +
+        // `rope_scaling`.
+        let rope_params = v
+            .get("rope_parameters")
+            .filter(|x| x.is_object())
+            .or_else(|| v.get("rope_scaling").filter(|x| x.is_object()));
+        let rope_theta = opt_f64(v, "rope_theta")
+            .or_else(|| rope_params.and_then(|p| opt_f64(p, "rope_theta")))
+            .unwrap_or(10_000.0) as f32;
+        let rope_scaling = match rope_params {
+            None => None,
+            Some(p) => {
+                let kind = p
+                    .get("rope_type")
+                    .or_else(|| p.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(Llama3RopeScaling {
+                        factor: opt_f64(p, "factor").unwrap_or(8.0) as f32,
+                        low_freq_factor: opt_f64(p, "low_freq_factor").unwrap_or(1.0) as f32,
+                        high_freq_factor: opt_f64(p, "high_freq_factor").unwrap_or(4.0) as f32,
+                        original_max_position_embeddings: p
+                            .get("original_max_position_embeddings")
+                            .and_then(Value::as_u64)
+                            .map_or(8192, |x| x as usize),
+                    }),
+                    other => {
+                        return Err(bad(path, format!("unsupported rope scaling type `{other}`")));
+                    }
+                }
+            }
+        };
+        let qkv_bias = match arch {
+            Arch::Qwen2 => true,
+            Arch::Llama | Arch::Mistral => v
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(bad(path, format!("unsupported hidden_act `{act}` (only silu)")));
+        }
+        Ok(Self {
+            arch,
+            name: name.to_string(),
+            vocab_size: req_usize(v, "vocab_size", path)?,
+            hidden_size,
+            intermediate_size: req_usize(v, "intermediate_size", path)?,
+            num_layers: req_usize(v, "num_hidden_layers", path)?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps").unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: v
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map_or(4096, |x| x as usize),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias,
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .and_then(|x| u32::try_from(x).ok()),
+            eos_token_ids: token_id_list(v.get("eos_token_id")),
+        })
+    }
+
+    /// Built-in shapes for random-weight benchmarks: `qwen2.5-0.5b`, `llama-3.2-1b`,
+    /// `tiny-qwen2` (the test model's shape).
+    pub fn preset(name: &str) -> Option<Self> {
+        let base = |arch, vocab, hidden, inter, layers, heads, kv, maxpos, tie, theta: f32| Self {
+            arch,
+            name: name.to_string(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-6,
+            rope_theta: theta,
+            rope_scaling: None,
+            max_position_embeddings: maxpos,
+            tie_word_embeddings: tie,
+            qkv_bias: arch == Arch::Qwen2,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        };
+        match name {
+            "qwen2.5-0.5b" => Some(base(
+                Arch::Qwen2, 151_936, 896, 4864, 24, 14, 2, 32_768, true, 1_000_000.0,
+            )),
+            "llama-3.2-1b" => {
+                let mut c = base(
+                    Arch::Llama, 128_256, 2048, 8192, 16, 32, 8, 131_072, true, 500_000.0,
+                );
+                c.rms_norm_eps = 1e-5;
+                c.rope_scaling = Some(Llama3RopeScaling {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                });
+                Some(c)
+            }
+            "tiny-qwen2" => Some(base(Arch::Qwen2, 768, 64, 176, 2, 4, 2, 4096, true, 1_000_000.0)),
+            _ => None,
+        }
+    }
+
+    /// Bytes of K and V cache one token takes in `dtype_size`-byte elements, over all layers.
+    pub fn kv_bytes_per_token(&self, dtype_size: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
+    }
+
+    /// Inverse RoPE frequencies, computed in f32 like transformers does.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let mut inv: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / self.rope_theta.powf(i as f32 / d as f32))
+            .collect();
+        if let Some(s) = self.rope_scaling {
+            let old = s.original_max_position_embeddings as f32;
+            let low_wavelen = old / s.low_freq_factor;
+            let high_wavelen = old / s.high_freq_factor;
+            for x in &mut inv {
+                let wavelen = 2.0 * std::f32::consts::PI / *x;
+                if wavelen < high_wavelen {
+                    // high frequency: unchanged
+                } else if wavelen > low_wavelen {
+                    *x /= s.factor;
+                } else {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *x = (1.0 - smooth) * *x / s.factor + smooth * *x;
+                }
+            }
+        }
+        inv
+    }
+}

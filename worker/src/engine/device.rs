@@ -1,0 +1,110 @@
+//! Device and dtype selection, and the KV-cache budget: a configured block count or byte size
+//! on CPU, a fraction of the GPU's memory (`gpu_memory_utilization`) on CUDA.
+//! Same code path for both devices; CUDA exists only with the `cuda` cargo feature.
+
+use candle_core::{DType, Device};
+
+use super::config::ArchConfig;
+use super::error::EngineError;
+
+/// Which device the engine runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// CUDA device ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+/// KV-cache bytes used on CPU when neither `num_kv_blocks` nor `kv_cache_bytes` is set.
+pub const DEFAULT_CPU_KV_BYTES: u64 = 256 << 20;
+
+/// Memory kept free on the GPU for activations, per batched token (a generous estimate).
+fn activation_reserve(arch: &ArchConfig, max_batched_tokens: usize, dtype: DType) -> u64 {
+    let per_token = (4 * arch.hidden_size + 3 * arch.intermediate_size) * 4;
+    let logits = arch.vocab_size * 4 * 512;
+    let base: u64 = 1 << 30;
+    base + (per_token * max_batched_tokens * dtype.size_in_bytes().max(2) / 2 + logits) as u64
+}
+
+pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda(i) => {
+            if !cfg!(feature = "cuda") {
+                return Err(EngineError::Config(
+                    "CUDA requested but sluice-worker was built without the `cuda` feature".into(),
+                ));
+            }
+            Device::new_cuda(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))
+        }
+    }
+}
+
+/// `"f32" | "f16" | "bf16"` (also the torch spellings); default f32 on CPU, bf16 on CUDA.
+pub fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType, EngineError> {
+    match s.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("auto") | Some("") => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        Some("f32" | "float32" | "float") => Ok(DType::F32),
+        Some("f16" | "float16" | "half") => Ok(DType::F16),
+        Some("bf16" | "bfloat16") => Ok(DType::BF16),
+        Some(other) => Err(EngineError::Config(format!(
+            "unsupported dtype `{other}` (use f32, f16 or bf16)"
+        ))),
+    }
+}
+
+/// Free and total bytes of the current CUDA device.
+#[cfg(feature = "cuda")]
+fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
+    candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        .map(|(f, t)| (f as u64, t as u64))
+        .map_err(|e| EngineError::Config(format!("cuMemGetInfo: {e:?}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
+    Err(EngineError::Config("built without the `cuda` feature".into()))
+}
+
+/// Number of KV blocks to allocate, after the weights are on the device.
+pub fn kv_blocks(
+    arch: &ArchConfig,
+    dtype: DType,
+    device: &Device,
+    block_size: usize,
+    num_kv_blocks: Option<usize>,
+    kv_cache_bytes: Option<u64>,
+    gpu_memory_utilization: f32,
+    max_batched_tokens: usize,
+    useful_max: usize,
+) -> Result<usize, EngineError> {
+    if let Some(n) = num_kv_blocks {
+        return Ok(n.max(1));
+    }
+    let per_block = (arch.kv_bytes_per_token(dtype.size_in_bytes()) * block_size) as u64;
+    let budget = if let Some(b) = kv_cache_bytes {
+        b
+    } else if device.is_cuda() {
+        if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
+            return Err(EngineError::Config(format!(
+                "gpu_memory_utilization {gpu_memory_utilization} must be in (0, 1]"
+            )));
+        }
+        let (free, total) = cuda_mem_info()?;
+        let used = total.saturating_sub(free);
+        let allowed = (total as f64 * f64::from(gpu_memory_utilization)) as u64;
+        allowed
+            .saturating_sub(used)
+            .saturating_sub(activation_reserve(arch, max_batched_tokens, dtype))
+    } else {
+        DEFAULT_CPU_KV_BYTES
+    };
+    let blocks = (budget / per_block.max(1)) as usize;
+    if blocks == 0 {
+        return Err(EngineError::Config(format!(
+            "no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)"
+        )));
+    }
+    Ok(blocks.min(useful_max.max(1)))
+}

@@ -1,0 +1,569 @@
+//! The synchronous engine core: owns the model, KV cache, scheduler and text codec, turns
+//! requests into sequences and runs one scheduled forward pass per `step`, returning finished
+//! requests. It has no threads or channels (see `handle`); per-request failures never stop it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::config::ArchConfig;
+use super::device::{self, DeviceKind};
+use super::error::{EngineError, RequestError};
+use super::kv_cache::{KvCache, blocks_for, slots_for};
+use super::model::{Model, SeqInput};
+use super::sampling::{self, SamplingParams};
+use super::scheduler::{Limits, Scheduler, Sequence};
+use super::tokenizer::{Prompt, TextCodec};
+
+/// How to load and run a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Hub-layout model directory (config.json, safetensors, tokenizer files).
+    pub model_dir: PathBuf,
+    pub device: DeviceKind,
+    /// `"f32" | "f16" | "bf16"`; None = f32 on CPU, bf16 on CUDA.
+    pub dtype: Option<String>,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward pass (prefill chunks + decode tokens).
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Fraction of GPU memory the engine may use (weights + KV cache + activations).
+    pub gpu_memory_utilization: f32,
+    /// Exact number of KV blocks (overrides every budget; for tests).
+    pub num_kv_blocks: Option<usize>,
+    /// KV cache size in bytes on CPU (default 256 MiB); also overrides the GPU fraction.
+    pub kv_cache_bytes: Option<u64>,
+    /// Cap on prompt + completion length (default: the model's `max_position_embeddings`).
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: PathBuf::new(),
+            device: DeviceKind::Cpu,
+            dtype: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 4096,
+            block_size: 16,
+            gpu_memory_utilization: 0.90,
+            num_kv_blocks: None,
+            kv_cache_bytes: None,
+            max_model_len: None,
+        }
+    }
+}
+
+/// One request to the engine. `id` must be unique among requests in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub id: u64,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the model's maximum length.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI spelling: `stop` / `length`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationOutput {
+    pub id: u64,
+    /// Completion text, special tokens skipped, cut before a matched stop string.
+    pub text: String,
+    /// Generated token ids (an EOS that ended the completion included).
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+    /// Time from `add_request` to the first generated token.
+    pub ttft: Duration,
+    /// Time from `add_request` to completion.
+    pub total: Duration,
+}
+
+/// A snapshot of the engine's load and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    pub peak_kv_blocks: usize,
+    pub block_size: usize,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub requests_finished: u64,
+    pub requests_failed: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    /// Tokens run in the last step and the most in any step (never above the budget).
+    pub last_step_tokens: usize,
+    pub max_step_tokens: usize,
+}
+
+/// Result of one request, as `step` returns it.
+pub type StepOutput = (u64, Result<GenerationOutput, RequestError>);
+
+/// The batched inference engine.
+pub struct LlmEngine {
+    model: Model,
+    cache: KvCache,
+    sched: Scheduler,
+    codec: TextCodec,
+    name: String,
+    max_model_len: usize,
+    arrivals: u64,
+    in_flight: HashSet<u64>,
+    pending: Vec<StepOutput>,
+    stats: EngineStats,
+}
+
+fn read_config(dir: &Path) -> Result<Value, EngineError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::ModelFile {
+        path: path.clone(),
+        msg: if e.kind() == std::io::ErrorKind::NotFound {
+            "file not found".into()
+        } else {
+            format!("cannot read: {e}")
+        },
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::ModelFile {
+        path,
+        msg: format!("invalid JSON: {e}"),
+    })
+}
+
+impl LlmEngine {
+    /// Loads the model directory named by `cfg` onto its device.
+    pub fn load(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let dir = &cfg.model_dir;
+        if !dir.is_dir() {
+            return Err(EngineError::ModelFile {
+                path: dir.clone(),
+                msg: "model directory not found".into(),
+            });
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        let json = read_config(dir)?;
+        let arch = ArchConfig::from_json(&json, &dir.join("config.json"), &name)?;
+        let codec = TextCodec::load(dir, &arch.eos_token_ids)?;
+        let device = device::make_device(cfg.device)?;
+        let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
+        let weights = super::weights::Weights::load(dir, &device, dtype)?;
+        Self::build(arch, &weights, codec, device, cfg)
+    }
+
+    /// A model of `arch`'s shape with random weights (benchmarks). Without a tokenizer only
+    /// `Prompt::Tokens` works and outputs have empty text.
+    pub fn random(
+        arch: ArchConfig,
+        tokenizer: Option<Tokenizer>,
+        cfg: &EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let device = device::make_device(cfg.device)?;
+        let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
+        let weights = super::weights::Weights::Random {
+            std: 0.02,
+            dtype,
+            device: device.clone(),
+        };
+        let codec = TextCodec::from_tokenizer(tokenizer, arch.eos_token_ids.clone());
+        Self::build(arch, &weights, codec, device, cfg)
+    }
+
+    fn build(
+        arch: ArchConfig,
+        weights: &super::weights::Weights,
+        codec: TextCodec,
+        device: Device,
+        cfg: &EngineConfig,
+    ) -> Result<Self, EngineError> {
+        if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+            return Err(EngineError::Config(
+                "block_size, max_num_seqs and max_num_batched_tokens must be positive".into(),
+            ));
+        }
+        let mut max_model_len = cfg
+            .max_model_len
+            .unwrap_or(arch.max_position_embeddings)
+            .min(arch.max_position_embeddings);
+        let dtype: DType = weights.dtype();
+        let model = Model::new(&arch, weights, &device, max_model_len)?;
+        let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
+        let num_blocks = device::kv_blocks(
+            &arch,
+            dtype,
+            &device,
+            cfg.block_size,
+            cfg.num_kv_blocks,
+            cfg.kv_cache_bytes,
+            cfg.gpu_memory_utilization,
+            cfg.max_num_batched_tokens,
+            useful,
+        )?;
+        // One sequence must always fit alone, or preemption could not make progress.
+        let capacity = num_blocks * cfg.block_size;
+        if capacity < max_model_len {
+            tracing::warn!(capacity, max_model_len, "KV cache smaller than max model length; capping it");
+            max_model_len = capacity;
+        }
+        let cache = KvCache::new(
+            arch.num_layers,
+            num_blocks,
+            cfg.block_size,
+            arch.num_kv_heads * arch.head_dim,
+            dtype,
+            &device,
+        )?;
+        tracing::info!(
+            model = %arch.name,
+            ?dtype,
+            num_blocks,
+            block_size = cfg.block_size,
+            max_model_len,
+            "engine ready"
+        );
+        let sched = Scheduler::new(
+            Limits {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                block_size: cfg.block_size,
+            },
+            num_blocks,
+        );
+        let stats = EngineStats {
+            kv_blocks_total: num_blocks,
+            block_size: cfg.block_size,
+            ..EngineStats::default()
+        };
+        Ok(Self {
+            name: arch.name.clone(),
+            model,
+            cache,
+            sched,
+            codec,
+            max_model_len,
+            arrivals: 0,
+            in_flight: HashSet::new(),
+            pending: Vec::new(),
+            stats,
+        })
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Longest prompt + completion, in tokens.
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn arch(&self) -> &ArchConfig {
+        self.model.config()
+    }
+
+    /// The device's name (`cpu` or `cuda:N`).
+    pub fn device_name(&self) -> String {
+        match self.model.device().location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.model.dtype()
+    }
+
+    /// Tokenizes a prompt as the engine would (chat template included).
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, RequestError> {
+        self.codec.encode_prompt(prompt)
+    }
+
+    /// Renders chat messages with the model's chat template.
+    pub fn render_chat(&self, m: &[super::tokenizer::ChatMessage]) -> Result<String, RequestError> {
+        self.codec.render_chat(m)
+    }
+
+    /// Queues a request. Problems with it (bad prompt, too long, ...) come back from the next
+    /// `step` as that request's error.
+    pub fn add_request(&mut self, r: GenerationRequest) {
+        let arrived = Instant::now();
+        match self.prepare(&r) {
+            Ok(tokens) => {
+                self.in_flight.insert(r.id);
+                self.arrivals += 1;
+                let rng = r.params.rng();
+                self.sched.add(Sequence {
+                    id: r.id,
+                    arrival: self.arrivals,
+                    prompt_len: tokens.len(),
+                    tokens,
+                    params: r.params,
+                    num_computed: 0,
+                    blocks: Vec::new(),
+                    rng,
+                    arrived,
+                    first_token: None,
+                    preemptions: 0,
+                });
+            }
+            Err(e) => {
+                self.stats.requests_failed += 1;
+                self.pending.push((r.id, Err(e)));
+            }
+        }
+    }
+
+    fn prepare(&self, r: &GenerationRequest) -> Result<Vec<u32>, RequestError> {
+        if self.in_flight.contains(&r.id) {
+            return Err(RequestError::DuplicateId(r.id));
+        }
+        r.params.validate().map_err(RequestError::Invalid)?;
+        let tokens = self.codec.encode_prompt(&r.prompt)?;
+        if tokens.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if tokens.len() > self.max_model_len {
+            return Err(RequestError::PromptTooLong {
+                len: tokens.len(),
+                max: self.max_model_len,
+            });
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RequestError::Invalid(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(tokens)
+    }
+
+    /// True while requests are queued, running, or have results not yet returned.
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work() || !self.pending.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.running = self.sched.running.len();
+        s.waiting = self.sched.waiting.len();
+        s.kv_blocks_used = self.sched.allocator.num_used();
+        s.preemptions = self.sched.preemptions;
+        s
+    }
+
+    /// Fails every request in flight (after an engine error) and frees their blocks.
+    pub fn abort_all(&mut self, reason: &str) -> Vec<StepOutput> {
+        let mut out = std::mem::take(&mut self.pending);
+        while !self.sched.running.is_empty() {
+            let seq = self.sched.finish(0);
+            out.push((seq.id, Err(RequestError::Engine(reason.to_string()))));
+        }
+        for seq in self.sched.waiting.drain(..) {
+            out.push((seq.id, Err(RequestError::Engine(reason.to_string()))));
+        }
+        self.stats.requests_failed += out.iter().filter(|(_, r)| r.is_err()).count() as u64;
+        self.in_flight.clear();
+        out
+    }
+
+    /// Runs one scheduled forward pass; returns the requests that finished (or failed) in it.
+    pub fn step(&mut self) -> Result<Vec<StepOutput>, EngineError> {
+        let mut out = std::mem::take(&mut self.pending);
+        let plan = self.sched.schedule();
+        if plan.is_empty() {
+            return Ok(out);
+        }
+        let bs = self.cache.block_size();
+        let inputs: Vec<SeqInput> = plan
+            .iter()
+            .map(|p| {
+                let s = &self.sched.running[p.index];
+                let end = s.num_computed + p.num_tokens;
+                SeqInput {
+                    tokens: s.tokens[s.num_computed..end].to_vec(),
+                    start_pos: s.num_computed,
+                    slots: slots_for(&s.blocks, bs, end),
+                    want_logits: end == s.tokens.len(),
+                }
+            })
+            .collect();
+        let step_tokens: usize = plan.iter().map(|p| p.num_tokens).sum();
+        let logits = self.model.forward(&inputs, &mut self.cache)?;
+        self.stats.steps += 1;
+        self.stats.last_step_tokens = step_tokens;
+        self.stats.max_step_tokens = self.stats.max_step_tokens.max(step_tokens);
+        self.stats.peak_kv_blocks = self.stats.peak_kv_blocks.max(self.sched.allocator.num_used());
+
+        let now = Instant::now();
+        let mut finished: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
+        for (p, l) in plan.iter().zip(logits) {
+            let seq = &mut self.sched.running[p.index];
+            seq.num_computed += p.num_tokens;
+            let Some(l) = l else { continue };
+            let tok = sampling::sample(&l, &seq.params, &mut seq.rng);
+            seq.tokens.push(tok);
+            seq.first_token.get_or_insert(now);
+            let generated = seq.num_generated();
+            let eos = !seq.params.ignore_eos && self.codec.eos_ids().contains(&tok);
+            let reason = if eos {
+                Some((FinishReason::Stop, None))
+            } else if let Some(text) = stop_text(&self.codec, seq) {
+                Some((FinishReason::Stop, Some(text)))
+            } else if generated >= seq.params.max_tokens || seq.tokens.len() >= self.max_model_len {
+                Some((FinishReason::Length, None))
+            } else {
+                None
+            };
+            if let Some((r, text)) = reason {
+                finished.push((p.index, r, text));
+            }
+        }
+        // Remove from the back so indices stay valid.
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (index, reason, text) in finished {
+            let seq = self.sched.finish(index);
+            self.in_flight.remove(&seq.id);
+            let completion = seq.tokens[seq.prompt_len..].to_vec();
+            let text = text.unwrap_or_else(|| self.codec.decode(&completion));
+            self.stats.prompt_tokens += seq.prompt_len as u64;
+            self.stats.completion_tokens += completion.len() as u64;
+            self.stats.requests_finished += 1;
+            out.push((
+                seq.id,
+                Ok(GenerationOutput {
+                    id: seq.id,
+                    text,
+                    prompt_tokens: seq.prompt_len,
+                    completion_tokens: completion.len(),
+                    token_ids: completion,
+                    finish_reason: reason,
+                    ttft: seq.first_token.unwrap_or(now) - seq.arrived,
+                    total: now - seq.arrived,
+                }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Logits of teacher-forced steps, for numerical checks: step 0 runs every prompt in one
+    /// ragged prefill pass; step k runs the k-th forced token of every sequence in one batched
+    /// decode pass. Returns `logits[seq][step]`. Needs an idle engine (no requests in flight).
+    pub fn teacher_forced_logits(
+        &mut self,
+        seqs: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
+        if self.sched.has_work() {
+            return Err(EngineError::Config("teacher_forced_logits needs an idle engine".into()));
+        }
+        let bs = self.cache.block_size();
+        let mut tables: Vec<Vec<u32>> = Vec::new();
+        let result = (|| -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
+            for (prompt, forced) in seqs {
+                let n = blocks_for(prompt.len() + forced.len(), bs);
+                let t = self.sched.allocator.allocate(n).ok_or_else(|| {
+                    EngineError::Config("not enough KV blocks for teacher forcing".into())
+                })?;
+                tables.push(t);
+            }
+            let steps = 1 + seqs.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
+            let mut out = vec![Vec::new(); seqs.len()];
+            for step in 0..steps {
+                let mut inputs = Vec::new();
+                let mut who = Vec::new();
+                for (i, (prompt, forced)) in seqs.iter().enumerate() {
+                    let (tokens, start) = if step == 0 {
+                        (prompt.clone(), 0)
+                    } else if let Some(&t) = forced.get(step - 1) {
+                        (vec![t], prompt.len() + step - 1)
+                    } else {
+                        continue;
+                    };
+                    let end = start + tokens.len();
+                    inputs.push(SeqInput {
+                        tokens,
+                        start_pos: start,
+                        slots: slots_for(&tables[i], bs, end),
+                        want_logits: true,
+                    });
+                    who.push(i);
+                }
+                let logits = self.model.forward(&inputs, &mut self.cache)?;
+                for (i, l) in who.into_iter().zip(logits) {
+                    out[i].push(l.unwrap_or_default());
+                }
+            }
+            Ok(out)
+        })();
+        for t in &mut tables {
+            self.sched.allocator.release(t);
+        }
+        result
+    }
+
+    /// Runs `requests` to completion and returns their results in request order.
+    pub fn generate(
+        &mut self,
+        requests: Vec<GenerationRequest>,
+    ) -> Result<Vec<StepOutput>, EngineError> {
+        let order: Vec<u64> = requests.iter().map(|r| r.id).collect();
+        for r in requests {
+            self.add_request(r);
+        }
+        let mut done = Vec::new();
+        while self.has_work() {
+            done.extend(self.step()?);
+        }
+        let mut sorted = Vec::with_capacity(done.len());
+        for id in order {
+            if let Some(i) = done.iter().position(|(d, _)| *d == id) {
+                sorted.push(done.swap_remove(i));
+            }
+        }
+        sorted.extend(done);
+        Ok(sorted)
+    }
+}
+
+/// If the completion so far contains a stop string, the text cut before the earliest one.
+fn stop_text(codec: &TextCodec, seq: &Sequence) -> Option<String> {
+    if seq.params.stop.is_empty() {
+        return None;
+    }
+    let text = codec.decode(&seq.tokens[seq.prompt_len..]);
+    seq.params
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .map(|at| text[..at].to_string())
+}

@@ -1,0 +1,400 @@
+//! The batched, ragged transformer (Qwen2 / Llama / Mistral share this block): one forward pass
+//! over the flattened new tokens of many sequences, each token with its own position, attending
+//! over its sequence's keys in the paged KV cache. No scheduling or sampling policy lives here.
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::{Linear, Module};
+
+use super::config::ArchConfig;
+use super::error::EngineError;
+use super::kv_cache::KvCache;
+use super::weights::Weights;
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// One sequence's share of a forward pass.
+#[derive(Debug, Clone)]
+pub struct SeqInput {
+    /// New tokens to run (a prefill chunk, or the one token of a decode step).
+    pub tokens: Vec<u32>,
+    /// Position of `tokens[0]`; positions before it are already in the KV cache.
+    pub start_pos: usize,
+    /// KV cache slot of every position `0..start_pos + tokens.len()`.
+    pub slots: Vec<u32>,
+    /// Whether the logits of the last token are wanted.
+    pub want_logits: bool,
+}
+
+/// The flattened device-side inputs of one step, shared by every layer.
+struct StepTensors {
+    num_tokens: usize,
+    token_ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[num_tokens, kv_heads * head_dim]` slot index of every new token (for scatter).
+    write_index: Tensor,
+    /// Decode group: sequences with one new token, first in the flat layout.
+    decode: Option<DecodeGroup>,
+    /// Every longer chunk, in flat order after the decode group.
+    prefills: Vec<PrefillChunk>,
+    /// Rows of the flat hidden states whose logits are returned.
+    logit_rows: Option<Tensor>,
+}
+
+struct DecodeGroup {
+    batch: usize,
+    max_ctx: usize,
+    /// `[batch * max_ctx]` key slots, padded with slot 0.
+    key_slots: Tensor,
+    /// `[batch, 1, 1, max_ctx]` additive mask: 0 for keys, -inf for padding.
+    mask: Tensor,
+}
+
+struct PrefillChunk {
+    start: usize,
+    len: usize,
+    ctx: usize,
+    key_slots: Tensor,
+    /// `[len, ctx]` causal additive mask.
+    mask: Tensor,
+}
+
+/// A loaded causal LM ready for batched forward passes.
+pub struct Model {
+    cfg: ArchConfig,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_len, head_dim / 2]` f32 RoPE tables.
+    cos: Tensor,
+    sin: Tensor,
+    max_len: usize,
+}
+
+fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, EngineError> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+    let b = if bias {
+        Some(w.get(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, b))
+}
+
+impl Model {
+    /// Builds the model from `weights`, with RoPE tables for positions `< max_len`.
+    pub fn new(
+        cfg: &ArchConfig,
+        weights: &Weights,
+        device: &Device,
+        max_len: usize,
+    ) -> Result<Self, EngineError> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let embed = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let b = cfg.qkv_bias;
+            layers.push(Layer {
+                input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: linear(weights, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b)?,
+                k: linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
+                v: linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
+                o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                up: linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down: linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+            });
+        }
+        let norm = weights.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            if !cfg.tie_word_embeddings {
+                // Surface the missing tensor rather than silently tying.
+                weights.get("lm_head.weight", &[cfg.vocab_size, h])?;
+            }
+            embed.clone()
+        } else {
+            weights.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let inv = cfg.inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_len, half), device)?;
+        let sin = Tensor::from_vec(sin, (max_len, half), device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            dtype: weights.dtype(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            max_len,
+        })
+    }
+
+    pub fn config(&self) -> &ArchConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
+    /// Returns the tensors and, per input sequence, its row among the returned logits.
+    fn prepare(&self, seqs: &[SeqInput]) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
+        let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
+        let n_decode = order.len();
+        order.extend((0..seqs.len()).filter(|&i| seqs[i].tokens.len() > 1));
+
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut write = Vec::new();
+        let mut logit_rows = Vec::new();
+        let mut logit_of = vec![None; seqs.len()];
+        let mut prefills = Vec::new();
+        for &i in &order {
+            let s = &seqs[i];
+            let ctx = s.start_pos + s.tokens.len();
+            if s.slots.len() != ctx {
+                return Err(EngineError::Config(format!(
+                    "sequence has {} KV slots for {ctx} positions",
+                    s.slots.len()
+                )));
+            }
+            if ctx > self.max_len {
+                return Err(EngineError::Config(format!(
+                    "position {ctx} beyond the model's maximum length {}",
+                    self.max_len
+                )));
+            }
+            let start = ids.len();
+            ids.extend_from_slice(&s.tokens);
+            pos.extend((s.start_pos..ctx).map(|p| p as u32));
+            write.extend_from_slice(&s.slots[s.start_pos..]);
+            if s.want_logits {
+                logit_of[i] = Some(logit_rows.len());
+                logit_rows.push((ids.len() - 1) as u32);
+            }
+            if s.tokens.len() > 1 {
+                let t = s.tokens.len();
+                let mut mask = Vec::with_capacity(t * ctx);
+                for q in 0..t {
+                    let qpos = s.start_pos + q;
+                    mask.extend((0..ctx).map(|k| if k <= qpos { 0f32 } else { f32::NEG_INFINITY }));
+                }
+                prefills.push(PrefillChunk {
+                    start,
+                    len: t,
+                    ctx,
+                    key_slots: Tensor::from_slice(&s.slots, ctx, &self.device)?,
+                    mask: Tensor::from_vec(mask, (t, ctx), &self.device)?,
+                });
+            }
+        }
+        let decode = if n_decode > 0 {
+            let max_ctx = order[..n_decode]
+                .iter()
+                .map(|&i| seqs[i].slots.len())
+                .max()
+                .unwrap_or(1);
+            let mut slots = Vec::with_capacity(n_decode * max_ctx);
+            let mut mask = Vec::with_capacity(n_decode * max_ctx);
+            for &i in &order[..n_decode] {
+                let s = &seqs[i].slots;
+                slots.extend_from_slice(s);
+                slots.extend(std::iter::repeat_n(0u32, max_ctx - s.len()));
+                mask.extend(std::iter::repeat_n(0f32, s.len()));
+                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_ctx - s.len()));
+            }
+            Some(DecodeGroup {
+                batch: n_decode,
+                max_ctx,
+                key_slots: Tensor::from_vec(slots, n_decode * max_ctx, &self.device)?,
+                mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_ctx), &self.device)?,
+            })
+        } else {
+            None
+        };
+        let n = ids.len();
+        let positions = Tensor::from_vec(pos, n, &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let cos = Tensor::cat(&[&cos, &cos], 1)?.to_dtype(self.dtype)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[&sin, &sin], 1)?.to_dtype(self.dtype)?.unsqueeze(1)?;
+        let write_index = Tensor::from_vec(write, (n, 1), &self.device)?
+            .broadcast_as((n, kvd))?
+            .contiguous()?;
+        let logit_rows = if logit_rows.is_empty() {
+            None
+        } else {
+            let len = logit_rows.len();
+            Some(Tensor::from_vec(logit_rows, len, &self.device)?)
+        };
+        Ok((
+            StepTensors {
+                num_tokens: n,
+                token_ids: Tensor::from_vec(ids, n, &self.device)?,
+                cos,
+                sin,
+                write_index,
+                decode,
+                prefills,
+                logit_rows,
+            },
+            logit_of,
+        ))
+    }
+
+    /// Runs the new tokens of `seqs` through the model, writing their keys and values into
+    /// `cache`. Returns, per sequence, the f32 logits of its last token when `want_logits`.
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut KvCache,
+    ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (st, logit_of) = self.prepare(seqs)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&st.token_ids, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let attn = self.attention(layer, &h, &st, cache, li)?;
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        let mut out = vec![None; seqs.len()];
+        if let Some(rows) = &st.logit_rows {
+            let last = x.index_select(rows, 0)?;
+            let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+            let logits = last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+            let logits = logits.to_vec2::<f32>()?;
+            for (i, row) in logit_of.iter().enumerate() {
+                if let Some(r) = row {
+                    out[i] = logits.get(*r).cloned();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn rope(&self, x: &Tensor, st: &StepTensors) -> Result<Tensor, EngineError> {
+        let half = self.cfg.head_dim / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&st.cos)? + rotated.broadcast_mul(&st.sin)?)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        st: &StepTensors,
+        cache: &mut KvCache,
+        li: usize,
+    ) -> Result<Tensor, EngineError> {
+        let n = st.num_tokens;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let g = nh / nkv;
+        let q = layer.q.forward(h)?.reshape((n, nh, hd))?;
+        let k = layer.k.forward(h)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(h)?.reshape((n, nkv, hd))?;
+        let q = self.rope(&q, st)?;
+        let k = self.rope(&k, st)?;
+        let (kc, vc) = cache.layer(li)?;
+        kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
+        vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(1 + st.prefills.len());
+        if let Some(dg) = &st.decode {
+            let (b, l) = (dg.batch, dg.max_ctx);
+            // [b, nkv, g, hd]: head j*g + i reads kv head j (repeat_kv order).
+            let qd = q.narrow(0, 0, b)?.reshape((b, nkv, g, hd))?;
+            let kd = kc
+                .index_select(&dg.key_slots, 0)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let vd = vc
+                .index_select(&dg.key_slots, 0)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&dg.mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            outs.push(p.matmul(&vd)?.reshape((b, nh * hd))?);
+        }
+        for c in &st.prefills {
+            let (t, ctx) = (c.len, c.ctx);
+            let qp = q
+                .narrow(0, c.start, t)?
+                .reshape((t, nkv, g, hd))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((nkv, g * t, hd))?;
+            let kp = kc
+                .index_select(&c.key_slots, 0)?
+                .reshape((ctx, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let vp = vc
+                .index_select(&c.key_slots, 0)?
+                .reshape((ctx, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let scores = (qp.matmul(&kp.transpose(1, 2)?)? * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((nkv, g, t, ctx))?
+                .broadcast_add(&c.mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?
+                .to_dtype(self.dtype)?
+                .reshape((nkv, g * t, ctx))?;
+            let o = p
+                .matmul(&vp)?
+                .reshape((nkv, g, t, hd))?
+                .permute((2, 0, 1, 3))?
+                .contiguous()?
+                .reshape((t, nh * hd))?;
+            outs.push(o);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}

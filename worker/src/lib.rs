@@ -1,0 +1,2 @@
+//! Sluice worker.
+pub mod engine;
