@@ -91,7 +91,7 @@ pub struct ModelSpec {
     /// A model directory as published on the Hugging Face hub (config.json, safetensors,
     /// tokenizer.json): a local path or `file://` URI (PVC or hostPath mount) or an object-store
     /// prefix (`s3://`, `gs://`, `az://`).
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// Weight precision.
     #[serde(default)]
@@ -120,7 +120,7 @@ pub enum InputFormat {
 #[serde(rename_all = "camelCase")]
 pub struct InputSpec {
     /// A JSONL object: `file://`, `s3://`, `gs://` or `az://` URI.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// Line format.
     #[serde(default)]
@@ -132,7 +132,7 @@ pub struct InputSpec {
 #[serde(rename_all = "camelCase")]
 pub struct OutputSpec {
     /// Prefix under which `results/`, `errors/`, `manifest.json` and `_sluice/` are written.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
 }
 

@@ -409,7 +409,7 @@ mod tests {
         assert_eq!(kind(b""), LineErrorKind::Empty);
         assert_eq!(kind(b"   \r"), LineErrorKind::Empty);
         assert!(matches!(kind(&[b'x'; 300]), LineErrorKind::TooLong { len: 300, max: 200 }));
-        assert_eq!(kind(b"{\"id\":\"a\xff\"}"), LineErrorKind::InvalidUtf8 { offset: 9 });
+        assert_eq!(kind(b"{\"id\":\"a\xff\"}"), LineErrorKind::InvalidUtf8 { offset: 8 });
         assert!(matches!(kind(b"{\"custom_id\":"), LineErrorKind::NotJson(_)));
         assert_eq!(kind(b"[1,2]"), LineErrorKind::NotObject);
         assert_eq!(kind(br#"{"url":"/v1/chat/completions","body":{}}"#), LineErrorKind::MissingField("custom_id"));

@@ -306,22 +306,19 @@ impl Location {
         self.retrying("GET", || async { self.store.get_opts(&self.path, GetOptions::default()).await?.bytes().await }).await
     }
 
+    /// The object's bytes `range` as a resumable stream of byte chunks.
+    pub async fn range_reader(&self, range: Range<u64>) -> Result<RangeReader, StorageError> {
+        let mut r = RangeReader { loc: self.clone(), next_offset: range.start, end: range.end, stream: None, retries: 0 };
+        if range.start < range.end {
+            r.open().await?;
+        }
+        Ok(r)
+    }
+
     /// The object's bytes `range`, read as a stream, cut into lines. Interrupted streams are
     /// resumed from the last byte received (with the same retry policy).
     pub async fn lines(&self, range: Range<u64>, max_line_bytes: usize) -> Result<LineReader, StorageError> {
-        let mut reader = LineReader {
-            loc: self.clone(),
-            next_offset: range.start,
-            end: range.end,
-            stream: None,
-            buf: BytesMut::new(),
-            max_line_bytes,
-            done: range.start >= range.end,
-        };
-        if !reader.done {
-            reader.open().await?;
-        }
-        Ok(reader)
+        Ok(LineReader { inner: self.range_reader(range).await?, buf: BytesMut::new(), max_line_bytes, done: false })
     }
 
     /// Overwrite the object (progress records and other mutable objects).
@@ -380,28 +377,17 @@ impl Location {
     }
 }
 
-/// Streams a byte range of an object as lines (without the `\n`). A line longer than the
-/// limit is returned truncated to `max_line_bytes + 1` bytes with its full length.
-pub struct LineReader {
+/// Streams a byte range of an object; a stream that breaks is reopened from the last byte
+/// received.
+pub struct RangeReader {
     loc: Location,
     next_offset: u64,
     end: u64,
     stream: Option<BoxStream<'static, object_store::Result<Bytes>>>,
-    buf: BytesMut,
-    max_line_bytes: usize,
-    done: bool,
+    retries: usize,
 }
 
-/// One line read by [`LineReader`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Line {
-    /// The bytes (truncated when `len` exceeds the reader's limit).
-    pub bytes: Bytes,
-    /// The line's real length in bytes.
-    pub len: usize,
-}
-
-impl LineReader {
+impl RangeReader {
     async fn open(&mut self) -> Result<(), StorageError> {
         let range = self.next_offset..self.end;
         let loc = self.loc.clone();
@@ -420,30 +406,11 @@ impl LineReader {
         Ok(())
     }
 
-    /// The next line, or `None` at the end of the range. A final line without `\n` counts.
-    pub async fn next_line(&mut self) -> Result<Option<Line>, StorageError> {
-        let mut skipped = 0usize; // bytes of an over-long line dropped from `buf`
-        let mut retries = 0usize;
+    /// The next bytes, or `None` at the end of the range.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StorageError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let line = self.buf.split_to(pos + 1);
-                let len = skipped + pos;
-                let keep = pos.min(self.max_line_bytes + 1);
-                return Ok(Some(Line { bytes: line.freeze().slice(..keep), len }));
-            }
-            if self.buf.len() > self.max_line_bytes + 1 {
-                // Keep only the head of an over-long line in memory.
-                let excess = self.buf.len() - (self.max_line_bytes + 1);
-                skipped += excess;
-                let head = self.buf.split_to(self.max_line_bytes + 1);
-                self.buf = head;
-            }
-            if self.done {
-                if self.buf.is_empty() && skipped == 0 {
-                    return Ok(None);
-                }
-                let line = std::mem::take(&mut self.buf).freeze();
-                return Ok(Some(Line { len: skipped + line.len(), bytes: line }));
+            if self.next_offset >= self.end {
+                return Ok(None);
             }
             let Some(stream) = self.stream.as_mut() else {
                 self.open().await?;
@@ -451,26 +418,72 @@ impl LineReader {
             };
             match stream.next().await {
                 Some(Ok(chunk)) => {
+                    let room = (self.end - self.next_offset) as usize;
+                    let chunk = if chunk.len() > room { chunk.slice(..room) } else { chunk };
                     self.next_offset += chunk.len() as u64;
-                    self.buf.extend_from_slice(&chunk);
-                    if self.next_offset >= self.end {
-                        self.done = true;
-                    }
+                    return Ok(Some(chunk));
                 }
                 None => {
-                    if self.next_offset < self.end {
-                        return Err(StorageError::ShortObject { uri: self.loc.uri.clone(), start: self.next_offset, end: self.end, size: self.next_offset });
-                    }
-                    self.done = true;
+                    return Err(StorageError::ShortObject { uri: self.loc.uri.clone(), start: self.next_offset, end: self.end, size: self.next_offset });
                 }
-                Some(Err(e)) if is_transient(&e) && retries < self.loc.retry.max_retries => {
-                    // Resume the range from the last byte received.
+                Some(Err(e)) if is_transient(&e) && self.retries < self.loc.retry.max_retries => {
                     tracing::warn!(uri = %self.loc.uri, offset = self.next_offset, error = %e, "read interrupted; resuming");
-                    tokio::time::sleep(self.loc.retry.backoff(retries)).await;
-                    retries += 1;
+                    tokio::time::sleep(self.loc.retry.backoff(self.retries)).await;
+                    self.retries += 1;
                     self.stream = None;
                 }
-                Some(Err(e)) => return Err(self.loc.map_err("GET", retries + 1, e)),
+                Some(Err(e)) => return Err(self.loc.map_err("GET", self.retries + 1, e)),
+            }
+        }
+    }
+}
+
+/// Streams a byte range of an object as lines (without the `\n`). A line longer than the
+/// limit is returned truncated to `max_line_bytes + 1` bytes with its full length.
+pub struct LineReader {
+    inner: RangeReader,
+    buf: BytesMut,
+    max_line_bytes: usize,
+    done: bool,
+}
+
+/// One line read by [`LineReader`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The bytes (truncated when `len` exceeds the reader's limit).
+    pub bytes: Bytes,
+    /// The line's real length in bytes.
+    pub len: usize,
+}
+
+impl LineReader {
+    /// The next line, or `None` at the end of the range. A final line without `\n` counts.
+    pub async fn next_line(&mut self) -> Result<Option<Line>, StorageError> {
+        let keep_max = self.max_line_bytes.saturating_add(1);
+        let mut skipped = 0usize; // bytes of an over-long line dropped from `buf`
+        let mut scanned = 0usize; // bytes of `buf` known to hold no newline
+        loop {
+            if let Some(pos) = self.buf[scanned..].iter().position(|b| *b == b'\n').map(|p| p + scanned) {
+                let line = self.buf.split_to(pos + 1);
+                let keep = pos.min(keep_max);
+                return Ok(Some(Line { bytes: line.freeze().slice(..keep), len: skipped + pos }));
+            }
+            if self.buf.len() > keep_max {
+                // Keep only the head of an over-long line in memory.
+                skipped += self.buf.len() - keep_max;
+                self.buf.truncate(keep_max);
+            }
+            scanned = self.buf.len();
+            if self.done {
+                if self.buf.is_empty() && skipped == 0 {
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.buf).freeze();
+                return Ok(Some(Line { len: skipped + line.len(), bytes: line }));
+            }
+            match self.inner.next_chunk().await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => self.done = true,
             }
         }
     }

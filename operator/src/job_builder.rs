@@ -353,3 +353,182 @@ pub fn scaling_patch(bij: &BatchInferenceJob, observed: &Job, parallelism: i32) 
     }
     (!patch.is_empty()).then(|| serde_json::json!({ "spec": patch }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    fn load(name: &str) -> BatchInferenceJob {
+        serde_yaml::from_str(&fixture(name)).unwrap()
+    }
+
+    fn plan() -> ShardPlan {
+        serde_json::from_str(&fixture("plan-3.json")).unwrap()
+    }
+
+    fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
+        c.env.iter().flatten().map(|e| (e.name.clone(), e.clone())).collect()
+    }
+
+    #[test]
+    fn gpu_job_has_the_full_shape() {
+        let bij = load("bij-gpu.yaml");
+        let defaults = WorkerDefaults {
+            node_selector: BTreeMap::from([("pool".to_string(), "gpu".to_string())]),
+            ..WorkerDefaults::default()
+        };
+        let job = desired_job(&bij, &plan(), 4, &defaults).unwrap();
+        let v = serde_json::to_value(&job).unwrap();
+        assert_eq!(v["apiVersion"], "batch/v1");
+        assert_eq!(v["kind"], "Job");
+        assert_eq!(v["metadata"]["name"], "eval-run-42");
+        assert_eq!(v["metadata"]["namespace"], "research");
+        let labels = &v["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/name"], "sluice-worker");
+        assert_eq!(labels["sluice.dev/job"], "eval-run-42");
+        assert_eq!(labels["kueue.x-k8s.io/queue-name"], "team-a");
+        let owner = &v["metadata"]["ownerReferences"][0];
+        assert_eq!((owner["kind"].as_str(), owner["name"].as_str(), owner["controller"].as_bool()), (Some("BatchInferenceJob"), Some("eval-run-42"), Some(true)));
+        assert_eq!(owner["uid"], "7f9c2d4e-0000-4000-8000-000000000042");
+
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!((spec.completions, spec.parallelism), (Some(3), Some(3)), "parallelism is capped at the shard count");
+        assert_eq!((spec.backoff_limit_per_index, spec.max_failed_indexes), (Some(2), Some(1)));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
+        // Kueue admits the Job by unsuspending it.
+        assert_eq!(spec.suspend, Some(true));
+        let rules = &v["spec"]["podFailurePolicy"]["rules"];
+        assert_eq!(rules[0]["action"], "Ignore");
+        assert_eq!(rules[0]["onPodConditions"][0]["type"], "DisruptionTarget");
+        assert_eq!(rules[1]["action"], "FailIndex");
+        assert_eq!(rules[1]["onExitCodes"]["containerName"], "worker");
+        assert_eq!(rules[1]["onExitCodes"]["values"][0], exit::PERMANENT);
+
+        let tmpl = &spec.template;
+        let meta = tmpl.metadata.as_ref().unwrap();
+        assert_eq!(meta.labels.as_ref().unwrap()["sluice.dev/job"], "eval-run-42");
+        assert_eq!(meta.labels.as_ref().unwrap()["team"], "research");
+        assert_eq!(meta.annotations.as_ref().unwrap()["example.com/team"], "research");
+        let pod = tmpl.spec.as_ref().unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("eval-runner"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("batch-low"));
+        let ns = pod.node_selector.as_ref().unwrap();
+        assert_eq!((ns["pool"].as_str(), ns["gpu.example.com/class"].as_str()), ("gpu", "a100"));
+        assert_eq!(pod.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let volumes: Vec<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["model-cache", "data"]);
+
+        let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["worker", "sidecar"]);
+        let w = &pod.containers[0];
+        assert_eq!(w.image.as_deref(), Some("registry.example.com/sluice-worker:v1"));
+        assert_eq!(w.ports.as_ref().unwrap()[0].container_port, 9090);
+        let sc = w.security_context.as_ref().unwrap();
+        assert_eq!((sc.run_as_non_root, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let res = w.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "2");
+        assert_eq!(res.requests.as_ref().unwrap()["nvidia.com/gpu"].0, "2");
+        assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "4");
+        assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "32Gi");
+        let mounts: Vec<&str> = w.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(mounts, [MODEL_CACHE_DIR, "/data"]);
+        assert_eq!(w.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "s3-creds");
+
+        let env = env_of(w);
+        let val = |k: &str| env[k].value.clone().unwrap_or_default();
+        assert_eq!(val(env::PLAN_URI), "s3://evals/run-42/out/_sluice/plan.json");
+        assert_eq!(val(env::INPUT_URI), "s3://evals/run-42/prompts.jsonl");
+        assert_eq!(val(env::INPUT_FORMAT), "prompts");
+        assert_eq!(val(env::OUTPUT_URI), "s3://evals/run-42/out/");
+        assert_eq!(val(env::MODEL_URI), "s3://models/Llama-3.2-1B-Instruct/");
+        assert_eq!(val(env::MODEL_DTYPE), "bf16");
+        assert_eq!(val(env::MAX_MODEL_LEN), "4096");
+        assert_eq!(val(env::MAX_BATCH_SIZE), "128");
+        assert_eq!(val(env::STORAGE_ENDPOINT), "http://minio.minio:9000");
+        assert_eq!(val(env::STORAGE_REGION), "us-east-1");
+        assert_eq!(val(env::STORAGE_PATH_STYLE), "true");
+        assert_eq!(val(env::STORAGE_ALLOW_HTTP), "true");
+        assert_eq!(val(env::METRICS_ADDR), "0.0.0.0:9090");
+        assert_eq!(val(env::JOB_NAME), "eval-run-42");
+        // The override replaced the value of a generated variable and added one.
+        assert_eq!(val(env::LOG_FORMAT), "text");
+        assert_eq!(val("HF_HOME"), "/data/hf");
+        assert_eq!(env[env::ATTEMPT].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.name");
+        let sampling: serde_json::Value = serde_json::from_str(&val(env::SAMPLING)).unwrap();
+        assert_eq!((sampling["maxTokens"].as_u64(), sampling["topK"].as_u64(), sampling["stop"][0].as_str()), (Some(256), Some(50), Some("\n\n")));
+        assert!(!env.contains_key(env::DEVICE));
+    }
+
+    #[test]
+    fn cpu_job_is_suspended_without_gpu_resources() {
+        let bij = load("bij-cpu.yaml");
+        let job = desired_job(&bij, &plan(), 1, &WorkerDefaults { image: "sluice-worker:dev".into(), ..Default::default() }).unwrap();
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.suspend, Some(true));
+        assert_eq!(spec.parallelism, Some(1));
+        assert_eq!((spec.backoff_limit_per_index, spec.max_failed_indexes), (Some(3), Some(0)));
+        assert!(!job.metadata.labels.as_ref().unwrap().contains_key(KUEUE_QUEUE_LABEL));
+        let pod = spec.template.spec.as_ref().unwrap();
+        let w = &pod.containers[0];
+        assert_eq!(w.image.as_deref(), Some("sluice-worker:dev"));
+        assert!(w.resources.is_none());
+        assert!(w.env_from.is_none());
+        assert!(pod.node_selector.is_none() && pod.tolerations.is_none() && pod.priority_class_name.is_none());
+        let env = env_of(w);
+        assert_eq!(env[env::DEVICE].value.as_deref(), Some("cpu"));
+        assert_eq!(env[env::PLAN_URI].value.as_deref(), Some("file:///data/out/quickstart/_sluice/plan.json"));
+        assert!(!env.contains_key(env::STORAGE_ENDPOINT) && !env.contains_key(env::MAX_MODEL_LEN));
+    }
+
+    #[test]
+    fn a_job_without_uid_cannot_be_owned() {
+        let mut bij = load("bij-cpu.yaml");
+        bij.metadata.uid = None;
+        let err = desired_job(&bij, &plan(), 1, &WorkerDefaults::default()).unwrap_err();
+        assert!(err.to_string().contains("no uid"), "{err}");
+    }
+
+    #[test]
+    fn scaling_patch_only_names_what_differs() {
+        let mut bij = load("bij-cpu.yaml");
+        bij.spec.suspend = false;
+        let job = desired_job(&bij, &plan(), 2, &WorkerDefaults::default()).unwrap();
+        assert_eq!(scaling_patch(&bij, &job, 2), None);
+        assert_eq!(scaling_patch(&bij, &job, 3), Some(serde_json::json!({"spec": {"parallelism": 3}})));
+        assert_eq!(scaling_patch(&bij, &job, 9), Some(serde_json::json!({"spec": {"parallelism": 3}})), "capped at completions");
+        bij.spec.suspend = true;
+        assert_eq!(scaling_patch(&bij, &job, 2), Some(serde_json::json!({"spec": {"suspend": true}})));
+        // With a Kueue queue the operator never unsuspends: Kueue admits.
+        let kueue = load("bij-gpu.yaml");
+        let job = desired_job(&kueue, &plan(), 2, &WorkerDefaults::default()).unwrap();
+        assert_eq!(scaling_patch(&kueue, &job, 2), None);
+    }
+
+    #[test]
+    fn long_names_are_shortened_stably() {
+        let long = "a".repeat(80);
+        let n = job_name(&long);
+        assert!(n.len() <= 63, "{n}");
+        assert_eq!(n, job_name(&long));
+        assert_ne!(n, job_name(&"a".repeat(81)));
+        assert_eq!(job_name("short"), "short");
+    }
+
+    #[test]
+    fn merge_by_name_and_replace_otherwise() {
+        let mut base = serde_json::json!({"a": [{"name": "x", "v": 1}], "b": [1, 2], "c": {"d": 1}});
+        merge_json(&mut base, &serde_json::json!({"a": [{"name": "x", "w": 2}, {"name": "y"}], "b": [3], "c": {"e": 2}}));
+        assert_eq!(base, serde_json::json!({"a": [{"name": "x", "v": 1, "w": 2}, {"name": "y"}], "b": [3], "c": {"d": 1, "e": 2}}));
+    }
+}

@@ -447,12 +447,13 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let desired = if view.exists && target < view.parallelism { target.max(view.ready.min(view.parallelism)) } else { target };
 
     // Spec edits take effect now, with an Event.
-    if let (Some(seen), Some(g)) = (old.observed_generation, generation) {
-        if g > seen && !phase.is_terminal() {
-            let w = &bij.spec.workers;
-            let note = format!("applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}", w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy);
-            publish(ctx, bij, EventType::Normal, "SpecUpdated", note).await;
-        }
+    if let (Some(seen), Some(g)) = (old.observed_generation, generation)
+        && g > seen
+        && !phase.is_terminal()
+    {
+        let w = &bij.spec.workers;
+        let note = format!("applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}", w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy);
+        publish(ctx, bij, EventType::Normal, "SpecUpdated", note).await;
     }
 
     // Act on the Job.

@@ -34,7 +34,7 @@ impl Location {
     pub fn join(&self, rel: &str) -> Location {
         let mut path = self.path.clone();
         for part in rel.split('/').filter(|p| !p.is_empty()) {
-            path = path.child(part);
+            path = path.join(part);
         }
         Location { store: self.store.clone(), path, uri: sluice_api::contract::layout::join(&self.uri, rel) }
     }

@@ -1,2 +1,11 @@
 //! Sluice worker.
 pub mod engine;
+pub mod cli;
+pub mod commit;
+pub mod metrics;
+pub mod model_fetch;
+pub mod parse;
+pub mod progress;
+pub mod runtime;
+pub mod shard;
+pub mod signals;

@@ -17,10 +17,18 @@ fn tokenization_and_chat_template_match_transformers() {
         let eng = engine(&config(name));
         for (i, c) in reference(name).iter().enumerate() {
             if let (Some(m), Some(r)) = (&c.messages, &c.rendered) {
-                assert_eq!(&eng.render_chat(m).unwrap(), r, "{name} case {i}: rendered chat");
+                assert_eq!(
+                    &eng.render_chat(m).unwrap(),
+                    r,
+                    "{name} case {i}: rendered chat"
+                );
             }
             let ids = eng.encode_prompt(&c.prompt()).unwrap();
-            assert_eq!(ids, c.prompt_ids, "{name} case {i} ({}): prompt ids", c.kind);
+            assert_eq!(
+                ids, c.prompt_ids,
+                "{name} case {i} ({}): prompt ids",
+                c.kind
+            );
         }
     }
 }
@@ -40,14 +48,23 @@ fn first_step_logits_match_single_and_batched() {
                     .remove(0),
             );
         }
-        let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), forced(c))).collect();
+        let batch: Vec<_> = cases
+            .iter()
+            .map(|c| (c.prompt_ids.clone(), forced(c)))
+            .collect();
         let batched = eng.teacher_forced_logits(&batch).unwrap();
         for (i, c) in cases.iter().enumerate() {
             for (step, want) in c.logits.iter().enumerate() {
                 let e1 = rel_err(&single[i][step], want);
                 let e2 = rel_err(&batched[i][step], want);
-                assert!(e1 <= TOL, "{name} case {i} step {step}: single rel err {e1}");
-                assert!(e2 <= TOL, "{name} case {i} step {step}: batched rel err {e2}");
+                assert!(
+                    e1 <= TOL,
+                    "{name} case {i} step {step}: single rel err {e1}"
+                );
+                assert!(
+                    e2 <= TOL,
+                    "{name} case {i} step {step}: batched rel err {e2}"
+                );
             }
         }
     }
@@ -62,7 +79,13 @@ fn check_greedy(name: &str, mut cfg: sluice_worker::engine::EngineConfig, togeth
         cases
             .iter()
             .enumerate()
-            .map(|(i, c)| request(base + i as u64, Prompt::Tokens(c.prompt_ids.clone()), greedy(n)))
+            .map(|(i, c)| {
+                request(
+                    base + i as u64,
+                    Prompt::Tokens(c.prompt_ids.clone()),
+                    greedy(n),
+                )
+            })
             .collect::<Vec<_>>()
     };
     let outs = if together {
@@ -76,7 +99,12 @@ fn check_greedy(name: &str, mut cfg: sluice_worker::engine::EngineConfig, togeth
     assert_eq!(outs.len(), cases.len());
     for ((_, out), c) in outs.into_iter().zip(&cases) {
         let out = out.unwrap();
-        assert_eq!(out.token_ids, c.greedy_ids, "{name}: prompt of {} tokens", c.prompt_ids.len());
+        assert_eq!(
+            out.token_ids,
+            c.greedy_ids,
+            "{name}: prompt of {} tokens",
+            c.prompt_ids.len()
+        );
         assert_eq!(out.finish_reason, FinishReason::Length);
         assert_eq!(out.prompt_tokens, c.prompt_ids.len());
         assert_eq!(out.completion_tokens, n);
@@ -108,7 +136,10 @@ fn greedy_tokens_match_with_chunked_prefill_and_preemption() {
         cfg.block_size = 4;
         cfg.num_kv_blocks = Some(64); // 256 slots for ~420 prompt tokens + 112 generated
         let preemptions = check_greedy(name, cfg, true);
-        assert!(preemptions > 0, "{name}: expected preemption with 64 blocks");
+        assert!(
+            preemptions > 0,
+            "{name}: expected preemption with 64 blocks"
+        );
     }
 }
 

@@ -6,12 +6,13 @@
 mod engine_common;
 
 use engine_common::*;
-use sluice_worker::engine::{
-    EngineHandle, FinishReason, Prompt, RequestError, SamplingParams,
-};
+use sluice_worker::engine::{EngineHandle, FinishReason, Prompt, RequestError, SamplingParams};
 
 fn prompts() -> Vec<Vec<u32>> {
-    reference("tiny-qwen2").into_iter().map(|c| c.prompt_ids).collect()
+    reference("tiny-qwen2")
+        .into_iter()
+        .map(|c| c.prompt_ids)
+        .collect()
 }
 
 #[test]
@@ -33,7 +34,11 @@ fn more_requests_than_kv_blocks_complete_through_preemption() {
     let got = eng.generate(reqs).unwrap();
     assert_eq!(got.len(), 24, "no request dropped");
     for ((id, g), (_, w)) in got.iter().zip(&want) {
-        assert_eq!(g.as_ref().unwrap().token_ids, w.as_ref().unwrap().token_ids, "request {id}");
+        assert_eq!(
+            g.as_ref().unwrap().token_ids,
+            w.as_ref().unwrap().token_ids,
+            "request {id}"
+        );
     }
     let s = eng.stats();
     assert!(s.preemptions > 0, "expected preemptions, got {s:?}");
@@ -65,7 +70,11 @@ fn token_budget_is_respected_and_long_prompts_are_chunked() {
 fn max_tokens_one() {
     let mut eng = engine(&config("tiny-qwen2"));
     let out = eng
-        .generate(vec![request(7, Prompt::Text("Hello there".into()), greedy(1))])
+        .generate(vec![request(
+            7,
+            Prompt::Text("Hello there".into()),
+            greedy(1),
+        )])
         .unwrap()
         .remove(0);
     let out = out.1.unwrap();
@@ -74,7 +83,12 @@ fn max_tokens_one() {
     assert_eq!(out.token_ids.len(), 1);
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert!(out.ttft <= out.total);
-    assert_eq!(out.prompt_tokens, eng.encode_prompt(&Prompt::Text("Hello there".into())).unwrap().len());
+    assert_eq!(
+        out.prompt_tokens,
+        eng.encode_prompt(&Prompt::Text("Hello there".into()))
+            .unwrap()
+            .len()
+    );
 }
 
 #[test]
@@ -88,7 +102,11 @@ fn stop_string_cuts_text_and_finishes_with_stop() {
         .1
         .unwrap();
     let chars: Vec<char> = full.text.chars().collect();
-    assert!(chars.len() >= 8, "generated text too short: {:?}", full.text);
+    assert!(
+        chars.len() >= 8,
+        "generated text too short: {:?}",
+        full.text
+    );
     let stop: String = chars[4..7].iter().collect();
     let at = full.text.find(&stop).unwrap();
     let params = SamplingParams {
@@ -102,7 +120,11 @@ fn stop_string_cuts_text_and_finishes_with_stop() {
         .1
         .unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
-    assert_eq!(out.text, full.text[..at], "text cut before the stop string {stop:?}");
+    assert_eq!(
+        out.text,
+        full.text[..at],
+        "text cut before the stop string {stop:?}"
+    );
     assert!(out.completion_tokens < 16);
     assert_eq!(out.token_ids[..], full.token_ids[..out.completion_tokens]);
 }
@@ -120,7 +142,10 @@ fn over_long_prompt_is_a_request_error_not_a_crash() {
             request(4, Prompt::Tokens(vec![100_000]), greedy(4)),
         ])
         .unwrap();
-    assert_eq!(outs[0].1, Err(RequestError::PromptTooLong { len: 65, max: 64 }));
+    assert_eq!(
+        outs[0].1,
+        Err(RequestError::PromptTooLong { len: 65, max: 64 })
+    );
     assert!(outs[1].1.is_ok());
     assert_eq!(outs[2].1, Err(RequestError::EmptyPrompt));
     assert!(matches!(outs[3].1, Err(RequestError::Invalid(_))));
@@ -148,7 +173,9 @@ fn seeded_sampling_is_independent_of_batch_composition() {
         ..SamplingParams::default()
     };
     let p = Prompt::Text("The quick brown fox".into());
-    let alone = eng.generate(vec![request(1, p.clone(), params(7))]).unwrap();
+    let alone = eng
+        .generate(vec![request(1, p.clone(), params(7))])
+        .unwrap();
     let mut batch = vec![request(1, p.clone(), params(7))];
     for (i, q) in prompts().into_iter().enumerate() {
         batch.push(request(10 + i as u64, Prompt::Tokens(q), params(i as u64)));
@@ -181,7 +208,10 @@ fn eos_ends_a_completion_unless_ignored() {
     cfg.model_dir = tmp.path().to_path_buf();
     let mut eng = engine(&cfg);
     let p = Prompt::Tokens(c.prompt_ids.clone());
-    let stop = SamplingParams { ignore_eos: false, ..greedy(16) };
+    let stop = SamplingParams {
+        ignore_eos: false,
+        ..greedy(16)
+    };
     let outs = eng
         .generate(vec![request(1, p.clone(), stop), request(2, p, greedy(16))])
         .unwrap();

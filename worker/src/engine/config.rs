@@ -88,7 +88,11 @@ fn opt_f64(v: &Value, key: &str) -> Option<f64> {
 /// `eos_token_id` may be an integer or a list of integers.
 pub(crate) fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .into_iter()
+            .collect(),
         Some(Value::Array(a)) => a
             .iter()
             .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
@@ -131,20 +135,28 @@ impl ArchConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(bad(
                 path,
-                format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"),
+                format!(
+                    "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+                ),
             ));
         }
         let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
             Some(d) => d as usize,
             None => {
                 if hidden_size % num_heads != 0 {
-                    return Err(bad(path, "hidden_size is not a multiple of num_attention_heads"));
+                    return Err(bad(
+                        path,
+                        "hidden_size is not a multiple of num_attention_heads",
+                    ));
                 }
                 hidden_size / num_heads
             }
         };
         if head_dim % 2 != 0 {
-            return Err(bad(path, format!("head_dim {head_dim} must be even for RoPE")));
+            return Err(bad(
+                path,
+                format!("head_dim {head_dim} must be even for RoPE"),
+            ));
         }
         // transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` +
         // `rope_scaling`.
@@ -175,7 +187,10 @@ impl ArchConfig {
                             .map_or(8192, |x| x as usize),
                     }),
                     other => {
-                        return Err(bad(path, format!("unsupported rope scaling type `{other}`")));
+                        return Err(bad(
+                            path,
+                            format!("unsupported rope scaling type `{other}`"),
+                        ));
                     }
                 }
             }
@@ -190,7 +205,10 @@ impl ArchConfig {
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
         {
-            return Err(bad(path, format!("unsupported hidden_act `{act}` (only silu)")));
+            return Err(bad(
+                path,
+                format!("unsupported hidden_act `{act}` (only silu)"),
+            ));
         }
         Ok(Self {
             arch,
@@ -246,11 +264,29 @@ impl ArchConfig {
         };
         match name {
             "qwen2.5-0.5b" => Some(base(
-                Arch::Qwen2, 151_936, 896, 4864, 24, 14, 2, 32_768, true, 1_000_000.0,
+                Arch::Qwen2,
+                151_936,
+                896,
+                4864,
+                24,
+                14,
+                2,
+                32_768,
+                true,
+                1_000_000.0,
             )),
             "llama-3.2-1b" => {
                 let mut c = base(
-                    Arch::Llama, 128_256, 2048, 8192, 16, 32, 8, 131_072, true, 500_000.0,
+                    Arch::Llama,
+                    128_256,
+                    2048,
+                    8192,
+                    16,
+                    32,
+                    8,
+                    131_072,
+                    true,
+                    500_000.0,
                 );
                 c.rms_norm_eps = 1e-5;
                 c.rope_scaling = Some(Llama3RopeScaling {
@@ -261,7 +297,18 @@ impl ArchConfig {
                 });
                 Some(c)
             }
-            "tiny-qwen2" => Some(base(Arch::Qwen2, 768, 64, 176, 2, 4, 2, 4096, true, 1_000_000.0)),
+            "tiny-qwen2" => Some(base(
+                Arch::Qwen2,
+                768,
+                64,
+                176,
+                2,
+                4,
+                2,
+                4096,
+                true,
+                1_000_000.0,
+            )),
             _ => None,
         }
     }

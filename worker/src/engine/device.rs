@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 
 use super::config::ArchConfig;
 use super::error::EngineError;
+use super::llm_engine::EngineConfig;
 
 /// Which device the engine runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,7 +45,11 @@ pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
 /// `"f32" | "f16" | "bf16"` (also the torch spellings); default f32 on CPU, bf16 on CUDA.
 pub fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType, EngineError> {
     match s.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("auto") | Some("") => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        None | Some("auto") | Some("") => Ok(if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        }),
         Some("f32" | "float32" | "float") => Ok(DType::F32),
         Some("f16" | "float16" | "half") => Ok(DType::F16),
         Some("bf16" | "bfloat16") => Ok(DType::BF16),
@@ -64,7 +69,9 @@ fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
-    Err(EngineError::Config("built without the `cuda` feature".into()))
+    Err(EngineError::Config(
+        "built without the `cuda` feature".into(),
+    ))
 }
 
 /// Number of KV blocks to allocate, after the weights are on the device.
@@ -72,18 +79,16 @@ pub fn kv_blocks(
     arch: &ArchConfig,
     dtype: DType,
     device: &Device,
-    block_size: usize,
-    num_kv_blocks: Option<usize>,
-    kv_cache_bytes: Option<u64>,
-    gpu_memory_utilization: f32,
-    max_batched_tokens: usize,
+    cfg: &EngineConfig,
     useful_max: usize,
 ) -> Result<usize, EngineError> {
-    if let Some(n) = num_kv_blocks {
+    let block_size = cfg.block_size;
+    let gpu_memory_utilization = cfg.gpu_memory_utilization;
+    if let Some(n) = cfg.num_kv_blocks {
         return Ok(n.max(1));
     }
     let per_block = (arch.kv_bytes_per_token(dtype.size_in_bytes()) * block_size) as u64;
-    let budget = if let Some(b) = kv_cache_bytes {
+    let budget = if let Some(b) = cfg.kv_cache_bytes {
         b
     } else if device.is_cuda() {
         if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
@@ -96,7 +101,7 @@ pub fn kv_blocks(
         let allowed = (total as f64 * f64::from(gpu_memory_utilization)) as u64;
         allowed
             .saturating_sub(used)
-            .saturating_sub(activation_reserve(arch, max_batched_tokens, dtype))
+            .saturating_sub(activation_reserve(arch, cfg.max_num_batched_tokens, dtype))
     } else {
         DEFAULT_CPU_KV_BYTES
     };

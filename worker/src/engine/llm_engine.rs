@@ -217,21 +217,15 @@ impl LlmEngine {
         let dtype: DType = weights.dtype();
         let model = Model::new(&arch, weights, &device, max_model_len)?;
         let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
-        let num_blocks = device::kv_blocks(
-            &arch,
-            dtype,
-            &device,
-            cfg.block_size,
-            cfg.num_kv_blocks,
-            cfg.kv_cache_bytes,
-            cfg.gpu_memory_utilization,
-            cfg.max_num_batched_tokens,
-            useful,
-        )?;
+        let num_blocks = device::kv_blocks(&arch, dtype, &device, cfg, useful)?;
         // One sequence must always fit alone, or preemption could not make progress.
         let capacity = num_blocks * cfg.block_size;
         if capacity < max_model_len {
-            tracing::warn!(capacity, max_model_len, "KV cache smaller than max model length; capping it");
+            tracing::warn!(
+                capacity,
+                max_model_len,
+                "KV cache smaller than max model length; capping it"
+            );
             max_model_len = capacity;
         }
         let cache = KvCache::new(
@@ -422,7 +416,10 @@ impl LlmEngine {
         self.stats.steps += 1;
         self.stats.last_step_tokens = step_tokens;
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(step_tokens);
-        self.stats.peak_kv_blocks = self.stats.peak_kv_blocks.max(self.sched.allocator.num_used());
+        self.stats.peak_kv_blocks = self
+            .stats
+            .peak_kv_blocks
+            .max(self.sched.allocator.num_used());
 
         let now = Instant::now();
         let mut finished: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
@@ -483,7 +480,9 @@ impl LlmEngine {
         seqs: &[(Vec<u32>, Vec<u32>)],
     ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
         if self.sched.has_work() {
-            return Err(EngineError::Config("teacher_forced_logits needs an idle engine".into()));
+            return Err(EngineError::Config(
+                "teacher_forced_logits needs an idle engine".into(),
+            ));
         }
         let bs = self.cache.block_size();
         let mut tables: Vec<Vec<u32>> = Vec::new();

@@ -84,7 +84,13 @@ pub struct Model {
     max_len: usize,
 }
 
-fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, EngineError> {
+fn linear(
+    w: &Weights,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear, EngineError> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
     let b = if bias {
         Some(w.get(&format!("{name}.bias"), &[out])?)
@@ -111,14 +117,56 @@ impl Model {
             let b = cfg.qkv_bias;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: linear(weights, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b)?,
-                k: linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
-                v: linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
-                o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                q: linear(
+                    weights,
+                    &format!("{p}.self_attn.q_proj"),
+                    cfg.num_heads * hd,
+                    h,
+                    b,
+                )?,
+                k: linear(
+                    weights,
+                    &format!("{p}.self_attn.k_proj"),
+                    cfg.num_kv_heads * hd,
+                    h,
+                    b,
+                )?,
+                v: linear(
+                    weights,
+                    &format!("{p}.self_attn.v_proj"),
+                    cfg.num_kv_heads * hd,
+                    h,
+                    b,
+                )?,
+                o: linear(
+                    weights,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    cfg.num_heads * hd,
+                    false,
+                )?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
-                up: linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down: linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                gate: linear(
+                    weights,
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                up: linear(
+                    weights,
+                    &format!("{p}.mlp.up_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                down: linear(
+                    weights,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
             });
         }
         let norm = weights.get("model.norm.weight", &[h])?;
@@ -174,7 +222,9 @@ impl Model {
     /// Returns the tensors and, per input sequence, its row among the returned logits.
     fn prepare(&self, seqs: &[SeqInput]) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
+        let mut order: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].tokens.len() == 1)
+            .collect();
         let n_decode = order.len();
         order.extend((0..seqs.len()).filter(|&i| seqs[i].tokens.len() > 1));
 
@@ -251,8 +301,12 @@ impl Model {
         let positions = Tensor::from_vec(pos, n, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let cos = Tensor::cat(&[&cos, &cos], 1)?.to_dtype(self.dtype)?.unsqueeze(1)?;
-        let sin = Tensor::cat(&[&sin, &sin], 1)?.to_dtype(self.dtype)?.unsqueeze(1)?;
+        let cos = Tensor::cat(&[&cos, &cos], 1)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(1)?;
+        let sin = Tensor::cat(&[&sin, &sin], 1)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(1)?;
         let write_index = Tensor::from_vec(write, (n, 1), &self.device)?
             .broadcast_as((n, kvd))?
             .contiguous()?;

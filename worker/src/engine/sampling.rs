@@ -166,7 +166,9 @@ mod tests {
         let p = params(1.0, 0.9, Some(20), 42);
         let run = || {
             let mut rng = p.rng();
-            (0..32).map(|_| sample(&logits, &p, &mut rng)).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| sample(&logits, &p, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
         let q = params(1.0, 0.9, Some(20), 43);

@@ -108,7 +108,11 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let (remaining, computed, have) = {
                 let s = &self.running[i];
-                (s.tokens.len() - s.num_computed, s.num_computed, s.blocks.len())
+                (
+                    s.tokens.len() - s.num_computed,
+                    s.num_computed,
+                    s.blocks.len(),
+                )
             };
             let n = remaining.min(budget);
             let need = blocks_for(computed + n, bs).saturating_sub(have);

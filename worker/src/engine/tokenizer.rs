@@ -83,8 +83,18 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// `strftime_now(fmt)` as transformers provides it to templates (UTC; common directives).
 fn strftime_now(fmt: String) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -125,9 +135,12 @@ fn chat_env(template: String) -> Result<Environment<'static>, minijinja::Error> 
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", strftime_now);
     env.add_template_owned("chat", template)?;
     Ok(env)
@@ -171,7 +184,8 @@ impl TextCodec {
         };
         let env = match template {
             Some(t) => Some(
-                chat_env(t).map_err(|e| file_err(&template_path, format!("invalid chat template: {e}")))?,
+                chat_env(t)
+                    .map_err(|e| file_err(&template_path, format!("invalid chat template: {e}")))?,
             ),
             None => None,
         };
@@ -229,7 +243,10 @@ impl TextCodec {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
         .map_err(|e| {
-            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+            let detail = e
+                .detail()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string());
             RequestError::Template(detail)
         })
     }

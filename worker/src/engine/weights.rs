@@ -20,7 +20,11 @@ pub enum Weights {
         dtype: DType,
     },
     /// Normal(0, std) random tensors, norms at one: benchmark models with no checkpoint.
-    Random { std: f64, dtype: DType, device: Device },
+    Random {
+        std: f64,
+        dtype: DType,
+        device: Device,
+    },
 }
 
 fn io_err(path: &Path, e: &std::io::Error) -> EngineError {
@@ -134,10 +138,12 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, EngineError> {
         match self {
             Self::Files { dir, tensors, .. } => {
-                let (path, t) = tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
-                    path: dir.clone(),
-                    name: name.to_string(),
-                })?;
+                let (path, t) = tensors
+                    .get(name)
+                    .ok_or_else(|| EngineError::MissingTensor {
+                        path: dir.clone(),
+                        name: name.to_string(),
+                    })?;
                 if t.dims() != shape {
                     return Err(EngineError::ShapeMismatch {
                         path: path.clone(),

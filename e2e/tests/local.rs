@@ -1,0 +1,185 @@
+//! Local mode end to end, through the real binaries: the quickstart, a worker killed mid-shard,
+//! a rerun of a finished job, and bad manifests that must fail without writing anything.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sluice_e2e::{OutputCheck, binary, input_ids, repo_root};
+
+fn sluice(args: &[&str]) -> Output {
+    let bin = binary("sluice").unwrap();
+    Command::new(bin).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn summary(o: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| panic!("no summary line\n{}", text(o)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("summary is not JSON ({e})\n{}", text(o)))
+}
+
+fn quickstart() -> PathBuf {
+    repo_root().join("manifests/examples/quickstart.yaml")
+}
+
+#[test]
+fn quickstart_runs_exactly_once_and_rerun_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let started = Instant::now();
+    let o = sluice(&["run", quickstart().to_str().unwrap(), "--output", out.to_str().unwrap(), "--json", "--poll-seconds", "0.2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    eprintln!("quickstart took {:.1} s", started.elapsed().as_secs_f64());
+    let s = summary(&o);
+    assert_eq!(s["status"], "Succeeded", "{s}");
+
+    let ids = input_ids(&repo_root().join("manifests/examples/quickstart-input.jsonl")).unwrap();
+    let check = OutputCheck::read(&out).unwrap();
+    check.assert_exactly_once(&ids).unwrap();
+    check.assert_usage_adds_up().unwrap();
+    assert_eq!(check.results.len() + check.errors.len(), ids.len());
+    assert_eq!(s["requests_total"], ids.len());
+    // The manifest lists every shard of the plan.
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(out.join("_sluice/plan.json")).unwrap()).unwrap();
+    let planned: Vec<u64> = plan["shards"].as_array().unwrap().iter().map(|s| s["index"].as_u64().unwrap()).collect();
+    let listed: Vec<u64> = check.manifest["shards"].as_array().unwrap().iter().map(|s| s["index"].as_u64().unwrap()).collect();
+    assert_eq!(planned, listed);
+    assert!(planned.len() > 1, "the quickstart should have several shards");
+    // Results have the OpenAI batch output shape.
+    let r = &check.results[0];
+    assert_eq!(r["response"]["status_code"], 200);
+    assert_eq!(r["response"]["body"]["object"], "chat.completion");
+    assert!(r["error"].is_null());
+
+    // A second run of a finished job is a no-op that reports the existing results.
+    let manifest_before = std::fs::read(out.join("manifest.json")).unwrap();
+    let o = sluice(&["run", quickstart().to_str().unwrap(), "--output", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = summary(&o);
+    assert_eq!(s["status"], "AlreadyComplete");
+    assert_eq!(s["requests_succeeded"].as_u64().unwrap() + s["requests_failed"].as_u64().unwrap(), ids.len() as u64);
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), manifest_before);
+
+    // `sluice status` reads the state back from storage.
+    let o = sluice(&["status", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = String::from_utf8_lossy(&o.stdout);
+    assert!(st.contains("Complete at"), "{st}");
+}
+
+fn write_job(dir: &Path, lines: usize, per_shard: usize, max_tokens: u32) -> PathBuf {
+    let mut input = String::new();
+    for i in 0..lines {
+        input.push_str(&format!(
+            "{{\"custom_id\":\"k-{i}\",\"method\":\"POST\",\"url\":\"/v1/completions\",\"body\":{{\"prompt\":\"Request number {i} says\",\"max_tokens\":{max_tokens}}}}}\n"
+        ));
+    }
+    std::fs::write(dir.join("in.jsonl"), input).unwrap();
+    let model = repo_root().join("models/tiny-qwen2");
+    let manifest = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: BatchInferenceJob\nmetadata: {{name: killtest}}\nspec:\n  model: {{uri: {}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sampling: {{maxTokens: {max_tokens}, temperature: 0.8, seed: 3}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 1, max: 1, gpus: 0}}\n  sharding: {{requestsPerShard: {per_shard}}}\n  retries: {{perShard: 3}}\n",
+        model.display()
+    );
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    path
+}
+
+/// Direct children of `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn killed_worker_is_retried_and_output_stays_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 48, 24, 48);
+    let bin = binary("sluice").unwrap();
+    let mut run = Command::new(bin)
+        .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a worker has committed something, then SIGKILL it mid-shard.
+    let progress = dir.path().join("out/_sluice/shards");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut killed = false;
+    while Instant::now() < deadline && !killed {
+        let committed = std::fs::read_dir(&progress).map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false))).unwrap_or(false);
+        if committed {
+            for child in children(run.id()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), nix::sys::signal::Signal::SIGKILL);
+                killed = true;
+            }
+        }
+        if run.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(killed, "the job finished before a worker could be killed; make it slower\n{}", text(&o));
+    let s = summary(&o);
+    assert!(s["shard_retries"].as_u64().unwrap() >= 1, "{s}");
+    let ids = input_ids(&dir.path().join("in.jsonl")).unwrap();
+    let check = OutputCheck::read(&dir.path().join("out")).unwrap();
+    check.assert_exactly_once(&ids).unwrap();
+    check.assert_usage_adds_up().unwrap();
+}
+
+fn assert_rejected(manifest: &str, expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), "{\"id\":\"a\",\"prompt\":\"x\"}\n").unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    let o = sluice(&["run", path.to_str().unwrap(), "--json"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(expect), "expected {expect:?} in\n{}", text(&o));
+    assert!(!dir.path().join("out").exists(), "a rejected job wrote output");
+}
+
+const HEAD: &str = "apiVersion: sluice.dev/v1alpha1\nkind: BatchInferenceJob\nmetadata: {name: bad}\nspec:\n";
+
+#[test]
+fn bad_manifests_fail_without_writing() {
+    let model = repo_root().join("models/tiny-qwen2");
+    let model = model.display();
+    // missing field
+    assert_rejected(&format!("{HEAD}  model: {{uri: {model}}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"), "input");
+    // both deadline and window
+    assert_rejected(
+        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h, deadline: \"2030-01-01T00:00:00Z\"}}\n"),
+        "set exactly one of sla.deadline or sla.completionWindow",
+    );
+    // unreadable input
+    assert_rejected(
+        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: missing.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"),
+        "missing.jsonl",
+    );
+    // min > max
+    assert_rejected(
+        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 3, max: 1}}\n"),
+        "workers.min must be less than or equal to workers.max",
+    );
+    // not YAML at all
+    assert_rejected("spec: [unclosed\n", "not valid YAML");
+}

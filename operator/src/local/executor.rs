@@ -1,0 +1,279 @@
+//! The local stand-in for the Indexed Job controller: starts one `sluice-worker` process per
+//! shard with the pod environment contract, at most as many at once as the SLA core wants,
+//! retries failed shards like `backoffLimitPerIndex`, and stops workers gracefully on Ctrl-C.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use jiff::Timestamp;
+use sluice_api::contract::{env, exit};
+use sluice_api::job::SlaStatus;
+use sluice_api::plan::ShardPlan;
+use tokio::process::{Child, Command};
+
+use super::{LocalError, LocalJob, RunOptions, committed_shards, read_progress};
+use crate::sla::{self, SlaConfig, SlaDecision, SlaObservation};
+use crate::status::summarize;
+
+/// How to start a worker process: a program and the arguments before the worker's own.
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// `sluice-worker` next to the running binary when it exists, else this binary's own
+    /// `worker` subcommand (the same code, so `cargo run --bin sluice` needs nothing else).
+    pub fn discover() -> Result<Self, LocalError> {
+        let me = std::env::current_exe().map_err(|e| LocalError::Other(format!("cannot locate the sluice binary: {e}")))?;
+        let sibling = me.with_file_name("sluice-worker");
+        if sibling.is_file() {
+            return Ok(Self { program: sibling, args: vec![] });
+        }
+        Ok(Self { program: me, args: vec!["worker".into()] })
+    }
+}
+
+/// What happened to the shards.
+#[derive(Debug, Default)]
+pub struct ExecOutcome {
+    pub completed: BTreeSet<u32>,
+    pub failed: BTreeMap<u32, String>,
+    pub worker_seconds: f64,
+    pub peak_workers: u32,
+    pub retries: u32,
+    pub first_projection: Option<Timestamp>,
+    pub last_decision: Option<SlaDecision>,
+    pub deadline: Option<Timestamp>,
+}
+
+struct Running {
+    child: Child,
+    attempt: u32,
+    started: Instant,
+}
+
+fn default_worker_cap(device: Option<&str>) -> u32 {
+    if device == Some("cuda") {
+        return 1;
+    }
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1).max(1)
+}
+
+fn log_dir(opts: &RunOptions, local: &LocalJob) -> PathBuf {
+    if let Some(d) = &opts.log_dir {
+        return d.clone();
+    }
+    match local.job.spec.output.uri.strip_prefix("file://") {
+        Some(p) => PathBuf::from(p).join("_sluice").join("logs"),
+        None => std::env::temp_dir().join("sluice").join(&local.name),
+    }
+}
+
+fn worker_env(local: &LocalJob, opts: &RunOptions, threads: usize) -> Result<Vec<(String, String)>, LocalError> {
+    let mut vars: Vec<(String, String)> = crate::job_builder::worker_env(&local.job)?
+        .into_iter()
+        .filter_map(|v| v.value.map(|value| (v.name, value)))
+        .filter(|(k, _)| ![env::METRICS_ADDR, env::MODEL_CACHE_DIR, env::LOG_FORMAT, env::DEVICE].contains(&k.as_str()))
+        .collect();
+    vars.push((env::METRICS_ADDR.into(), "none".into()));
+    vars.push((env::LOG_FORMAT.into(), "text".into()));
+    vars.push((env::DEVICE.into(), opts.device.clone().unwrap_or_else(|| "cpu".into())));
+    vars.push((env::MODEL_CACHE_DIR.into(), std::env::temp_dir().join("sluice-model-cache").display().to_string()));
+    vars.push(("RAYON_NUM_THREADS".into(), threads.to_string()));
+    Ok(vars)
+}
+
+fn spawn(cmd: &WorkerCommand, vars: &[(String, String)], shard: u32, attempt: u32, logs: &std::path::Path) -> Result<Child, LocalError> {
+    let program = cmd.program.display().to_string();
+    std::fs::create_dir_all(logs).map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
+    let log_path = logs.join(format!("shard-{shard:05}-attempt-{attempt}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
+    let log_err = log.try_clone().map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
+    let mut c = Command::new(&cmd.program);
+    c.args(&cmd.args)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .env(env::JOB_COMPLETION_INDEX, shard.to_string())
+        .env(env::ATTEMPT, format!("local-{}-{shard}-{attempt}", std::process::id()))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: Ctrl-C reaches only us, and we stop workers gracefully.
+        .process_group(0)
+        .kill_on_drop(true);
+    c.spawn().map_err(|source| LocalError::Spawn { program, source })
+}
+
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+fn bar(total: u64, enabled: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total), if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    pb.set_style(style);
+    pb
+}
+
+/// Run every uncommitted shard. Returns when all shards are committed or failed for good.
+pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, created_at: Timestamp) -> Result<ExecOutcome, LocalError> {
+    let spec = &local.job.spec;
+    let deadline = sluice_api::deadline::effective_deadline(&spec.sla, created_at).map_err(LocalError::Other)?;
+    let cap = opts.max_workers.unwrap_or_else(|| default_worker_cap(opts.device.as_deref())).max(1);
+    let mut sla_cfg = SlaConfig::from_spec(spec);
+    sla_cfg.max_workers = sla_cfg.max_workers.min(cap).max(1);
+    sla_cfg.min_workers = sla_cfg.min_workers.min(sla_cfg.max_workers);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let vars = worker_env(local, opts, (cores / sla_cfg.max_workers as usize).max(1))?;
+    let logs = log_dir(opts, local);
+
+    let mut out = ExecOutcome { deadline: Some(deadline), ..Default::default() };
+    out.completed = committed_shards(&local.output, plan).await?;
+    let mut pending: VecDeque<u32> = plan.shards.iter().map(|s| s.index).filter(|i| !out.completed.contains(i)).collect();
+    let mut running: HashMap<u32, Running> = HashMap::new();
+    let mut failures: HashMap<u32, u32> = HashMap::new();
+    let retries = spec.retries.per_shard.max(0) as u32;
+    let max_failed = spec.retries.max_failed_shards.max(0) as usize;
+
+    let pb = bar(plan.line_count, opts.progress_bar);
+    let mut desired = sla_cfg.max_workers.min(pending.len() as u32).max(1);
+    let mut last_change: Option<Timestamp> = None;
+    let mut previous_status: Option<SlaStatus> = None;
+    let mut next_poll = Instant::now();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+
+    loop {
+        // 1. Reap finished workers.
+        let mut finished = Vec::new();
+        for (shard, r) in running.iter_mut() {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                finished.push((*shard, status.code(), r.attempt, r.started.elapsed()));
+            }
+        }
+        for (shard, code, attempt, took) in finished {
+            running.remove(&shard);
+            out.worker_seconds += took.as_secs_f64();
+            match code {
+                Some(exit::SUCCESS) => {
+                    out.completed.insert(shard);
+                }
+                Some(exit::PERMANENT) => {
+                    out.failed.insert(shard, format!("shard {shard} failed permanently (attempt {attempt}); see its log in {}", logs.display()));
+                }
+                other => {
+                    let n = failures.entry(shard).or_default();
+                    *n += 1;
+                    if *n > retries {
+                        out.failed.insert(shard, format!("shard {shard} failed {n} times (last exit {other:?}); see its logs in {}", logs.display()));
+                    } else {
+                        out.retries += 1;
+                        pending.push_front(shard);
+                    }
+                }
+            }
+        }
+        if out.failed.len() > max_failed {
+            for r in running.values() {
+                terminate(&r.child);
+            }
+            for (_, mut r) in running.drain() {
+                let _ = r.child.wait().await;
+            }
+            pb.finish_and_clear();
+            let reasons: Vec<&str> = out.failed.values().map(String::as_str).collect();
+            return Err(LocalError::JobFailed(format!(
+                "{} shard(s) failed, more than retries.maxFailedShards = {max_failed}: {}",
+                out.failed.len(),
+                reasons.join("; ")
+            )));
+        }
+        if pending.is_empty() && running.is_empty() {
+            pb.finish_and_clear();
+            return Ok(out);
+        }
+
+        // 2. Observe progress and ask the SLA core how many workers to run.
+        if Instant::now() >= next_poll {
+            next_poll = Instant::now() + opts.poll_interval;
+            let now = Timestamp::now();
+            let records = read_progress(&local.output).await?;
+            let summary = summarize(&records, &BTreeMap::new(), now);
+            let done = summary.succeeded + summary.failed;
+            let remaining_shards = (pending.len() + running.len()) as u32;
+            let obs = SlaObservation {
+                now,
+                window_start: created_at,
+                deadline,
+                total_requests: plan.line_count,
+                done_requests: done.min(plan.line_count),
+                per_worker_rate: summary.estimator.estimate(),
+                startup_secs: summary.estimator.startup_secs(),
+                active_workers: running.len() as u32,
+                current_desired: desired,
+                remaining_shards,
+                last_scale_change: last_change,
+                previous_status,
+                finished: false,
+            };
+            let d = sla::decide(&sla_cfg, &obs);
+            let want = d.desired_workers.clamp(1, sla_cfg.max_workers).min(remaining_shards.max(1));
+            if want != desired {
+                tracing::info!(from = desired, to = want, reason = %d.reason, "scaled local workers");
+                desired = want;
+                last_change = Some(now);
+            }
+            previous_status = Some(d.status);
+            if out.first_projection.is_none() {
+                out.first_projection = d.projected_completion;
+            }
+            pb.set_position(done.min(plan.line_count));
+            let eta = d.projected_completion.map(|t| t.strftime("%H:%M:%S").to_string()).unwrap_or_else(|| "?".into());
+            pb.set_message(format!(
+                "{:.1} req/s  ETA {eta}  deadline {}  SLA {}  workers {}/{}",
+                summary.requests_per_second,
+                deadline.strftime("%H:%M:%S"),
+                d.status.as_str(),
+                running.len(),
+                desired
+            ));
+            out.last_decision = Some(d);
+        }
+
+        // 3. Start workers up to the desired count (scaling down lets running ones finish).
+        while (running.len() as u32) < desired {
+            let Some(shard) = pending.pop_front() else { break };
+            let attempt = failures.get(&shard).copied().unwrap_or(0) + 1;
+            let child = spawn(&opts.worker, &vars, shard, attempt, &logs)?;
+            running.insert(shard, Running { child, attempt, started: Instant::now() });
+            out.peak_workers = out.peak_workers.max(running.len() as u32);
+        }
+
+        // 4. Wait a little, or stop on Ctrl-C.
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                pb.finish_and_clear();
+                eprintln!("stopping {} worker(s) gracefully…", running.len());
+                for r in running.values() {
+                    terminate(&r.child);
+                }
+                for (_, mut r) in running.drain() {
+                    if tokio::time::timeout(Duration::from_secs(30), r.child.wait()).await.is_err() {
+                        let _ = r.child.kill().await;
+                    }
+                }
+                return Err(LocalError::Interrupted);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}

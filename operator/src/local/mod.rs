@@ -1,0 +1,172 @@
+//! Local mode (`sluice run job.yaml`): the same job, plan, worker binary and SLA core as on a
+//! cluster, with a tiny stand-in for the Job controller that runs `sluice-worker` processes
+//! under the pod environment contract. It never talks to Kubernetes.
+
+mod executor;
+mod report;
+mod uris;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sluice_api::BatchInferenceJob;
+use sluice_api::contract::layout;
+use sluice_api::output::OutputManifest;
+use sluice_api::plan::ShardPlan;
+use sluice_api::progress::ShardProgress;
+
+use crate::error::Error as OperatorError;
+use crate::storage_io::{self, Location, StoreOpener, UriOpener};
+
+pub use executor::WorkerCommand;
+pub use report::{RunSummary, print_status};
+pub use uris::resolve_uri;
+
+/// Why a local run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot read {path}: {source}")]
+    ReadManifest { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Manifest(#[from] sluice_api::validate::ManifestError),
+    #[error("{0}")]
+    Storage(#[from] OperatorError),
+    #[error("spec.input.uri: {0}")]
+    Input(String),
+    #[error("the job failed: {0}")]
+    JobFailed(String),
+    #[error("stopped by Ctrl-C; committed work is kept, run the same command again to resume")]
+    Interrupted,
+    #[error("cannot start a worker ({program}): {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options of `sluice run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub manifest: PathBuf,
+    /// Overrides `spec.output.uri`.
+    pub output: Option<String>,
+    /// Overrides `spec.model.uri`.
+    pub model: Option<String>,
+    /// Caps concurrent workers (default: available cores, or 1 per GPU).
+    pub max_workers: Option<u32>,
+    /// `cpu` or `cuda`; passed to workers.
+    pub device: Option<String>,
+    /// Where worker logs go (default: `<output>/_sluice/logs/` for local outputs, else a temp dir).
+    pub log_dir: Option<PathBuf>,
+    /// How to start a worker.
+    pub worker: WorkerCommand,
+    /// Show the progress bar.
+    pub progress_bar: bool,
+    /// Seconds between progress polls.
+    pub poll_interval: std::time::Duration,
+}
+
+/// The job after local URI resolution.
+pub struct LocalJob {
+    pub job: BatchInferenceJob,
+    pub name: String,
+    pub input: Location,
+    pub output: Location,
+    pub model_uri: String,
+}
+
+/// When the local job was first started: the SLA window of a rerun starts here, not at the rerun.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalRunRecord {
+    pub created_at: Timestamp,
+}
+
+/// Where the local run record lives under the output prefix.
+pub const LOCAL_RUN_RECORD: &str = "_sluice/local-run.json";
+
+/// Read, validate and resolve the manifest. Writes nothing.
+pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
+    let text = std::fs::read_to_string(&opts.manifest)
+        .map_err(|source| LocalError::ReadManifest { path: opts.manifest.display().to_string(), source })?;
+    let mut job = sluice_api::validate::load_manifest(&text, &opts.manifest.display().to_string())?;
+    let base = opts.manifest.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let cwd = std::env::current_dir().map_err(|e| LocalError::Other(format!("cannot read the current directory: {e}")))?;
+    // Overrides from the command line are relative to where the user typed them.
+    let resolve = |uri: &str, relative_to: &Path| resolve_uri(uri, relative_to);
+    job.spec.model.uri = match &opts.model {
+        Some(m) => resolve(m, &cwd),
+        None => resolve(&job.spec.model.uri, &base),
+    };
+    job.spec.input.uri = resolve(&job.spec.input.uri, &base);
+    job.spec.output.uri = match &opts.output {
+        Some(o) => resolve(o, &cwd),
+        None => resolve(&job.spec.output.uri, &base),
+    };
+    let name = job.metadata.name.clone().unwrap_or_else(|| "job".into());
+    let secret = BTreeMap::new();
+    let storage = job.spec.storage.as_ref();
+    let input = UriOpener.open("spec.input.uri", &job.spec.input.uri, storage, &secret)?;
+    let output = UriOpener.open("spec.output.uri", &job.spec.output.uri, storage, &secret)?;
+    let model_uri = job.spec.model.uri.clone();
+    Ok(LocalJob { job, name, input, output, model_uri })
+}
+
+/// Load every progress record under the output prefix.
+pub async fn read_progress(output: &Location) -> Result<BTreeMap<u32, ShardProgress>, LocalError> {
+    let mut records = BTreeMap::new();
+    for name in storage_io::list_names(&output.join(layout::PROGRESS_PREFIX)).await? {
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let loc = output.join(&format!("{}{name}", layout::PROGRESS_PREFIX));
+        // A record being rewritten can be momentarily unreadable on some stores; skip it this round.
+        if let Ok(Some(r)) = storage_io::read_json::<ShardProgress>(&loc, "progress record").await {
+            records.insert(r.shard, r);
+        }
+    }
+    Ok(records)
+}
+
+/// Shards whose final results and errors files exist.
+pub async fn committed_shards(output: &Location, plan: &ShardPlan) -> Result<BTreeSet<u32>, LocalError> {
+    let results: BTreeSet<String> = storage_io::list_names(&output.join("results/")).await?.into_iter().collect();
+    let errors: BTreeSet<String> = storage_io::list_names(&output.join("errors/")).await?.into_iter().collect();
+    let file = |p: String| p.rsplit('/').next().unwrap_or_default().to_string();
+    Ok(plan
+        .shards
+        .iter()
+        .filter(|s| results.contains(&file(layout::results(s.index))) && errors.contains(&file(layout::errors(s.index))))
+        .map(|s| s.index)
+        .collect())
+}
+
+/// Run the job to completion. Returns the summary; the manifest is written on success.
+pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
+    let local = prepare(&opts)?;
+    let started = Timestamp::now();
+
+    // A finished job is a no-op that reports the existing results.
+    let manifest_loc = local.output.join(layout::MANIFEST);
+    if let Some(manifest) = storage_io::read_json::<OutputManifest>(&manifest_loc, "output manifest").await? {
+        return Ok(RunSummary::already_complete(&local, manifest, manifest_loc.uri));
+    }
+    // Fail before writing anything if the input cannot be read.
+    match local.input.store.head(&local.input.path).await {
+        Ok(_) => {}
+        Err(object_store::Error::NotFound { .. }) => return Err(LocalError::Input(format!("{} does not exist", local.input.uri))),
+        Err(e) => return Err(LocalError::Input(format!("cannot read {}: {e}", local.input.uri))),
+    }
+    let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
+    let record_loc = local.output.join(LOCAL_RUN_RECORD);
+    storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await?;
+    let created_at = storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record")
+        .await?
+        .map(|r| r.created_at)
+        .unwrap_or(started);
+    let outcome = executor::execute(&opts, &local, &plan, created_at).await?;
+    report::finish(&local, &plan, outcome, started, created_at).await
+}
