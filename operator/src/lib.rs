@@ -13,3 +13,4 @@ pub mod rbac;
 pub mod reconcile;
 pub mod status;
 pub mod sim;
+pub mod local;

@@ -1,6 +1,7 @@
 //! Mocked-API tests of the reconciler (the controller-rs `ApiServerVerifier` pattern over
 //! `tower_test::mock`): each scenario runs one reconcile against a fake API server that answers
 //! from the scenario's objects, and asserts the exact requests made, in order, and their bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

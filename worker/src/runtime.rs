@@ -541,7 +541,8 @@ mod tests {
             }));
         }
         for h in handles {
-            assert!(matches!(h.await.unwrap(), RunOutcome::Complete(t) if t.lines == 37));
+            let out = h.await.unwrap();
+            assert!(matches!(out, RunOutcome::Complete(t) if t.lines == 37), "{out:?}");
         }
         let (results, _) = read_out(dir.path(), 0);
         assert_eq!(results.iter().map(|l| l.line.unwrap()).collect::<Vec<_>>(), (1..=37).collect::<Vec<_>>());

@@ -7,10 +7,10 @@ mod report;
 mod uris;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sluice_api::BatchInferenceJob;
 use sluice_api::contract::layout;

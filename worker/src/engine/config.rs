@@ -132,7 +132,7 @@ impl ArchConfig {
             .get("num_key_value_heads")
             .and_then(Value::as_u64)
             .map_or(num_heads, |x| x as usize);
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(
                 path,
                 format!(
@@ -143,7 +143,7 @@ impl ArchConfig {
         let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
             Some(d) => d as usize,
             None => {
-                if hidden_size % num_heads != 0 {
+                if !hidden_size.is_multiple_of(num_heads) {
                     return Err(bad(
                         path,
                         "hidden_size is not a multiple of num_attention_heads",
@@ -152,7 +152,7 @@ impl ArchConfig {
                 hidden_size / num_heads
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(bad(
                 path,
                 format!("head_dim {head_dim} must be even for RoPE"),

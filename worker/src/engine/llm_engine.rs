@@ -446,7 +446,7 @@ impl LlmEngine {
             }
         }
         // Remove from the back so indices stay valid.
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (index, reason, text) in finished {
             let seq = self.sched.finish(index);
             self.in_flight.remove(&seq.id);

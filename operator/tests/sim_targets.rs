@@ -1,0 +1,96 @@
+//! CI check of the SLA simulator's targets (issue 7) on a reduced set of scenarios: every
+//! oracle-feasible deadline met, GPU-hours within 1.10x (mean) and 1.25x (worst) of the
+//! oracle, infeasible jobs flagged early, no flapping. Fast in a debug build.
+
+use sluice_operator::sim::{self, Summary, scenario};
+
+fn reduced() -> Vec<sim::ScenarioReport> {
+    let names: Vec<String> = scenario::REDUCED.iter().map(|s| s.to_string()).collect();
+    let scenarios = sim::select(&names).expect("reduced scenarios exist");
+    scenarios
+        .iter()
+        .map(|sc| sim::run_scenario(sc).expect("scenario runs"))
+        .collect()
+}
+
+#[test]
+fn sluice_meets_the_targets_on_the_reduced_set() {
+    let reports = reduced();
+    let s = Summary::of(&reports);
+    assert!(
+        s.feasible_total >= 5 && s.infeasible_total >= 2,
+        "reduced set covers both kinds: {s:?}"
+    );
+    assert_eq!(
+        s.target_failures(),
+        Vec::<String>::new(),
+        "{s:?}\n{}",
+        sim::table(&reports)
+    );
+    // The summary line has exactly the issue's keys.
+    let json = s.to_json();
+    let keys: Vec<&str> = json["summary"]
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "feasible_met",
+            "feasible_total",
+            "infeasible_flagged_early",
+            "infeasible_total",
+            "mean_gpu_hours_vs_oracle",
+            "worst_gpu_hours_vs_oracle"
+        ]
+    );
+}
+
+#[test]
+fn baselines_show_what_the_scaler_is_for() {
+    let reports = reduced();
+    for r in reports.iter().filter(|r| r.feasible) {
+        let sluice = r.sluice().expect("sluice row");
+        let oracle = r
+            .rows
+            .iter()
+            .find(|x| x.policy == "oracle")
+            .expect("oracle row");
+        assert!(
+            oracle.run.met(),
+            "{}: the oracle meets feasible deadlines",
+            r.scenario.name
+        );
+        assert!(sluice.run.met(), "{}: {:?}", r.scenario.name, sluice.run);
+        assert_eq!(
+            sluice.run.final_status.map(|s| s.as_str()),
+            Some("Met"),
+            "{}",
+            r.scenario.name
+        );
+    }
+    // Static concurrency at workers.min misses most deadlines that Sluice meets.
+    let min_missed = reports
+        .iter()
+        .filter(|r| r.feasible)
+        .filter(|r| {
+            r.rows
+                .iter()
+                .any(|x| x.policy == "static-min" && !x.run.met())
+        })
+        .count();
+    assert!(min_missed >= 3, "static-min missed only {min_missed}");
+    // Infeasible jobs end Missed (or still flagged), never OnTrack.
+    for r in reports.iter().filter(|r| !r.feasible) {
+        let run = &r.sluice().expect("sluice row").run;
+        assert!(sim::flagged_early(run), "{}: {:?}", r.scenario.name, run);
+        assert_ne!(
+            run.final_status.map(|s| s.as_str()),
+            Some("OnTrack"),
+            "{}",
+            r.scenario.name
+        );
+    }
+}
