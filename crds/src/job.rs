@@ -2,6 +2,9 @@
 //! and the CEL rules the API server enforces. The doc comments become the CRD's descriptions.
 //! This module holds types only; the operator decides, the worker does.
 
+// kube's `printcolumn(...)` attributes legitimately repeat keys such as `type_ = "string"`.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{LocalObjectReference, PodTemplateSpec, ResourceRequirements, Toleration};
@@ -197,14 +200,7 @@ fn default_top_p() -> f64 {
 
 impl Default for SamplingSpec {
     fn default() -> Self {
-        Self {
-            max_tokens: default_max_tokens(),
-            temperature: 0.0,
-            top_p: default_top_p(),
-            top_k: None,
-            seed: 0,
-            stop: Vec::new(),
-        }
+        Self { max_tokens: default_max_tokens(), temperature: 0.0, top_p: default_top_p(), top_k: None, seed: 0, stop: Vec::new() }
     }
 }
 
@@ -384,14 +380,8 @@ impl JobPhase {
             JobPhase::Failed => "Failed",
         }
     }
-    pub const ALL: [JobPhase; 6] = [
-        JobPhase::Pending,
-        JobPhase::Planning,
-        JobPhase::Running,
-        JobPhase::Suspended,
-        JobPhase::Succeeded,
-        JobPhase::Failed,
-    ];
+    pub const ALL: [JobPhase; 6] =
+        [JobPhase::Pending, JobPhase::Planning, JobPhase::Running, JobPhase::Suspended, JobPhase::Succeeded, JobPhase::Failed];
     /// Whether the job has finished for good.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobPhase::Succeeded | JobPhase::Failed)
@@ -426,14 +416,8 @@ impl SlaStatus {
             SlaStatus::Infeasible => "Infeasible",
         }
     }
-    pub const ALL: [SlaStatus; 6] = [
-        SlaStatus::OnTrack,
-        SlaStatus::AtRisk,
-        SlaStatus::Breached,
-        SlaStatus::Met,
-        SlaStatus::Missed,
-        SlaStatus::Infeasible,
-    ];
+    pub const ALL: [SlaStatus; 6] =
+        [SlaStatus::OnTrack, SlaStatus::AtRisk, SlaStatus::Breached, SlaStatus::Met, SlaStatus::Missed, SlaStatus::Infeasible];
 }
 
 /// Condition types used in `status.conditions`.

@@ -243,7 +243,10 @@ fn parse_messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, LineErr
                         match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                             (Some("text"), Some(t)) => text.push_str(t),
                             (Some(other), _) if other != "text" => {
-                                return Err(invalid(&field(&format!(".content[{j}].type")), &format!("{other:?} is not supported (text only)")));
+                                return Err(invalid(
+                                    &field(&format!(".content[{j}].type")),
+                                    &format!("{other:?} is not supported (text only)"),
+                                ));
                             }
                             _ => return Err(invalid(&field(&format!(".content[{j}]")), "must be {\"type\":\"text\",\"text\":...}")),
                         }
@@ -331,10 +334,11 @@ fn parse_overrides(obj: &Map<String, Value>, prefix: &str) -> Result<SamplingOve
         }
         Some(_) => return Err(invalid(&f("stop"), "must be a non-empty string or an array of at most 16 strings")),
     }
-    if let Some(n) = obj.get("n").and_then(Value::as_u64) {
-        if n != 1 {
-            return Err(invalid(&f("n"), "must be 1 (one completion per request)"));
-        }
+    if let Some(n) = obj.get("n")
+        && n.as_u64() != Some(1)
+        && !n.is_null()
+    {
+        return Err(invalid(&f("n"), "must be 1 (one completion per request)"));
     }
     if let Some(Value::Bool(true)) = obj.get("stream") {
         return Err(invalid(&f("stream"), "must be false in a batch"));
@@ -415,7 +419,10 @@ mod tests {
         assert_eq!(kind(br#"{"url":"/v1/chat/completions","body":{}}"#), LineErrorKind::MissingField("custom_id"));
         assert_eq!(kind(br#"{"custom_id":"a","url":"/v1/embeddings","body":{}}"#), LineErrorKind::UnsupportedUrl("/v1/embeddings".into()));
         assert_eq!(kind(br#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":[]}}"#), LineErrorKind::EmptyMessages);
-        assert_eq!(kind(br#"{"custom_id":"a","method":"GET","url":"/v1/completions","body":{}}"#), LineErrorKind::UnsupportedMethod("GET".into()));
+        assert_eq!(
+            kind(br#"{"custom_id":"a","method":"GET","url":"/v1/completions","body":{}}"#),
+            LineErrorKind::UnsupportedMethod("GET".into())
+        );
         assert_eq!(kind(br#"{"custom_id":5,"url":"/v1/completions","body":{}}"#), invalid("custom_id", "must be a string"));
         assert_eq!(kind(br#"{"foo":1}"#), LineErrorKind::UnknownShape);
         assert_eq!(

@@ -14,7 +14,9 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{BackoffConfig, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 pub use object_store;
 
@@ -55,7 +57,12 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_retries: 6, init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(10), timeout: Duration::from_secs(120) }
+        Self {
+            max_retries: 6,
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            timeout: Duration::from_secs(120),
+        }
     }
 }
 
@@ -203,7 +210,8 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
                 }
                 "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(retry).build().map_err(config)?),
                 _ => {
-                    let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_retry(retry).with_allow_http(opts.allow_http);
+                    let mut b =
+                        MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_retry(retry).with_allow_http(opts.allow_http);
                     if let Some(ep) = &opts.endpoint {
                         b = b.with_endpoint(ep.clone());
                     }
@@ -245,7 +253,8 @@ impl Location {
         let rel = rel.trim_start_matches('/');
         let raw = if self.path.as_ref().is_empty() { rel.to_string() } else { format!("{}/{rel}", self.path.as_ref()) };
         let uri = crate::contract::layout::join(&self.uri, rel);
-        let path = Path::parse(raw.trim_end_matches('/')).map_err(|e| StorageError::InvalidUri { uri: uri.clone(), reason: e.to_string() })?;
+        let path =
+            Path::parse(raw.trim_end_matches('/')).map_err(|e| StorageError::InvalidUri { uri: uri.clone(), reason: e.to_string() })?;
         Ok(Location { store: self.store.clone(), path, uri, retry: self.retry.clone() })
     }
 
@@ -260,7 +269,9 @@ impl Location {
         match e {
             object_store::Error::NotFound { .. } => StorageError::NotFound { uri },
             object_store::Error::AlreadyExists { .. } => StorageError::AlreadyExists { uri },
-            e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }) => StorageError::Denied { uri, source: e },
+            e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }) => {
+                StorageError::Denied { uri, source: e }
+            }
             source => StorageError::Failed { op, uri, attempts, source },
         }
     }
@@ -323,18 +334,25 @@ impl Location {
 
     /// Overwrite the object (progress records and other mutable objects).
     pub async fn put(&self, data: Bytes) -> Result<(), StorageError> {
-        self.retrying("PUT", || self.store.put_opts(&self.path, PutPayload::from_bytes(data.clone()), PutOptions::default())).await.map(|_| ())
+        self.retrying("PUT", || self.store.put_opts(&self.path, PutPayload::from_bytes(data.clone()), PutOptions::default()))
+            .await
+            .map(|_| ())
     }
 
     /// Write the object only if it does not exist. Stores without conditional puts fall back
     /// to HEAD-then-PUT, which is racy but keeps the outcome correct for a single writer.
     pub async fn put_create(&self, data: Bytes) -> Result<PutOutcome, StorageError> {
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-        let r = self.retrying("PUT (create-only)", || self.store.put_opts(&self.path, PutPayload::from_bytes(data.clone()), create.clone())).await;
+        let r = self
+            .retrying("PUT (create-only)", || self.store.put_opts(&self.path, PutPayload::from_bytes(data.clone()), create.clone()))
+            .await;
         match r {
             Ok(_) => Ok(PutOutcome::Created),
             Err(StorageError::AlreadyExists { .. }) => Ok(PutOutcome::AlreadyExists),
-            Err(StorageError::Failed { source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }, .. }) => {
+            Err(StorageError::Failed {
+                source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. },
+                ..
+            }) => {
                 if self.exists().await? {
                     return Ok(PutOutcome::AlreadyExists);
                 }
@@ -400,7 +418,12 @@ impl RangeReader {
             })
             .await?;
         if result.range.end < self.end {
-            return Err(StorageError::ShortObject { uri: self.loc.uri.clone(), start: self.next_offset, end: self.end, size: result.meta.size });
+            return Err(StorageError::ShortObject {
+                uri: self.loc.uri.clone(),
+                start: self.next_offset,
+                end: self.end,
+                size: result.meta.size,
+            });
         }
         self.stream = Some(result.into_stream());
         Ok(())
@@ -424,7 +447,12 @@ impl RangeReader {
                     return Ok(Some(chunk));
                 }
                 None => {
-                    return Err(StorageError::ShortObject { uri: self.loc.uri.clone(), start: self.next_offset, end: self.end, size: self.next_offset });
+                    return Err(StorageError::ShortObject {
+                        uri: self.loc.uri.clone(),
+                        start: self.next_offset,
+                        end: self.end,
+                        size: self.next_offset,
+                    });
                 }
                 Some(Err(e)) if is_transient(&e) && self.retries < self.loc.retry.max_retries => {
                     tracing::warn!(uri = %self.loc.uri, offset = self.next_offset, error = %e, "read interrupted; resuming");
@@ -503,7 +531,8 @@ pub mod testing {
     use futures::{StreamExt, stream};
     use object_store::path::Path;
     use object_store::{
-        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
+        PutPayload, PutResult, Result,
     };
 
     /// What to inject. Parsed from `error_rate=0.3,delay_rate=0.1,delay_ms=50,seed=7,permanent=false`.
@@ -655,7 +684,15 @@ mod tests {
     use super::*;
 
     fn fast() -> StorageOptions {
-        StorageOptions { retry: RetryPolicy { max_retries: 8, init_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(5), timeout: Duration::from_secs(10) }, ..Default::default() }
+        StorageOptions {
+            retry: RetryPolicy {
+                max_retries: 8,
+                init_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(5),
+                timeout: Duration::from_secs(10),
+            },
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
@@ -671,7 +708,11 @@ mod tests {
         assert!(matches!(resolve("ftp://x/y", &fast()), Err(StorageError::InvalidUri { .. })));
         assert!(matches!(resolve("file://relative/x", &fast()), Err(StorageError::InvalidUri { .. })));
         assert!(matches!(resolve("s3:///key", &fast()), Err(StorageError::InvalidUri { .. })));
-        let s3 = resolve("s3://bucket/some/key.jsonl", &StorageOptions { endpoint: Some("http://127.0.0.1:1".into()), allow_http: true, ..fast() }).unwrap();
+        let s3 = resolve(
+            "s3://bucket/some/key.jsonl",
+            &StorageOptions { endpoint: Some("http://127.0.0.1:1".into()), allow_http: true, ..fast() },
+        )
+        .unwrap();
         assert_eq!(s3.path.as_ref(), "some/key.jsonl");
     }
 

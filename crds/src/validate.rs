@@ -28,9 +28,7 @@ pub fn crd_yaml() -> Result<String, String> {
 /// The `openAPIV3Schema` of the served version.
 pub fn openapi_schema() -> Result<Value, String> {
     let crd = serde_json::to_value(crd()).map_err(|e| e.to_string())?;
-    crd.pointer("/spec/versions/0/schema/openAPIV3Schema")
-        .cloned()
-        .ok_or_else(|| "the generated CRD has no openAPIV3Schema".to_string())
+    crd.pointer("/spec/versions/0/schema/openAPIV3Schema").cloned().ok_or_else(|| "the generated CRD has no openAPIV3Schema".to_string())
 }
 
 /// One violated rule, with the field it concerns.
@@ -88,10 +86,10 @@ fn pointer_to_dotted(p: &str) -> String {
 fn openapi_to_json_schema(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            if map.get("nullable") == Some(&Value::Bool(true)) {
-                if let Some(Value::String(t)) = map.get("type").cloned() {
-                    map.insert("type".into(), Value::Array(vec![Value::String(t), Value::String("null".into())]));
-                }
+            if map.get("nullable") == Some(&Value::Bool(true))
+                && let Some(Value::String(t)) = map.get("type").cloned()
+            {
+                map.insert("type".into(), Value::Array(vec![Value::String(t), Value::String("null".into())]));
             }
             for child in map.values_mut() {
                 openapi_to_json_schema(child);
@@ -124,11 +122,11 @@ pub fn validate_object(obj: &Value, old: Option<&Value>) -> Result<(), Vec<Field
         Err(e) => errors.push(FieldError { field: String::new(), message: format!("the CRD schema does not compile: {e}") }),
     }
     // CEL rules only make sense on a structurally valid object.
-    if errors.is_empty() {
-        if let Err(cel_errors) = kube_cel::validate(&schema, obj, old) {
-            for e in cel_errors.iter() {
-                errors.push(FieldError { field: e.field_path.trim_start_matches('.').to_string(), message: e.message.clone() });
-            }
+    if errors.is_empty()
+        && let Err(cel_errors) = kube_cel::validate(&schema, obj, old)
+    {
+        for e in cel_errors.iter() {
+            errors.push(FieldError { field: e.field_path.trim_start_matches('.').to_string(), message: e.message.clone() });
         }
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
@@ -139,7 +137,8 @@ pub fn validate_object(obj: &Value, old: Option<&Value>) -> Result<(), Vec<Field
 /// `source_name` names the file in errors.
 pub fn load_manifest(text: &str, source_name: &str) -> Result<BatchInferenceJob, ManifestError> {
     let source_name = source_name.to_string();
-    let value: Value = serde_yaml::from_str(text).map_err(|e| ManifestError::Yaml { source_name: source_name.clone(), message: e.to_string() })?;
+    let value: Value =
+        serde_yaml::from_str(text).map_err(|e| ManifestError::Yaml { source_name: source_name.clone(), message: e.to_string() })?;
     let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("<missing>").to_string();
     if !value.is_object() {
         return Err(ManifestError::Yaml { source_name, message: "the document is not a mapping".into() });

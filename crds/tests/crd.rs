@@ -1,6 +1,8 @@
 //! The generated CRD: drift against the checked-in YAML, its shape, and the validation rules
 //! (OpenAPI bounds and CEL) on valid and invalid objects, evaluated locally.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use serde_json::{Value, json};
 use sluice_api::validate::{crd, crd_yaml, load_manifest, validate_object};
 
@@ -47,8 +49,12 @@ fn crd_has_names_columns_status_and_rules() {
         if let Some(props) = v.get("properties").and_then(Value::as_object) {
             for (k, p) in props {
                 let here = format!("{path}.{k}");
-                if !["apiVersion", "kind", "metadata"].contains(&k.as_str()) && !here.contains("podTemplate.") && !here.contains("resources.")
-                    && !here.contains("tolerations") && !here.contains("secretRef.") && !here.contains("conditions")
+                if !["apiVersion", "kind", "metadata"].contains(&k.as_str())
+                    && !here.contains("podTemplate.")
+                    && !here.contains("resources.")
+                    && !here.contains("tolerations")
+                    && !here.contains("secretRef.")
+                    && !here.contains("conditions")
                 {
                     assert!(p.get("description").is_some(), "{here} has no description");
                 }

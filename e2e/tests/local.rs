@@ -1,6 +1,8 @@
 //! Local mode end to end, through the real binaries: the quickstart, a worker killed mid-shard,
 //! a rerun of a finished job, and bad manifests that must fail without writing anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -31,7 +31,7 @@ pub fn set(conditions: &mut Vec<Condition>, cond: Cond<'_>, generation: Option<i
     let status = status_str(cond.status);
     let transition = match conditions.iter().find(|c| c.type_ == cond.type_) {
         Some(old) if old.status == status => old.last_transition_time.clone(),
-        _ => Time(now),
+        _ => Time(Timestamp::from_second(now.as_second()).unwrap_or(now)),
     };
     let new = Condition {
         type_: cond.type_.to_string(),

@@ -66,7 +66,14 @@ pub struct Context {
 impl Context {
     /// A context. `leader` is shared with the lease task; pass `Arc::new(AtomicBool::new(true))`
     /// without leader election.
-    pub fn new(client: Client, metrics: Metrics, config: Config, stores: Arc<dyn StoreOpener>, clock: Clock, leader: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        config: Config,
+        stores: Arc<dyn StoreOpener>,
+        clock: Clock,
+        leader: Arc<AtomicBool>,
+    ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),

@@ -23,7 +23,9 @@ use crate::reconcile::{error_policy, log_results, reconcile};
 /// Why the operator could not start watching.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("the CustomResourceDefinition {crd} was not established within {secs} s (install it first: kubectl apply -f crds/batchinferencejob.yaml)")]
+    #[error(
+        "the CustomResourceDefinition {crd} was not established within {secs} s (install it first: kubectl apply -f crds/batchinferencejob.yaml)"
+    )]
     CrdTimeout { crd: String, secs: u64 },
     #[error("waiting for the CustomResourceDefinition {crd}: {source}")]
     CrdWait {

@@ -37,7 +37,9 @@ pub enum Error {
     #[error("the input {uri} changed after planning (planned {planned}, now {current}); the plan at {plan_uri} no longer matches it")]
     InputChanged { uri: String, plan_uri: String, planned: String, current: String },
     /// A plan would need more shards than an Indexed Job may have.
-    #[error("the input {uri} needs more than {limit} shards at {requests_per_shard} requests per shard; raise spec.sharding.requestsPerShard")]
+    #[error(
+        "the input {uri} needs more than {limit} shards at {requests_per_shard} requests per shard; raise spec.sharding.requestsPerShard"
+    )]
     TooManyShards { uri: String, limit: u64, requests_per_shard: u64 },
     /// A stored document (plan, progress record, manifest) does not parse.
     #[error("{uri}: not a valid {what}: {reason}")]
@@ -74,10 +76,7 @@ impl Error {
     /// Whether retrying cannot help until the user changes something (the job is failed or
     /// held with a condition instead of being retried with backoff).
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            Error::BadUri { .. } | Error::InputChanged { .. } | Error::TooManyShards { .. } | Error::InvalidSpec { .. }
-        )
+        matches!(self, Error::BadUri { .. } | Error::InputChanged { .. } | Error::TooManyShards { .. } | Error::InvalidSpec { .. })
     }
 
     /// How long to wait before retrying after this error.

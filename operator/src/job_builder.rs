@@ -9,8 +9,9 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -181,14 +182,19 @@ fn base_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<P
     let mut envs = worker_env(bij)?;
     envs.sort_by(|a, b| a.name.cmp(&b.name));
     let env_from = spec.storage.as_ref().and_then(|s| s.secret_ref.as_ref()).map(|r| {
-        vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: r.name.clone(), optional: Some(false) }), ..Default::default()}]
+        vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: r.name.clone(), optional: Some(false) }), ..Default::default() }]
     });
     let container = Container {
         name: WORKER_CONTAINER.into(),
         image: Some(spec.workers.image.clone().unwrap_or_else(|| defaults.image.clone())),
         env: Some(envs),
         env_from,
-        ports: Some(vec![ContainerPort { name: Some("metrics".into()), container_port: WORKER_METRICS_PORT, protocol: Some("TCP".into()), ..Default::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: WORKER_METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
         resources: worker_resources(bij, defaults),
         security_context: Some(restricted_container_security()),
         volume_mounts: Some(vec![VolumeMount { name: "model-cache".into(), mount_path: MODEL_CACHE_DIR.into(), ..Default::default() }]),
@@ -211,7 +217,11 @@ fn base_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<P
                 seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
                 ..Default::default()
             }),
-            volumes: Some(vec![Volume { name: "model-cache".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }]),
+            volumes: Some(vec![Volume {
+                name: "model-cache".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
     })
@@ -258,8 +268,10 @@ pub fn pod_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Resul
     let mut merged = serde_json::to_value(&base).map_err(ser("the pod template"))?;
     let over = serde_json::to_value(over).map_err(ser("spec.workers.podTemplate"))?;
     merge_json(&mut merged, &over);
-    let mut t: PodTemplateSpec = serde_json::from_value(merged)
-        .map_err(|e| Error::InvalidSpec { field: "spec.workers.podTemplate".into(), reason: format!("merged template is not a pod template: {e}") })?;
+    let mut t: PodTemplateSpec = serde_json::from_value(merged).map_err(|e| Error::InvalidSpec {
+        field: "spec.workers.podTemplate".into(),
+        reason: format!("merged template is not a pod template: {e}"),
+    })?;
     if let Some(spec) = t.spec.as_mut() {
         spec.restart_policy = Some("Never".into());
     }
@@ -275,7 +287,10 @@ pub fn pod_failure_policy() -> PodFailurePolicy {
         rules: vec![
             PodFailurePolicyRule {
                 action: "Ignore".into(),
-                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern { type_: "DisruptionTarget".into(), status: "True".into() }]),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
                 on_exit_codes: None,
             },
             PodFailurePolicyRule {
@@ -300,8 +315,10 @@ pub fn desired_suspend(bij: &BatchInferenceJob) -> bool {
 /// The full desired Job, applied once with server-side apply when it does not exist.
 pub fn desired_job(bij: &BatchInferenceJob, plan: &ShardPlan, parallelism: i32, defaults: &WorkerDefaults) -> Result<Job> {
     let name = bij.name_any();
-    let completions = i32::try_from(plan.shards.len())
-        .map_err(|_| Error::InvalidSpec { field: "spec.sharding".into(), reason: format!("{} shards do not fit a Job", plan.shards.len()) })?;
+    let completions = i32::try_from(plan.shards.len()).map_err(|_| Error::InvalidSpec {
+        field: "spec.sharding".into(),
+        reason: format!("{} shards do not fit a Job", plan.shards.len()),
+    })?;
     let owner = bij
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec { field: "metadata".into(), reason: "the BatchInferenceJob has no uid yet".into() })?;
@@ -377,10 +394,8 @@ mod tests {
     #[test]
     fn gpu_job_has_the_full_shape() {
         let bij = load("bij-gpu.yaml");
-        let defaults = WorkerDefaults {
-            node_selector: BTreeMap::from([("pool".to_string(), "gpu".to_string())]),
-            ..WorkerDefaults::default()
-        };
+        let defaults =
+            WorkerDefaults { node_selector: BTreeMap::from([("pool".to_string(), "gpu".to_string())]), ..WorkerDefaults::default() };
         let job = desired_job(&bij, &plan(), 4, &defaults).unwrap();
         let v = serde_json::to_value(&job).unwrap();
         assert_eq!(v["apiVersion"], "batch/v1");
@@ -392,7 +407,10 @@ mod tests {
         assert_eq!(labels["sluice.dev/job"], "eval-run-42");
         assert_eq!(labels["kueue.x-k8s.io/queue-name"], "team-a");
         let owner = &v["metadata"]["ownerReferences"][0];
-        assert_eq!((owner["kind"].as_str(), owner["name"].as_str(), owner["controller"].as_bool()), (Some("BatchInferenceJob"), Some("eval-run-42"), Some(true)));
+        assert_eq!(
+            (owner["kind"].as_str(), owner["name"].as_str(), owner["controller"].as_bool()),
+            (Some("BatchInferenceJob"), Some("eval-run-42"), Some(true))
+        );
         assert_eq!(owner["uid"], "7f9c2d4e-0000-4000-8000-000000000042");
 
         let spec = job.spec.as_ref().unwrap();
@@ -466,7 +484,10 @@ mod tests {
         assert_eq!(val("HF_HOME"), "/data/hf");
         assert_eq!(env[env::ATTEMPT].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.name");
         let sampling: serde_json::Value = serde_json::from_str(&val(env::SAMPLING)).unwrap();
-        assert_eq!((sampling["maxTokens"].as_u64(), sampling["topK"].as_u64(), sampling["stop"][0].as_str()), (Some(256), Some(50), Some("\n\n")));
+        assert_eq!(
+            (sampling["maxTokens"].as_u64(), sampling["topK"].as_u64(), sampling["stop"][0].as_str()),
+            (Some(256), Some(50), Some("\n\n"))
+        );
         assert!(!env.contains_key(env::DEVICE));
     }
 

@@ -141,7 +141,11 @@ impl Metrics {
         r.register("job_sla_status", "1 for the job's current SLA status, 0 for the others", m.job_sla_status.clone());
         r.register("job_phase", "1 for the job's current phase", m.job_phase.clone());
         r.register("job_gpu_seconds", "GPU-seconds used so far", m.job_gpu_seconds.clone());
-        r.register("job_last_progress_timestamp_seconds", "Last time the finished request count grew (Unix seconds)", m.job_last_progress.clone());
+        r.register(
+            "job_last_progress_timestamp_seconds",
+            "Last time the finished request count grew (Unix seconds)",
+            m.job_last_progress.clone(),
+        );
         r.register("job_scale_events", "Parallelism changes", m.job_scale_events.clone());
         r.register("reconcile", "Reconciles run", m.reconciles.clone());
         r.register("reconcile_errors", "Reconciles that failed", m.reconcile_errors.clone());
@@ -189,7 +193,9 @@ impl Metrics {
             self.job_shards.get_or_create(&st(state)).set(i64::from(v));
         }
         for (kind, v) in WORKER_KINDS.iter().zip([s.workers.desired, s.workers.active]) {
-            self.job_workers.get_or_create(&KindLabels { namespace: namespace.into(), job: job.into(), kind: (*kind).into() }).set(i64::from(v));
+            self.job_workers
+                .get_or_create(&KindLabels { namespace: namespace.into(), job: job.into(), kind: (*kind).into() })
+                .set(i64::from(v));
         }
         self.job_throughput_rps.get_or_create(&jl).set(s.throughput.requests_per_second);
         self.job_throughput_tps.get_or_create(&jl).set(s.throughput.output_tokens_per_second);
@@ -214,11 +220,15 @@ impl Metrics {
         }
         for status in SlaStatus::ALL {
             let on = i64::from(s.sla_status == Some(status));
-            self.job_sla_status.get_or_create(&StatusLabels { namespace: namespace.into(), job: job.into(), status: status.as_str().into() }).set(on);
+            self.job_sla_status
+                .get_or_create(&StatusLabels { namespace: namespace.into(), job: job.into(), status: status.as_str().into() })
+                .set(on);
         }
         for phase in JobPhase::ALL {
             let on = i64::from(s.phase == phase);
-            self.job_phase.get_or_create(&PhaseLabels { namespace: namespace.into(), job: job.into(), phase: phase.as_str().into() }).set(on);
+            self.job_phase
+                .get_or_create(&PhaseLabels { namespace: namespace.into(), job: job.into(), phase: phase.as_str().into() })
+                .set(on);
         }
         self.job_gpu_seconds.get_or_create(&jl).set(s.gpu_seconds);
         if let Some(t) = last_progress {
@@ -297,14 +307,15 @@ mod tests {
         let text = m.encode();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).unwrap();
         let operator_part = doc.split("## Worker").next().unwrap();
-        let names: Vec<&str> = operator_part
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .collect();
+        let names: Vec<&str> = operator_part.lines().filter_map(|l| l.strip_prefix("| `")).filter_map(|l| l.split('`').next()).collect();
         assert_eq!(names.len(), 17, "{names:?}");
         for name in names {
-            assert!(text.lines().any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name}_bucket"))), "missing {name} in\n{text}");
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))
+                    || l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name}_bucket"))),
+                "missing {name} in\n{text}"
+            );
         }
         assert!(text.contains(r#"sluice_job_requests{namespace="ns",job="j",state="pending"} 6"#), "{text}");
         assert!(text.contains(r#"sluice_job_sla_status{namespace="ns",job="j",status="AtRisk"} 1"#));

@@ -10,7 +10,7 @@
 //! Inputs under 16 MiB get one shard. No plan exceeds [`MAX_SHARDS`] (the Indexed Job limit).
 
 use futures::StreamExt;
-use object_store::{ObjectStoreExt, ObjectMeta};
+use object_store::{ObjectMeta, ObjectStoreExt};
 use sluice_api::contract::layout;
 use sluice_api::job::BatchInferenceJobSpec;
 use sluice_api::plan::{PLAN_VERSION, Shard, ShardPlan};
@@ -226,9 +226,11 @@ pub async fn load_or_create(spec: &BatchInferenceJobSpec, input: &Location, outp
         Created::Written => Ok(PlanOutcome { plan, created: true }),
         Created::AlreadyExisted => {
             // Another planner won the race: use its plan (it read the same input).
-            let stored = storage_io::read_json::<ShardPlan>(&plan_loc, "shard plan")
-                .await?
-                .ok_or_else(|| Error::BadDocument { uri: plan_loc.uri.clone(), what: "shard plan", reason: "vanished after a create conflict".into() })?;
+            let stored = storage_io::read_json::<ShardPlan>(&plan_loc, "shard plan").await?.ok_or_else(|| Error::BadDocument {
+                uri: plan_loc.uri.clone(),
+                what: "shard plan",
+                reason: "vanished after a create conflict".into(),
+            })?;
             Ok(PlanOutcome { plan: stored, created: false })
         }
     }
@@ -247,8 +249,8 @@ mod tests {
     use object_store::memory::InMemory;
     use object_store::path::Path;
     use object_store::{
-        CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectStore, PutMultipartOptions,
-        PutOptions, PutPayload, PutResult,
+        CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectStore, PutMultipartOptions, PutOptions,
+        PutPayload, PutResult,
     };
 
     use super::*;

@@ -176,7 +176,9 @@ async fn fail_early(ctx: &Context, bij: &BatchInferenceJob, reason: &str, messag
     let mut status = old.clone();
     status.phase = JobPhase::Failed;
     status.observed_generation = bij.metadata.generation;
-    status.completion_time = status.completion_time.or(Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)));
+    status.completion_time = status
+        .completion_time
+        .or(Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(now.as_second()).unwrap_or(now))));
     let g = bij.metadata.generation;
     conditions::set(&mut status.conditions, Cond::new(ct::ADMITTED, false, reason, message.clone()), g, now);
     conditions::set(&mut status.conditions, Cond::new(ct::FAILED, true, reason, message.clone()), g, now);
@@ -189,7 +191,12 @@ async fn fail_early(ctx: &Context, bij: &BatchInferenceJob, reason: &str, messag
 }
 
 /// Progress records of the plan's shards: cached final records plus fresh reads of the others.
-async fn read_progress(output: &Location, plan: &ShardPlan, cache: &mut JobCache, completed_by_job: &BTreeSet<u32>) -> Result<BTreeMap<u32, ShardProgress>> {
+async fn read_progress(
+    output: &Location,
+    plan: &ShardPlan,
+    cache: &mut JobCache,
+    completed_by_job: &BTreeSet<u32>,
+) -> Result<BTreeMap<u32, ShardProgress>> {
     let mut records = cache.complete.clone();
     let names = storage_io::list_names(&output.join(layout::PROGRESS_PREFIX)).await?;
     let present: BTreeSet<String> = names.into_iter().collect();
@@ -205,7 +212,11 @@ async fn read_progress(output: &Location, plan: &ShardPlan, cache: &mut JobCache
         let loc = output.join(&rel);
         if let Some(r) = storage_io::read_json::<ShardProgress>(&loc, "progress record").await? {
             if r.shard != shard.index {
-                return Err(Error::BadDocument { uri: loc.uri, what: "progress record", reason: format!("names shard {} instead of {}", r.shard, shard.index) });
+                return Err(Error::BadDocument {
+                    uri: loc.uri,
+                    what: "progress record",
+                    reason: format!("names shard {} instead of {}", r.shard, shard.index),
+                });
             }
             if r.complete || completed_by_job.contains(&shard.index) {
                 cache.complete.insert(shard.index, r.clone());
@@ -341,14 +352,25 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                 let mut planning = old.clone();
                 planning.phase = JobPhase::Planning;
                 planning.observed_generation = generation;
-                conditions::set(&mut planning.conditions, Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"), generation, now);
+                conditions::set(
+                    &mut planning.conditions,
+                    Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"),
+                    generation,
+                    now,
+                );
                 patch_status(ctx, bij, &planning).await?;
             }
             match planner::load_or_create(&bij.spec, &input, &output).await {
                 Ok(outcome) => {
                     if outcome.created {
                         let p = &outcome.plan;
-                        let note = format!("planned {} requests into {} shards of about {} requests; plan at {}", p.line_count, p.shards.len(), p.requests_per_shard, layout::join(&output.uri, layout::PLAN));
+                        let note = format!(
+                            "planned {} requests into {} shards of about {} requests; plan at {}",
+                            p.line_count,
+                            p.shards.len(),
+                            p.requests_per_shard,
+                            layout::join(&output.uri, layout::PLAN)
+                        );
                         publish(ctx, bij, EventType::Normal, "Planned", note).await;
                     }
                     let p = Arc::new(outcome.plan);
@@ -444,7 +466,14 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Never lower parallelism below the pods already running a shard: the Job controller would
     // kill them. Pending pods (not started) are cheap to drop and the Job controller drops those
     // first.
-    let desired = if view.exists && target < view.parallelism { target.max(view.ready.min(view.parallelism)) } else { target };
+    // While suspended the parallelism is left as it is: nothing runs, nothing to scale.
+    let desired = if view.exists && bij.spec.suspend {
+        view.parallelism
+    } else if view.exists && target < view.parallelism {
+        target.max(view.ready.min(view.parallelism))
+    } else {
+        target
+    };
 
     // Spec edits take effect now, with an Event.
     if let (Some(seen), Some(g)) = (old.observed_generation, generation)
@@ -452,7 +481,10 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         && !phase.is_terminal()
     {
         let w = &bij.spec.workers;
-        let note = format!("applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}", w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy);
+        let note = format!(
+            "applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}",
+            w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy
+        );
         publish(ctx, bij, EventType::Normal, "SpecUpdated", note).await;
     }
 
@@ -465,7 +497,10 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                 jobs.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired_job))
                     .await
                     .map_err(Error::kube(format!("apply Job {ns}/{job_name}")))?;
-                let note = format!("created Job {job_name}: {total_shards} shards, parallelism {desired}{}", if bij.spec.suspend { ", suspended" } else { "" });
+                let note = format!(
+                    "created Job {job_name}: {total_shards} shards, parallelism {desired}{}",
+                    if bij.spec.suspend { ", suspended" } else { "" }
+                );
                 publish(ctx, bij, EventType::Normal, "JobCreated", note).await;
             }
             Some(observed) => {
@@ -475,7 +510,9 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                         patch["metadata"] = json!({ "annotations": { LAST_SCALE_ANNOTATION: now.to_string() } });
                     }
                     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-                    jobs.patch(&job_name, &params, &Patch::Merge(&patch)).await.map_err(Error::kube(format!("patch Job {ns}/{job_name}")))?;
+                    jobs.patch(&job_name, &params, &Patch::Merge(&patch))
+                        .await
+                        .map_err(Error::kube(format!("patch Job {ns}/{job_name}")))?;
                     if let Some(to) = scaled {
                         let to = i32::try_from(to).unwrap_or(desired);
                         ctx.metrics.scaled(&ns, &name, view.parallelism, to);
@@ -485,7 +522,16 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                         }
                     }
                     match patch["spec"].get("suspend").and_then(serde_json::Value::as_bool) {
-                        Some(true) => publish(ctx, bij, EventType::Normal, "Suspended", "suspended: running workers stop after committing; no new workers start".into()).await,
+                        Some(true) => {
+                            publish(
+                                ctx,
+                                bij,
+                                EventType::Normal,
+                                "Suspended",
+                                "suspended: running workers stop after committing; no new workers start".into(),
+                            )
+                            .await
+                        }
                         Some(false) => publish(ctx, bij, EventType::Normal, "Resumed", format!("resumed at parallelism {desired}")).await,
                         None => {}
                     }
@@ -496,7 +542,9 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     if decision.status != old.sla_status.unwrap_or(SlaStatus::OnTrack) || old.sla_status.is_none() {
         match (&decision.infeasible, decision.status) {
             (Some(inf), SlaStatus::Infeasible) => publish(ctx, bij, EventType::Warning, "Infeasible", inf.suggestion.clone()).await,
-            (_, SlaStatus::AtRisk | SlaStatus::Breached) => publish(ctx, bij, EventType::Warning, decision.status.as_str(), decision.reason.clone()).await,
+            (_, SlaStatus::AtRisk | SlaStatus::Breached) => {
+                publish(ctx, bij, EventType::Warning, decision.status.as_str(), decision.reason.clone()).await
+            }
             _ => {}
         }
     }
@@ -504,7 +552,10 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         let manifest = build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, &output, &plan, &records, &failed, decided_at).await?;
         let loc = output.join(layout::MANIFEST);
         storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
-        let note = format!("all {total_shards} shards committed ({} succeeded, {} failed); manifest at {}; {}", manifest.requests.succeeded, manifest.requests.failed, loc.uri, decision.reason);
+        let note = format!(
+            "all {total_shards} shards committed ({} succeeded, {} failed); manifest at {}; {}",
+            manifest.requests.succeeded, manifest.requests.failed, loc.uri, decision.reason
+        );
         publish(ctx, bij, EventType::Normal, "Completed", note).await;
         manifest_uri = Some(loc.uri);
     }

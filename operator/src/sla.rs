@@ -54,7 +54,7 @@ pub struct SlaConfig {
     /// does not cause a scale-up every resync. Default 0.02.
     pub scale_up_headroom: f64,
     /// Scale down only to a count that still meets `target − scale_down_headroom × window`
-    /// ("clearly ahead"). Default 0.05.
+    /// ("clearly ahead"). Default 0.08.
     pub scale_down_headroom: f64,
     /// Seconds since the last scale change before a scale-down is allowed. Default 300.
     pub scale_down_cooldown_secs: f64,
@@ -71,30 +71,20 @@ impl SlaConfig {
     /// Default scale-up headroom (fraction of the window).
     pub const DEFAULT_SCALE_UP_HEADROOM: f64 = 0.02;
     /// Default scale-down headroom (fraction of the window).
-    pub const DEFAULT_SCALE_DOWN_HEADROOM: f64 = 0.05;
+    pub const DEFAULT_SCALE_DOWN_HEADROOM: f64 = 0.08;
     /// Default scale-down cooldown in seconds.
     pub const DEFAULT_SCALE_DOWN_COOLDOWN_SECS: f64 = 300.0;
     /// Default status deadband (fraction of the window).
     pub const DEFAULT_STATUS_DEADBAND: f64 = 0.01;
 
     /// A configuration with the given bounds and policy, the default knobs and the given prior.
-    pub fn new(
-        min_workers: u32,
-        max_workers: u32,
-        policy: SlaPolicy,
-        margin: f64,
-        prior_per_worker_rps: f64,
-    ) -> Self {
+    pub fn new(min_workers: u32, max_workers: u32, policy: SlaPolicy, margin: f64, prior_per_worker_rps: f64) -> Self {
         let max_workers = max_workers.max(1);
         Self {
             min_workers: min_workers.min(max_workers),
             max_workers,
             policy,
-            margin: if margin.is_finite() {
-                margin.clamp(0.0, 0.9)
-            } else {
-                0.0
-            },
+            margin: if margin.is_finite() { margin.clamp(0.0, 0.9) } else { 0.0 },
             prior_per_worker_rps,
             prior_startup_secs: PRIOR_STARTUP_SECS,
             pessimism_k: Self::DEFAULT_PESSIMISM_K,
@@ -111,13 +101,7 @@ impl SlaConfig {
     pub fn from_spec(spec: &BatchInferenceJobSpec) -> Self {
         let min = u32::try_from(spec.workers.min).unwrap_or(0);
         let max = u32::try_from(spec.workers.max).unwrap_or(1);
-        Self::new(
-            min,
-            max,
-            spec.sla.policy,
-            spec.sla.margin,
-            prior_per_worker_rps(spec),
-        )
+        Self::new(min, max, spec.sla.policy, spec.sla.margin, prior_per_worker_rps(spec))
     }
 }
 
@@ -240,11 +224,7 @@ impl Work {
             in_flight_requests: (remaining - fresh).max(0.0),
             active: f64::from(active),
             unstarted: f64::from(unstarted),
-            shard_requests: if unstarted > 0 {
-                fresh / f64::from(unstarted)
-            } else {
-                shard_requests
-            },
+            shard_requests: if unstarted > 0 { fresh / f64::from(unstarted) } else { shard_requests },
             startup: startup.max(0.0),
         }
     }
@@ -263,11 +243,7 @@ impl Work {
             return f64::INFINITY;
         }
         let w = f64::from(workers);
-        let t_active = if self.active > 0.0 {
-            self.in_flight_requests / (self.active * rate)
-        } else {
-            0.0
-        };
+        let t_active = if self.active > 0.0 { self.in_flight_requests / (self.active * rate) } else { 0.0 };
         if self.unstarted <= 0.0 {
             return t_active;
         }
@@ -276,17 +252,9 @@ impl Work {
             return t_active;
         }
         // Slots: `busy` free at t_active (they finish their running shard first), `idle` free now.
-        let (busy, idle) = if w >= self.active {
-            (self.active, w - self.active)
-        } else {
-            (w, 0.0)
-        };
+        let (busy, idle) = if w >= self.active { (self.active, w - self.active) } else { (w, 0.0) };
         let done_by = |t: f64| -> f64 {
-            let a = if t > t_active {
-                ((t - t_active) / d).floor()
-            } else {
-                0.0
-            };
+            let a = if t > t_active { ((t - t_active) / d).floor() } else { 0.0 };
             let b = (t / d).floor();
             busy * a + idle * b
         };
@@ -329,11 +297,7 @@ pub fn fmt_secs(secs: f64) -> String {
     } else if s >= 3600 {
         format!("{sign}{}h{m}m", d * 24 + h)
     } else if s >= 60 {
-        if sec == 0 {
-            format!("{sign}{m}m")
-        } else {
-            format!("{sign}{m}m{sec}s")
-        }
+        if sec == 0 { format!("{sign}{m}m") } else { format!("{sign}{m}m{sec}s") }
     } else {
         format!("{sign}{sec}s")
     }
@@ -355,11 +319,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
             desired_workers: 0,
             projected_completion: Some(now),
             slack_secs: Some(to_deadline),
-            status: if met {
-                SlaStatus::Met
-            } else {
-                SlaStatus::Missed
-            },
+            status: if met { SlaStatus::Met } else { SlaStatus::Missed },
             reason: format!(
                 "finished in {} against {} deadline ({} {})",
                 since_start(now),
@@ -374,26 +334,17 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
     }
 
     // Throughput: measured (mean and pessimistic) or the prior.
-    let measured = obs
-        .per_worker_rate
-        .filter(|r| r.samples > 0 && r.mean.is_finite() && r.mean > 0.0);
+    let measured = obs.per_worker_rate.filter(|r| r.samples > 0 && r.mean.is_finite() && r.mean > 0.0);
     let using_prior = measured.is_none();
     let (mean_rate, plan_rate) = match measured {
         Some(r) => {
-            let sd = if r.samples < 2 {
-                r.mean * cfg.prior_cv
-            } else {
-                r.stddev.max(0.0)
-            };
+            let sd = if r.samples < 2 { r.mean * cfg.prior_cv } else { r.stddev.max(0.0) };
             let se = cfg.pessimism_k * sd / f64::from(r.samples).sqrt();
             (r.mean, (r.mean - se).max(0.5 * r.mean))
         }
         None => (cfg.prior_per_worker_rps, cfg.prior_per_worker_rps),
     };
-    let startup = obs
-        .startup_secs
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .unwrap_or(cfg.prior_startup_secs);
+    let startup = obs.startup_secs.filter(|s| s.is_finite() && *s >= 0.0).unwrap_or(cfg.prior_startup_secs);
     let work = Work::from_obs(obs, startup);
     let shards = work.shards().max(1);
     let usable_max = max_workers.min(shards);
@@ -407,11 +358,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
         let (mut lo, mut hi) = (1u32, usable_max);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if work.makespan(mid, plan_rate) <= limit {
-                hi = mid
-            } else {
-                lo = mid + 1
-            }
+            if work.makespan(mid, plan_rate) <= limit { hi = mid } else { lo = mid + 1 }
         }
         Some(lo)
     };
@@ -422,29 +369,20 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
     let clamp = |w: u32| w.clamp(floor, usable_max);
     let cur_clamped = cur.min(max_workers).min(shards).max(floor);
     let (desired, shard_capped) = match cfg.policy {
-        SlaPolicy::Fastest => (
-            usable_max,
-            cur.min(max_workers) > shards && usable_max == shards,
-        ),
+        SlaPolicy::Fastest => (usable_max, cur.min(max_workers) > shards && usable_max == shards),
         SlaPolicy::Deadline => {
             let up = clamp(fewest(target - cfg.scale_up_headroom * window).unwrap_or(usable_max));
             let need = clamp(fewest(target).unwrap_or(usable_max));
             if cur_clamped < need {
                 (up, false)
             } else {
-                let cooled = obs
-                    .last_scale_change
-                    .is_none_or(|t| secs_between(now, t) >= cfg.scale_down_cooldown_secs);
-                let down =
-                    clamp(fewest(target - cfg.scale_down_headroom * window).unwrap_or(usable_max));
+                let cooled = obs.last_scale_change.is_none_or(|t| secs_between(now, t) >= cfg.scale_down_cooldown_secs);
+                let down = clamp(fewest(target - cfg.scale_down_headroom * window).unwrap_or(usable_max));
                 if cooled && down < cur_clamped {
                     (down, false)
                 } else {
                     // Keep the current count, except where the bounds or the shards left cap it.
-                    (
-                        cur_clamped,
-                        cur_clamped < cur && cur_clamped == shards && cur <= max_workers,
-                    )
+                    (cur_clamped, cur_clamped < cur && cur_clamped == shards && cur <= max_workers)
                 }
             }
         }
@@ -452,10 +390,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
 
     // Capacity: pods the scheduler cannot place do not help the projection.
     let schedulable = if obs.unschedulable_workers > 0 {
-        obs.current_desired
-            .saturating_sub(obs.unschedulable_workers)
-            .max(obs.active_workers)
-            .max(1)
+        obs.current_desired.saturating_sub(obs.unschedulable_workers).max(obs.active_workers).max(1)
     } else {
         u32::MAX
     };
@@ -478,11 +413,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
     };
 
     let late_at_best = best_secs - to_deadline;
-    let infeasible_now = if prev == Some(SlaStatus::Infeasible) {
-        late_at_best > -band
-    } else {
-        late_at_best > 0.0
-    };
+    let infeasible_now = if prev == Some(SlaStatus::Infeasible) { late_at_best > -band } else { late_at_best > 0.0 };
 
     let (status, infeasible) = if to_deadline < 0.0 {
         (SlaStatus::Breached, None)
@@ -493,11 +424,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
             let (mut lo, mut hi) = (1u32, shards);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                if work.makespan(mid, mean_rate) <= to_deadline {
-                    hi = mid
-                } else {
-                    lo = mid + 1
-                }
+                if work.makespan(mid, mean_rate) <= to_deadline { hi = mid } else { lo = mid + 1 }
             }
             Some(lo)
         } else {
@@ -507,8 +434,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
         let start = obs.window_start.as_millisecond() as f64 / 1000.0;
         let p = projected_at_max.as_millisecond() as f64 / 1000.0;
         let feasible = (p - cfg.margin * start) / (1.0 - cfg.margin).max(0.1);
-        let feasible_deadline = Timestamp::from_millisecond((feasible.ceil() * 1000.0) as i64)
-            .unwrap_or(Timestamp::MAX);
+        let feasible_deadline = Timestamp::from_millisecond((feasible.ceil() * 1000.0) as i64).unwrap_or(Timestamp::MAX);
         let limit = if schedulable < usable_max {
             format!("only {} could be scheduled", at_workers(schedulable))
         } else {
@@ -526,17 +452,9 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
             since_start(obs.deadline),
             fmt_secs(late_at_best.max(0.0)),
             at_workers(best),
-            feasible_deadline
-                .round(jiff::Unit::Minute)
-                .unwrap_or(feasible_deadline),
+            feasible_deadline.round(jiff::Unit::Minute).unwrap_or(feasible_deadline),
         );
-        let inf = Infeasibility {
-            late_by_secs: late_at_best,
-            projected_at_max,
-            workers_needed,
-            feasible_deadline,
-            suggestion,
-        };
+        let inf = Infeasibility { late_by_secs: late_at_best, projected_at_max, workers_needed, feasible_deadline, suggestion };
         (SlaStatus::Infeasible, Some(inf))
     } else {
         let over = plan_secs - target;
@@ -545,14 +463,7 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
             Some(SlaStatus::AtRisk) | Some(SlaStatus::Infeasible) => over > -band,
             _ => over > 0.0,
         };
-        (
-            if at_risk {
-                SlaStatus::AtRisk
-            } else {
-                SlaStatus::OnTrack
-            },
-            None,
-        )
+        (if at_risk { SlaStatus::AtRisk } else { SlaStatus::OnTrack }, None)
     };
 
     let reason = match (&infeasible, status) {
@@ -644,11 +555,7 @@ impl ThroughputEstimator {
     /// newer weight (non-positive means never forget).
     pub fn with_half_life(half_life: f64) -> Self {
         Self {
-            half_life: if half_life.is_finite() && half_life > 0.0 {
-                half_life
-            } else {
-                f64::INFINITY
-            },
+            half_life: if half_life.is_finite() && half_life > 0.0 { half_life } else { f64::INFINITY },
             sum_w: 0.0,
             sum_wx: 0.0,
             sum_wxx: 0.0,
@@ -680,17 +587,9 @@ impl ThroughputEstimator {
         }
         let mean = self.sum_wx / self.sum_w;
         let var = (self.sum_wxx / self.sum_w - mean * mean).max(0.0);
-        let n_eff = if self.sum_ww > 0.0 {
-            self.sum_w * self.sum_w / self.sum_ww
-        } else {
-            1.0
-        };
+        let n_eff = if self.sum_ww > 0.0 { self.sum_w * self.sum_w / self.sum_ww } else { 1.0 };
         let samples = (n_eff.round() as u64).clamp(1, self.count.min(u64::from(u32::MAX))) as u32;
-        Some(RateEstimate {
-            mean,
-            stddev: var.sqrt(),
-            samples,
-        })
+        Some(RateEstimate { mean, stddev: var.sqrt(), samples })
     }
 
     /// Record one measured pod start-up (creation to first request admitted), in seconds.

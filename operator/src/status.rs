@@ -70,9 +70,9 @@ impl JobView {
         let spec = job.spec.as_ref();
         let st = job.status.as_ref();
         let failed_condition = st.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
-            cs.iter().find(|c| c.type_ == "Failed" && c.status == "True").map(|c| {
-                format!("{}: {}", c.reason.as_deref().unwrap_or("JobFailed"), c.message.as_deref().unwrap_or("the Job failed"))
-            })
+            cs.iter()
+                .find(|c| c.type_ == "Failed" && c.status == "True")
+                .map(|c| format!("{}: {}", c.reason.as_deref().unwrap_or("JobFailed"), c.message.as_deref().unwrap_or("the Job failed")))
         });
         Self {
             exists: true,
@@ -84,12 +84,7 @@ impl JobView {
             ready: st.and_then(|s| s.ready).unwrap_or(0),
             start_time: st.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
             failed_condition,
-            last_scale_change: job
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LAST_SCALE_ANNOTATION))
-                .and_then(|v| v.parse().ok()),
+            last_scale_change: job.metadata.annotations.as_ref().and_then(|a| a.get(LAST_SCALE_ANNOTATION)).and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -174,7 +169,10 @@ pub fn unschedulable_pods(pods: &[Pod]) -> u32 {
         .filter(|p| {
             p.status.as_ref().is_some_and(|s| {
                 s.phase.as_deref() == Some("Pending")
-                    && s.conditions.iter().flatten().any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+                    && s.conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
             })
         })
         .count() as u32
@@ -211,6 +209,11 @@ pub struct StatusInput<'a> {
     pub failure: Option<String>,
 }
 
+/// Kubernetes serializes times to whole seconds; round so a stored status compares equal.
+fn whole_seconds(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
+}
+
 fn round_rate(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
@@ -245,10 +248,10 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     };
     let d = i.decision;
     let completion_time = match i.phase {
-        JobPhase::Succeeded | JobPhase::Failed => old.completion_time.clone().or(Some(Time(i.now))),
+        JobPhase::Succeeded | JobPhase::Failed => old.completion_time.clone().or(Some(whole_seconds(i.now))),
         _ => None,
     };
-    let start_time = old.start_time.clone().or_else(|| i.job.start_time.map(Time));
+    let start_time = old.start_time.clone().or_else(|| i.job.start_time.map(whole_seconds));
 
     let mut conds = old.conditions.clone();
     let now = i.now;
@@ -276,7 +279,17 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         now,
     );
     if i.phase == JobPhase::Succeeded {
-        conditions::set(&mut conds, Cond::new(ct::COMPLETE, true, "AllShardsCommitted", format!("manifest written: {}", i.manifest_uri.clone().unwrap_or_default())), g, now);
+        conditions::set(
+            &mut conds,
+            Cond::new(
+                ct::COMPLETE,
+                true,
+                "AllShardsCommitted",
+                format!("manifest written: {}", i.manifest_uri.clone().unwrap_or_default()),
+            ),
+            g,
+            now,
+        );
     } else {
         conditions::remove(&mut conds, ct::COMPLETE);
     }
@@ -295,8 +308,8 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         shards,
         workers,
         throughput,
-        projected_completion_time: d.projected_completion.map(Time),
-        deadline: Some(Time(i.deadline)),
+        projected_completion_time: d.projected_completion.map(whole_seconds),
+        deadline: Some(whole_seconds(i.deadline)),
         slack_seconds: d.slack_secs.filter(|s| s.is_finite()).map(|s| s.round() as i64),
         sla_status: Some(d.status),
         gpu_seconds: (i.gpu_seconds.max(old.gpu_seconds) * 10.0).round() / 10.0,

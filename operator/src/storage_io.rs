@@ -158,9 +158,7 @@ pub async fn read_json<T: DeserializeOwned>(loc: &Location, what: &'static str) 
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(Error::storage("get", &loc.uri)(e)),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::BadDocument { uri: loc.uri.clone(), what, reason: e.to_string() })
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::BadDocument { uri: loc.uri.clone(), what, reason: e.to_string() })
 }
 
 /// Outcome of a create-only write.
@@ -255,7 +253,12 @@ mod tests {
         let mut secret = BTreeMap::new();
         secret.insert("AWS_ACCESS_KEY_ID".to_string(), "k".to_string());
         secret.insert("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string());
-        let storage = StorageSpec { endpoint: Some("http://minio:9000".into()), allow_http: Some(true), path_style: Some(true), ..Default::default() };
+        let storage = StorageSpec {
+            endpoint: Some("http://minio:9000".into()),
+            allow_http: Some(true),
+            path_style: Some(true),
+            ..Default::default()
+        };
         let loc = UriOpener.open("spec.output.uri", "s3://bucket/a/b/", Some(&storage), &secret).unwrap();
         assert_eq!(loc.path.as_ref(), "a/b");
     }

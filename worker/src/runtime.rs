@@ -194,6 +194,7 @@ impl PreparedShard {
     pub async fn finish_if_done(&mut self) -> Result<Option<RunOutcome>, RunError> {
         if self.output.is_finalized().await? {
             tracing::info!(shard = self.cfg.shard, "shard already finalized");
+            self.coverage = self.output.load_coverage(self.coverage.range()).await?;
             let t = self.output.tally(&self.coverage).await?;
             self.progress.set_committed(t);
             self.progress.set_complete();

@@ -128,7 +128,12 @@ async fn main() -> anyhow::Result<()> {
         _ => Vec::new(),
     };
     let config = Config {
-        worker: WorkerDefaults { image: args.worker_image.clone(), gpu_resource_name: args.gpu_resource_name.clone(), node_selector, tolerations },
+        worker: WorkerDefaults {
+            image: args.worker_image.clone(),
+            gpu_resource_name: args.gpu_resource_name.clone(),
+            node_selector,
+            tolerations,
+        },
         ..Config::default()
     };
 
@@ -141,7 +146,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(Http { metrics: metrics.clone(), ready: ready.clone() });
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz, /readyz");
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(http_stop_rx.map(|_| ())).await });
@@ -156,9 +162,7 @@ async fn main() -> anyhow::Result<()> {
     let leader = Arc::new(AtomicBool::new(!args.leader_election));
     metrics.leader.set(i64::from(!args.leader_election));
     let lease_task = if args.leader_election {
-        let identity = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| "sluice-operator".into());
+        let identity = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "sluice-operator".into());
         let identity = format!("{identity}-{:08x}", rand::random::<u32>());
         let settings = LeaseSettings { name: args.lease_name.clone(), namespace: args.lease_namespace.clone(), identity };
         tracing::info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "leader election on");

@@ -57,16 +57,11 @@ impl Sluice {
 
     /// A scaler that records a trace line per change (for `sluice-sim --trace`).
     pub fn traced(cfg: SlaConfig) -> Self {
-        Self {
-            trace: Some(Vec::new()),
-            ..Self::new(cfg)
-        }
+        Self { trace: Some(Vec::new()), ..Self::new(cfg) }
     }
 
     fn at(&self, secs: f64) -> Timestamp {
-        self.epoch
-            .checked_add(SignedDuration::from_secs_f64(secs))
-            .unwrap_or(self.epoch)
+        self.epoch.checked_add(SignedDuration::from_secs_f64(secs)).unwrap_or(self.epoch)
     }
 }
 
@@ -80,10 +75,7 @@ impl Controller for Sluice {
                 self.est.observe(rps, secs);
             }
         }
-        let startup = self.est.startup_secs().or_else(|| {
-            v.oldest_starting_secs
-                .filter(|&e| e > self.cfg.prior_startup_secs)
-        });
+        let startup = self.est.startup_secs().or_else(|| v.oldest_starting_secs.filter(|&e| e > self.cfg.prior_startup_secs));
         let obs = SlaObservation {
             now: self.at(v.finished_at.unwrap_or(v.now)),
             window_start: self.at(0.0),
@@ -120,11 +112,7 @@ impl Controller for Sluice {
                 d.reason
             ));
         }
-        let out = Decision {
-            parallelism: d.desired_workers,
-            status: Some(d.status),
-            shard_capped: d.shard_capped || v.finished,
-        };
+        let out = Decision { parallelism: d.desired_workers, status: Some(d.status), shard_capped: d.shard_capped || v.finished };
         self.current = d.desired_workers;
         self.previous = Some(d.status);
         self.last = Some(d);
@@ -138,11 +126,7 @@ pub struct Static(pub u32);
 
 impl Controller for Static {
     fn sync(&mut self, _: &View) -> Decision {
-        Decision {
-            parallelism: self.0,
-            status: None,
-            shard_capped: false,
-        }
+        Decision { parallelism: self.0, status: None, shard_capped: false }
     }
 }
 
@@ -165,29 +149,16 @@ impl Reactive {
 
     /// A reactive scaler with the job's bounds.
     pub fn new(min: u32, max: u32) -> Self {
-        Self {
-            min: min.max(1),
-            max: max.max(1),
-            shards_per_worker: Self::SHARDS_PER_WORKER,
-            history: Vec::new(),
-        }
+        Self { min: min.max(1), max: max.max(1), shards_per_worker: Self::SHARDS_PER_WORKER, history: Vec::new() }
     }
 }
 
 impl Controller for Reactive {
     fn sync(&mut self, v: &View) -> Decision {
-        let rec = v
-            .remaining_shards
-            .div_ceil(self.shards_per_worker)
-            .clamp(self.min.min(self.max), self.max);
+        let rec = v.remaining_shards.div_ceil(self.shards_per_worker).clamp(self.min.min(self.max), self.max);
         self.history.push((v.now, rec));
-        self.history
-            .retain(|(t, _)| v.now - t <= Self::STABILIZATION_SECS);
+        self.history.retain(|(t, _)| v.now - t <= Self::STABILIZATION_SECS);
         let p = self.history.iter().map(|(_, r)| *r).max().unwrap_or(rec);
-        Decision {
-            parallelism: if v.finished { 0 } else { p },
-            status: None,
-            shard_capped: v.finished,
-        }
+        Decision { parallelism: if v.finished { 0 } else { p }, status: None, shard_capped: v.finished }
     }
 }

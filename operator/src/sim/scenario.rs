@@ -108,50 +108,26 @@ const H: f64 = 3600.0;
 /// Every scenario of `--all`.
 pub fn all() -> Vec<Scenario> {
     vec![
-        Scenario {
-            name: "steady",
-            about: "constant throughput, 6 h window, needs about 3 of 8 workers",
-            ..BASE
-        },
-        Scenario {
-            name: "noisy",
-            about: "throughput ±30 % per shard and per interval",
-            noise: 0.3,
-            seed: 2,
-            ..BASE
-        },
+        Scenario { name: "steady", about: "constant throughput, 6 h window, needs about 3 of 8 workers", ..BASE },
+        Scenario { name: "noisy", about: "throughput ±30 % per shard and per interval", noise: 0.3, seed: 2, ..BASE },
         Scenario {
             name: "drift-down",
             about: "throughput falls to 60 % between hour 1 and hour 3",
-            drift: Some(Drift {
-                from_secs: H,
-                to_secs: 3.0 * H,
-                factor: 0.6,
-            }),
+            drift: Some(Drift { from_secs: H, to_secs: 3.0 * H, factor: 0.6 }),
             ..BASE
         },
         Scenario {
             name: "drift-up",
             about: "throughput doubles between hour 1 and hour 2 (scale down)",
-            drift: Some(Drift {
-                from_secs: H,
-                to_secs: 2.0 * H,
-                factor: 2.0,
-            }),
+            drift: Some(Drift { from_secs: H, to_secs: 2.0 * H, factor: 2.0 }),
             window_secs: 5.0 * H,
             ..BASE
         },
         Scenario {
             name: "slow-startup",
             about: "pod start-up anywhere from 30 s to 10 min",
-            cold_startup: Range {
-                lo: 30.0,
-                hi: 600.0,
-            },
-            warm_startup: Range {
-                lo: 30.0,
-                hi: 600.0,
-            },
+            cold_startup: Range { lo: 30.0, hi: 600.0 },
+            warm_startup: Range { lo: 30.0, hi: 600.0 },
             seed: 3,
             ..BASE
         },
@@ -163,13 +139,7 @@ pub fn all() -> Vec<Scenario> {
             warm_startup: Range::fixed(240.0),
             ..BASE
         },
-        Scenario {
-            name: "preemptions",
-            about: "each pod preempted about once per 2 h (spot)",
-            preemptions_per_hour: 0.5,
-            seed: 4,
-            ..BASE
-        },
+        Scenario { name: "preemptions", about: "each pod preempted about once per 2 h (spot)", preemptions_per_hour: 0.5, seed: 4, ..BASE },
         Scenario {
             name: "capacity-cap",
             about: "8 allowed, only 4 GPUs schedulable; 4 suffice",
@@ -192,32 +162,10 @@ pub fn all() -> Vec<Scenario> {
             seed: 5,
             ..BASE
         },
-        Scenario {
-            name: "failed-shards",
-            about: "15 % of attempts fail part-way and are retried",
-            fail_prob: 0.15,
-            seed: 6,
-            ..BASE
-        },
-        Scenario {
-            name: "tight-deadline",
-            about: "needs about 85 % of max workers",
-            window_secs: 1.85 * H,
-            ..BASE
-        },
-        Scenario {
-            name: "loose-deadline",
-            about: "48 h window: one worker is plenty",
-            window_secs: 48.0 * H,
-            min_workers: 0,
-            ..BASE
-        },
-        Scenario {
-            name: "impossible-deadline",
-            about: "needs about twice max workers",
-            window_secs: 0.75 * H,
-            ..BASE
-        },
+        Scenario { name: "failed-shards", about: "15 % of attempts fail part-way and are retried", fail_prob: 0.15, seed: 6, ..BASE },
+        Scenario { name: "tight-deadline", about: "needs about 85 % of max workers", window_secs: 1.85 * H, ..BASE },
+        Scenario { name: "loose-deadline", about: "48 h window: one worker is plenty", window_secs: 48.0 * H, min_workers: 0, ..BASE },
+        Scenario { name: "impossible-deadline", about: "needs about twice max workers", window_secs: 0.75 * H, ..BASE },
         Scenario {
             name: "one-hour-left",
             about: "submitted with 1 h left: 30k requests in 60 shards",
@@ -245,19 +193,8 @@ pub fn all() -> Vec<Scenario> {
             noise: 0.1,
             ..BASE
         },
-        Scenario {
-            name: "many-small-shards",
-            about: "1000 shards of 200 requests",
-            shards: 1000,
-            ..BASE
-        },
-        Scenario {
-            name: "few-large-shards",
-            about: "8 shards of 25k requests (1.4 h each)",
-            shards: 8,
-            window_secs: 4.0 * H,
-            ..BASE
-        },
+        Scenario { name: "many-small-shards", about: "1000 shards of 200 requests", shards: 1000, ..BASE },
+        Scenario { name: "few-large-shards", about: "8 shards of 25k requests (1.4 h each)", shards: 8, window_secs: 4.0 * H, ..BASE },
         Scenario {
             name: "prior-optimistic",
             about: "true throughput 4x below the prior (short maxTokens, slow model)",
@@ -274,18 +211,8 @@ pub fn all() -> Vec<Scenario> {
             max_tokens: 2560,
             ..BASE
         },
-        Scenario {
-            name: "min-floor",
-            about: "workers.min 4 although 3 would do",
-            min_workers: 4,
-            ..BASE
-        },
-        Scenario {
-            name: "fastest",
-            about: "policy Fastest: always max workers",
-            policy: SlaPolicy::Fastest,
-            ..BASE
-        },
+        Scenario { name: "min-floor", about: "workers.min 4 although 3 would do", min_workers: 4, ..BASE },
+        Scenario { name: "fastest", about: "policy Fastest: always max workers", policy: SlaPolicy::Fastest, ..BASE },
         Scenario {
             name: "messy",
             about: "noise ±30 %, preemptions, long tail, failures and slow start-up together",
@@ -294,14 +221,8 @@ pub fn all() -> Vec<Scenario> {
             slow_fraction: 0.05,
             slow_factor: 5.0,
             fail_prob: 0.1,
-            cold_startup: Range {
-                lo: 60.0,
-                hi: 600.0,
-            },
-            warm_startup: Range {
-                lo: 30.0,
-                hi: 180.0,
-            },
+            cold_startup: Range { lo: 60.0, hi: 600.0 },
+            warm_startup: Range { lo: 30.0, hi: 180.0 },
             seed: 7,
             ..BASE
         },

@@ -182,10 +182,8 @@ struct Slot {
 /// Deterministic uniform in [0, 1) from a seed and a few keys (SplitMix64), so the world is
 /// the same whichever controller runs it.
 fn unit(seed: u64, a: u64, b: u64, c: u64) -> f64 {
-    let mut z = seed
-        ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-        ^ c.wrapping_mul(0x1656_67B1_9E37_79F9);
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ c.wrapping_mul(0x1656_67B1_9E37_79F9);
     for _ in 0..2 {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -212,11 +210,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
     let mut shards: Vec<Shard> = (0..shards_n)
         .map(|i| {
             let noise = 1.0 + sc.noise * (2.0 * unit(seed, K_SPEED, u64::from(i), 0) - 1.0);
-            let slow = if unit(seed, K_SLOW, u64::from(i), 0) < sc.slow_fraction {
-                1.0 / sc.slow_factor.max(1.0)
-            } else {
-                1.0
-            };
+            let slow = if unit(seed, K_SLOW, u64::from(i), 0) < sc.slow_fraction { 1.0 / sc.slow_factor.max(1.0) } else { 1.0 };
             Shard {
                 lines: base_lines + u64::from(u64::from(i) < extra),
                 committed: 0,
@@ -271,10 +265,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
         let sync_now = (t % SYNC_SECS).abs() < 1e-9 || finished_at.is_some();
         if sync_now {
             let mut new_records = Vec::new();
-            while records
-                .front()
-                .is_some_and(|r| r.written <= t - READ_LAG_SECS)
-            {
+            while records.front().is_some_and(|r| r.written <= t - READ_LAG_SECS) {
                 if let Some(r) = records.pop_front() {
                     if let Some(s) = shards.get_mut(r.shard as usize)
                         && !s.complete
@@ -290,10 +281,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                 steady_from = Some(t + 900.0);
             }
             let active = pods.iter().filter(|p| p.state != PodState::Pending).count() as u32;
-            let unschedulable = pods
-                .iter()
-                .filter(|p| p.state == PodState::Pending && t - p.created >= STEP_SECS)
-                .count() as u32;
+            let unschedulable = pods.iter().filter(|p| p.state == PodState::Pending && t - p.created >= STEP_SECS).count() as u32;
             let oldest = pods
                 .iter()
                 .filter(|p| p.state == PodState::Starting)
@@ -371,16 +359,11 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
             let attempt = s.attempts;
             s.attempts += 1;
             let key = u64::from(idx as u32);
-            let fail_at = (attempt < 2
-                && unit(seed, K_FAIL, key, u64::from(attempt)) < sc.fail_prob)
-                .then(|| {
-                    s.committed as f64
-                        + (s.lines - s.committed) as f64
-                            * (0.1 + 0.8 * unit(seed, K_FAIL_AT, key, u64::from(attempt)))
-                });
+            let fail_at = (attempt < 2 && unit(seed, K_FAIL, key, u64::from(attempt)) < sc.fail_prob).then(|| {
+                s.committed as f64 + (s.lines - s.committed) as f64 * (0.1 + 0.8 * unit(seed, K_FAIL_AT, key, u64::from(attempt)))
+            });
             let preempt_after = if sc.preemptions_per_hour > 0.0 {
-                -(1.0 - unit(seed, K_PREEMPT, key, u64::from(attempt))).ln() * 3600.0
-                    / sc.preemptions_per_hour
+                -(1.0 - unit(seed, K_PREEMPT, key, u64::from(attempt))).ln() * 3600.0 / sc.preemptions_per_hour
             } else {
                 f64::INFINITY
             };
@@ -408,18 +391,12 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
         for p in pods.iter_mut().filter(|p| p.state == PodState::Pending) {
             let now = t + SCHED_DELAY_SECS;
             let warm = slots.iter().position(|s| !s.busy && s.warm_until >= now);
-            let slot = warm
-                .or_else(|| slots.iter().position(|s| !s.busy))
-                .or_else(|| {
-                    (slots.len() < cap).then(|| {
-                        slots.push(Slot {
-                            busy: false,
-                            warm_until: f64::NEG_INFINITY,
-                            life_start: None,
-                        });
-                        slots.len() - 1
-                    })
-                });
+            let slot = warm.or_else(|| slots.iter().position(|s| !s.busy)).or_else(|| {
+                (slots.len() < cap).then(|| {
+                    slots.push(Slot { busy: false, warm_until: f64::NEG_INFINITY, life_start: None });
+                    slots.len() - 1
+                })
+            });
             let Some(si) = slot else { break };
             let is_warm = slots[si].warm_until >= now;
             if !is_warm {
@@ -431,11 +408,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
             }
             slots[si].busy = true;
             let u = unit(seed, K_STARTUP, u64::from(p.shard), u64::from(p.attempt));
-            let startup = if is_warm {
-                sc.warm_startup.at(u)
-            } else {
-                sc.cold_startup.at(u)
-            };
+            let startup = if is_warm { sc.warm_startup.at(u) } else { sc.cold_startup.at(u) };
             p.state = PodState::Starting;
             p.slot = si;
             p.bound = now;
@@ -479,8 +452,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
             }
             if end.is_none() && p.state == PodState::Running {
                 let from = t.max(p.ready_at);
-                let step_noise =
-                    1.0 + 0.5 * sc.noise * (2.0 * unit(seed, K_STEP, shard_idx as u64, step) - 1.0);
+                let step_noise = 1.0 + 0.5 * sc.noise * (2.0 * unit(seed, K_STEP, shard_idx as u64, step) - 1.0);
                 let rate = (sc.rate * drift(0.5 * (from + t1)) * sh.speed * step_noise).max(1e-9);
                 let mut until = t1;
                 let mut why = None;
@@ -512,12 +484,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                         shard: p.shard,
                         pod: p.id,
                         lines_done: committed,
-                        interval: (dt > 0.0).then(|| {
-                            (
-                                (committed.saturating_sub(p.last_record_lines)) as f64 / dt,
-                                dt,
-                            )
-                        }),
+                        interval: (dt > 0.0).then(|| ((committed.saturating_sub(p.last_record_lines)) as f64 / dt, dt)),
                         startup_secs: None,
                     });
                     p.last_record_lines = committed;
@@ -572,34 +539,16 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
     }
     // Pods still bound at the horizon.
     let t_end = step as f64 * STEP_SECS;
-    gpu_secs += pods
-        .iter()
-        .filter(|p| p.state != PodState::Pending)
-        .map(|p| (t_end - p.bound).max(0.0))
-        .sum::<f64>();
+    gpu_secs += pods.iter().filter(|p| p.state != PodState::Pending).map(|p| (t_end - p.bound).max(0.0)).sum::<f64>();
     node_secs += slots
         .iter()
-        .filter_map(|s| {
-            s.life_start
-                .map(|start| (if s.busy { t_end } else { s.warm_until }) - start)
-        })
+        .filter_map(|s| s.life_start.map(|start| (if s.busy { t_end } else { s.warm_until }) - start))
         .map(|x| x.max(0.0))
         .sum::<f64>();
 
-    let (lo, hi) = (
-        steady_from.unwrap_or(f64::INFINITY),
-        steady_until.unwrap_or(f64::INFINITY),
-    );
-    let steady: Vec<f64> = changes
-        .iter()
-        .copied()
-        .filter(|c| *c >= lo && *c < hi)
-        .collect();
-    let max_changes = steady
-        .iter()
-        .map(|&c| steady.iter().filter(|&&d| d >= c && d < c + 300.0).count() as u32)
-        .max()
-        .unwrap_or(0);
+    let (lo, hi) = (steady_from.unwrap_or(f64::INFINITY), steady_until.unwrap_or(f64::INFINITY));
+    let steady: Vec<f64> = changes.iter().copied().filter(|c| *c >= lo && *c < hi).collect();
+    let max_changes = steady.iter().map(|&c| steady.iter().filter(|&&d| d >= c && d < c + 300.0).count() as u32).max().unwrap_or(0);
 
     // The flagged period that lasts until the deadline (or the end, if earlier).
     let flagged = |s: SlaStatus| matches!(s, SlaStatus::AtRisk | SlaStatus::Infeasible);

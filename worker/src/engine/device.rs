@@ -74,6 +74,20 @@ fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
     ))
 }
 
+/// The device's name as its driver reports it (e.g. `NVIDIA H100 80GB HBM3`), or `cpu`.
+pub fn device_label(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("cuda (name unavailable: {e:?})")),
+        other => format!("{:?}", other.location()),
+    }
+}
+
 /// Number of KV blocks to allocate, after the weights are on the device.
 pub fn kv_blocks(
     arch: &ArchConfig,

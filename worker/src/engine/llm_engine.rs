@@ -14,7 +14,7 @@ use super::config::ArchConfig;
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
 use super::kv_cache::{KvCache, blocks_for, slots_for};
-use super::model::{Model, SeqInput};
+use super::model::{LastToken, Model, SeqInput};
 use super::sampling::{self, SamplingParams};
 use super::scheduler::{Limits, Scheduler, Sequence};
 use super::tokenizer::{Prompt, TextCodec};
@@ -293,6 +293,11 @@ impl LlmEngine {
         }
     }
 
+    /// The device's name as its driver reports it (`NVIDIA H100 80GB HBM3`, ...), or `cpu`.
+    pub fn device_label(&self) -> String {
+        device::device_label(self.model.device())
+    }
+
     pub fn dtype(&self) -> DType {
         self.model.dtype()
     }
@@ -412,7 +417,22 @@ impl LlmEngine {
             })
             .collect();
         let step_tokens: usize = plan.iter().map(|p| p.num_tokens).sum();
-        let logits = self.model.forward(&inputs, &mut self.cache)?;
+        // On a GPU, greedy sequences get their argmax on the device and only the id crosses
+        // to the host; on the CPU the logits are already in host memory.
+        let logits: Vec<Option<LastToken>> = if self.model.device().is_cuda() {
+            let full: Vec<bool> = plan
+                .iter()
+                .map(|p| !self.sched.running[p.index].params.is_greedy())
+                .collect();
+            self.model
+                .forward_sampled(&inputs, &mut self.cache, &full)?
+        } else {
+            self.model
+                .forward(&inputs, &mut self.cache)?
+                .into_iter()
+                .map(|l| l.map(LastToken::Logits))
+                .collect()
+        };
         self.stats.steps += 1;
         self.stats.last_step_tokens = step_tokens;
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(step_tokens);
@@ -426,8 +446,11 @@ impl LlmEngine {
         for (p, l) in plan.iter().zip(logits) {
             let seq = &mut self.sched.running[p.index];
             seq.num_computed += p.num_tokens;
-            let Some(l) = l else { continue };
-            let tok = sampling::sample(&l, &seq.params, &mut seq.rng);
+            let tok = match l {
+                None => continue,
+                Some(LastToken::Logits(l)) => sampling::sample(&l, &seq.params, &mut seq.rng),
+                Some(LastToken::Argmax(id)) => id,
+            };
             seq.tokens.push(tok);
             seq.first_token.get_or_insert(now);
             let generated = seq.num_generated();

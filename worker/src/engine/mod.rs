@@ -6,6 +6,7 @@
 //! own thread for the async runtime. See `docs/engine.md` for the design.
 
 pub mod config;
+pub mod cuda_ops;
 pub mod device;
 pub mod error;
 pub mod handle;

@@ -53,11 +53,35 @@ struct StepTensors {
 
 struct DecodeGroup {
     batch: usize,
-    max_ctx: usize,
-    /// `[batch * max_ctx]` key slots, padded with slot 0.
-    key_slots: Tensor,
-    /// `[batch, 1, 1, max_ctx]` additive mask: 0 for keys, -inf for padding.
-    mask: Tensor,
+    keys: DecodeKeys,
+}
+
+/// How the decode group finds its keys in the cache.
+enum DecodeKeys {
+    /// Gathered with candle ops (CPU, f32/f16, shapes the kernel does not cover).
+    Gather {
+        max_ctx: usize,
+        /// `[batch * max_ctx]` key slots, padded with slot 0.
+        key_slots: Tensor,
+        /// `[batch, 1, 1, max_ctx]` additive mask: 0 for keys, -inf for padding.
+        mask: Tensor,
+    },
+    /// Read in place by the paged decode kernel (`cuda_ops`).
+    Paged {
+        /// `[batch, max_blocks]` block ids, padded with 0.
+        tables: Tensor,
+        /// `[batch]` keys per sequence.
+        ctx_lens: Tensor,
+    },
+}
+
+/// What `forward_sampled` brings back for a sequence that wanted logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LastToken {
+    /// The full f32 logits row (sampling on the host).
+    Logits(Vec<f32>),
+    /// The argmax computed on the device (greedy; only the id crosses to the host).
+    Argmax(u32),
 }
 
 struct PrefillChunk {
@@ -82,6 +106,8 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     max_len: usize,
+    /// Decode attention through the paged kernel (CUDA bf16; `SLUICE_PAGED_ATTENTION=0` off).
+    paged_decode: bool,
 }
 
 fn linear(
@@ -192,6 +218,15 @@ impl Model {
         }
         let cos = Tensor::from_vec(cos, (max_len, half), device)?;
         let sin = Tensor::from_vec(sin, (max_len, half), device)?;
+        let paged_decode = device.is_cuda()
+            && super::cuda_ops::paged_decode_supported(
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                weights.dtype(),
+            )
+            && std::env::var("SLUICE_PAGED_ATTENTION").as_deref() != Ok("0");
+        tracing::debug!(paged_decode, "attention path");
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -203,6 +238,7 @@ impl Model {
             cos,
             sin,
             max_len,
+            paged_decode,
         })
     }
 
@@ -220,7 +256,11 @@ impl Model {
 
     /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
     /// Returns the tensors and, per input sequence, its row among the returned logits.
-    fn prepare(&self, seqs: &[SeqInput]) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
+    fn prepare(
+        &self,
+        seqs: &[SeqInput],
+        block_size: usize,
+    ) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
         let mut order: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].tokens.len() == 1)
@@ -273,7 +313,29 @@ impl Model {
                 });
             }
         }
-        let decode = if n_decode > 0 {
+        let decode = if n_decode > 0 && self.paged_decode {
+            let max_blocks = order[..n_decode]
+                .iter()
+                .map(|&i| seqs[i].slots.len().div_ceil(block_size))
+                .max()
+                .unwrap_or(1);
+            let mut tables = Vec::with_capacity(n_decode * max_blocks);
+            let mut lens = Vec::with_capacity(n_decode);
+            for &i in &order[..n_decode] {
+                let s = &seqs[i].slots;
+                let nb = s.len().div_ceil(block_size);
+                tables.extend(s.iter().step_by(block_size).map(|&x| x / block_size as u32));
+                tables.extend(std::iter::repeat_n(0u32, max_blocks - nb));
+                lens.push(s.len() as u32);
+            }
+            Some(DecodeGroup {
+                batch: n_decode,
+                keys: DecodeKeys::Paged {
+                    tables: Tensor::from_vec(tables, (n_decode, max_blocks), &self.device)?,
+                    ctx_lens: Tensor::from_vec(lens, n_decode, &self.device)?,
+                },
+            })
+        } else if n_decode > 0 {
             let max_ctx = order[..n_decode]
                 .iter()
                 .map(|&i| seqs[i].slots.len())
@@ -290,23 +352,25 @@ impl Model {
             }
             Some(DecodeGroup {
                 batch: n_decode,
-                max_ctx,
-                key_slots: Tensor::from_vec(slots, n_decode * max_ctx, &self.device)?,
-                mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_ctx), &self.device)?,
+                keys: DecodeKeys::Gather {
+                    max_ctx,
+                    key_slots: Tensor::from_vec(slots, n_decode * max_ctx, &self.device)?,
+                    mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_ctx), &self.device)?,
+                },
             })
         } else {
             None
         };
         let n = ids.len();
         let positions = Tensor::from_vec(pos, n, &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
-        let cos = Tensor::cat(&[&cos, &cos], 1)?
-            .to_dtype(self.dtype)?
-            .unsqueeze(1)?;
-        let sin = Tensor::cat(&[&sin, &sin], 1)?
-            .to_dtype(self.dtype)?
-            .unsqueeze(1)?;
+        let cos = self
+            .cos
+            .index_select(&positions, 0)?
+            .to_dtype(self.dtype)?;
+        let sin = self
+            .sin
+            .index_select(&positions, 0)?
+            .to_dtype(self.dtype)?;
         let write_index = Tensor::from_vec(write, (n, 1), &self.device)?
             .broadcast_as((n, kvd))?
             .contiguous()?;
@@ -338,10 +402,70 @@ impl Model {
         seqs: &[SeqInput],
         cache: &mut KvCache,
     ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
-        if seqs.is_empty() {
-            return Ok(Vec::new());
+        let mut out = vec![None; seqs.len()];
+        let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
+            return Ok(out);
+        };
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (i, row) in logit_of.iter().enumerate() {
+            if let Some(r) = row {
+                out[i] = logits.get(*r).cloned();
+            }
         }
-        let (st, logit_of) = self.prepare(seqs)?;
+        Ok(out)
+    }
+
+    /// Like `forward`, but only the sequences with `full_logits[i]` bring their logits row to
+    /// the host; the others get the argmax computed on the device (greedy sampling without
+    /// moving a vocabulary-sized row per token).
+    pub fn forward_sampled(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut KvCache,
+        full_logits: &[bool],
+    ) -> Result<Vec<Option<LastToken>>, EngineError> {
+        let mut out = vec![None; seqs.len()];
+        let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
+            return Ok(out);
+        };
+        let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let mut want_rows = Vec::new();
+        let mut want_seqs = Vec::new();
+        for (i, row) in logit_of.iter().enumerate() {
+            let Some(r) = *row else { continue };
+            if full_logits.get(i).copied().unwrap_or(true) {
+                want_rows.push(r as u32);
+                want_seqs.push(i);
+            } else if let Some(&id) = ids.get(r) {
+                out[i] = Some(LastToken::Argmax(id));
+            }
+        }
+        if !want_rows.is_empty() {
+            let n = want_rows.len();
+            let rows = Tensor::from_vec(want_rows, n, &self.device)?;
+            let full = logits
+                .index_select(&rows, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (i, row) in want_seqs.into_iter().zip(full) {
+                out[i] = Some(LastToken::Logits(row));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The forward pass; returns the `[rows, vocab]` logits (model dtype) of the sequences that
+    /// want them and each sequence's row, or None when no sequence wants logits.
+    #[allow(clippy::type_complexity)]
+    fn last_logits(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut KvCache,
+    ) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        let (st, logit_of) = self.prepare(seqs, cache.block_size())?;
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&st.token_ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -352,27 +476,19 @@ impl Model {
             let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
-        let mut out = vec![None; seqs.len()];
-        if let Some(rows) = &st.logit_rows {
-            let last = x.index_select(rows, 0)?;
-            let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-            let logits = last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
-            let logits = logits.to_vec2::<f32>()?;
-            for (i, row) in logit_of.iter().enumerate() {
-                if let Some(r) = row {
-                    out[i] = logits.get(*r).cloned();
-                }
-            }
-        }
-        Ok(out)
+        let Some(rows) = &st.logit_rows else {
+            return Ok(None);
+        };
+        let last = x.index_select(rows, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let logits = last.matmul(&self.lm_head.t()?)?;
+        Ok(Some((logits, logit_of)))
     }
 
+    /// Rotary embedding of `x: [n, heads, head_dim]` at each token's position (rotate-half).
     fn rope(&self, x: &Tensor, st: &StepTensors) -> Result<Tensor, EngineError> {
-        let half = self.cfg.head_dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&st.cos)? + rotated.broadcast_mul(&st.sin)?)?)
+        let x = x.contiguous()?.unsqueeze(0)?;
+        Ok(candle_nn::rotary_emb::rope_thd(&x, &st.cos, &st.sin)?.squeeze(0)?)
     }
 
     fn attention(
@@ -396,23 +512,50 @@ impl Model {
         vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(1 + st.prefills.len());
-        if let Some(dg) = &st.decode {
-            let (b, l) = (dg.batch, dg.max_ctx);
+        if let Some(DecodeGroup {
+            batch: b,
+            keys: DecodeKeys::Paged { tables, ctx_lens },
+        }) = &st.decode
+        {
+            let qd = q.narrow(0, 0, *b)?;
+            let o = super::cuda_ops::paged_decode(
+                &qd,
+                kc,
+                vc,
+                tables,
+                ctx_lens,
+                nkv,
+                cache.block_size(),
+                scale as f32,
+            )?;
+            outs.push(o.reshape((*b, nh * hd))?);
+        }
+        if let Some(DecodeGroup {
+            batch,
+            keys:
+                DecodeKeys::Gather {
+                    max_ctx,
+                    key_slots,
+                    mask,
+                },
+        }) = &st.decode
+        {
+            let (b, l) = (*batch, *max_ctx);
             // [b, nkv, g, hd]: head j*g + i reads kv head j (repeat_kv order).
             let qd = q.narrow(0, 0, b)?.reshape((b, nkv, g, hd))?;
             let kd = kc
-                .index_select(&dg.key_slots, 0)?
+                .index_select(key_slots, 0)?
                 .reshape((b, l, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let vd = vc
-                .index_select(&dg.key_slots, 0)?
+                .index_select(key_slots, 0)?
                 .reshape((b, l, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?
                 .to_dtype(DType::F32)?
-                .broadcast_add(&dg.mask)?;
+                .broadcast_add(mask)?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             outs.push(p.matmul(&vd)?.reshape((b, nh * hd))?);
         }

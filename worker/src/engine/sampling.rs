@@ -62,6 +62,11 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Greedy decoding: `sample` returns the argmax and draws nothing from the stream.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= GREEDY_TEMPERATURE
+    }
+
     /// The request's random stream.
     pub fn rng(&self) -> ChaCha12Rng {
         ChaCha12Rng::seed_from_u64(self.seed)

@@ -1,0 +1,94 @@
+//! Smoke test of the `sluice-bench` binary on CPU: a tiny random-weight model, a few requests,
+//! and the JSON line's fields; plus its usage errors.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tiny_cpu_run_prints_the_fields() {
+    let out = bench(&[
+        "--model",
+        "tiny-qwen2",
+        "--device",
+        "cpu",
+        "--requests",
+        "5",
+        "--input-len",
+        "12",
+        "--output-len",
+        "6",
+        "--max-num-seqs",
+        "3",
+        "--warmup-requests",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sluice-bench failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line expected, got {stdout:?}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let obj = v.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut want = vec![
+        "device",
+        "dtype",
+        "model",
+        "requests",
+        "input_len",
+        "output_len",
+        "wall_s",
+        "requests_per_s",
+        "output_tokens_per_s",
+        "total_tokens_per_s",
+        "tpot_mean_ms",
+        "tpot_p99_ms",
+        "ttft_mean_ms",
+        "peak_kv_blocks",
+    ];
+    want.sort_unstable();
+    assert_eq!(keys, want);
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["model"], "tiny-qwen2");
+    assert_eq!(v["requests"], 5);
+    assert_eq!(v["input_len"], 12);
+    assert_eq!(v["output_len"], 6);
+    let wall = v["wall_s"].as_f64().unwrap();
+    assert!(wall > 0.0);
+    // Every request produced exactly output_len tokens (EOS ignored).
+    let out_tps = v["output_tokens_per_s"].as_f64().unwrap();
+    assert!((out_tps * wall - 30.0).abs() < 1e-6, "{out_tps} * {wall}");
+    let total_tps = v["total_tokens_per_s"].as_f64().unwrap();
+    assert!((total_tps * wall - 90.0).abs() < 1e-6);
+    assert!((v["requests_per_s"].as_f64().unwrap() * wall - 5.0).abs() < 1e-6);
+    let p99 = v["tpot_p99_ms"].as_f64().unwrap();
+    assert!(p99 > 0.0 && p99 >= v["tpot_mean_ms"].as_f64().unwrap() * 0.999);
+    assert!(v["ttft_mean_ms"].as_f64().unwrap() > 0.0);
+    // 3 running sequences of at most 18 tokens in 16-token blocks: 2 blocks each.
+    let peak = v["peak_kv_blocks"].as_u64().unwrap();
+    assert!((1..=6).contains(&peak), "peak_kv_blocks {peak}");
+}
+
+#[test]
+fn unknown_preset_is_a_usage_error() {
+    let out = bench(&["--model", "gpt-9", "--device", "cpu"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gpt-9") && stderr.contains("unknown preset"), "{stderr}");
+}
+
+#[test]
+fn bad_device_is_a_usage_error() {
+    let out = bench(&["--model", "tiny-qwen2", "--device", "tpu"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--device tpu"), "{stderr}");
+}
