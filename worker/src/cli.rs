@@ -192,7 +192,11 @@ impl Args {
             input_format: self.input_format,
             output_uri: self.output.clone(),
             job_key: self.job_name.clone().filter(|j| !j.is_empty()).unwrap_or_else(|| self.output.trim_end_matches('/').to_string()),
-            attempt: self.attempt.clone().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| format!("pid-{}", std::process::id())),
+            attempt: self
+                .attempt
+                .clone()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("pid-{}", std::process::id())),
             sampling: self.sampling.clone(),
             max_in_flight: self.max_batch_size.max(1) * 2,
             chunk_lines: self.chunk_lines.max(1),

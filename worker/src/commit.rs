@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use sluice_api::contract::layout;
-use sluice_api::output::{OutputLine, Usage};
+use sluice_api::output::OutputLine;
 use sluice_api::storage::{Location, PutOutcome, StorageError};
 
 use crate::shard::{ChunkRange, Coverage};
@@ -47,7 +47,7 @@ impl Tally {
         self.lines += 1;
         if l.is_success() {
             self.succeeded += 1;
-            let u = l.usage().unwrap_or(Usage::default());
+            let u = l.usage().unwrap_or_default();
             self.prompt_tokens += u.prompt_tokens;
             self.completion_tokens += u.completion_tokens;
         } else {
@@ -141,7 +141,12 @@ impl ShardOutput {
         let mut p = cov.range().start;
         // Walk the gaps-and-chunks structure: at each covered line take the furthest chunk.
         while p < cov.range().end {
-            let best = cov.chunks().iter().filter(|c| c.start <= p && p < c.end).max_by(|a, b| a.end.cmp(&b.end).then(b.start.cmp(&a.start))).cloned();
+            let best = cov
+                .chunks()
+                .iter()
+                .filter(|c| c.start <= p && p < c.end)
+                .max_by(|a, b| a.end.cmp(&b.end).then(b.start.cmp(&a.start)))
+                .cloned();
             match best {
                 Some(c) => {
                     for l in self.read_chunk(&c).await? {
@@ -166,7 +171,10 @@ impl ShardOutput {
     pub async fn finalize(&self, cov: &Coverage) -> Result<Finalized, CommitError> {
         let Some(cover) = cov.cover() else {
             let gaps = cov.gaps();
-            return Err(CommitError::CorruptChunk { uri: self.output.uri.clone(), reason: format!("finalize called with uncovered lines {gaps:?}") });
+            return Err(CommitError::CorruptChunk {
+                uri: self.output.uri.clone(),
+                reason: format!("finalize called with uncovered lines {gaps:?}"),
+            });
         };
         let results_loc = self.output.join(&layout::results(self.shard))?;
         let errors_loc = self.output.join(&layout::errors(self.shard))?;
@@ -196,7 +204,8 @@ impl ShardOutput {
 }
 
 fn write_line(buf: &mut Vec<u8>, l: &OutputLine, uri: &str) -> Result<(), CommitError> {
-    serde_json::to_writer(&mut *buf, l).map_err(|e| CommitError::CorruptChunk { uri: uri.to_string(), reason: format!("cannot serialize line {:?}: {e}", l.line) })?;
+    serde_json::to_writer(&mut *buf, l)
+        .map_err(|e| CommitError::CorruptChunk { uri: uri.to_string(), reason: format!("cannot serialize line {:?}: {e}", l.line) })?;
     buf.push(b'\n');
     Ok(())
 }

@@ -70,7 +70,17 @@ impl WorkerMetrics {
         registry.register("kv_blocks_total", "KV cache blocks available", kv_blocks_total.clone());
         registry.register("time_per_output_token_seconds", "Decode step time per generated token", time_per_output_token.clone());
         registry.register("chunks_committed", "Output chunks committed", chunks_committed.clone());
-        Self { registry, requests, prompt_tokens, completion_tokens, batch_occupancy, kv_blocks_used, kv_blocks_total, time_per_output_token, chunks_committed }
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            batch_occupancy,
+            kv_blocks_used,
+            kv_blocks_total,
+            time_per_output_token,
+            chunks_committed,
+        }
     }
 
     /// A request finished; `tpot` is its decode time per output token, when it has one.
@@ -148,9 +158,15 @@ mod tests {
         let documented = documented_names();
         assert_eq!(documented.len(), 8, "{documented:?}");
         for name in &documented {
-            assert!(text.lines().any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name}_bucket"))), "{name} missing in:\n{text}");
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))
+                    || l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name}_bucket"))),
+                "{name} missing in:\n{text}"
+            );
         }
-        let exported: std::collections::BTreeSet<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        let exported: std::collections::BTreeSet<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
         for name in exported {
             assert!(documented.iter().any(|d| d == name || d.strip_suffix("_total") == Some(name)), "{name} is not documented");
         }

@@ -69,7 +69,15 @@ fn cache_key(uri: &str) -> String {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let tail: String = uri.trim_end_matches('/').rsplit('/').next().unwrap_or("model").chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
+    let tail: String = uri
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("model")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
     format!("{tail}-{h:016x}")
 }
 
@@ -92,7 +100,8 @@ pub async fn download_prefix(prefix: &Location, dest: &Path) -> Result<(), Fetch
     let started = std::time::Instant::now();
     let total: u64 = objects.iter().map(|o| o.size).sum();
     futures::stream::iter(objects.into_iter().map(|meta| async move {
-        let rel = meta.location.as_ref().strip_prefix(prefix.path.as_ref()).unwrap_or(meta.location.as_ref()).trim_start_matches('/').to_string();
+        let rel =
+            meta.location.as_ref().strip_prefix(prefix.path.as_ref()).unwrap_or(meta.location.as_ref()).trim_start_matches('/').to_string();
         let uri = prefix.uri_of(&meta.location);
         if rel.is_empty() || rel.split('/').any(|s| s == ".." || s == ".") {
             return Err(FetchError::Storage(StorageError::InvalidUri { uri, reason: "not a file below the model prefix".into() }));
@@ -107,7 +116,8 @@ pub async fn download_prefix(prefix: &Location, dest: &Path) -> Result<(), Fetch
             tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
         }
         let src = Location::new(prefix.store.clone(), meta.location.clone(), uri.clone(), prefix.retry.clone());
-        let tmp = target.with_file_name(format!("{}.part-{}", target.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+        let tmp =
+            target.with_file_name(format!("{}.part-{}", target.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
         let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
         let mut got = 0u64;
         let mut reader = src.range_reader(0..meta.size).await?;

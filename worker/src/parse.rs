@@ -72,7 +72,9 @@ impl LineParser {
             ignore_eos: false,
         };
         let (chat, prompt) = match req.body {
-            RequestBody::Chat { messages } => (true, Prompt::Chat(messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())),
+            RequestBody::Chat { messages } => {
+                (true, Prompt::Chat(messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect()))
+            }
             RequestBody::Completion { prompt } => (false, Prompt::Text(prompt)),
         };
         Parsed::Request(Box::new(WorkItem { line, custom_id: req.custom_id, chat, prompt, params }))

@@ -53,7 +53,8 @@ impl ProgressReporter {
     /// Set the committed totals (from chunks committed by earlier attempts).
     pub fn set_committed(&mut self, t: Tally) {
         let r = &mut self.record;
-        (r.lines_done, r.succeeded, r.failed, r.prompt_tokens, r.completion_tokens) = (t.lines, t.succeeded, t.failed, t.prompt_tokens, t.completion_tokens);
+        (r.lines_done, r.succeeded, r.failed, r.prompt_tokens, r.completion_tokens) =
+            (t.lines, t.succeeded, t.failed, t.prompt_tokens, t.completion_tokens);
     }
 
     /// Add lines this attempt committed.

@@ -156,23 +156,34 @@ impl PreparedShard {
             None => output.join(layout::PLAN)?,
         };
         let plan_err = |reason: String| RunError::Plan { uri: plan_loc.uri.clone(), reason };
-        let plan: ShardPlan = serde_json::from_slice(&plan_loc.get_bytes().await?).map_err(|e| plan_err(format!("not a valid plan: {e}")))?;
+        let plan: ShardPlan =
+            serde_json::from_slice(&plan_loc.get_bytes().await?).map_err(|e| plan_err(format!("not a valid plan: {e}")))?;
         plan.check().map_err(plan_err)?;
-        let shard = plan.shard(cfg.shard).cloned().ok_or_else(|| plan_err(format!("has {} shards; there is no shard {}", plan.shards.len(), cfg.shard)))?;
+        let shard = plan
+            .shard(cfg.shard)
+            .cloned()
+            .ok_or_else(|| plan_err(format!("has {} shards; there is no shard {}", plan.shards.len(), cfg.shard)))?;
         let input_uri = cfg.input_uri.clone().unwrap_or_else(|| plan.input_uri.clone());
         let input = with_faults(resolve(&input_uri, &cfg.storage)?, &cfg.faults);
         let meta = input.head().await?;
         if meta.size != plan.input_size {
-            return Err(RunError::InputChanged { uri: input.uri.clone(), reason: format!("it has {} bytes, the plan {}", meta.size, plan.input_size) });
+            return Err(RunError::InputChanged {
+                uri: input.uri.clone(),
+                reason: format!("it has {} bytes, the plan {}", meta.size, plan.input_size),
+            });
         }
         if let (Some(planned), Some(now)) = (&plan.input_etag, &meta.e_tag)
             && planned != now
         {
-            return Err(RunError::InputChanged { uri: input.uri.clone(), reason: format!("ETag {now} differs from the planned {planned}") });
+            return Err(RunError::InputChanged {
+                uri: input.uri.clone(),
+                reason: format!("ETag {now} differs from the planned {planned}"),
+            });
         }
         let shard_out = ShardOutput::new(output.clone(), cfg.shard);
         let coverage = shard_out.load_coverage(shard.first_line..shard.end_line()).await?;
-        let mut progress = ProgressReporter::new(output.join(&layout::progress(cfg.shard))?, cfg.shard, cfg.attempt.clone(), shard.line_count);
+        let mut progress =
+            ProgressReporter::new(output.join(&layout::progress(cfg.shard))?, cfg.shard, cfg.attempt.clone(), shard.line_count);
         progress.set_committed(shard_out.tally(&coverage).await?);
         tracing::info!(
             shard = cfg.shard,
@@ -210,7 +221,14 @@ impl PreparedShard {
 
     async fn finalize(&mut self) -> Result<RunOutcome, RunError> {
         let f = self.output.finalize(&self.coverage).await?;
-        tracing::info!(shard = self.cfg.shard, lines = f.tally.lines, succeeded = f.tally.succeeded, failed = f.tally.failed, wrote = f.wrote_results, "shard finalized");
+        tracing::info!(
+            shard = self.cfg.shard,
+            lines = f.tally.lines,
+            succeeded = f.tally.succeeded,
+            failed = f.tally.failed,
+            wrote = f.wrote_results,
+            "shard finalized"
+        );
         self.progress.set_committed(f.tally);
         self.progress.set_complete();
         self.progress.publish().await;
@@ -218,7 +236,12 @@ impl PreparedShard {
     }
 
     /// Process the remaining lines with `engine`, until done or `stop` turns true.
-    pub async fn run<G: Generator + ?Sized>(mut self, engine: &G, metrics: &WorkerMetrics, mut stop: watch::Receiver<bool>) -> Result<RunOutcome, RunError> {
+    pub async fn run<G: Generator + ?Sized>(
+        mut self,
+        engine: &G,
+        metrics: &WorkerMetrics,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<RunOutcome, RunError> {
         if let Some(done) = self.finish_if_done().await? {
             return Ok(done);
         }
@@ -228,7 +251,14 @@ impl PreparedShard {
         let policy = ChunkPolicy::new(self.cfg.chunk_lines);
         let max_in_flight = self.cfg.max_in_flight.max(1);
         let (tx, mut rx) = mpsc::channel(max_in_flight);
-        let reader = tokio::spawn(read_lines(self.input.clone(), self.shard.clone(), self.coverage.clone(), LineParser::new(self.cfg.input_format, self.cfg.max_line_bytes, self.cfg.sampling.clone(), self.cfg.job_key.clone()), self.cfg.max_line_bytes, tx));
+        let reader = tokio::spawn(read_lines(
+            self.input.clone(),
+            self.shard.clone(),
+            self.coverage.clone(),
+            LineParser::new(self.cfg.input_format, self.cfg.max_line_bytes, self.cfg.sampling.clone(), self.cfg.job_key.clone()),
+            self.cfg.max_line_bytes,
+            tx,
+        ));
         let mut inflight = FuturesUnordered::new();
         let mut done: BTreeMap<u64, OutputLine> = BTreeMap::new();
         let (mut stopping, mut stop_closed, mut input_done) = (*stop.borrow(), false, false);
@@ -308,7 +338,13 @@ impl PreparedShard {
     }
 
     /// Commit the chunks `flush` allows; returns how many.
-    async fn commit(&mut self, done: &mut BTreeMap<u64, OutputLine>, policy: ChunkPolicy, flush: Flush, metrics: &WorkerMetrics) -> Result<usize, RunError> {
+    async fn commit(
+        &mut self,
+        done: &mut BTreeMap<u64, OutputLine>,
+        policy: ChunkPolicy,
+        flush: Flush,
+        metrics: &WorkerMetrics,
+    ) -> Result<usize, RunError> {
         let cuts = self.coverage.cut(done, policy, flush);
         for c in &cuts {
             let outcome = self.output.commit_chunk(c, done).await?;
@@ -328,7 +364,13 @@ impl PreparedShard {
 }
 
 /// Turn an engine result into an output line; engine-wide failures abort the shard.
-fn finish(job_key: &str, model: &str, item: &WorkItem, res: Result<Result<GenerationOutput, RequestError>, oneshot::error::RecvError>, metrics: &WorkerMetrics) -> Result<OutputLine, RunError> {
+fn finish(
+    job_key: &str,
+    model: &str,
+    item: &WorkItem,
+    res: Result<Result<GenerationOutput, RequestError>, oneshot::error::RecvError>,
+    metrics: &WorkerMetrics,
+) -> Result<OutputLine, RunError> {
     let res = res.unwrap_or(Err(RequestError::Shutdown));
     match res {
         Ok(o) => {
@@ -348,7 +390,13 @@ fn finish(job_key: &str, model: &str, item: &WorkItem, res: Result<Result<Genera
             Ok(OutputLine::success(job_key, &c))
         }
         // The request's own fault: recorded as its error, the shard goes on.
-        Err(e @ (RequestError::PromptTooLong { .. } | RequestError::EmptyPrompt | RequestError::Template(_) | RequestError::Tokenize(_) | RequestError::Invalid(_))) => {
+        Err(
+            e @ (RequestError::PromptTooLong { .. }
+            | RequestError::EmptyPrompt
+            | RequestError::Template(_)
+            | RequestError::Tokenize(_)
+            | RequestError::Invalid(_)),
+        ) => {
             metrics.request_done(Outcome::failed, 0, 0, None);
             Ok(OutputLine::failure(job_key, Some(&item.custom_id), item.line, e.metric_label(), &format!("line {}: {e}", item.line)))
         }
@@ -359,13 +407,23 @@ fn finish(job_key: &str, model: &str, item: &WorkItem, res: Result<Result<Genera
 
 /// Stream the shard's byte range, parse every line (duplicates need all of them) and send the
 /// uncommitted ones on.
-async fn read_lines(input: Location, shard: Shard, coverage: Coverage, mut parser: LineParser, max_line_bytes: usize, tx: mpsc::Sender<Result<(u64, Parsed), RunError>>) {
+async fn read_lines(
+    input: Location,
+    shard: Shard,
+    coverage: Coverage,
+    mut parser: LineParser,
+    max_line_bytes: usize,
+    tx: mpsc::Sender<Result<(u64, Parsed), RunError>>,
+) {
     let result: Result<(), RunError> = async {
         let mut reader = input.lines(shard.start..shard.end, max_line_bytes).await?;
         let mut line = shard.first_line;
         while let Some(l) = reader.next_line().await? {
             if line >= shard.end_line() {
-                return Err(RunError::InputChanged { uri: input.uri.clone(), reason: format!("bytes {}..{} hold more than the planned {} lines", shard.start, shard.end, shard.line_count) });
+                return Err(RunError::InputChanged {
+                    uri: input.uri.clone(),
+                    reason: format!("bytes {}..{} hold more than the planned {} lines", shard.start, shard.end, shard.line_count),
+                });
             }
             let parsed = parser.parse(&l.bytes, l.len, line);
             if !coverage.covers(line) && tx.send(Ok((line, parsed))).await.is_err() {
@@ -374,7 +432,16 @@ async fn read_lines(input: Location, shard: Shard, coverage: Coverage, mut parse
             line += 1;
         }
         if line != shard.end_line() {
-            return Err(RunError::InputChanged { uri: input.uri.clone(), reason: format!("bytes {}..{} hold {} lines, the plan {}", shard.start, shard.end, line - shard.first_line, shard.line_count) });
+            return Err(RunError::InputChanged {
+                uri: input.uri.clone(),
+                reason: format!(
+                    "bytes {}..{} hold {} lines, the plan {}",
+                    shard.start,
+                    shard.end,
+                    line - shard.first_line,
+                    shard.line_count
+                ),
+            });
         }
         Ok(())
     }
@@ -417,7 +484,16 @@ mod tests {
             let res = if matches!(&req.prompt, Prompt::Text(t) if t == "TOOLONG") {
                 Err(RequestError::PromptTooLong { len: 9, max: 8 })
             } else {
-                Ok(GenerationOutput { id: req.id, prompt_tokens: text.len(), completion_tokens: 2, text, token_ids: vec![1, 2], finish_reason: FinishReason::Length, ttft: Duration::from_millis(1), total: Duration::from_millis(3) })
+                Ok(GenerationOutput {
+                    id: req.id,
+                    prompt_tokens: text.len(),
+                    completion_tokens: 2,
+                    text,
+                    token_ids: vec![1, 2],
+                    finish_reason: FinishReason::Length,
+                    ttft: Duration::from_millis(1),
+                    total: Duration::from_millis(3),
+                })
             };
             let _ = tx.send(res);
             rx
@@ -443,7 +519,15 @@ mod tests {
             first += group.len() as u64;
         }
         let input_uri = dir.path().join("in.jsonl").display().to_string();
-        let plan = ShardPlan { version: PLAN_VERSION, input_uri, input_size: body.len() as u64, input_etag: None, line_count: lines.len() as u64, requests_per_shard: per_shard, shards };
+        let plan = ShardPlan {
+            version: PLAN_VERSION,
+            input_uri,
+            input_size: body.len() as u64,
+            input_etag: None,
+            line_count: lines.len() as u64,
+            requests_per_shard: per_shard,
+            shards,
+        };
         std::fs::create_dir_all(dir.path().join("out/_sluice")).unwrap();
         std::fs::write(dir.path().join("out/_sluice/plan.json"), serde_json::to_vec(&plan).unwrap()).unwrap();
         let cfg = RunConfig {
@@ -461,7 +545,15 @@ mod tests {
             progress_interval: Duration::from_secs(60),
             grace: Duration::from_secs(2),
             max_line_bytes: 1000,
-            storage: StorageOptions { retry: RetryPolicy { max_retries: 10, init_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(4), timeout: Duration::from_secs(20) }, ..Default::default() },
+            storage: StorageOptions {
+                retry: RetryPolicy {
+                    max_retries: 10,
+                    init_backoff: Duration::from_millis(1),
+                    max_backoff: Duration::from_millis(4),
+                    timeout: Duration::from_secs(20),
+                },
+                ..Default::default()
+            },
             faults: None,
         };
         (dir, cfg)
@@ -497,7 +589,8 @@ mod tests {
         assert_eq!(errors.iter().map(|l| l.line.unwrap()).collect::<Vec<_>>(), [4, 6, 8]);
         assert_eq!(errors[1].error.as_ref().unwrap().code, "duplicate_custom_id");
         assert_eq!(errors[2].error.as_ref().unwrap().code, "prompt_too_long");
-        let progress: sluice_api::progress::ShardProgress = serde_json::from_slice(&std::fs::read(dir.path().join("out").join(layout::progress(0))).unwrap()).unwrap();
+        let progress: sluice_api::progress::ShardProgress =
+            serde_json::from_slice(&std::fs::read(dir.path().join("out").join(layout::progress(0))).unwrap()).unwrap();
         assert!(progress.complete && progress.lines_done == 9 && progress.ready_at.is_some());
     }
 
@@ -553,7 +646,8 @@ mod tests {
     async fn transient_faults_are_survived_and_permanent_ones_fail_clearly() {
         let lines = prompts(12);
         let (dir, cfg) = setup(&lines, 6);
-        let faulty = RunConfig { shard: 1, faults: Some("error_rate=0.3,delay_rate=0.3,delay_ms=2,seed=11".parse().unwrap()), ..cfg.clone() };
+        let faulty =
+            RunConfig { shard: 1, faults: Some("error_rate=0.3,delay_rate=0.3,delay_ms=2,seed=11".parse().unwrap()), ..cfg.clone() };
         let fake = Fake { submitted: AtomicUsize::new(0), stall_after: usize::MAX };
         let out = PreparedShard::prepare(faulty).await.unwrap().run(&fake, &WorkerMetrics::new(), never_stop()).await.unwrap();
         assert!(matches!(out, RunOutcome::Complete(t) if t.lines == 6));

@@ -107,7 +107,8 @@ impl Coverage {
         let mut out = Vec::new();
         let mut p = self.range.start;
         while p < self.range.end {
-            let best = self.chunks.iter().filter(|c| c.start <= p && p < c.end).max_by(|a, b| a.end.cmp(&b.end).then(b.start.cmp(&a.start)))?;
+            let best =
+                self.chunks.iter().filter(|c| c.start <= p && p < c.end).max_by(|a, b| a.end.cmp(&b.end).then(b.start.cmp(&a.start)))?;
             out.push((best.clone(), p..best.end));
             p = best.end;
         }
@@ -124,7 +125,7 @@ impl Coverage {
             let mut s = run.start;
             while s < run.end {
                 let next_boundary = self.range.start + ((s - self.range.start) / policy.chunk_lines + 1) * policy.chunk_lines;
-                let at_left_edge = (s - self.range.start) % policy.chunk_lines == 0 || self.covers(s - 1);
+                let at_left_edge = (s - self.range.start).is_multiple_of(policy.chunk_lines) || self.covers(s - 1);
                 if flush == Flush::Full && !at_left_edge {
                     // Wait for the lines before `s`; later full chunks may still go.
                     s = next_boundary;

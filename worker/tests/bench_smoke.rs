@@ -4,10 +4,7 @@
 use std::process::Command;
 
 fn bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_sluice-bench")).args(args).output().unwrap()
 }
 
 #[test]

@@ -30,7 +30,13 @@ fn creds(c: &mut std::process::Command) {
 }
 
 fn opts(endpoint: &str) -> StorageOptions {
-    StorageOptions { endpoint: Some(endpoint.to_string()), region: Some("us-east-1".into()), path_style: true, allow_http: true, ..Default::default() }
+    StorageOptions {
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        allow_http: true,
+        ..Default::default()
+    }
 }
 
 /// Create a bucket with a plain HTTP PUT (moto does not check signatures).
@@ -58,7 +64,10 @@ fn s3(uri: &str, endpoint: &str) -> Location {
 
 fn s3_worker(endpoint: &str, output: &str, shard: u32) -> std::process::Command {
     let mut c = worker(output, shard);
-    c.env(env::STORAGE_ENDPOINT, endpoint).env(env::STORAGE_REGION, "us-east-1").env(env::STORAGE_ALLOW_HTTP, "true").env(env::STORAGE_PATH_STYLE, "true");
+    c.env(env::STORAGE_ENDPOINT, endpoint)
+        .env(env::STORAGE_REGION, "us-east-1")
+        .env(env::STORAGE_ALLOW_HTTP, "true")
+        .env(env::STORAGE_PATH_STYLE, "true");
     creds(&mut c);
     c
 }
@@ -102,13 +111,15 @@ fn a_job_on_s3_completes_with_the_model_fetched_from_the_bucket() {
             let e = out.join(&layout::errors(shard)).unwrap().get_bytes().await.unwrap();
             (parse_jsonl(&r), parse_jsonl(&e))
         });
-        assert_exactly_once(&plan, shard, &results, &errors, 4);
+        assert_exactly_once(&plan, shard, &results, &errors, |_| 4);
         if shard == 2 {
             assert_eq!(errors.len(), 1);
             assert_eq!(errors[0].error.as_ref().unwrap().code, "invalid_json");
             assert!(results.iter().any(|r| r.response.as_ref().unwrap().body["object"] == "chat.completion"));
         }
-        let progress: sluice_api::progress::ShardProgress = rt.block_on(async { serde_json::from_slice(&s3(&output_uri, &ep).join(&layout::progress(shard)).unwrap().get_bytes().await.unwrap()).unwrap() });
+        let progress: sluice_api::progress::ShardProgress = rt.block_on(async {
+            serde_json::from_slice(&s3(&output_uri, &ep).join(&layout::progress(shard)).unwrap().get_bytes().await.unwrap()).unwrap()
+        });
         assert!(progress.complete);
     }
     assert!(std::fs::read_dir(cache.path()).unwrap().next().is_some(), "the model was cached");
@@ -134,9 +145,12 @@ fn a_job_on_s3_completes_with_the_model_fetched_from_the_bucket() {
     assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
     let (results, errors) = rt.block_on(async {
         let out = s3(&big_out, &ep);
-        (parse_jsonl(&out.join(&layout::results(0)).unwrap().get_bytes().await.unwrap()), parse_jsonl(&out.join(&layout::errors(0)).unwrap().get_bytes().await.unwrap()))
+        (
+            parse_jsonl(&out.join(&layout::results(0)).unwrap().get_bytes().await.unwrap()),
+            parse_jsonl(&out.join(&layout::errors(0)).unwrap().get_bytes().await.unwrap()),
+        )
     });
-    assert_exactly_once(&big_plan, 0, &results, &errors, 24);
+    assert_exactly_once(&big_plan, 0, &results, &errors, |_| 24);
 }
 
 #[test]
@@ -169,7 +183,9 @@ fn s3_storage_semantics_missing_objects_and_create_only_puts() {
     // The worker names the missing input and exits with the permanent code.
     let out_uri = format!("s3://{bucket}/missing-out");
     let plan = plan_for(&format!("s3://{bucket}/nope.jsonl"), &prompt_lines(2), 2);
-    rt().block_on(async { s3(&out_uri, &ep).join(layout::PLAN).unwrap().put(Bytes::from(serde_json::to_vec(&plan).unwrap())).await.unwrap() });
+    rt().block_on(async {
+        s3(&out_uri, &ep).join(layout::PLAN).unwrap().put(Bytes::from(serde_json::to_vec(&plan).unwrap())).await.unwrap()
+    });
     let out = run(s3_worker(&ep, &out_uri, 0));
     assert_eq!(out.status.code(), Some(exit::PERMANENT), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("s3://{bucket}/nope.jsonl")), "{}", stderr(&out));

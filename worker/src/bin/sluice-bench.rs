@@ -11,9 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use sluice_worker::engine::{
-    ArchConfig, DeviceKind, EngineConfig, GenerationRequest, LlmEngine, Prompt, SamplingParams,
-};
+use sluice_worker::engine::{ArchConfig, DeviceKind, EngineConfig, GenerationRequest, LlmEngine, Prompt, SamplingParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -102,9 +100,7 @@ fn workload(args: &Args, vocab: usize) -> Vec<(Vec<u32>, usize)> {
                 None => (args.input_len, args.output_len),
                 Some((lo, hi)) => (rng.uniform(lo, hi), rng.uniform(lo, hi)),
             };
-            let ids = (0..inp)
-                .map(|_| (rng.next_u64() % id_range) as u32)
-                .collect();
+            let ids = (0..inp).map(|_| (rng.next_u64() % id_range) as u32).collect();
             (ids, out)
         })
         .collect()
@@ -114,13 +110,7 @@ fn request(id: u64, ids: Vec<u32>, out: usize, temperature: f32) -> GenerationRe
     GenerationRequest {
         id,
         prompt: Prompt::Tokens(ids),
-        params: SamplingParams {
-            max_tokens: out,
-            temperature,
-            seed: id,
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
+        params: SamplingParams { max_tokens: out, temperature, seed: id, ignore_eos: true, ..SamplingParams::default() },
     }
 }
 
@@ -134,20 +124,14 @@ fn parse_device(s: Option<&str>) -> anyhow::Result<DeviceKind> {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda(0)),
         other => match other.strip_prefix("cuda:") {
-            Some(n) => Ok(DeviceKind::Cuda(
-                n.parse().with_context(|| format!("--device {other}"))?,
-            )),
+            Some(n) => Ok(DeviceKind::Cuda(n.parse().with_context(|| format!("--device {other}"))?)),
             None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
         },
     }
 }
 
 fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        0.0
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
+    if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 }
 }
 
 /// Nearest-rank percentile of `v` (sorted in place).
@@ -164,8 +148,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -188,26 +171,17 @@ fn main() -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
     };
     let mut engine = match &args.model_dir {
-        Some(dir) => {
-            LlmEngine::load(&cfg).with_context(|| format!("loading {}", dir.display()))?
-        }
+        Some(dir) => LlmEngine::load(&cfg).with_context(|| format!("loading {}", dir.display()))?,
         None => {
-            let arch = ArchConfig::preset(&args.model).with_context(|| {
-                format!(
-                    "--model {}: unknown preset (qwen2.5-0.5b, llama-3.2-1b, tiny-qwen2)",
-                    args.model
-                )
-            })?;
+            let arch = ArchConfig::preset(&args.model)
+                .with_context(|| format!("--model {}: unknown preset (qwen2.5-0.5b, llama-3.2-1b, tiny-qwen2)", args.model))?;
             LlmEngine::random(arch, None, &cfg).context("building the random-weight model")?
         }
     };
     let work = workload(&args, engine.arch().vocab_size);
     let longest = work.iter().map(|(p, o)| p.len() + o).max().unwrap_or(0);
     if longest > engine.max_model_len() {
-        bail!(
-            "requests of {longest} tokens exceed the engine's max_model_len {}",
-            engine.max_model_len()
-        );
+        bail!("requests of {longest} tokens exceed the engine's max_model_len {}", engine.max_model_len());
     }
 
     if args.warmup_requests > 0 {
@@ -224,11 +198,7 @@ fn main() -> anyhow::Result<()> {
     let before = engine.stats();
 
     let n = work.len();
-    let requests: Vec<_> = work
-        .into_iter()
-        .enumerate()
-        .map(|(i, (ids, out))| request(i as u64, ids, out, args.temperature))
-        .collect();
+    let requests: Vec<_> = work.into_iter().enumerate().map(|(i, (ids, out))| request(i as u64, ids, out, args.temperature)).collect();
     let start = Instant::now();
     let results = engine.generate(requests).context("benchmark run")?;
     let wall = start.elapsed().as_secs_f64();

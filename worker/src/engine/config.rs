@@ -21,8 +21,7 @@ pub enum Arch {
 
 impl Arch {
     /// The architecture names accepted in `config.json`'s `architectures`.
-    pub const SUPPORTED: [&'static str; 3] =
-        ["Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"];
+    pub const SUPPORTED: [&'static str; 3] = ["Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"];
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -68,10 +67,7 @@ pub struct ArchConfig {
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> EngineError {
-    EngineError::ModelFile {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    EngineError::ModelFile { path: path.to_path_buf(), msg: msg.into() }
 }
 
 fn req_usize(v: &Value, key: &str, path: &Path) -> Result<usize, EngineError> {
@@ -88,15 +84,8 @@ fn opt_f64(v: &Value, key: &str) -> Option<f64> {
 /// `eos_token_id` may be an integer or a list of integers.
 pub(crate) fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .into_iter()
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
-            .collect(),
+        Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect(),
         _ => Vec::new(),
     }
 }
@@ -104,77 +93,45 @@ pub(crate) fn token_id_list(v: Option<&Value>) -> Vec<u32> {
 impl ArchConfig {
     /// Parses a `config.json` document; `path` is only used in error messages.
     pub fn from_json(v: &Value, path: &Path, name: &str) -> Result<Self, EngineError> {
-        let archs: Vec<&str> = v
-            .get("architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let archs: Vec<&str> =
+            v.get("architectures").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         let arch = match archs.iter().find_map(|a| Arch::from_name(a)) {
             Some(a) => a,
             None => {
                 let found = if archs.is_empty() {
-                    v.get("model_type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("<none>")
-                        .to_string()
+                    v.get("model_type").and_then(Value::as_str).unwrap_or("<none>").to_string()
                 } else {
                     archs.join(", ")
                 };
-                return Err(EngineError::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    found,
-                });
+                return Err(EngineError::UnsupportedArchitecture { path: path.to_path_buf(), found });
             }
         };
         let hidden_size = req_usize(v, "hidden_size", path)?;
         let num_heads = req_usize(v, "num_attention_heads", path)?;
-        let num_kv_heads = v
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map_or(num_heads, |x| x as usize);
+        let num_kv_heads = v.get("num_key_value_heads").and_then(Value::as_u64).map_or(num_heads, |x| x as usize);
         if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
-            return Err(bad(
-                path,
-                format!(
-                    "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
-                ),
-            ));
+            return Err(bad(path, format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
         }
         let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
             Some(d) => d as usize,
             None => {
                 if !hidden_size.is_multiple_of(num_heads) {
-                    return Err(bad(
-                        path,
-                        "hidden_size is not a multiple of num_attention_heads",
-                    ));
+                    return Err(bad(path, "hidden_size is not a multiple of num_attention_heads"));
                 }
                 hidden_size / num_heads
             }
         };
         if !head_dim.is_multiple_of(2) {
-            return Err(bad(
-                path,
-                format!("head_dim {head_dim} must be even for RoPE"),
-            ));
+            return Err(bad(path, format!("head_dim {head_dim} must be even for RoPE")));
         }
         // transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` +
         // `rope_scaling`.
-        let rope_params = v
-            .get("rope_parameters")
-            .filter(|x| x.is_object())
-            .or_else(|| v.get("rope_scaling").filter(|x| x.is_object()));
-        let rope_theta = opt_f64(v, "rope_theta")
-            .or_else(|| rope_params.and_then(|p| opt_f64(p, "rope_theta")))
-            .unwrap_or(10_000.0) as f32;
+        let rope_params = v.get("rope_parameters").filter(|x| x.is_object()).or_else(|| v.get("rope_scaling").filter(|x| x.is_object()));
+        let rope_theta = opt_f64(v, "rope_theta").or_else(|| rope_params.and_then(|p| opt_f64(p, "rope_theta"))).unwrap_or(10_000.0) as f32;
         let rope_scaling = match rope_params {
             None => None,
             Some(p) => {
-                let kind = p
-                    .get("rope_type")
-                    .or_else(|| p.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
                 match kind {
                     "default" => None,
                     "llama3" => Some(Llama3RopeScaling {
@@ -187,28 +144,19 @@ impl ArchConfig {
                             .map_or(8192, |x| x as usize),
                     }),
                     other => {
-                        return Err(bad(
-                            path,
-                            format!("unsupported rope scaling type `{other}`"),
-                        ));
+                        return Err(bad(path, format!("unsupported rope scaling type `{other}`")));
                     }
                 }
             }
         };
         let qkv_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama | Arch::Mistral => v
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            Arch::Llama | Arch::Mistral => v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
         };
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
         {
-            return Err(bad(
-                path,
-                format!("unsupported hidden_act `{act}` (only silu)"),
-            ));
+            return Err(bad(path, format!("unsupported hidden_act `{act}` (only silu)")));
         }
         Ok(Self {
             arch,
@@ -223,19 +171,10 @@ impl ArchConfig {
             rms_norm_eps: opt_f64(v, "rms_norm_eps").unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .map_or(4096, |x| x as usize),
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).map_or(4096, |x| x as usize),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             qkv_bias,
-            bos_token_id: v
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .and_then(|x| u32::try_from(x).ok()),
+            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok()),
             eos_token_ids: token_id_list(v.get("eos_token_id")),
         })
     }
@@ -263,31 +202,9 @@ impl ArchConfig {
             eos_token_ids: Vec::new(),
         };
         match name {
-            "qwen2.5-0.5b" => Some(base(
-                Arch::Qwen2,
-                151_936,
-                896,
-                4864,
-                24,
-                14,
-                2,
-                32_768,
-                true,
-                1_000_000.0,
-            )),
+            "qwen2.5-0.5b" => Some(base(Arch::Qwen2, 151_936, 896, 4864, 24, 14, 2, 32_768, true, 1_000_000.0)),
             "llama-3.2-1b" => {
-                let mut c = base(
-                    Arch::Llama,
-                    128_256,
-                    2048,
-                    8192,
-                    16,
-                    32,
-                    8,
-                    131_072,
-                    true,
-                    500_000.0,
-                );
+                let mut c = base(Arch::Llama, 128_256, 2048, 8192, 16, 32, 8, 131_072, true, 500_000.0);
                 c.rms_norm_eps = 1e-5;
                 c.rope_scaling = Some(Llama3RopeScaling {
                     factor: 32.0,
@@ -297,18 +214,7 @@ impl ArchConfig {
                 });
                 Some(c)
             }
-            "tiny-qwen2" => Some(base(
-                Arch::Qwen2,
-                768,
-                64,
-                176,
-                2,
-                4,
-                2,
-                4096,
-                true,
-                1_000_000.0,
-            )),
+            "tiny-qwen2" => Some(base(Arch::Qwen2, 768, 64, 176, 2, 4, 2, 4096, true, 1_000_000.0)),
             _ => None,
         }
     }
@@ -321,10 +227,7 @@ impl ArchConfig {
     /// Inverse RoPE frequencies, computed in f32 like transformers does.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let mut inv: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / self.rope_theta.powf(i as f32 / d as f32))
-            .collect();
+        let mut inv: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / self.rope_theta.powf(i as f32 / d as f32)).collect();
         if let Some(s) = self.rope_scaling {
             let old = s.original_max_position_embeddings as f32;
             let low_wavelen = old / s.low_freq_factor;
@@ -336,8 +239,7 @@ impl ArchConfig {
                 } else if wavelen > low_wavelen {
                     *x /= s.factor;
                 } else {
-                    let smooth = (old / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     *x = (1.0 - smooth) * *x / s.factor + smooth * *x;
                 }
             }

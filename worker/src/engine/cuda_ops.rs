@@ -11,12 +11,7 @@ const MAX_GROUP: usize = 8;
 const MAX_GROUP_HEAD_DIM: usize = 1024;
 
 /// Whether the paged decode kernel can run this shape on `dtype` (CUDA builds, bf16 only).
-pub fn paged_decode_supported(
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    dtype: DType,
-) -> bool {
+pub fn paged_decode_supported(num_heads: usize, num_kv_heads: usize, head_dim: usize, dtype: DType) -> bool {
     let g = num_heads / num_kv_heads.max(1);
     cfg!(feature = "cuda")
         && dtype == DType::BF16
@@ -64,19 +59,8 @@ pub fn paged_decode(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (
-            q,
-            k_cache,
-            v_cache,
-            tables,
-            ctx_lens,
-            num_kv_heads,
-            block_size,
-            scale,
-        );
-        Err(EngineError::Config(
-            "the paged decode kernel needs the `cuda` feature".into(),
-        ))
+        let _ = (q, k_cache, v_cache, tables, ctx_lens, num_kv_heads, block_size, scale);
+        Err(EngineError::Config("the paged decode kernel needs the `cuda` feature".into()))
     }
 }
 
@@ -104,11 +88,7 @@ mod imp {
     }
 
     /// The contiguous device view of a tensor's storage.
-    fn view<'a, T: CudaDType>(
-        s: &'a CudaStorage,
-        l: &Layout,
-        what: &str,
-    ) -> candle_core::Result<CudaView<'a, T>> {
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
             bail!("paged-decode: {what} must be contiguous");
         }
@@ -126,36 +106,22 @@ mod imp {
             "paged-decode"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
             bail!("paged-decode runs on CUDA only")
         }
 
-        fn cuda_fwd(
-            &self,
-            q: &CudaStorage,
-            ql: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
             let (b, nh, hd) = ql.shape().dims3()?;
             let dev = q.device.clone();
             let (ks, kl) = self.k_cache.storage_and_layout();
             let (vs, vl) = self.v_cache.storage_and_layout();
             let (ts, tl) = self.tables.storage_and_layout();
             let (cs, cl) = self.ctx_lens.storage_and_layout();
-            let (Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ts), Storage::Cuda(cs)) =
-                (&*ks, &*vs, &*ts, &*cs)
-            else {
+            let (Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ts), Storage::Cuda(cs)) = (&*ks, &*vs, &*ts, &*cs) else {
                 bail!("paged-decode: cache and tables must be on the GPU");
             };
             if kl.shape().dims2()?.1 != self.num_kv_heads * hd || kl.shape() != vl.shape() {
-                bail!(
-                    "paged-decode: cache shape {:?} does not match {} KV heads of {hd}",
-                    kl.shape(),
-                    self.num_kv_heads
-                );
+                bail!("paged-decode: cache shape {:?} does not match {} KV heads of {hd}", kl.shape(), self.num_kv_heads);
             }
             if tl.shape().dims2()?.0 != b || cl.shape().dims1()? != b {
                 bail!("paged-decode: tables/ctx_lens do not have {b} rows");
@@ -165,32 +131,20 @@ mod imp {
             let vv = view::<bf16>(vs, vl, "v cache")?;
             let tv = view::<u32>(ts, tl, "block tables")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let func = dev.get_or_load_custom_func(
-                "paged_decode_bf16",
-                "sluice_paged_attention",
-                PTX,
-            )?;
+            let func = dev.get_or_load_custom_func("paged_decode_bf16", "sluice_paged_attention", PTX)?;
             // SAFETY: every element is written by the kernel before it is read.
             let out = unsafe { dev.alloc::<bf16>(b * nh * hd)? };
             let cfg = LaunchConfig {
                 grid_dim: (
-                    u32::try_from(self.num_kv_heads)
-                        .map_err(|_| candle_core::Error::Msg("too many KV heads".into()))?,
+                    u32::try_from(self.num_kv_heads).map_err(|_| candle_core::Error::Msg("too many KV heads".into()))?,
                     u32::try_from(b).map_err(|_| candle_core::Error::Msg("batch".into()))?,
                     1,
                 ),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (nh_, nkv_, hd_) = (
-                as_i32(nh, "heads")?,
-                as_i32(self.num_kv_heads, "kv heads")?,
-                as_i32(hd, "head_dim")?,
-            );
-            let (bs_, mb_) = (
-                as_i32(self.block_size, "block_size")?,
-                as_i32(self.max_blocks, "max_blocks")?,
-            );
+            let (nh_, nkv_, hd_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?, as_i32(hd, "head_dim")?);
+            let (bs_, mb_) = (as_i32(self.block_size, "block_size")?, as_i32(self.max_blocks, "max_blocks")?);
             let mut builder = func.builder();
             builder.arg(&qv);
             builder.arg(&kv);

@@ -33,9 +33,7 @@ pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda(i) => {
             if !cfg!(feature = "cuda") {
-                return Err(EngineError::Config(
-                    "CUDA requested but sluice-worker was built without the `cuda` feature".into(),
-                ));
+                return Err(EngineError::Config("CUDA requested but sluice-worker was built without the `cuda` feature".into()));
             }
             Device::new_cuda(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))
         }
@@ -45,17 +43,11 @@ pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
 /// `"f32" | "f16" | "bf16"` (also the torch spellings); default f32 on CPU, bf16 on CUDA.
 pub fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType, EngineError> {
     match s.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("auto") | Some("") => Ok(if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        }),
+        None | Some("auto") | Some("") => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
         Some("f32" | "float32" | "float") => Ok(DType::F32),
         Some("f16" | "float16" | "half") => Ok(DType::F16),
         Some("bf16" | "bfloat16") => Ok(DType::BF16),
-        Some(other) => Err(EngineError::Config(format!(
-            "unsupported dtype `{other}` (use f32, f16 or bf16)"
-        ))),
+        Some(other) => Err(EngineError::Config(format!("unsupported dtype `{other}` (use f32, f16 or bf16)"))),
     }
 }
 
@@ -69,9 +61,7 @@ fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_mem_info() -> Result<(u64, u64), EngineError> {
-    Err(EngineError::Config(
-        "built without the `cuda` feature".into(),
-    ))
+    Err(EngineError::Config("built without the `cuda` feature".into()))
 }
 
 /// The device's name as its driver reports it (e.g. `NVIDIA H100 80GB HBM3`), or `cpu`.
@@ -79,23 +69,13 @@ pub fn device_label(device: &Device) -> String {
     match device {
         Device::Cpu => "cpu".into(),
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .context()
-            .name()
-            .unwrap_or_else(|e| format!("cuda (name unavailable: {e:?})")),
+        Device::Cuda(d) => d.cuda_stream().context().name().unwrap_or_else(|e| format!("cuda (name unavailable: {e:?})")),
         other => format!("{:?}", other.location()),
     }
 }
 
 /// Number of KV blocks to allocate, after the weights are on the device.
-pub fn kv_blocks(
-    arch: &ArchConfig,
-    dtype: DType,
-    device: &Device,
-    cfg: &EngineConfig,
-    useful_max: usize,
-) -> Result<usize, EngineError> {
+pub fn kv_blocks(arch: &ArchConfig, dtype: DType, device: &Device, cfg: &EngineConfig, useful_max: usize) -> Result<usize, EngineError> {
     let block_size = cfg.block_size;
     let gpu_memory_utilization = cfg.gpu_memory_utilization;
     if let Some(n) = cfg.num_kv_blocks {
@@ -106,24 +86,18 @@ pub fn kv_blocks(
         b
     } else if device.is_cuda() {
         if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
-            return Err(EngineError::Config(format!(
-                "gpu_memory_utilization {gpu_memory_utilization} must be in (0, 1]"
-            )));
+            return Err(EngineError::Config(format!("gpu_memory_utilization {gpu_memory_utilization} must be in (0, 1]")));
         }
         let (free, total) = cuda_mem_info()?;
         let used = total.saturating_sub(free);
         let allowed = (total as f64 * f64::from(gpu_memory_utilization)) as u64;
-        allowed
-            .saturating_sub(used)
-            .saturating_sub(activation_reserve(arch, cfg.max_num_batched_tokens, dtype))
+        allowed.saturating_sub(used).saturating_sub(activation_reserve(arch, cfg.max_num_batched_tokens, dtype))
     } else {
         DEFAULT_CPU_KV_BYTES
     };
     let blocks = (budget / per_block.max(1)) as usize;
     if blocks == 0 {
-        return Err(EngineError::Config(format!(
-            "no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)"
-        )));
+        return Err(EngineError::Config(format!("no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)")));
     }
     Ok(blocks.min(useful_max.max(1)))
 }

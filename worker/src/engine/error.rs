@@ -18,12 +18,7 @@ pub enum EngineError {
     UnsupportedArchitecture { path: PathBuf, found: String },
     /// A tensor's shape differs from the one `config.json` implies.
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}", path = path.display())]
-    ShapeMismatch {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     /// A tensor the model needs is in no weight file.
     #[error("{path}: tensor `{name}` not found", path = path.display())]
     MissingTensor { path: PathBuf, name: String },

@@ -10,9 +10,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::error::{EngineError, RequestError};
-use super::llm_engine::{
-    EngineConfig, EngineStats, GenerationOutput, GenerationRequest, LlmEngine,
-};
+use super::llm_engine::{EngineConfig, EngineStats, GenerationOutput, GenerationRequest, LlmEngine};
 
 type Reply = oneshot::Sender<Result<GenerationOutput, RequestError>>;
 
@@ -49,8 +47,7 @@ impl EngineHandle {
         F: FnOnce() -> Result<LlmEngine, EngineError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Command>();
-        let (ready_tx, ready_rx) =
-            mpsc::sync_channel::<Result<(ModelInfo, EngineStats), EngineError>>(1);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(ModelInfo, EngineStats), EngineError>>(1);
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let shared = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
@@ -79,12 +76,7 @@ impl EngineHandle {
                 if let Ok(mut g) = stats.lock() {
                     *g = s;
                 }
-                Ok(Self {
-                    tx,
-                    stats,
-                    info,
-                    thread: Some(thread),
-                })
+                Ok(Self { tx, stats, info, thread: Some(thread) })
             }
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -92,22 +84,15 @@ impl EngineHandle {
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(EngineError::Thread(
-                    "engine thread exited while loading".into(),
-                ))
+                Err(EngineError::Thread("engine thread exited while loading".into()))
             }
         }
     }
 
     /// Queues a request; the receiver resolves when it finishes or fails.
-    pub fn submit(
-        &self,
-        r: GenerationRequest,
-    ) -> oneshot::Receiver<Result<GenerationOutput, RequestError>> {
+    pub fn submit(&self, r: GenerationRequest) -> oneshot::Receiver<Result<GenerationOutput, RequestError>> {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Command::Submit(_, reply))) =
-            self.tx.send(Command::Submit(r, reply))
-        {
+        if let Err(mpsc::SendError(Command::Submit(_, reply))) = self.tx.send(Command::Submit(r, reply)) {
             let _ = reply.send(Err(RequestError::Shutdown));
         }
         rx
@@ -141,12 +126,7 @@ impl Drop for EngineHandle {
     }
 }
 
-fn accept(
-    engine: &mut LlmEngine,
-    replies: &mut HashMap<u64, Reply>,
-    r: GenerationRequest,
-    reply: Reply,
-) {
+fn accept(engine: &mut LlmEngine, replies: &mut HashMap<u64, Reply>, r: GenerationRequest, reply: Reply) {
     if replies.contains_key(&r.id) {
         let _ = reply.send(Err(RequestError::DuplicateId(r.id)));
         return;

@@ -16,10 +16,7 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(total: usize) -> Self {
         // Reversed so that blocks are handed out in increasing order.
-        Self {
-            free: (0..total as u32).rev().collect(),
-            total,
-        }
+        Self { free: (0..total as u32).rev().collect(), total }
     }
 
     pub fn total(&self) -> usize {
@@ -70,16 +67,9 @@ impl KvCache {
         let slots = num_blocks * block_size;
         let mut layers = Vec::with_capacity(num_layers);
         for _ in 0..num_layers {
-            layers.push((
-                Tensor::zeros((slots, kv_dim), dtype, device)?,
-                Tensor::zeros((slots, kv_dim), dtype, device)?,
-            ));
+            layers.push((Tensor::zeros((slots, kv_dim), dtype, device)?, Tensor::zeros((slots, kv_dim), dtype, device)?));
         }
-        Ok(Self {
-            layers,
-            block_size,
-            num_blocks,
-        })
+        Ok(Self { layers, block_size, num_blocks })
     }
 
     pub fn block_size(&self) -> usize {
@@ -92,18 +82,13 @@ impl KvCache {
 
     /// The K and V tensors of layer `i`.
     pub fn layer(&self, i: usize) -> Result<(&Tensor, &Tensor), EngineError> {
-        self.layers
-            .get(i)
-            .map(|(k, v)| (k, v))
-            .ok_or_else(|| EngineError::Config(format!("no KV cache for layer {i}")))
+        self.layers.get(i).map(|(k, v)| (k, v)).ok_or_else(|| EngineError::Config(format!("no KV cache for layer {i}")))
     }
 }
 
 /// Slot of every position `0..len` of a sequence with this block table.
 pub fn slots_for(table: &[u32], block_size: usize, len: usize) -> Vec<u32> {
-    (0..len)
-        .map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32)
-        .collect()
+    (0..len).map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32).collect()
 }
 
 /// Blocks needed to hold `tokens` positions.

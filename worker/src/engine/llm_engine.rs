@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 use super::config::ArchConfig;
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
-use super::kv_cache::{KvCache, blocks_for, slots_for};
+use super::kv_cache::{KvCache, blocks_for};
 use super::model::{LastToken, Model, SeqInput};
 use super::sampling::{self, SamplingParams};
 use super::scheduler::{Limits, Scheduler, Sequence};
@@ -145,16 +145,9 @@ fn read_config(dir: &Path) -> Result<Value, EngineError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| EngineError::ModelFile {
         path: path.clone(),
-        msg: if e.kind() == std::io::ErrorKind::NotFound {
-            "file not found".into()
-        } else {
-            format!("cannot read: {e}")
-        },
+        msg: if e.kind() == std::io::ErrorKind::NotFound { "file not found".into() } else { format!("cannot read: {e}") },
     })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::ModelFile {
-        path,
-        msg: format!("invalid JSON: {e}"),
-    })
+    serde_json::from_str(&text).map_err(|e| EngineError::ModelFile { path, msg: format!("invalid JSON: {e}") })
 }
 
 impl LlmEngine {
@@ -162,15 +155,9 @@ impl LlmEngine {
     pub fn load(cfg: &EngineConfig) -> Result<Self, EngineError> {
         let dir = &cfg.model_dir;
         if !dir.is_dir() {
-            return Err(EngineError::ModelFile {
-                path: dir.clone(),
-                msg: "model directory not found".into(),
-            });
+            return Err(EngineError::ModelFile { path: dir.clone(), msg: "model directory not found".into() });
         }
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string());
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
         let json = read_config(dir)?;
         let arch = ArchConfig::from_json(&json, &dir.join("config.json"), &name)?;
         let codec = TextCodec::load(dir, &arch.eos_token_ids)?;
@@ -182,18 +169,10 @@ impl LlmEngine {
 
     /// A model of `arch`'s shape with random weights (benchmarks). Without a tokenizer only
     /// `Prompt::Tokens` works and outputs have empty text.
-    pub fn random(
-        arch: ArchConfig,
-        tokenizer: Option<Tokenizer>,
-        cfg: &EngineConfig,
-    ) -> Result<Self, EngineError> {
+    pub fn random(arch: ArchConfig, tokenizer: Option<Tokenizer>, cfg: &EngineConfig) -> Result<Self, EngineError> {
         let device = device::make_device(cfg.device)?;
         let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
-        let weights = super::weights::Weights::Random {
-            std: 0.02,
-            dtype,
-            device: device.clone(),
-        };
+        let weights = super::weights::Weights::Random { std: 0.02, dtype, device: device.clone() };
         let codec = TextCodec::from_tokenizer(tokenizer, arch.eos_token_ids.clone());
         Self::build(arch, &weights, codec, device, cfg)
     }
@@ -206,14 +185,9 @@ impl LlmEngine {
         cfg: &EngineConfig,
     ) -> Result<Self, EngineError> {
         if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
-            return Err(EngineError::Config(
-                "block_size, max_num_seqs and max_num_batched_tokens must be positive".into(),
-            ));
+            return Err(EngineError::Config("block_size, max_num_seqs and max_num_batched_tokens must be positive".into()));
         }
-        let mut max_model_len = cfg
-            .max_model_len
-            .unwrap_or(arch.max_position_embeddings)
-            .min(arch.max_position_embeddings);
+        let mut max_model_len = cfg.max_model_len.unwrap_or(arch.max_position_embeddings).min(arch.max_position_embeddings);
         let dtype: DType = weights.dtype();
         let model = Model::new(&arch, weights, &device, max_model_len)?;
         let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
@@ -221,21 +195,10 @@ impl LlmEngine {
         // One sequence must always fit alone, or preemption could not make progress.
         let capacity = num_blocks * cfg.block_size;
         if capacity < max_model_len {
-            tracing::warn!(
-                capacity,
-                max_model_len,
-                "KV cache smaller than max model length; capping it"
-            );
+            tracing::warn!(capacity, max_model_len, "KV cache smaller than max model length; capping it");
             max_model_len = capacity;
         }
-        let cache = KvCache::new(
-            arch.num_layers,
-            num_blocks,
-            cfg.block_size,
-            arch.num_kv_heads * arch.head_dim,
-            dtype,
-            &device,
-        )?;
+        let cache = KvCache::new(arch.num_layers, num_blocks, cfg.block_size, arch.num_kv_heads * arch.head_dim, dtype, &device)?;
         tracing::info!(
             model = %arch.name,
             ?dtype,
@@ -245,18 +208,10 @@ impl LlmEngine {
             "engine ready"
         );
         let sched = Scheduler::new(
-            Limits {
-                max_num_seqs: cfg.max_num_seqs,
-                max_num_batched_tokens: cfg.max_num_batched_tokens,
-                block_size: cfg.block_size,
-            },
+            Limits { max_num_seqs: cfg.max_num_seqs, max_num_batched_tokens: cfg.max_num_batched_tokens, block_size: cfg.block_size },
             num_blocks,
         );
-        let stats = EngineStats {
-            kv_blocks_total: num_blocks,
-            block_size: cfg.block_size,
-            ..EngineStats::default()
-        };
+        let stats = EngineStats { kv_blocks_total: num_blocks, block_size: cfg.block_size, ..EngineStats::default() };
         Ok(Self {
             name: arch.name.clone(),
             model,
@@ -352,16 +307,11 @@ impl LlmEngine {
             return Err(RequestError::EmptyPrompt);
         }
         if tokens.len() > self.max_model_len {
-            return Err(RequestError::PromptTooLong {
-                len: tokens.len(),
-                max: self.max_model_len,
-            });
+            return Err(RequestError::PromptTooLong { len: tokens.len(), max: self.max_model_len });
         }
         let vocab = self.model.config().vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(RequestError::Invalid(format!(
-                "token id {bad} outside the vocabulary of {vocab}"
-            )));
+            return Err(RequestError::Invalid(format!("token id {bad} outside the vocabulary of {vocab}")));
         }
         Ok(tokens)
     }
@@ -411,7 +361,7 @@ impl LlmEngine {
                 SeqInput {
                     tokens: s.tokens[s.num_computed..end].to_vec(),
                     start_pos: s.num_computed,
-                    slots: slots_for(&s.blocks, bs, end),
+                    blocks: s.blocks[..blocks_for(end, bs)].to_vec(),
                     want_logits: end == s.tokens.len(),
                 }
             })
@@ -420,26 +370,15 @@ impl LlmEngine {
         // On a GPU, greedy sequences get their argmax on the device and only the id crosses
         // to the host; on the CPU the logits are already in host memory.
         let logits: Vec<Option<LastToken>> = if self.model.device().is_cuda() {
-            let full: Vec<bool> = plan
-                .iter()
-                .map(|p| !self.sched.running[p.index].params.is_greedy())
-                .collect();
-            self.model
-                .forward_sampled(&inputs, &mut self.cache, &full)?
+            let full: Vec<bool> = plan.iter().map(|p| !self.sched.running[p.index].params.is_greedy()).collect();
+            self.model.forward_sampled(&inputs, &mut self.cache, &full)?
         } else {
-            self.model
-                .forward(&inputs, &mut self.cache)?
-                .into_iter()
-                .map(|l| l.map(LastToken::Logits))
-                .collect()
+            self.model.forward(&inputs, &mut self.cache)?.into_iter().map(|l| l.map(LastToken::Logits)).collect()
         };
         self.stats.steps += 1;
         self.stats.last_step_tokens = step_tokens;
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(step_tokens);
-        self.stats.peak_kv_blocks = self
-            .stats
-            .peak_kv_blocks
-            .max(self.sched.allocator.num_used());
+        self.stats.peak_kv_blocks = self.stats.peak_kv_blocks.max(self.sched.allocator.num_used());
 
         let now = Instant::now();
         let mut finished: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
@@ -498,23 +437,20 @@ impl LlmEngine {
     /// Logits of teacher-forced steps, for numerical checks: step 0 runs every prompt in one
     /// ragged prefill pass; step k runs the k-th forced token of every sequence in one batched
     /// decode pass. Returns `logits[seq][step]`. Needs an idle engine (no requests in flight).
-    pub fn teacher_forced_logits(
-        &mut self,
-        seqs: &[(Vec<u32>, Vec<u32>)],
-    ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
+    pub fn teacher_forced_logits(&mut self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
         if self.sched.has_work() {
-            return Err(EngineError::Config(
-                "teacher_forced_logits needs an idle engine".into(),
-            ));
+            return Err(EngineError::Config("teacher_forced_logits needs an idle engine".into()));
         }
         let bs = self.cache.block_size();
         let mut tables: Vec<Vec<u32>> = Vec::new();
         let result = (|| -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
             for (prompt, forced) in seqs {
                 let n = blocks_for(prompt.len() + forced.len(), bs);
-                let t = self.sched.allocator.allocate(n).ok_or_else(|| {
-                    EngineError::Config("not enough KV blocks for teacher forcing".into())
-                })?;
+                let t = self
+                    .sched
+                    .allocator
+                    .allocate(n)
+                    .ok_or_else(|| EngineError::Config("not enough KV blocks for teacher forcing".into()))?;
                 tables.push(t);
             }
             let steps = 1 + seqs.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
@@ -534,7 +470,7 @@ impl LlmEngine {
                     inputs.push(SeqInput {
                         tokens,
                         start_pos: start,
-                        slots: slots_for(&tables[i], bs, end),
+                        blocks: tables[i][..blocks_for(end, bs)].to_vec(),
                         want_logits: true,
                     });
                     who.push(i);
@@ -553,10 +489,7 @@ impl LlmEngine {
     }
 
     /// Runs `requests` to completion and returns their results in request order.
-    pub fn generate(
-        &mut self,
-        requests: Vec<GenerationRequest>,
-    ) -> Result<Vec<StepOutput>, EngineError> {
+    pub fn generate(&mut self, requests: Vec<GenerationRequest>) -> Result<Vec<StepOutput>, EngineError> {
         let order: Vec<u64> = requests.iter().map(|r| r.id).collect();
         for r in requests {
             self.add_request(r);
@@ -582,10 +515,57 @@ fn stop_text(codec: &TextCodec, seq: &Sequence) -> Option<String> {
         return None;
     }
     let text = codec.decode(&seq.tokens[seq.prompt_len..]);
-    seq.params
-        .stop
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .map(|at| text[..at].to_string())
+    seq.params.stop.iter().filter_map(|s| text.find(s.as_str())).min().map(|at| text[..at].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlmEngine {
+        let arch = ArchConfig::preset("tiny-qwen2").unwrap();
+        let cfg = EngineConfig { max_num_seqs: 16, num_kv_blocks: Some(64), block_size: 4, ..EngineConfig::default() };
+        LlmEngine::random(arch, None, &cfg).unwrap()
+    }
+
+    fn req(id: u64, ids: &[u32]) -> GenerationRequest {
+        GenerationRequest {
+            id,
+            prompt: Prompt::Tokens(ids.to_vec()),
+            params: SamplingParams { max_tokens: 6, ignore_eos: true, ..SamplingParams::default() },
+        }
+    }
+
+    /// Prefill chunks of equal length are attended as one group; the result must equal each
+    /// prompt run alone (and different prompts of the same length must not mix).
+    #[test]
+    fn grouped_prefill_matches_single_runs() {
+        let prompts: [&[u32]; 5] =
+            [&[5, 9, 13, 2, 7, 7], &[5, 9, 13, 2, 7, 7], &[100, 3, 40, 41, 42, 8], &[11, 12, 13], &[300, 301, 302, 303, 304, 305]];
+        // One engine throughout: random weights differ between engines.
+        let mut eng = tiny();
+        let mut alone = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let out = eng.generate(vec![req(i as u64, p)]).unwrap();
+            alone.push(out[0].1.as_ref().unwrap().token_ids.clone());
+        }
+        let batch: Vec<_> = prompts.iter().enumerate().map(|(i, p)| req(i as u64, p)).collect();
+        let together = eng.generate(batch).unwrap();
+        for (i, (id, r)) in together.iter().enumerate() {
+            assert_eq!(*id, i as u64);
+            assert_eq!(r.as_ref().unwrap().token_ids, alone[i], "request {i}");
+        }
+        assert_eq!(alone[0], alone[1]);
+        let tf: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().map(|p| (p.to_vec(), vec![1, 2])).collect();
+        let batched = eng.teacher_forced_logits(&tf).unwrap();
+        for (i, seq) in tf.iter().enumerate() {
+            let single = eng.teacher_forced_logits(std::slice::from_ref(seq)).unwrap();
+            for (step, (a, b)) in batched[i].iter().zip(&single[0]).enumerate() {
+                let max = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(max > 0.0 && err <= 1e-4 * max, "prompt {i} step {step}: {err} vs {max}");
+            }
+        }
+        assert!(batched[0][0] != batched[2][0], "different prompts, different logits");
+    }
 }

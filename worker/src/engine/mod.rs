@@ -22,10 +22,7 @@ pub use config::{Arch, ArchConfig, Llama3RopeScaling};
 pub use device::DeviceKind;
 pub use error::{EngineError, RequestError};
 pub use handle::{EngineHandle, ModelInfo};
-pub use llm_engine::{
-    EngineConfig, EngineStats, FinishReason, GenerationOutput, GenerationRequest, LlmEngine,
-    StepOutput,
-};
+pub use llm_engine::{EngineConfig, EngineStats, FinishReason, GenerationOutput, GenerationRequest, LlmEngine, StepOutput};
 pub use sampling::SamplingParams;
 pub use tokenizer::{ChatMessage, Prompt};
 pub use tokenizers::Tokenizer;

@@ -29,8 +29,8 @@ pub struct SeqInput {
     pub tokens: Vec<u32>,
     /// Position of `tokens[0]`; positions before it are already in the KV cache.
     pub start_pos: usize,
-    /// KV cache slot of every position `0..start_pos + tokens.len()`.
-    pub slots: Vec<u32>,
+    /// The sequence's block table; it covers at least positions `0..start_pos + tokens.len()`.
+    pub blocks: Vec<u32>,
     /// Whether the logits of the last token are wanted.
     pub want_logits: bool,
 }
@@ -84,14 +84,21 @@ pub enum LastToken {
     Argmax(u32),
 }
 
+/// Prefill chunks of the same length and start position, attended together: `count` chunks
+/// of `len` tokens each, consecutive in the flat layout from `start`, over `ctx` keys.
 struct PrefillChunk {
     start: usize,
+    count: usize,
     len: usize,
     ctx: usize,
+    /// `[count * ctx]` key slots.
     key_slots: Tensor,
-    /// `[len, ctx]` causal additive mask.
+    /// `[len, ctx]` causal additive mask (shared by the group).
     mask: Tensor,
 }
+
+/// Most score elements (`chunks * len * ctx`, per query head) of one prefill group.
+const PREFILL_GROUP_ELEMS: usize = 1 << 22;
 
 /// A loaded causal LM ready for batched forward passes.
 pub struct Model {
@@ -110,30 +117,15 @@ pub struct Model {
     paged_decode: bool,
 }
 
-fn linear(
-    w: &Weights,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<Linear, EngineError> {
+fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, EngineError> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias {
-        Some(w.get(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
+    let b = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
     Ok(Linear::new(weight, b))
 }
 
 impl Model {
     /// Builds the model from `weights`, with RoPE tables for positions `< max_len`.
-    pub fn new(
-        cfg: &ArchConfig,
-        weights: &Weights,
-        device: &Device,
-        max_len: usize,
-    ) -> Result<Self, EngineError> {
+    pub fn new(cfg: &ArchConfig, weights: &Weights, device: &Device, max_len: usize) -> Result<Self, EngineError> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let embed = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -143,56 +135,14 @@ impl Model {
             let b = cfg.qkv_bias;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: linear(
-                    weights,
-                    &format!("{p}.self_attn.q_proj"),
-                    cfg.num_heads * hd,
-                    h,
-                    b,
-                )?,
-                k: linear(
-                    weights,
-                    &format!("{p}.self_attn.k_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    b,
-                )?,
-                v: linear(
-                    weights,
-                    &format!("{p}.self_attn.v_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    b,
-                )?,
-                o: linear(
-                    weights,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    cfg.num_heads * hd,
-                    false,
-                )?,
+                q: linear(weights, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b)?,
+                k: linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
+                v: linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
+                o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: linear(
-                    weights,
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: linear(
-                    weights,
-                    &format!("{p}.mlp.up_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                down: linear(
-                    weights,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    false,
-                )?,
+                gate: linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                up: linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down: linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
             });
         }
         let norm = weights.get("model.norm.weight", &[h])?;
@@ -219,12 +169,7 @@ impl Model {
         let cos = Tensor::from_vec(cos, (max_len, half), device)?;
         let sin = Tensor::from_vec(sin, (max_len, half), device)?;
         let paged_decode = device.is_cuda()
-            && super::cuda_ops::paged_decode_supported(
-                cfg.num_heads,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                weights.dtype(),
-            )
+            && super::cuda_ops::paged_decode_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weights.dtype())
             && std::env::var("SLUICE_PAGED_ATTENTION").as_deref() != Ok("0");
         tracing::debug!(paged_decode, "attention path");
         Ok(Self {
@@ -254,79 +199,91 @@ impl Model {
         self.dtype
     }
 
+    /// Moves the key slots and mask of the prefill group being built to the device.
+    fn close_group(&self, prefills: &mut [PrefillChunk], slots: &mut Vec<u32>, mask: &mut Vec<f32>) -> Result<(), EngineError> {
+        if let Some(g) = prefills.last_mut()
+            && !slots.is_empty()
+        {
+            g.key_slots = Tensor::from_vec(std::mem::take(slots), g.count * g.ctx, &self.device)?;
+            g.mask = Tensor::from_vec(std::mem::take(mask), (g.len, g.ctx), &self.device)?;
+        }
+        Ok(())
+    }
+
     /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
     /// Returns the tensors and, per input sequence, its row among the returned logits.
-    fn prepare(
-        &self,
-        seqs: &[SeqInput],
-        block_size: usize,
-    ) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
+    fn prepare(&self, seqs: &[SeqInput], block_size: usize) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let mut order: Vec<usize> = (0..seqs.len())
-            .filter(|&i| seqs[i].tokens.len() == 1)
-            .collect();
+        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
         let n_decode = order.len();
-        order.extend((0..seqs.len()).filter(|&i| seqs[i].tokens.len() > 1));
+        // Prefill chunks of equal (length, start) next to each other: one attention per group.
+        let mut pre: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() > 1).collect();
+        pre.sort_by_key(|&i| (seqs[i].tokens.len(), seqs[i].start_pos));
+        order.extend(pre);
+        let slot = |blocks: &[u32], p: usize| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32;
 
         let mut ids = Vec::new();
         let mut pos = Vec::new();
         let mut write = Vec::new();
         let mut logit_rows = Vec::new();
         let mut logit_of = vec![None; seqs.len()];
-        let mut prefills = Vec::new();
+        let mut prefills: Vec<PrefillChunk> = Vec::new();
+        let mut group_slots: Vec<u32> = Vec::new();
+        let mut group_mask: Vec<f32> = Vec::new();
         for &i in &order {
             let s = &seqs[i];
             let ctx = s.start_pos + s.tokens.len();
-            if s.slots.len() != ctx {
-                return Err(EngineError::Config(format!(
-                    "sequence has {} KV slots for {ctx} positions",
-                    s.slots.len()
-                )));
+            if s.blocks.len() * block_size < ctx {
+                return Err(EngineError::Config(format!("sequence has {} KV blocks for {ctx} positions", s.blocks.len())));
             }
             if ctx > self.max_len {
-                return Err(EngineError::Config(format!(
-                    "position {ctx} beyond the model's maximum length {}",
-                    self.max_len
-                )));
+                return Err(EngineError::Config(format!("position {ctx} beyond the model's maximum length {}", self.max_len)));
             }
             let start = ids.len();
             ids.extend_from_slice(&s.tokens);
             pos.extend((s.start_pos..ctx).map(|p| p as u32));
-            write.extend_from_slice(&s.slots[s.start_pos..]);
+            write.extend((s.start_pos..ctx).map(|p| slot(&s.blocks, p)));
             if s.want_logits {
                 logit_of[i] = Some(logit_rows.len());
                 logit_rows.push((ids.len() - 1) as u32);
             }
             if s.tokens.len() > 1 {
                 let t = s.tokens.len();
-                let mut mask = Vec::with_capacity(t * ctx);
-                for q in 0..t {
-                    let qpos = s.start_pos + q;
-                    mask.extend((0..ctx).map(|k| if k <= qpos { 0f32 } else { f32::NEG_INFINITY }));
-                }
-                prefills.push(PrefillChunk {
-                    start,
-                    len: t,
-                    ctx,
-                    key_slots: Tensor::from_slice(&s.slots, ctx, &self.device)?,
-                    mask: Tensor::from_vec(mask, (t, ctx), &self.device)?,
+                let joins = prefills.last().is_some_and(|g| {
+                    g.len == t && g.ctx == ctx && g.start + g.count * t == start && (g.count + 1) * t * ctx <= PREFILL_GROUP_ELEMS
                 });
+                if !joins {
+                    self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
+                    for q in 0..t {
+                        let qpos = s.start_pos + q;
+                        group_mask.extend((0..ctx).map(|k| if k <= qpos { 0f32 } else { f32::NEG_INFINITY }));
+                    }
+                    prefills.push(PrefillChunk {
+                        start,
+                        count: 0,
+                        len: t,
+                        ctx,
+                        key_slots: Tensor::zeros(1, DType::U32, &Device::Cpu)?,
+                        mask: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+                    });
+                }
+                group_slots.extend((0..ctx).map(|p| slot(&s.blocks, p)));
+                if let Some(g) = prefills.last_mut() {
+                    g.count += 1;
+                }
             }
         }
+        self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
         let decode = if n_decode > 0 && self.paged_decode {
-            let max_blocks = order[..n_decode]
-                .iter()
-                .map(|&i| seqs[i].slots.len().div_ceil(block_size))
-                .max()
-                .unwrap_or(1);
+            let ctx_of = |i: usize| seqs[i].start_pos + 1;
+            let max_blocks = order[..n_decode].iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1);
             let mut tables = Vec::with_capacity(n_decode * max_blocks);
             let mut lens = Vec::with_capacity(n_decode);
             for &i in &order[..n_decode] {
-                let s = &seqs[i].slots;
-                let nb = s.len().div_ceil(block_size);
-                tables.extend(s.iter().step_by(block_size).map(|&x| x / block_size as u32));
+                let nb = ctx_of(i).div_ceil(block_size);
+                tables.extend_from_slice(&seqs[i].blocks[..nb]);
                 tables.extend(std::iter::repeat_n(0u32, max_blocks - nb));
-                lens.push(s.len() as u32);
+                lens.push(ctx_of(i) as u32);
             }
             Some(DecodeGroup {
                 batch: n_decode,
@@ -336,19 +293,16 @@ impl Model {
                 },
             })
         } else if n_decode > 0 {
-            let max_ctx = order[..n_decode]
-                .iter()
-                .map(|&i| seqs[i].slots.len())
-                .max()
-                .unwrap_or(1);
+            let ctx_of = |i: usize| seqs[i].start_pos + 1;
+            let max_ctx = order[..n_decode].iter().map(|&i| ctx_of(i)).max().unwrap_or(1);
             let mut slots = Vec::with_capacity(n_decode * max_ctx);
             let mut mask = Vec::with_capacity(n_decode * max_ctx);
             for &i in &order[..n_decode] {
-                let s = &seqs[i].slots;
-                slots.extend_from_slice(s);
-                slots.extend(std::iter::repeat_n(0u32, max_ctx - s.len()));
-                mask.extend(std::iter::repeat_n(0f32, s.len()));
-                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_ctx - s.len()));
+                let ctx = ctx_of(i);
+                slots.extend((0..ctx).map(|p| slot(&seqs[i].blocks, p)));
+                slots.extend(std::iter::repeat_n(0u32, max_ctx - ctx));
+                mask.extend(std::iter::repeat_n(0f32, ctx));
+                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_ctx - ctx));
             }
             Some(DecodeGroup {
                 batch: n_decode,
@@ -363,17 +317,9 @@ impl Model {
         };
         let n = ids.len();
         let positions = Tensor::from_vec(pos, n, &self.device)?;
-        let cos = self
-            .cos
-            .index_select(&positions, 0)?
-            .to_dtype(self.dtype)?;
-        let sin = self
-            .sin
-            .index_select(&positions, 0)?
-            .to_dtype(self.dtype)?;
-        let write_index = Tensor::from_vec(write, (n, 1), &self.device)?
-            .broadcast_as((n, kvd))?
-            .contiguous()?;
+        let cos = self.cos.index_select(&positions, 0)?.to_dtype(self.dtype)?;
+        let sin = self.sin.index_select(&positions, 0)?.to_dtype(self.dtype)?;
+        let write_index = Tensor::from_vec(write, (n, 1), &self.device)?.broadcast_as((n, kvd))?.contiguous()?;
         let logit_rows = if logit_rows.is_empty() {
             None
         } else {
@@ -397,11 +343,7 @@ impl Model {
 
     /// Runs the new tokens of `seqs` through the model, writing their keys and values into
     /// `cache`. Returns, per sequence, the f32 logits of its last token when `want_logits`.
-    pub fn forward(
-        &self,
-        seqs: &[SeqInput],
-        cache: &mut KvCache,
-    ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
+    pub fn forward(&self, seqs: &[SeqInput], cache: &mut KvCache) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
         let mut out = vec![None; seqs.len()];
         let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
             return Ok(out);
@@ -443,10 +385,7 @@ impl Model {
         if !want_rows.is_empty() {
             let n = want_rows.len();
             let rows = Tensor::from_vec(want_rows, n, &self.device)?;
-            let full = logits
-                .index_select(&rows, 0)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let full = logits.index_select(&rows, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (i, row) in want_seqs.into_iter().zip(full) {
                 out[i] = Some(LastToken::Logits(row));
             }
@@ -457,11 +396,7 @@ impl Model {
     /// The forward pass; returns the `[rows, vocab]` logits (model dtype) of the sequences that
     /// want them and each sequence's row, or None when no sequence wants logits.
     #[allow(clippy::type_complexity)]
-    fn last_logits(
-        &self,
-        seqs: &[SeqInput],
-        cache: &mut KvCache,
-    ) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
+    fn last_logits(&self, seqs: &[SeqInput], cache: &mut KvCache) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
         if seqs.is_empty() {
             return Ok(None);
         }
@@ -491,14 +426,7 @@ impl Model {
         Ok(candle_nn::rotary_emb::rope_thd(&x, &st.cos, &st.sin)?.squeeze(0)?)
     }
 
-    fn attention(
-        &self,
-        layer: &Layer,
-        h: &Tensor,
-        st: &StepTensors,
-        cache: &mut KvCache,
-        li: usize,
-    ) -> Result<Tensor, EngineError> {
+    fn attention(&self, layer: &Layer, h: &Tensor, st: &StepTensors, cache: &mut KvCache, li: usize) -> Result<Tensor, EngineError> {
         let n = st.num_tokens;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
@@ -512,84 +440,36 @@ impl Model {
         vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(1 + st.prefills.len());
-        if let Some(DecodeGroup {
-            batch: b,
-            keys: DecodeKeys::Paged { tables, ctx_lens },
-        }) = &st.decode
-        {
+        if let Some(DecodeGroup { batch: b, keys: DecodeKeys::Paged { tables, ctx_lens } }) = &st.decode {
             let qd = q.narrow(0, 0, *b)?;
-            let o = super::cuda_ops::paged_decode(
-                &qd,
-                kc,
-                vc,
-                tables,
-                ctx_lens,
-                nkv,
-                cache.block_size(),
-                scale as f32,
-            )?;
+            let o = super::cuda_ops::paged_decode(&qd, kc, vc, tables, ctx_lens, nkv, cache.block_size(), scale as f32)?;
             outs.push(o.reshape((*b, nh * hd))?);
         }
-        if let Some(DecodeGroup {
-            batch,
-            keys:
-                DecodeKeys::Gather {
-                    max_ctx,
-                    key_slots,
-                    mask,
-                },
-        }) = &st.decode
-        {
+        if let Some(DecodeGroup { batch, keys: DecodeKeys::Gather { max_ctx, key_slots, mask } }) = &st.decode {
             let (b, l) = (*batch, *max_ctx);
             // [b, nkv, g, hd]: head j*g + i reads kv head j (repeat_kv order).
             let qd = q.narrow(0, 0, b)?.reshape((b, nkv, g, hd))?;
-            let kd = kc
-                .index_select(key_slots, 0)?
-                .reshape((b, l, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let vd = vc
-                .index_select(key_slots, 0)?
-                .reshape((b, l, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?
-                .to_dtype(DType::F32)?
-                .broadcast_add(mask)?;
+            let kd = kc.index_select(key_slots, 0)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let vd = vc.index_select(key_slots, 0)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             outs.push(p.matmul(&vd)?.reshape((b, nh * hd))?);
         }
         for c in &st.prefills {
-            let (t, ctx) = (c.len, c.ctx);
-            let qp = q
-                .narrow(0, c.start, t)?
-                .reshape((t, nkv, g, hd))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((nkv, g * t, hd))?;
-            let kp = kc
-                .index_select(&c.key_slots, 0)?
-                .reshape((ctx, nkv, hd))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vp = vc
-                .index_select(&c.key_slots, 0)?
-                .reshape((ctx, nkv, hd))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let scores = (qp.matmul(&kp.transpose(1, 2)?)? * scale)?
-                .to_dtype(DType::F32)?
-                .reshape((nkv, g, t, ctx))?
-                .broadcast_add(&c.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?
-                .to_dtype(self.dtype)?
-                .reshape((nkv, g * t, ctx))?;
-            let o = p
-                .matmul(&vp)?
-                .reshape((nkv, g, t, hd))?
-                .permute((2, 0, 1, 3))?
-                .contiguous()?
-                .reshape((t, nh * hd))?;
+            let (bn, t, ctx) = (c.count, c.len, c.ctx);
+            // [bn, nkv, g*t, hd]: query head j*g + i reads kv head j.
+            let qp = q.narrow(0, c.start, bn * t)?.reshape((bn, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((
+                bn,
+                nkv,
+                g * t,
+                hd,
+            ))?;
+            let kp = kc.index_select(&c.key_slots, 0)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let vp = vc.index_select(&c.key_slots, 0)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let scores =
+                (qp.matmul(&kp.transpose(2, 3)?)? * scale)?.to_dtype(DType::F32)?.reshape((bn, nkv, g, t, ctx))?.broadcast_add(&c.mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((bn, nkv, g * t, ctx))?;
+            let o = p.matmul(&vp)?.reshape((bn, nkv, g, t, hd))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((bn * t, nh * hd))?;
             outs.push(o);
         }
         Ok(Tensor::cat(&outs, 0)?)

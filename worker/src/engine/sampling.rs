@@ -29,15 +29,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            max_tokens: 16,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: None,
-            seed: 0,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
+        Self { max_tokens: 16, temperature: 0.0, top_p: 1.0, top_k: None, seed: 0, stop: Vec::new(), ignore_eos: false }
     }
 }
 
@@ -98,12 +90,8 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha12Rng) -> u32 
     let u: f64 = rng.random();
     let inv_t = 1.0 / f64::from(p.temperature);
     // Candidates sorted by logit, descending; ties by index for determinism.
-    let mut cand: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.is_finite())
-        .map(|(i, &v)| (i as u32, f64::from(v) * inv_t))
-        .collect();
+    let mut cand: Vec<(u32, f64)> =
+        logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, f64::from(v) * inv_t)).collect();
     if cand.is_empty() {
         return argmax(logits);
     }
@@ -149,13 +137,7 @@ mod tests {
     use super::*;
 
     fn params(t: f32, top_p: f32, top_k: Option<usize>, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature: t,
-            top_p,
-            top_k,
-            seed,
-            ..SamplingParams::default()
-        }
+        SamplingParams { temperature: t, top_p, top_k, seed, ..SamplingParams::default() }
     }
 
     #[test]
@@ -171,9 +153,7 @@ mod tests {
         let p = params(1.0, 0.9, Some(20), 42);
         let run = || {
             let mut rng = p.rng();
-            (0..32)
-                .map(|_| sample(&logits, &p, &mut rng))
-                .collect::<Vec<_>>()
+            (0..32).map(|_| sample(&logits, &p, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
         let q = params(1.0, 0.9, Some(20), 43);

@@ -59,13 +59,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(limits: Limits, num_blocks: usize) -> Self {
-        Self {
-            limits,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            allocator: BlockAllocator::new(num_blocks),
-            preemptions: 0,
-        }
+        Self { limits, waiting: VecDeque::new(), running: Vec::new(), allocator: BlockAllocator::new(num_blocks), preemptions: 0 }
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -108,11 +102,7 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let (remaining, computed, have) = {
                 let s = &self.running[i];
-                (
-                    s.tokens.len() - s.num_computed,
-                    s.num_computed,
-                    s.blocks.len(),
-                )
+                (s.tokens.len() - s.num_computed, s.num_computed, s.blocks.len())
             };
             let n = remaining.min(budget);
             let need = blocks_for(computed + n, bs).saturating_sub(have);
@@ -132,10 +122,7 @@ impl Scheduler {
             if let Some(mut b) = self.allocator.allocate(need) {
                 self.running[i].blocks.append(&mut b);
             }
-            out.push(Scheduled {
-                index: i,
-                num_tokens: n,
-            });
+            out.push(Scheduled { index: i, num_tokens: n });
             budget -= n;
             i += 1;
         }
@@ -158,10 +145,7 @@ impl Scheduler {
                 seq.blocks.append(&mut b);
             }
             self.running.push(seq);
-            out.push(Scheduled {
-                index: self.running.len() - 1,
-                num_tokens: n,
-            });
+            out.push(Scheduled { index: self.running.len() - 1, num_tokens: n });
             budget -= n;
         }
         out

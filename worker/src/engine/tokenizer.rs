@@ -41,17 +41,12 @@ pub struct TextCodec {
 }
 
 fn file_err(path: &Path, msg: impl Into<String>) -> EngineError {
-    EngineError::ModelFile {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    EngineError::ModelFile { path: path.to_path_buf(), msg: msg.into() }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, EngineError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| file_err(path, format!("invalid JSON: {e}"))),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| file_err(path, format!("invalid JSON: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(file_err(path, format!("cannot read: {e}"))),
     }
@@ -82,23 +77,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// `strftime_now(fmt)` as transformers provides it to templates (UTC; common directives).
 fn strftime_now(fmt: String) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let tod = secs.rem_euclid(86_400);
     let month = MONTHS[(m as usize).saturating_sub(1) % 12];
@@ -135,12 +116,9 @@ fn chat_env(template: String) -> Result<Environment<'static>, minijinja::Error> 
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
     env.add_function("strftime_now", strftime_now);
     env.add_template_owned("chat", template)?;
     Ok(env)
@@ -155,8 +133,7 @@ impl TextCodec {
         if !tok_path.exists() {
             return Err(file_err(&tok_path, "file not found"));
         }
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| file_err(&tok_path, format!("invalid tokenizer: {e}")))?;
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| file_err(&tok_path, format!("invalid tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let tcfg = read_json(&cfg_path)?.unwrap_or(Value::Null);
         let bos_token = token_str(tcfg.get("bos_token"));
@@ -183,17 +160,12 @@ impl TextCodec {
             }
         };
         let env = match template {
-            Some(t) => Some(
-                chat_env(t)
-                    .map_err(|e| file_err(&template_path, format!("invalid chat template: {e}")))?,
-            ),
+            Some(t) => Some(chat_env(t).map_err(|e| file_err(&template_path, format!("invalid chat template: {e}")))?),
             None => None,
         };
 
         let gen_path = dir.join("generation_config.json");
-        let mut eos_ids = read_json(&gen_path)?
-            .map(|g| token_id_list(g.get("eos_token_id")))
-            .unwrap_or_default();
+        let mut eos_ids = read_json(&gen_path)?.map(|g| token_id_list(g.get("eos_token_id"))).unwrap_or_default();
         if eos_ids.is_empty() {
             eos_ids = config_eos.to_vec();
         }
@@ -202,24 +174,12 @@ impl TextCodec {
         {
             eos_ids.push(id);
         }
-        Ok(Self {
-            tokenizer: Some(tokenizer),
-            env,
-            bos_token,
-            eos_token,
-            eos_ids,
-        })
+        Ok(Self { tokenizer: Some(tokenizer), env, bos_token, eos_token, eos_ids })
     }
 
     /// A codec around an in-memory tokenizer (or none: then only token prompts work).
     pub fn from_tokenizer(tokenizer: Option<Tokenizer>, eos_ids: Vec<u32>) -> Self {
-        Self {
-            tokenizer,
-            env: None,
-            bos_token: None,
-            eos_token: None,
-            eos_ids,
-        }
+        Self { tokenizer, env: None, bos_token: None, eos_token: None, eos_ids }
     }
 
     /// Token ids that end a completion (unless the request ignores EOS).
@@ -229,13 +189,8 @@ impl TextCodec {
 
     /// Renders chat messages with the model's template and the generation prompt.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, RequestError> {
-        let env = self
-            .env
-            .as_ref()
-            .ok_or_else(|| RequestError::Template("the model has no chat template".into()))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| RequestError::Template(e.to_string()))?;
+        let env = self.env.as_ref().ok_or_else(|| RequestError::Template("the model has no chat template".into()))?;
+        let tmpl = env.get_template("chat").map_err(|e| RequestError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -243,10 +198,7 @@ impl TextCodec {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
         .map_err(|e| {
-            let detail = e
-                .detail()
-                .map(str::to_string)
-                .unwrap_or_else(|| e.to_string());
+            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
             RequestError::Template(detail)
         })
     }
@@ -258,13 +210,8 @@ impl TextCodec {
             Prompt::Text(t) => (t.clone(), true),
             Prompt::Chat(m) => (self.render_chat(m)?, false),
         };
-        let tok = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| RequestError::Tokenize("the model has no tokenizer".into()))?;
-        tok.encode(text, special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| RequestError::Tokenize(e.to_string()))
+        let tok = self.tokenizer.as_ref().ok_or_else(|| RequestError::Tokenize("the model has no tokenizer".into()))?;
+        tok.encode(text, special).map(|e| e.get_ids().to_vec()).map_err(|e| RequestError::Tokenize(e.to_string()))
     }
 
     /// Token ids → text, special tokens skipped. Empty without a tokenizer.
@@ -292,22 +239,10 @@ mod tests {
         let env = chat_env(
             "{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}".into(),
         );
-        let codec = TextCodec {
-            tokenizer: None,
-            env: env.ok(),
-            bos_token: Some("<s>".into()),
-            eos_token: None,
-            eos_ids: vec![],
-        };
-        let out = codec.render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: "  hi ".into(),
-        }]);
+        let codec = TextCodec { tokenizer: None, env: env.ok(), bos_token: Some("<s>".into()), eos_token: None, eos_ids: vec![] };
+        let out = codec.render_chat(&[ChatMessage { role: "user".into(), content: "  hi ".into() }]);
         assert_eq!(out, Ok("<s>user:hi\nA:".to_string()));
-        let bad = TextCodec {
-            env: chat_env("{{ raise_exception('nope') }}".into()).ok(),
-            ..codec
-        };
+        let bad = TextCodec { env: chat_env("{{ raise_exception('nope') }}".into()).ok(), ..codec };
         let err = bad.render_chat(&[]);
         assert!(matches!(err, Err(RequestError::Template(m)) if m.contains("nope")));
     }

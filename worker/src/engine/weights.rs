@@ -14,29 +14,14 @@ use super::error::EngineError;
 /// Where the model's tensors come from.
 pub enum Weights {
     /// Tensors read from safetensors files, by name, with the file each came from.
-    Files {
-        dir: PathBuf,
-        tensors: HashMap<String, (PathBuf, Tensor)>,
-        dtype: DType,
-    },
+    Files { dir: PathBuf, tensors: HashMap<String, (PathBuf, Tensor)>, dtype: DType },
     /// Normal(0, std) random tensors, norms at one: benchmark models with no checkpoint.
-    Random {
-        std: f64,
-        dtype: DType,
-        device: Device,
-    },
+    Random { std: f64, dtype: DType, device: Device },
 }
 
 fn io_err(path: &Path, e: &std::io::Error) -> EngineError {
-    let msg = if e.kind() == std::io::ErrorKind::NotFound {
-        "file not found".to_string()
-    } else {
-        format!("cannot read: {e}")
-    };
-    EngineError::ModelFile {
-        path: path.to_path_buf(),
-        msg,
-    }
+    let msg = if e.kind() == std::io::ErrorKind::NotFound { "file not found".to_string() } else { format!("cannot read: {e}") };
+    EngineError::ModelFile { path: path.to_path_buf(), msg }
 }
 
 fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -55,23 +40,17 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, &e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| EngineError::ModelFile {
-            path: index.clone(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::ModelFile { path: index.clone(), msg: format!("invalid JSON: {e}") })?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| EngineError::ModelFile {
-                path: index.clone(),
-                msg: "no `weight_map` object".into(),
-            })?;
+            .ok_or_else(|| EngineError::ModelFile { path: index.clone(), msg: "no `weight_map` object".into() })?;
         let mut files: Vec<PathBuf> = Vec::new();
         for f in map.values() {
-            let name = f.as_str().ok_or_else(|| EngineError::ModelFile {
-                path: index.clone(),
-                msg: "`weight_map` values must be file names".into(),
-            })?;
+            let name = f
+                .as_str()
+                .ok_or_else(|| EngineError::ModelFile { path: index.clone(), msg: "`weight_map` values must be file names".into() })?;
             let p = dir.join(name);
             if !files.contains(&p) {
                 files.push(p);
@@ -84,10 +63,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     if single.exists() {
         return Ok(vec![single]);
     }
-    Err(EngineError::ModelFile {
-        path: single,
-        msg: "file not found (nor model.safetensors.index.json)".into(),
-    })
+    Err(EngineError::ModelFile { path: single, msg: "file not found (nor model.safetensors.index.json)".into() })
 }
 
 impl Weights {
@@ -96,12 +72,8 @@ impl Weights {
         let mut tensors = HashMap::new();
         for path in weight_files(dir)? {
             let bytes = std::fs::read(&path).map_err(|e| io_err(&path, &e))?;
-            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-                EngineError::CorruptSafetensors {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                }
-            })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| EngineError::CorruptSafetensors { path: path.clone(), msg: e.to_string() })?;
             for (name, view) in st.tensors() {
                 if st_dtype(view.dtype()).is_none() {
                     return Err(EngineError::ModelFile {
@@ -112,18 +84,11 @@ impl Weights {
                 let t = view
                     .load(device)
                     .and_then(|t| t.to_dtype(dtype))
-                    .map_err(|e| EngineError::CorruptSafetensors {
-                        path: path.clone(),
-                        msg: format!("tensor `{name}`: {e}"),
-                    })?;
+                    .map_err(|e| EngineError::CorruptSafetensors { path: path.clone(), msg: format!("tensor `{name}`: {e}") })?;
                 tensors.insert(name, (path.clone(), t));
             }
         }
-        Ok(Self::Files {
-            dir: dir.to_path_buf(),
-            tensors,
-            dtype,
-        })
+        Ok(Self::Files { dir: dir.to_path_buf(), tensors, dtype })
     }
 
     /// True when the checkpoint holds `name` (always true for random weights).
@@ -138,12 +103,8 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, EngineError> {
         match self {
             Self::Files { dir, tensors, .. } => {
-                let (path, t) = tensors
-                    .get(name)
-                    .ok_or_else(|| EngineError::MissingTensor {
-                        path: dir.clone(),
-                        name: name.to_string(),
-                    })?;
+                let (path, t) =
+                    tensors.get(name).ok_or_else(|| EngineError::MissingTensor { path: dir.clone(), name: name.to_string() })?;
                 if t.dims() != shape {
                     return Err(EngineError::ShapeMismatch {
                         path: path.clone(),

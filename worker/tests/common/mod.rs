@@ -91,7 +91,9 @@ impl LocalJob {
 
     pub fn chunk_files(&self, shard: u32) -> Vec<String> {
         let dir = self.out().join(layout::chunk_prefix(shard));
-        let mut v: Vec<String> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
         v.sort();
         v
     }
@@ -105,7 +107,16 @@ impl LocalJob {
 /// metrics port, short intervals); callers add or override environment.
 pub fn worker(output_uri: &str, shard: u32) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sluice-worker"));
-    for var in [env::PLAN_URI, env::INPUT_URI, env::INPUT_FORMAT, env::JOB_NAME, env::STORAGE_ENDPOINT, env::MODEL_CACHE_DIR, env::MAX_MODEL_LEN, "SLUICE_INJECT_FAULTS"] {
+    for var in [
+        env::PLAN_URI,
+        env::INPUT_URI,
+        env::INPUT_FORMAT,
+        env::JOB_NAME,
+        env::STORAGE_ENDPOINT,
+        env::MODEL_CACHE_DIR,
+        env::MAX_MODEL_LEN,
+        "SLUICE_INJECT_FAULTS",
+    ] {
         c.env_remove(var);
     }
     c.env(env::JOB_COMPLETION_INDEX, shard.to_string())
@@ -166,7 +177,14 @@ pub fn sigterm(child: &Child) {
 
 /// Every line of `shard` appears exactly once across results and errors, in line order, and
 /// every result has the OpenAI batch output shape with consistent usage.
-pub fn assert_exactly_once(plan: &ShardPlan, shard: u32, results: &[OutputLine], errors: &[OutputLine], max_tokens: u64) {
+/// `max_tokens` gives each result's token limit.
+pub fn assert_exactly_once(
+    plan: &ShardPlan,
+    shard: u32,
+    results: &[OutputLine],
+    errors: &[OutputLine],
+    max_tokens: impl Fn(&OutputLine) -> u64,
+) {
     let s = plan.shard(shard).unwrap();
     let mut seen: BTreeMap<u64, &OutputLine> = BTreeMap::new();
     for l in results.iter().chain(errors) {
@@ -175,7 +193,7 @@ pub fn assert_exactly_once(plan: &ShardPlan, shard: u32, results: &[OutputLine],
     }
     assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (s.first_line..s.end_line()).collect::<Vec<_>>(), "every line exactly once");
     for l in results {
-        assert_success_shape(l, max_tokens);
+        assert_success_shape(l, max_tokens(l));
     }
     for e in errors {
         assert!(e.response.is_none() && e.error.is_some(), "{e:?}");
