@@ -105,6 +105,9 @@ def main():
     with torch.device("cuda:0"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model = model.eval()
+    # EOS ignored: no end-of-sequence id at all, so every row runs to max_new_tokens.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     if args.compile:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     device = torch.cuda.get_device_name(0)

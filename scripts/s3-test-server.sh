@@ -25,14 +25,24 @@ if ! command -v moto_server >/dev/null 2>&1; then
 fi
 
 endpoint="http://127.0.0.1:${SLUICE_S3_PORT}"
-if ! curl -fsS -o /dev/null "$endpoint/" 2>/dev/null; then
+# Readiness probe without curl (not on every fresh machine): any HTTP answer counts.
+s3_up() {
+  python3 -c 'import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=1)
+except urllib.error.HTTPError:
+    pass
+except Exception:
+    sys.exit(1)' "$endpoint/"
+}
+if ! s3_up; then
   nohup moto_server -H 127.0.0.1 -p "$SLUICE_S3_PORT" >"$SLUICE_S3_DIR/server.log" 2>&1 &
   echo $! >"$SLUICE_S3_DIR/pid"
   for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null "$endpoint/" 2>/dev/null && break
+    s3_up && break
     sleep 0.2
   done
-  curl -fsS -o /dev/null "$endpoint/" || { cat "$SLUICE_S3_DIR/server.log" >&2; exit 1; }
+  s3_up || { cat "$SLUICE_S3_DIR/server.log" >&2; exit 1; }
 fi
 
 export SLUICE_TEST_S3_ENDPOINT="$endpoint"

@@ -444,6 +444,10 @@ impl RangeReader {
                     let room = (self.end - self.next_offset) as usize;
                     let chunk = if chunk.len() > room { chunk.slice(..room) } else { chunk };
                     self.next_offset += chunk.len() as u64;
+                    if !chunk.is_empty() {
+                        // Progress: a later break gets the full retry budget again.
+                        self.retries = 0;
+                    }
                     return Ok(Some(chunk));
                 }
                 None => {
@@ -531,8 +535,8 @@ pub mod testing {
     use futures::{StreamExt, stream};
     use object_store::path::Path;
     use object_store::{
-        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
-        PutPayload, PutResult, Result,
+        CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+        PutOptions, PutPayload, PutResult, Result,
     };
 
     /// What to inject. Parsed from `error_rate=0.3,delay_rate=0.1,delay_ms=50,seed=7,permanent=false`.
@@ -546,12 +550,21 @@ pub mod testing {
         pub seed: u64,
         /// Fail with "permission denied" (not retryable) instead of a transient error.
         pub permanent: bool,
+        /// Fraction of successful GETs whose body stream breaks halfway (transient error).
+        pub break_rate: f64,
     }
 
     impl std::str::FromStr for FaultConfig {
         type Err = String;
         fn from_str(s: &str) -> std::result::Result<Self, String> {
-            let mut c = FaultConfig { error_rate: 0.0, delay_rate: 0.0, delay: Duration::from_millis(20), seed: 0, permanent: false };
+            let mut c = FaultConfig {
+                error_rate: 0.0,
+                delay_rate: 0.0,
+                delay: Duration::from_millis(20),
+                seed: 0,
+                permanent: false,
+                break_rate: 0.0,
+            };
             for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                 let (k, v) = part.split_once('=').ok_or_else(|| format!("fault spec item {part:?} is not key=value"))?;
                 let num = |v: &str| v.parse::<f64>().map_err(|e| format!("fault spec {k}: {e}"));
@@ -561,6 +574,7 @@ pub mod testing {
                     "delay_ms" => c.delay = Duration::from_millis(num(v)? as u64),
                     "seed" => c.seed = v.parse().map_err(|e| format!("fault spec seed: {e}"))?,
                     "permanent" => c.permanent = v.parse().map_err(|e| format!("fault spec permanent: {e}"))?,
+                    "break_rate" => c.break_rate = num(v)?,
                     _ => return Err(format!("unknown fault spec key {k:?}")),
                 }
             }
@@ -643,7 +657,22 @@ pub mod testing {
 
         async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
             self.fault("get", location).await?;
-            self.inner.get_opts(location, options).await
+            let result = self.inner.get_opts(location, options).await?;
+            let call = self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.roll(call, 3) >= self.cfg.break_rate {
+                return Ok(result);
+            }
+            // Deliver the first half of the body, then fail the stream.
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            let GetResult { meta, range, attributes, extensions, .. } = result;
+            let half = (range.end - range.start) / 2;
+            let body =
+                self.inner.get_opts(location, GetOptions { range: Some((range.start..range.start + half).into()), ..Default::default() });
+            let head = if half > 0 { Some(body.await?.bytes().await?) } else { None };
+            let err = object_store::Error::Generic { store: "FaultyStore", source: Box::new(Injected("get stream")) };
+            let parts: Vec<Result<bytes::Bytes>> = head.into_iter().map(Ok).chain([Err(err)]).collect();
+            let payload = GetResultPayload::Stream(stream::iter(parts).boxed());
+            Ok(GetResult { payload, meta, range, attributes, extensions })
         }
 
         fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
@@ -768,6 +797,22 @@ mod tests {
             assert_eq!(o.get_bytes().await.unwrap(), Bytes::from(format!("v{i}")));
         }
         assert_eq!(loc.join("k").unwrap().list().await.unwrap().len(), 20);
+        // Streams that break halfway are resumed from the last byte received.
+        let text: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        base.join("big").unwrap().put(Bytes::from(text.clone())).await.unwrap();
+        let cfg: FaultConfig = "break_rate=0.5,seed=5".parse().unwrap();
+        let breaking = Arc::new(FaultyStore::new(base.store.clone(), cfg));
+        let big = base.with_store(breaking.clone()).join("big").unwrap();
+        for _ in 0..4 {
+            let mut r = big.lines(7..text.len() as u64, 100).await.unwrap();
+            let mut got = String::new();
+            while let Some(l) = r.next_line().await.unwrap() {
+                got.push_str(std::str::from_utf8(&l.bytes).unwrap());
+                got.push('\n');
+            }
+            assert_eq!(got, text[7..]);
+        }
+        assert!(breaking.injected() > 0, "some streams broke");
         assert!(faulty.injected() > 5, "faults were injected: {}", faulty.injected());
 
         let cfg: FaultConfig = "error_rate=1,permanent=true".parse().unwrap();

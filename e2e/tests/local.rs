@@ -74,7 +74,7 @@ fn quickstart_runs_exactly_once_and_rerun_is_a_no_op() {
     assert!(st.contains("Complete at"), "{st}");
 }
 
-fn write_job(dir: &Path, lines: usize, per_shard: usize, max_tokens: u32) -> PathBuf {
+fn write_job(dir: &Path, lines: usize, per_shard: usize, max_tokens: u32, batch: u32) -> PathBuf {
     let mut input = String::new();
     for i in 0..lines {
         input.push_str(&format!(
@@ -84,7 +84,7 @@ fn write_job(dir: &Path, lines: usize, per_shard: usize, max_tokens: u32) -> Pat
     std::fs::write(dir.join("in.jsonl"), input).unwrap();
     let model = repo_root().join("models/tiny-qwen2");
     let manifest = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: BatchInferenceJob\nmetadata: {{name: killtest}}\nspec:\n  model: {{uri: {}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sampling: {{maxTokens: {max_tokens}, temperature: 0.8, seed: 3}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 1, max: 1, gpus: 0}}\n  sharding: {{requestsPerShard: {per_shard}}}\n  retries: {{perShard: 3}}\n",
+        "apiVersion: sluice.dev/v1alpha1\nkind: BatchInferenceJob\nmetadata: {{name: killtest}}\nspec:\n  model: {{uri: {}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sampling: {{maxTokens: {max_tokens}, temperature: 0.8, seed: 3}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 1, max: 1, gpus: 0, maxBatchSize: {batch}}}\n  sharding: {{requestsPerShard: {per_shard}}}\n  retries: {{perShard: 3}}\n",
         model.display()
     );
     let path = dir.join("job.yaml");
@@ -92,7 +92,7 @@ fn write_job(dir: &Path, lines: usize, per_shard: usize, max_tokens: u32) -> Pat
     path
 }
 
-/// Direct children of `pid` (from /proc).
+/// Direct children of `pid` that are still running (not zombies), from /proc.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -100,7 +100,9 @@ fn children(pid: u32) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
         // pid (comm) state ppid ...
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+        let mut fields = after.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) && state != "Z" {
             out.push(child);
         }
     }
@@ -110,9 +112,11 @@ fn children(pid: u32) -> Vec<u32> {
 #[test]
 fn killed_worker_is_retried_and_output_stays_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), 48, 24, 48);
+    // Small chunks and one sequence at a time, so a worker is surely mid-shard when killed.
+    let job = write_job(dir.path(), 64, 32, 48, 1);
     let bin = binary("sluice").unwrap();
     let mut run = Command::new(bin)
+        .env("SLUICE_CHUNK_LINES", "4")
         .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

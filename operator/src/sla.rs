@@ -413,7 +413,13 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
     };
 
     let late_at_best = best_secs - to_deadline;
-    let infeasible_now = if prev == Some(SlaStatus::Infeasible) { late_at_best > -band } else { late_at_best > 0.0 };
+    let infeasible_now = match prev {
+        Some(SlaStatus::Infeasible) => late_at_best > -band,
+        // After admission, the prior alone (no progress yet, e.g. slow start-ups) only makes a
+        // job AtRisk: Infeasible is declared at admission or on measured throughput.
+        Some(_) if using_prior => false,
+        _ => late_at_best > 0.0,
+    };
 
     let (status, infeasible) = if to_deadline < 0.0 {
         (SlaStatus::Breached, None)

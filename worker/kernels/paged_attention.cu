@@ -38,11 +38,14 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
 // q: [b, nh, hd]; kc, vc: [slots, nkv * hd]; tables: [b, max_blocks] block ids;
 // ctx_lens: [b] keys per sequence (>= 1); out: [b, nh, hd].
 // Requires nh % nkv == 0, nh / nkv <= MAX_G, (nh / nkv) * hd <= MAX_GHD, hd % 8 == 0.
-extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_bf16(
+// HD > 0 fixes head_dim at compile time (loops unroll, loads issue together); 0 = runtime.
+template <int HD>
+__device__ __forceinline__ void paged_decode(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
     const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ ctx_lens, __nv_bfloat16* __restrict__ out, int nh, int nkv,
-    int hd, int block_size, int max_blocks, float scale) {
+    int hd_arg, int block_size, int max_blocks, float scale) {
+    const int hd = HD > 0 ? HD : hd_arg;
     const int kvh = blockIdx.x;
     const int s = blockIdx.y;
     const int tid = threadIdx.x;
@@ -87,7 +90,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_bf16(
             const size_t slot = (size_t)table[t / block_size] * block_size + t % block_size;
             slot_s[tid] = slot;
             const __nv_bfloat16* krow = kc + slot * kvd + (size_t)kvh * hd;
-            for (int c = 0; c < chunks; ++c) {
+#pragma unroll
+            for (int c = 0; c < (HD > 0 ? HD / 8 : chunks); ++c) {
                 float k8[8];
                 load8(krow + c * 8, k8);
 #pragma unroll
@@ -140,6 +144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_bf16(
                 for (int j = 0; j < 8; ++j) acc[k][j] *= a;
             }
         }
+#pragma unroll 4
         for (int i = warp; i < n_valid; i += WARPS) {
             const __nv_bfloat16* vrow = vc + slot_s[i] * kvd + (size_t)kvh * hd;
 #pragma unroll
@@ -180,3 +185,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_bf16(
         out[((size_t)s * nh + qh) * hd + i % hd] = __float2bfloat16(v / l_s[h]);
     }
 }
+
+#define PAGED_DECODE_ENTRY(name, HD)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) name(                                 \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,              \
+        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,              \
+        const uint32_t* __restrict__ ctx_lens, __nv_bfloat16* __restrict__ out, int nh,         \
+        int nkv, int hd, int block_size, int max_blocks, float scale) {                         \
+        paged_decode<HD>(q, kc, vc, tables, ctx_lens, out, nh, nkv, hd, block_size, max_blocks, \
+                         scale);                                                                \
+    }
+
+PAGED_DECODE_ENTRY(paged_decode_bf16, 0)
+PAGED_DECODE_ENTRY(paged_decode_bf16_hd64, 64)
+PAGED_DECODE_ENTRY(paged_decode_bf16_hd128, 128)

@@ -1,5 +1,6 @@
 //! Sluice worker.
 pub mod engine;
+pub mod app;
 pub mod cli;
 pub mod commit;
 pub mod metrics;

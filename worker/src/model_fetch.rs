@@ -161,7 +161,10 @@ mod tests {
         fill(src.path());
         let loc = resolve(&src.path().display().to_string(), &StorageOptions::default()).unwrap();
         let dest = cache.path().join("m");
-        download_prefix(&loc, &dest).await.unwrap();
+        // Streams that break halfway and failing calls are retried and resumed.
+        let faults = "break_rate=0.5,error_rate=0.2,seed=4".parse().unwrap();
+        let faulty = loc.with_store(std::sync::Arc::new(sluice_api::storage::testing::FaultyStore::new(loc.store.clone(), faults)));
+        download_prefix(&faulty, &dest).await.unwrap();
         for f in ["config.json", "sub/weights.bin", "empty"] {
             assert_eq!(std::fs::read(dest.join(f)).unwrap(), std::fs::read(src.path().join(f)).unwrap(), "{f}");
         }

@@ -483,6 +483,8 @@ mod tests {
             };
             let res = if matches!(&req.prompt, Prompt::Text(t) if t == "TOOLONG") {
                 Err(RequestError::PromptTooLong { len: 9, max: 8 })
+            } else if matches!(&req.prompt, Prompt::Text(t) if t == "CRASH") {
+                Err(RequestError::Engine("device lost".into()))
             } else {
                 Ok(GenerationOutput {
                     id: req.id,
@@ -592,6 +594,22 @@ mod tests {
         let progress: sluice_api::progress::ShardProgress =
             serde_json::from_slice(&std::fs::read(dir.path().join("out").join(layout::progress(0))).unwrap()).unwrap();
         assert!(progress.complete && progress.lines_done == 9 && progress.ready_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_engine_failure_fails_the_attempt_retryably_and_keeps_finished_lines() {
+        let mut lines = prompts(8);
+        lines[6] = r#"{"id":"boom","prompt":"CRASH"}"#.into();
+        let (dir, cfg) = setup(&lines, 100);
+        let fake = Fake { submitted: AtomicUsize::new(0), stall_after: usize::MAX };
+        let cfg = RunConfig { max_in_flight: 1, ..cfg };
+        let e = PreparedShard::prepare(cfg).await.unwrap().run(&fake, &WorkerMetrics::new(), never_stop()).await.unwrap_err();
+        assert_eq!(e.exit_code(), exit::RETRYABLE);
+        assert!(e.to_string().contains("line 7") && e.to_string().contains("device lost"), "{e}");
+        let chunks: Vec<_> =
+            std::fs::read_dir(dir.path().join("out/_sluice/shards/00000")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(chunks.len(), 2, "lines 1..7 are committed: {chunks:?}");
+        assert!(!dir.path().join("out").join(layout::results(0)).exists());
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+#[allow(clippy::unwrap_used)]
 fn bench(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sluice-bench")).args(args).output().unwrap()
 }

@@ -1,6 +1,7 @@
 //! The real `sluice-worker` binary on the tiny model against `file://` storage: complete shards
 //! in the OpenAI batch output shape, malformed lines, SIGKILL/SIGTERM at random points,
 //! concurrent attempts, injected storage faults, and the permanent-failure exit code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -140,7 +141,7 @@ fn sigkill_at_random_points_then_rerun_gives_exactly_once() {
             let mut cmd = job.worker(0);
             cmd.env(env::SAMPLING, r#"{"maxTokens":24,"temperature":0.8,"seed":3}"#);
             let mut child = cmd.spawn().unwrap();
-            let delay = Duration::from_millis(30 + lcg(&mut rng) % 900);
+            let delay = Duration::from_millis(30 + lcg(&mut rng) % 600);
             std::thread::sleep(delay);
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap(); // SIGKILL
@@ -223,7 +224,7 @@ fn transient_storage_faults_are_retried() {
     let job = LocalJob::new(prompt_lines(20), 10);
     for shard in 0..2 {
         let mut cmd = job.worker(shard);
-        cmd.env("SLUICE_INJECT_FAULTS", format!("error_rate=0.25,delay_rate=0.2,delay_ms=5,seed={shard}"));
+        cmd.env("SLUICE_INJECT_FAULTS", format!("error_rate=0.25,delay_rate=0.2,delay_ms=5,break_rate=0.5,seed={shard}"));
         let out = run(cmd);
         assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
         assert!(stderr(&out).contains("injected fault"), "faults were injected and retried");
@@ -280,4 +281,38 @@ fn permanent_failures_exit_with_the_permanent_code_and_a_clear_message() {
     c.env(env::SAMPLING, "{\"maxTokens\":0}");
     check(c, exit::USAGE, &["maxTokens"]);
     assert!(!job.finalized(0));
+}
+
+#[test]
+fn sigterm_while_preparing_exits_at_once() {
+    let job = LocalJob::new(prompt_lines(4), 4);
+    let mut cmd = job.worker(0);
+    // Every storage call takes 5 s, so the worker is still reading the plan.
+    cmd.env("SLUICE_INJECT_FAULTS", "delay_rate=1,delay_ms=5000");
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&child);
+    let t = Instant::now();
+    let out = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(exit::TERMINATED), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert!(stderr(&out).contains("stopped while preparing"));
+    assert!(job.chunk_files(0).is_empty() && !job.finalized(0));
+}
+
+#[test]
+fn json_logs_and_a_taken_metrics_port_do_not_stop_the_shard() {
+    let job = LocalJob::new(prompt_lines(3), 3);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = job.worker(0);
+    cmd.env(env::LOG_FORMAT, "json").env(env::METRICS_ADDR, taken.local_addr().unwrap().to_string());
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
+    let logs: Vec<serde_json::Value> = stderr(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(logs.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    assert!(
+        logs.iter().any(|l| l["level"] == "WARN" && l["fields"]["message"].as_str().unwrap_or("").contains("cannot serve metrics")),
+        "{logs:?}"
+    );
+    assert!(job.finalized(0));
 }

@@ -1,6 +1,7 @@
 //! The real `sluice-worker` binary against a real S3-compatible server on 127.0.0.1 (moto,
 //! started by `scripts/s3-test-server.sh`; its endpoint in `SLUICE_TEST_S3_ENDPOINT`): input,
 //! plan, output and the model itself in a bucket. Skipped, with a message, when it is unset.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -53,10 +53,7 @@ fn main() -> anyhow::Result<ExitCode> {
         anyhow::bail!("choose --all or --scenario NAME (see --list)");
     }
     let scenarios = sim::select(&args.scenario)?;
-    let tuning = Tuning {
-        seed_offset: args.seed_offset,
-        knobs: args.knob.clone(),
-    };
+    let tuning = Tuning { seed_offset: args.seed_offset, knobs: args.knob.clone() };
     if args.trace {
         for sc in &scenarios {
             println!("# {}: {}", sc.name, sc.about);
@@ -66,10 +63,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let reports = scenarios
-        .iter()
-        .map(|sc| sim::run_scenario_tuned(sc, &tuning))
-        .collect::<Result<Vec<_>, _>>()?;
+    let reports = scenarios.iter().map(|sc| sim::run_scenario_tuned(sc, &tuning)).collect::<Result<Vec<_>, _>>()?;
     let summary = Summary::of(&reports);
     if args.json {
         for r in &reports {
@@ -96,9 +90,5 @@ fn main() -> anyhow::Result<ExitCode> {
     for f in &failures {
         eprintln!("target missed: {f}");
     }
-    Ok(if args.check && !failures.is_empty() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if args.check && !failures.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

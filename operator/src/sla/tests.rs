@@ -232,6 +232,31 @@ fn admission_infeasible_under_the_prior() {
 }
 
 #[test]
+fn after_admission_the_prior_alone_only_makes_a_job_at_risk() {
+    let o = SlaObservation {
+        now: t(600.0),
+        done_requests: 0,
+        remaining_shards: 100,
+        active_workers: 1,
+        current_desired: 1,
+        per_worker_rate: None,
+        startup_secs: None,
+        last_scale_change: Some(t(0.0)),
+        previous_status: Some(SlaStatus::OnTrack),
+        ..obs()
+    };
+    let d = decide(&cfg(0, 1), &o);
+    assert_eq!(d.status, SlaStatus::AtRisk, "{d:?}");
+    assert!(d.infeasible.is_none());
+    // Already Infeasible (at admission): stays so.
+    let d = decide(&cfg(0, 1), &SlaObservation { previous_status: Some(SlaStatus::Infeasible), ..o.clone() });
+    assert_eq!(d.status, SlaStatus::Infeasible);
+    // Measured throughput confirms it.
+    let d = decide(&cfg(0, 1), &SlaObservation { per_worker_rate: Some(RateEstimate { mean: 0.5, stddev: 0.05, samples: 10 }), ..o });
+    assert_eq!(d.status, SlaStatus::Infeasible);
+}
+
+#[test]
 fn scale_down_waits_for_cooldown_and_a_clear_lead() {
     let c = cfg(0, 20);
     // 10 running, only about 2 needed.

@@ -131,7 +131,12 @@ mod imp {
             let vv = view::<bf16>(vs, vl, "v cache")?;
             let tv = view::<u32>(ts, tl, "block tables")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let func = dev.get_or_load_custom_func("paged_decode_bf16", "sluice_paged_attention", PTX)?;
+            let entry = match hd {
+                64 => "paged_decode_bf16_hd64",
+                128 => "paged_decode_bf16_hd128",
+                _ => "paged_decode_bf16",
+            };
+            let func = dev.get_or_load_custom_func(entry, "sluice_paged_attention", PTX)?;
             // SAFETY: every element is written by the kernel before it is read.
             let out = unsafe { dev.alloc::<bf16>(b * nh * hd)? };
             let cfg = LaunchConfig {

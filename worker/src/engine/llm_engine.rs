@@ -139,6 +139,8 @@ pub struct LlmEngine {
     in_flight: HashSet<u64>,
     pending: Vec<StepOutput>,
     stats: EngineStats,
+    /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
+    device_argmax: bool,
 }
 
 fn read_config(dir: &Path) -> Result<Value, EngineError> {
@@ -223,6 +225,7 @@ impl LlmEngine {
             in_flight: HashSet::new(),
             pending: Vec::new(),
             stats,
+            device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
         })
     }
 
@@ -369,7 +372,7 @@ impl LlmEngine {
         let step_tokens: usize = plan.iter().map(|p| p.num_tokens).sum();
         // On a GPU, greedy sequences get their argmax on the device and only the id crosses
         // to the host; on the CPU the logits are already in host memory.
-        let logits: Vec<Option<LastToken>> = if self.model.device().is_cuda() {
+        let logits: Vec<Option<LastToken>> = if self.device_argmax {
             let full: Vec<bool> = plan.iter().map(|p| !self.sched.running[p.index].params.is_greedy()).collect();
             self.model.forward_sampled(&inputs, &mut self.cache, &full)?
         } else {

@@ -1,0 +1,88 @@
+//! The engine's CUDA kernels against plain f32 references computed on the host. Needs a GPU
+//! and a `--features cuda` build; runs only with `SLUICE_TEST_CUDA=1` (skipped otherwise).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+#[allow(clippy::unwrap_used)]
+fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
+    let dev = Device::new_cuda(0).unwrap();
+    let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64((nh * 1000 + hd) as u64);
+    let b = lens.len();
+    let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap();
+    let num_blocks = b * max_blocks + 3;
+    // A random permutation of blocks, so tables are not contiguous.
+    let mut perm: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.random_range(0..=i));
+    }
+    let mut tables = vec![0u32; b * max_blocks];
+    let mut next = 0;
+    for (s, &l) in lens.iter().enumerate() {
+        for j in 0..l.div_ceil(block_size) {
+            tables[s * max_blocks + j] = perm[next];
+            next += 1;
+        }
+    }
+    let slots = num_blocks * block_size;
+    let kvd = nkv * hd;
+    let rnd = |n: usize, rng: &mut rand_chacha::ChaCha12Rng| -> Vec<f32> {
+        (0..n).map(|_| half::bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_f32()).collect()
+    };
+    let q = rnd(b * nh * hd, &mut rng);
+    let k = rnd(slots * kvd, &mut rng);
+    let v = rnd(slots * kvd, &mut rng);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let got = sluice_worker::engine::cuda_ops::paged_decode(
+        &t(&q, &[b, nh, hd]),
+        &t(&k, &[slots, kvd]),
+        &t(&v, &[slots, kvd]),
+        &Tensor::from_slice(&tables, (b, max_blocks), &dev).unwrap(),
+        &Tensor::from_slice(&lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), b, &dev).unwrap(),
+        nkv,
+        block_size,
+        scale,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    let g = nh / nkv;
+    let mut worst = 0f32;
+    for (s, &l) in lens.iter().enumerate() {
+        for h in 0..nh {
+            let kh = h / g;
+            let qv = &q[(s * nh + h) * hd..][..hd];
+            let slot = |p: usize| tables[s * max_blocks + p / block_size] as usize * block_size + p % block_size;
+            let scores: Vec<f32> = (0..l).map(|p| (0..hd).map(|d| qv[d] * k[slot(p) * kvd + kh * hd + d]).sum::<f32>() * scale).collect();
+            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for d in 0..hd {
+                let want: f32 = (0..l).map(|p| e[p] * v[slot(p) * kvd + kh * hd + d]).sum::<f32>() / z;
+                let have = got[(s * nh + h) * hd + d];
+                worst = worst.max((want - have).abs());
+            }
+        }
+    }
+    eprintln!("paged_decode nh={nh} nkv={nkv} hd={hd} lens={lens:?}: max abs err {worst}");
+    assert!(worst < 2e-2, "max abs err {worst}");
+}
+
+#[test]
+fn paged_decode_matches_reference() {
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
+        return;
+    }
+    check(14, 2, 64, &[1, 17, 128, 129, 300, 1000], 16);
+    check(32, 8, 64, &[5, 256, 700], 16);
+    check(8, 8, 128, &[1, 129, 260], 16);
+    check(4, 2, 16, &[3, 40, 200], 4);
+    check(28, 4, 128, &[77, 513], 32);
+}
