@@ -19,8 +19,9 @@ if [[ "${1:-}" == "--stop" ]]; then
   exit 0
 fi
 
-if ! command -v moto_server >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.0' >"$SLUICE_S3_DIR/pip.log" 2>&1 \
+# `python3 -m moto.server` rather than the moto_server script: a fresh pyenv has no shim for it yet.
+if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1' >"$SLUICE_S3_DIR/pip.log" 2>&1 \
     || { cat "$SLUICE_S3_DIR/pip.log" >&2; exit 1; }
 fi
 
@@ -36,7 +37,7 @@ except Exception:
     sys.exit(1)' "$endpoint/"
 }
 if ! s3_up; then
-  nohup moto_server -H 127.0.0.1 -p "$SLUICE_S3_PORT" >"$SLUICE_S3_DIR/server.log" 2>&1 &
+  nohup python3 -m moto.server -H 127.0.0.1 -p "$SLUICE_S3_PORT" >"$SLUICE_S3_DIR/server.log" 2>&1 &
   echo $! >"$SLUICE_S3_DIR/pid"
   for _ in $(seq 1 100); do
     s3_up && break

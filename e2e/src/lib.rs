@@ -65,7 +65,9 @@ impl OutputCheck {
     /// Read `results/`, `errors/` and `manifest.json` under `out`.
     pub fn read(out: &Path) -> Result<Self> {
         let manifest_path = out.join("manifest.json");
-        let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?)?;
+        let manifest: Value = serde_json::from_str(
+            &std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?,
+        )?;
         Ok(Self { results: read_jsonl_dir(&out.join("results"))?, errors: read_jsonl_dir(&out.join("errors"))?, manifest })
     }
 
@@ -109,7 +111,9 @@ impl OutputCheck {
         if m["usage"]["prompt_tokens"].as_u64() != Some(prompt) || m["usage"]["completion_tokens"].as_u64() != Some(completion) {
             bail!("manifest usage {} != summed usage prompt={prompt} completion={completion}", m["usage"]);
         }
-        if m["requests"]["succeeded"].as_u64() != Some(self.results.len() as u64) || m["requests"]["failed"].as_u64() != Some(self.errors.len() as u64) {
+        if m["requests"]["succeeded"].as_u64() != Some(self.results.len() as u64)
+            || m["requests"]["failed"].as_u64() != Some(self.errors.len() as u64)
+        {
             bail!("manifest counts {} != {} results / {} errors", m["requests"], self.results.len(), self.errors.len());
         }
         Ok(())

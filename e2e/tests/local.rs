@@ -128,7 +128,9 @@ fn killed_worker_is_retried_and_output_stays_exactly_once() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut killed = false;
     while Instant::now() < deadline && !killed {
-        let committed = std::fs::read_dir(&progress).map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false))).unwrap_or(false);
+        let committed = std::fs::read_dir(&progress)
+            .map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false)))
+            .unwrap_or(false);
         if committed {
             for child in children(run.id()) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), nix::sys::signal::Signal::SIGKILL);
@@ -173,17 +175,23 @@ fn bad_manifests_fail_without_writing() {
     assert_rejected(&format!("{HEAD}  model: {{uri: {model}}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"), "input");
     // both deadline and window
     assert_rejected(
-        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h, deadline: \"2030-01-01T00:00:00Z\"}}\n"),
+        &format!(
+            "{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h, deadline: \"2030-01-01T00:00:00Z\"}}\n"
+        ),
         "set exactly one of sla.deadline or sla.completionWindow",
     );
     // unreadable input
     assert_rejected(
-        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: missing.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"),
+        &format!(
+            "{HEAD}  model: {{uri: {model}}}\n  input: {{uri: missing.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"
+        ),
         "missing.jsonl",
     );
     // min > max
     assert_rejected(
-        &format!("{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 3, max: 1}}\n"),
+        &format!(
+            "{HEAD}  model: {{uri: {model}}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n  workers: {{min: 3, max: 1}}\n"
+        ),
         "workers.min must be less than or equal to workers.max",
     );
     // not YAML at all

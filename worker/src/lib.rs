@@ -1,8 +1,8 @@
 //! Sluice worker.
-pub mod engine;
 pub mod app;
 pub mod cli;
 pub mod commit;
+pub mod engine;
 pub mod metrics;
 pub mod model_fetch;
 pub mod parse;

@@ -28,8 +28,7 @@ fn load_err(dir: &Path) -> EngineError {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(p, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -47,10 +46,7 @@ fn missing_tokenizer_json() {
     let d = copy_model("tiny-qwen2");
     std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
     let e = load_err(d.path()).to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
 }
 
 #[test]
@@ -58,10 +54,7 @@ fn missing_weights() {
     let d = copy_model("tiny-qwen2");
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
     let e = load_err(d.path()).to_string();
-    assert!(
-        e.contains("model.safetensors") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("not found"), "{e}");
 }
 
 #[test]
@@ -69,43 +62,27 @@ fn missing_shard_named_by_index() {
     let d = copy_model("tiny-llama");
     std::fs::remove_file(d.path().join("model-00003-of-00005.safetensors")).unwrap();
     let e = load_err(d.path()).to_string();
-    assert!(
-        e.contains("model-00003-of-00005.safetensors") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("model-00003-of-00005.safetensors") && e.contains("not found"), "{e}");
 }
 
 #[test]
 fn unsupported_architecture() {
     let d = copy_model("tiny-qwen2");
-    edit_config(d.path(), |v| {
-        v["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
-    });
+    edit_config(d.path(), |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]));
     let e = load_err(d.path());
-    assert!(
-        matches!(e, EngineError::UnsupportedArchitecture { .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, EngineError::UnsupportedArchitecture { .. }), "{e:?}");
     let e = e.to_string();
-    assert!(
-        e.contains("config.json") && e.contains("GPT2LMHeadModel"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("GPT2LMHeadModel"), "{e}");
 }
 
 #[test]
 fn tensor_shape_mismatch() {
     let d = copy_model("tiny-qwen2");
-    edit_config(d.path(), |v| {
-        v["intermediate_size"] = serde_json::json!(200)
-    });
+    edit_config(d.path(), |v| v["intermediate_size"] = serde_json::json!(200));
     let e = load_err(d.path());
     assert!(matches!(e, EngineError::ShapeMismatch { .. }), "{e:?}");
     let e = e.to_string();
-    assert!(
-        e.contains("model.safetensors") && e.contains("mlp") && e.contains("200"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("mlp") && e.contains("200"), "{e}");
 }
 
 #[test]
@@ -125,10 +102,7 @@ fn invalid_config_json() {
     let d = copy_model("tiny-qwen2");
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     let e = load_err(d.path()).to_string();
-    assert!(
-        e.contains("config.json") && e.contains("invalid JSON"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
 }
 
 #[test]
@@ -146,12 +120,7 @@ fn random_weights_engine_runs() {
     let mut cfg = config("tiny-qwen2");
     cfg.model_dir = Default::default();
     let mut eng = LlmEngine::random(arch, None, &cfg).unwrap();
-    let out = eng
-        .generate(vec![request(1, Prompt::Tokens(vec![1, 2, 3]), greedy(5))])
-        .unwrap()
-        .remove(0)
-        .1
-        .unwrap();
+    let out = eng.generate(vec![request(1, Prompt::Tokens(vec![1, 2, 3]), greedy(5))]).unwrap().remove(0).1.unwrap();
     assert_eq!(out.completion_tokens, 5);
     assert!(ArchConfig::preset("qwen2.5-0.5b").is_some());
     assert!(ArchConfig::preset("llama-3.2-1b").is_some());

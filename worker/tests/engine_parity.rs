@@ -17,18 +17,10 @@ fn tokenization_and_chat_template_match_transformers() {
         let eng = engine(&config(name));
         for (i, c) in reference(name).iter().enumerate() {
             if let (Some(m), Some(r)) = (&c.messages, &c.rendered) {
-                assert_eq!(
-                    &eng.render_chat(m).unwrap(),
-                    r,
-                    "{name} case {i}: rendered chat"
-                );
+                assert_eq!(&eng.render_chat(m).unwrap(), r, "{name} case {i}: rendered chat");
             }
             let ids = eng.encode_prompt(&c.prompt()).unwrap();
-            assert_eq!(
-                ids, c.prompt_ids,
-                "{name} case {i} ({}): prompt ids",
-                c.kind
-            );
+            assert_eq!(ids, c.prompt_ids, "{name} case {i} ({}): prompt ids", c.kind);
         }
     }
 }
@@ -42,29 +34,16 @@ fn first_step_logits_match_single_and_batched() {
         let forced = |c: &Case| c.greedy_ids[..c.logits.len() - 1].to_vec();
         let mut single = Vec::new();
         for c in &cases {
-            single.push(
-                eng.teacher_forced_logits(&[(c.prompt_ids.clone(), forced(c))])
-                    .unwrap()
-                    .remove(0),
-            );
+            single.push(eng.teacher_forced_logits(&[(c.prompt_ids.clone(), forced(c))]).unwrap().remove(0));
         }
-        let batch: Vec<_> = cases
-            .iter()
-            .map(|c| (c.prompt_ids.clone(), forced(c)))
-            .collect();
+        let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), forced(c))).collect();
         let batched = eng.teacher_forced_logits(&batch).unwrap();
         for (i, c) in cases.iter().enumerate() {
             for (step, want) in c.logits.iter().enumerate() {
                 let e1 = rel_err(&single[i][step], want);
                 let e2 = rel_err(&batched[i][step], want);
-                assert!(
-                    e1 <= TOL,
-                    "{name} case {i} step {step}: single rel err {e1}"
-                );
-                assert!(
-                    e2 <= TOL,
-                    "{name} case {i} step {step}: batched rel err {e2}"
-                );
+                assert!(e1 <= TOL, "{name} case {i} step {step}: single rel err {e1}");
+                assert!(e2 <= TOL, "{name} case {i} step {step}: batched rel err {e2}");
             }
         }
     }
@@ -76,35 +55,17 @@ fn check_greedy(name: &str, mut cfg: sluice_worker::engine::EngineConfig, togeth
     let mut eng = engine(&cfg);
     let n = cases[0].greedy_ids.len();
     let reqs = |base: u64| {
-        cases
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                request(
-                    base + i as u64,
-                    Prompt::Tokens(c.prompt_ids.clone()),
-                    greedy(n),
-                )
-            })
-            .collect::<Vec<_>>()
+        cases.iter().enumerate().map(|(i, c)| request(base + i as u64, Prompt::Tokens(c.prompt_ids.clone()), greedy(n))).collect::<Vec<_>>()
     };
     let outs = if together {
         eng.generate(reqs(100)).unwrap()
     } else {
-        reqs(0)
-            .into_iter()
-            .flat_map(|r| eng.generate(vec![r]).unwrap())
-            .collect()
+        reqs(0).into_iter().flat_map(|r| eng.generate(vec![r]).unwrap()).collect()
     };
     assert_eq!(outs.len(), cases.len());
     for ((_, out), c) in outs.into_iter().zip(&cases) {
         let out = out.unwrap();
-        assert_eq!(
-            out.token_ids,
-            c.greedy_ids,
-            "{name}: prompt of {} tokens",
-            c.prompt_ids.len()
-        );
+        assert_eq!(out.token_ids, c.greedy_ids, "{name}: prompt of {} tokens", c.prompt_ids.len());
         assert_eq!(out.finish_reason, FinishReason::Length);
         assert_eq!(out.prompt_tokens, c.prompt_ids.len());
         assert_eq!(out.completion_tokens, n);
@@ -136,10 +97,7 @@ fn greedy_tokens_match_with_chunked_prefill_and_preemption() {
         cfg.block_size = 4;
         cfg.num_kv_blocks = Some(64); // 256 slots for ~420 prompt tokens + 112 generated
         let preemptions = check_greedy(name, cfg, true);
-        assert!(
-            preemptions > 0,
-            "{name}: expected preemption with 64 blocks"
-        );
+        assert!(preemptions > 0, "{name}: expected preemption with 64 blocks");
     }
 }
 
@@ -149,12 +107,7 @@ fn chat_prompts_generate_like_token_prompts() {
         let cases = reference(name);
         let mut eng = engine(&config(name));
         for c in cases.iter().filter(|c| c.kind == "chat") {
-            let out = eng
-                .generate(vec![request(1, c.prompt(), greedy(c.greedy_ids.len()))])
-                .unwrap()
-                .remove(0)
-                .1
-                .unwrap();
+            let out = eng.generate(vec![request(1, c.prompt(), greedy(c.greedy_ids.len()))]).unwrap().remove(0).1.unwrap();
             assert_eq!(out.token_ids, c.greedy_ids, "{name}");
         }
     }
@@ -178,10 +131,7 @@ fn gpu_bf16_logits_match_reference() {
         cfg.device = sluice_worker::engine::DeviceKind::Cuda(0);
         cfg.dtype = Some("bf16".into());
         let mut eng = engine(&cfg);
-        let batch: Vec<_> = cases
-            .iter()
-            .map(|c| (c.prompt_ids.clone(), c.greedy_ids[..1].to_vec()))
-            .collect();
+        let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), c.greedy_ids[..1].to_vec())).collect();
         let got = eng.teacher_forced_logits(&batch).unwrap();
         let mut rows = Vec::new();
         for (i, c) in cases.iter().enumerate() {

@@ -9,10 +9,7 @@ use engine_common::*;
 use sluice_worker::engine::{EngineHandle, FinishReason, Prompt, RequestError, SamplingParams};
 
 fn prompts() -> Vec<Vec<u32>> {
-    reference("tiny-qwen2")
-        .into_iter()
-        .map(|c| c.prompt_ids)
-        .collect()
+    reference("tiny-qwen2").into_iter().map(|c| c.prompt_ids).collect()
 }
 
 #[test]
@@ -34,11 +31,7 @@ fn more_requests_than_kv_blocks_complete_through_preemption() {
     let got = eng.generate(reqs).unwrap();
     assert_eq!(got.len(), 24, "no request dropped");
     for ((id, g), (_, w)) in got.iter().zip(&want) {
-        assert_eq!(
-            g.as_ref().unwrap().token_ids,
-            w.as_ref().unwrap().token_ids,
-            "request {id}"
-        );
+        assert_eq!(g.as_ref().unwrap().token_ids, w.as_ref().unwrap().token_ids, "request {id}");
     }
     let s = eng.stats();
     assert!(s.preemptions > 0, "expected preemptions, got {s:?}");
@@ -52,11 +45,7 @@ fn token_budget_is_respected_and_long_prompts_are_chunked() {
     let mut cfg = config("tiny-qwen2");
     cfg.max_num_batched_tokens = 16;
     let mut eng = engine(&cfg);
-    let reqs: Vec<_> = prompts()
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| request(i as u64, Prompt::Tokens(p), greedy(4)))
-        .collect();
+    let reqs: Vec<_> = prompts().into_iter().enumerate().map(|(i, p)| request(i as u64, Prompt::Tokens(p), greedy(4))).collect();
     let outs = eng.generate(reqs).unwrap();
     assert!(outs.iter().all(|(_, o)| o.is_ok()));
     let s = eng.stats();
@@ -69,62 +58,29 @@ fn token_budget_is_respected_and_long_prompts_are_chunked() {
 #[test]
 fn max_tokens_one() {
     let mut eng = engine(&config("tiny-qwen2"));
-    let out = eng
-        .generate(vec![request(
-            7,
-            Prompt::Text("Hello there".into()),
-            greedy(1),
-        )])
-        .unwrap()
-        .remove(0);
+    let out = eng.generate(vec![request(7, Prompt::Text("Hello there".into()), greedy(1))]).unwrap().remove(0);
     let out = out.1.unwrap();
     assert_eq!(out.id, 7);
     assert_eq!(out.completion_tokens, 1);
     assert_eq!(out.token_ids.len(), 1);
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert!(out.ttft <= out.total);
-    assert_eq!(
-        out.prompt_tokens,
-        eng.encode_prompt(&Prompt::Text("Hello there".into()))
-            .unwrap()
-            .len()
-    );
+    assert_eq!(out.prompt_tokens, eng.encode_prompt(&Prompt::Text("Hello there".into())).unwrap().len());
 }
 
 #[test]
 fn stop_string_cuts_text_and_finishes_with_stop() {
     let mut eng = engine(&config("tiny-qwen2"));
     let prompt = Prompt::Text("Once upon a time there was a little robot".into());
-    let full = eng
-        .generate(vec![request(1, prompt.clone(), greedy(16))])
-        .unwrap()
-        .remove(0)
-        .1
-        .unwrap();
+    let full = eng.generate(vec![request(1, prompt.clone(), greedy(16))]).unwrap().remove(0).1.unwrap();
     let chars: Vec<char> = full.text.chars().collect();
-    assert!(
-        chars.len() >= 8,
-        "generated text too short: {:?}",
-        full.text
-    );
+    assert!(chars.len() >= 8, "generated text too short: {:?}", full.text);
     let stop: String = chars[4..7].iter().collect();
     let at = full.text.find(&stop).unwrap();
-    let params = SamplingParams {
-        stop: vec!["never-appears".into(), stop.clone()],
-        ..greedy(16)
-    };
-    let out = eng
-        .generate(vec![request(2, prompt, params)])
-        .unwrap()
-        .remove(0)
-        .1
-        .unwrap();
+    let params = SamplingParams { stop: vec!["never-appears".into(), stop.clone()], ..greedy(16) };
+    let out = eng.generate(vec![request(2, prompt, params)]).unwrap().remove(0).1.unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
-    assert_eq!(
-        out.text,
-        full.text[..at],
-        "text cut before the stop string {stop:?}"
-    );
+    assert_eq!(out.text, full.text[..at], "text cut before the stop string {stop:?}");
     assert!(out.completion_tokens < 16);
     assert_eq!(out.token_ids[..], full.token_ids[..out.completion_tokens]);
 }
@@ -142,20 +98,12 @@ fn over_long_prompt_is_a_request_error_not_a_crash() {
             request(4, Prompt::Tokens(vec![100_000]), greedy(4)),
         ])
         .unwrap();
-    assert_eq!(
-        outs[0].1,
-        Err(RequestError::PromptTooLong { len: 65, max: 64 })
-    );
+    assert_eq!(outs[0].1, Err(RequestError::PromptTooLong { len: 65, max: 64 }));
     assert!(outs[1].1.is_ok());
     assert_eq!(outs[2].1, Err(RequestError::EmptyPrompt));
     assert!(matches!(outs[3].1, Err(RequestError::Invalid(_))));
     // Generation stops at the model's maximum length.
-    let out = eng
-        .generate(vec![request(5, Prompt::Tokens(vec![5; 60]), greedy(100))])
-        .unwrap()
-        .remove(0)
-        .1
-        .unwrap();
+    let out = eng.generate(vec![request(5, Prompt::Tokens(vec![5; 60]), greedy(100))]).unwrap().remove(0).1.unwrap();
     assert_eq!(out.completion_tokens, 4);
     assert_eq!(out.finish_reason, FinishReason::Length);
 }
@@ -173,9 +121,7 @@ fn seeded_sampling_is_independent_of_batch_composition() {
         ..SamplingParams::default()
     };
     let p = Prompt::Text("The quick brown fox".into());
-    let alone = eng
-        .generate(vec![request(1, p.clone(), params(7))])
-        .unwrap();
+    let alone = eng.generate(vec![request(1, p.clone(), params(7))]).unwrap();
     let mut batch = vec![request(1, p.clone(), params(7))];
     for (i, q) in prompts().into_iter().enumerate() {
         batch.push(request(10 + i as u64, Prompt::Tokens(q), params(i as u64)));
@@ -199,22 +145,13 @@ fn eos_ends_a_completion_unless_ignored() {
         let e = e.unwrap();
         std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
     }
-    std::fs::write(
-        tmp.path().join("generation_config.json"),
-        format!("{{\"eos_token_id\": [2, {eos}]}}"),
-    )
-    .unwrap();
+    std::fs::write(tmp.path().join("generation_config.json"), format!("{{\"eos_token_id\": [2, {eos}]}}")).unwrap();
     let mut cfg = config("tiny-qwen2");
     cfg.model_dir = tmp.path().to_path_buf();
     let mut eng = engine(&cfg);
     let p = Prompt::Tokens(c.prompt_ids.clone());
-    let stop = SamplingParams {
-        ignore_eos: false,
-        ..greedy(16)
-    };
-    let outs = eng
-        .generate(vec![request(1, p.clone(), stop), request(2, p, greedy(16))])
-        .unwrap();
+    let stop = SamplingParams { ignore_eos: false, ..greedy(16) };
+    let outs = eng.generate(vec![request(1, p.clone(), stop), request(2, p, greedy(16))]).unwrap();
     let a = outs[0].1.as_ref().unwrap();
     assert_eq!(a.finish_reason, FinishReason::Stop);
     assert_eq!(a.token_ids, c.greedy_ids[..3]);
@@ -232,13 +169,7 @@ async fn handle_serves_concurrent_requests() {
     let rxs: Vec<_> = cases
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            handle.submit(request(
-                i as u64,
-                Prompt::Tokens(c.prompt_ids.clone()),
-                greedy(c.greedy_ids.len()),
-            ))
-        })
+        .map(|(i, c)| handle.submit(request(i as u64, Prompt::Tokens(c.prompt_ids.clone()), greedy(c.greedy_ids.len()))))
         .collect();
     let dup = handle.submit(request(0, Prompt::Text("x".into()), greedy(1)));
     for (rx, c) in rxs.into_iter().zip(&cases) {

@@ -168,13 +168,17 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                     out.completed.insert(shard);
                 }
                 Some(exit::PERMANENT) => {
-                    out.failed.insert(shard, format!("shard {shard} failed permanently (attempt {attempt}); see its log in {}", logs.display()));
+                    out.failed
+                        .insert(shard, format!("shard {shard} failed permanently (attempt {attempt}); see its log in {}", logs.display()));
                 }
                 other => {
                     let n = failures.entry(shard).or_default();
                     *n += 1;
                     if *n > retries {
-                        out.failed.insert(shard, format!("shard {shard} failed {n} times (last exit {other:?}); see its logs in {}", logs.display()));
+                        out.failed.insert(
+                            shard,
+                            format!("shard {shard} failed {n} times (last exit {other:?}); see its logs in {}", logs.display()),
+                        );
                     } else {
                         out.retries += 1;
                         pending.push_front(shard);

@@ -163,10 +163,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
     let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
     let record_loc = local.output.join(LOCAL_RUN_RECORD);
     storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await?;
-    let created_at = storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record")
-        .await?
-        .map(|r| r.created_at)
-        .unwrap_or(started);
+    let created_at =
+        storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record").await?.map(|r| r.created_at).unwrap_or(started);
     let outcome = executor::execute(&opts, &local, &plan, created_at).await?;
     report::finish(&local, &plan, outcome, started, created_at).await
 }

@@ -75,7 +75,10 @@ impl RunSummary {
             ("tokens", format!("{} prompt, {} completion", self.prompt_tokens, self.completion_tokens)),
             ("throughput", format!("{:.1} req/s, {:.1} output tok/s", self.requests_per_second, self.output_tokens_per_second)),
             ("wall time", format!("{:.1} s", self.wall_seconds)),
-            ("workers", format!("peak {}, {:.1} worker-seconds, {} shard retries", self.peak_workers, self.worker_seconds, self.shard_retries)),
+            (
+                "workers",
+                format!("peak {}, {:.1} worker-seconds, {} shard retries", self.peak_workers, self.worker_seconds, self.shard_retries),
+            ),
             ("projected finish", self.projected_finish.clone().unwrap_or_else(|| "-".into())),
             ("actual finish", self.finished_at.clone()),
             (
@@ -99,11 +102,18 @@ impl RunSummary {
 }
 
 /// Write the manifest and build the summary once every shard is committed.
-pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, started: Timestamp, _created: Timestamp) -> Result<RunSummary, LocalError> {
+pub async fn finish(
+    local: &LocalJob,
+    plan: &ShardPlan,
+    outcome: ExecOutcome,
+    started: Timestamp,
+    _created: Timestamp,
+) -> Result<RunSummary, LocalError> {
     let now = Timestamp::now();
     let records = read_progress(&local.output).await?;
     let failed: BTreeSet<u32> = outcome.failed.keys().copied().collect();
-    let manifest = crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now).await?;
+    let manifest =
+        crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now).await?;
     let loc = local.output.join(layout::MANIFEST);
     let manifest = match storage_io::put_json_create(&loc, &manifest, "output manifest").await? {
         Created::Written => manifest,
@@ -141,7 +151,11 @@ pub async fn print_status(output: &Location) -> Result<String, LocalError> {
     let mut s = String::new();
     let plan = storage_io::read_json::<ShardPlan>(&output.join(layout::PLAN), "shard plan").await?;
     let Some(plan) = plan else {
-        return Err(LocalError::Other(format!("{}: no plan found at {} (not a Sluice output prefix, or not planned yet)", output.uri, layout::PLAN)));
+        return Err(LocalError::Other(format!(
+            "{}: no plan found at {} (not a Sluice output prefix, or not planned yet)",
+            output.uri,
+            layout::PLAN
+        )));
     };
     let _ = writeln!(s, "output      {}", output.uri);
     let _ = writeln!(s, "input       {} ({} lines, {} bytes)", plan.input_uri, plan.line_count, plan.input_size);
@@ -160,7 +174,11 @@ pub async fn print_status(output: &Location) -> Result<String, LocalError> {
             let _ = writeln!(s, "state       Complete at {} ({} ok, {} failed)", m.completed_at, m.requests.succeeded, m.requests.failed);
         }
         None => {
-            let _ = writeln!(s, "state       {}", if committed.len() == plan.shards.len() { "Committed (manifest not yet written)" } else { "Incomplete" });
+            let _ = writeln!(
+                s,
+                "state       {}",
+                if committed.len() == plan.shards.len() { "Committed (manifest not yet written)" } else { "Incomplete" }
+            );
         }
     }
     let _ = writeln!(s, "\n  shard  lines   done     ok  failed  complete  updated");

@@ -19,11 +19,7 @@ fn normalize(p: &Path) -> PathBuf {
 
 fn absolute(p: &Path, base: &Path) -> PathBuf {
     let joined = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-    let joined = if joined.is_absolute() {
-        joined
-    } else {
-        std::env::current_dir().map(|cwd| cwd.join(&joined)).unwrap_or(joined)
-    };
+    let joined = if joined.is_absolute() { joined } else { std::env::current_dir().map(|cwd| cwd.join(&joined)).unwrap_or(joined) };
     normalize(&joined)
 }
 

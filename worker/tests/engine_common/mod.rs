@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use sluice_worker::engine::{
-    ChatMessage, EngineConfig, GenerationRequest, LlmEngine, Prompt, SamplingParams,
-};
+use sluice_worker::engine::{ChatMessage, EngineConfig, GenerationRequest, LlmEngine, Prompt, SamplingParams};
 
 pub const MODELS: [&str; 2] = ["tiny-qwen2", "tiny-llama"];
 
@@ -40,17 +38,11 @@ impl Case {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 pub fn reference(name: &str) -> Vec<Case> {
-    let path = repo_root()
-        .join("worker/tests/fixtures")
-        .join(format!("reference_{name}.json"));
+    let path = repo_root().join("worker/tests/fixtures").join(format!("reference_{name}.json"));
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     doc["cases"]
         .as_array()
@@ -59,9 +51,7 @@ pub fn reference(name: &str) -> Vec<Case> {
         .map(|c| Case {
             kind: c["kind"].as_str().unwrap().to_string(),
             prompt: c["prompt"].as_str().map(str::to_string),
-            messages: c
-                .get("messages")
-                .map(|m| serde_json::from_value(m.clone()).unwrap()),
+            messages: c.get("messages").map(|m| serde_json::from_value(m.clone()).unwrap()),
             rendered: c["rendered"].as_str().map(str::to_string),
             prompt_ids: ids(&c["prompt_ids"]),
             greedy_ids: ids(&c["greedy_ids"]),
@@ -69,25 +59,14 @@ pub fn reference(name: &str) -> Vec<Case> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|row| {
-                    row.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
-                })
+                .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
                 .collect(),
         })
         .collect()
 }
 
 pub fn config(name: &str) -> EngineConfig {
-    EngineConfig {
-        model_dir: model_dir(name),
-        num_kv_blocks: Some(256),
-        max_model_len: Some(512),
-        ..EngineConfig::default()
-    }
+    EngineConfig { model_dir: model_dir(name), num_kv_blocks: Some(256), max_model_len: Some(512), ..EngineConfig::default() }
 }
 
 pub fn engine(cfg: &EngineConfig) -> LlmEngine {
@@ -95,11 +74,7 @@ pub fn engine(cfg: &EngineConfig) -> LlmEngine {
 }
 
 pub fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        max_tokens,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    }
+    SamplingParams { max_tokens, ignore_eos: true, ..SamplingParams::default() }
 }
 
 pub fn request(id: u64, prompt: Prompt, params: SamplingParams) -> GenerationRequest {
@@ -110,9 +85,6 @@ pub fn request(id: u64, prompt: Prompt, params: SamplingParams) -> GenerationReq
 pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "logit vector lengths differ");
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }
