@@ -197,3 +197,46 @@ fn bad_manifests_fail_without_writing() {
     // not YAML at all
     assert_rejected("spec: [unclosed\n", "not valid YAML");
 }
+
+#[test]
+fn ctrl_c_stops_gracefully_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 64, 32, 48, 1);
+    let bin = binary("sluice").unwrap();
+    let mut run = Command::new(&bin)
+        .env("SLUICE_CHUNK_LINES", "4")
+        .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let shards = dir.path().join("out/_sluice/shards");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut interrupted = false;
+    while Instant::now() < deadline && run.try_wait().unwrap().is_none() {
+        let committed = std::fs::read_dir(&shards)
+            .map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false)))
+            .unwrap_or(false);
+        if committed {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+            interrupted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(interrupted, "the job finished before it could be interrupted");
+    let stopped_at = Instant::now();
+    let o = run.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(stopped_at.elapsed() < Duration::from_secs(30), "graceful stop took too long");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resume"), "{}", text(&o));
+    assert!(!dir.path().join("out/manifest.json").exists());
+
+    let o = Command::new(&bin).args(["run", job.to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let ids = input_ids(&dir.path().join("in.jsonl")).unwrap();
+    let check = OutputCheck::read(&dir.path().join("out")).unwrap();
+    check.assert_exactly_once(&ids).unwrap();
+    check.assert_usage_adds_up().unwrap();
+}
