@@ -194,6 +194,13 @@ fn bad_manifests_fail_without_writing() {
         ),
         "workers.min must be less than or equal to workers.max",
     );
+    // model directory that does not exist
+    assert_rejected(
+        &format!(
+            "{HEAD}  model: {{uri: /nonexistent/model}}\n  input: {{uri: in.jsonl}}\n  output: {{uri: out}}\n  sla: {{completionWindow: 1h}}\n"
+        ),
+        "spec.model.uri: file:///nonexistent/model: no such directory",
+    );
     // not YAML at all
     assert_rejected("spec: [unclosed\n", "not valid YAML");
 }

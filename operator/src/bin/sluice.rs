@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e @ (LocalError::Manifest(_) | LocalError::ReadManifest { .. })) => {
+                Err(e @ (LocalError::Manifest(_) | LocalError::ReadManifest { .. } | LocalError::Model(_) | LocalError::Input(_))) => {
                     eprintln!("sluice: {e}");
                     ExitCode::from(2)
                 }

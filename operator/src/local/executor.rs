@@ -27,14 +27,14 @@ pub struct WorkerCommand {
 }
 
 impl WorkerCommand {
-    /// `sluice-worker` next to the running binary when it exists, else this binary's own
-    /// `worker` subcommand (the same code, so `cargo run --bin sluice` needs nothing else).
+    /// This binary's own `worker` subcommand (the same code as the `sluice-worker` binary, so
+    /// `cargo run --bin sluice` needs nothing else and versions cannot skew), or the program
+    /// named by `SLUICE_WORKER_BIN` (e.g. a separately installed `sluice-worker`).
     pub fn discover() -> Result<Self, LocalError> {
-        let me = std::env::current_exe().map_err(|e| LocalError::Other(format!("cannot locate the sluice binary: {e}")))?;
-        let sibling = me.with_file_name("sluice-worker");
-        if sibling.is_file() {
-            return Ok(Self { program: sibling, args: vec![] });
+        if let Some(bin) = std::env::var_os("SLUICE_WORKER_BIN").filter(|b| !b.is_empty()) {
+            return Ok(Self { program: PathBuf::from(bin), args: vec![] });
         }
+        let me = std::env::current_exe().map_err(|e| LocalError::Other(format!("cannot locate the sluice binary: {e}")))?;
         Ok(Self { program: me, args: vec!["worker".into()] })
     }
 }
@@ -92,8 +92,8 @@ fn worker_env(local: &LocalJob, opts: &RunOptions, threads: usize) -> Result<Vec
 fn spawn(cmd: &WorkerCommand, vars: &[(String, String)], shard: u32, attempt: u32, logs: &std::path::Path) -> Result<Child, LocalError> {
     let program = cmd.program.display().to_string();
     std::fs::create_dir_all(logs).map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
-    let log_path = logs.join(format!("shard-{shard:05}-attempt-{attempt}.log"));
-    let log = std::fs::File::create(&log_path).map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
+    let log =
+        std::fs::File::create(log_path(logs, shard, attempt)).map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
     let log_err = log.try_clone().map_err(|source| LocalError::Spawn { program: program.clone(), source })?;
     let mut c = Command::new(&cmd.program);
     c.args(&cmd.args)
@@ -107,6 +107,20 @@ fn spawn(cmd: &WorkerCommand, vars: &[(String, String)], shard: u32, attempt: u3
         .process_group(0)
         .kill_on_drop(true);
     c.spawn().map_err(|source| LocalError::Spawn { program, source })
+}
+
+fn log_path(logs: &std::path::Path, shard: u32, attempt: u32) -> PathBuf {
+    logs.join(format!("shard-{shard:05}-attempt-{attempt}.log"))
+}
+
+/// `: <message>` of the last ERROR line a worker logged, for the user-facing failure.
+fn last_error(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("ERROR"))?;
+    let msg = line.split_once("ERROR").map(|(_, m)| m.trim())?;
+    // Drop the module path prefix (`sluice_worker::app: `).
+    let msg = msg.split_once(": ").map(|(_, m)| m).unwrap_or(msg);
+    Some(format!(": {msg}"))
 }
 
 fn terminate(child: &Child) {
@@ -168,8 +182,9 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                     out.completed.insert(shard);
                 }
                 Some(exit::PERMANENT) => {
-                    out.failed
-                        .insert(shard, format!("shard {shard} failed permanently (attempt {attempt}); see its log in {}", logs.display()));
+                    let log = log_path(&logs, shard, attempt);
+                    let why = last_error(&log).unwrap_or_default();
+                    out.failed.insert(shard, format!("shard {shard} failed permanently (attempt {attempt}){why}; log: {}", log.display()));
                 }
                 other => {
                     let n = failures.entry(shard).or_default();
@@ -177,7 +192,11 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                     if *n > retries {
                         out.failed.insert(
                             shard,
-                            format!("shard {shard} failed {n} times (last exit {other:?}); see its logs in {}", logs.display()),
+                            format!(
+                                "shard {shard} failed {n} times (last exit {other:?}){}; log: {}",
+                                last_error(&log_path(&logs, shard, attempt)).unwrap_or_default(),
+                                log_path(&logs, shard, attempt).display()
+                            ),
                         );
                     } else {
                         out.retries += 1;

@@ -34,6 +34,8 @@ pub enum LocalError {
     Manifest(#[from] sluice_api::validate::ManifestError),
     #[error("{0}")]
     Storage(#[from] OperatorError),
+    #[error("spec.model.uri: {0}")]
+    Model(String),
     #[error("spec.input.uri: {0}")]
     Input(String),
     #[error("the job failed: {0}")]
@@ -112,6 +114,16 @@ pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
     let input = UriOpener.open("spec.input.uri", &job.spec.input.uri, storage, &secret)?;
     let output = UriOpener.open("spec.output.uri", &job.spec.output.uri, storage, &secret)?;
     let model_uri = job.spec.model.uri.clone();
+    // A local model directory is checked up front, so a typo fails before anything is written.
+    if let Some(dir) = model_uri.strip_prefix("file://") {
+        let dir = Path::new(dir);
+        if !dir.is_dir() {
+            return Err(LocalError::Model(format!("{model_uri}: no such directory")));
+        }
+        if !dir.join("config.json").is_file() {
+            return Err(LocalError::Model(format!("{model_uri}: not a model directory (no config.json)")));
+        }
+    }
     Ok(LocalJob { job, name, input, output, model_uri })
 }
 
