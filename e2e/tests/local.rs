@@ -247,3 +247,13 @@ fn ctrl_c_stops_gracefully_and_a_rerun_resumes() {
     check.assert_exactly_once(&ids).unwrap();
     check.assert_usage_adds_up().unwrap();
 }
+
+#[test]
+fn status_of_a_prefix_without_a_job_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sluice(&["status", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no plan found"), "{}", text(&o));
+    let o = sluice(&["validate", repo_root().join("manifests/examples/openai-24h-s3.yaml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
