@@ -199,3 +199,20 @@ __device__ __forceinline__ void paged_decode(
 PAGED_DECODE_ENTRY(paged_decode_bf16, 0)
 PAGED_DECODE_ENTRY(paged_decode_bf16_hd64, 64)
 PAGED_DECODE_ENTRY(paged_decode_bf16_hd128, 128)
+
+// Writes the new tokens' keys (or values) into the paged cache: src [n, kvd] -> cache rows
+// slots[t]. One thread per 8 elements (16-byte copies), grid-stride. kvd % 8 == 0.
+extern "C" __global__ void write_kv_bf16(const __nv_bfloat16* __restrict__ src,
+                                         __nv_bfloat16* __restrict__ cache,
+                                         const uint32_t* __restrict__ slots, int n, int kvd) {
+    const int chunks = kvd / 8;
+    const size_t total = (size_t)n * chunks;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / chunks;
+        const size_t c = i % chunks;
+        const size_t dst = (size_t)slots[t] * kvd + c * 8;
+        *reinterpret_cast<uint4*>(cache + dst) =
+            *reinterpret_cast<const uint4*>(src + t * kvd + c * 8);
+    }
+}

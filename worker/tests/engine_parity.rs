@@ -113,38 +113,4 @@ fn chat_prompts_generate_like_token_prompts() {
     }
 }
 
-/// GPU parity (bf16), run on a CUDA machine with
-/// `SLUICE_TEST_CUDA=1 cargo test -p sluice-worker --features cuda --test engine_parity gpu`.
-/// Compares the engine's bf16 logits on CUDA with the float32 transformers reference (bf16
-/// tolerance) and, when `SLUICE_GPU_PARITY_OUT` names a file, writes them there as JSON for
-/// `scripts/gpu_parity.py` to compare with transformers bf16 on the same GPU.
-#[test]
-fn gpu_bf16_logits_match_reference() {
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs --features cuda and a GPU)");
-        return;
-    }
-    let mut dump = serde_json::Map::new();
-    for name in MODELS {
-        let cases = reference(name);
-        let mut cfg = config(name);
-        cfg.device = sluice_worker::engine::DeviceKind::Cuda(0);
-        cfg.dtype = Some("bf16".into());
-        let mut eng = engine(&cfg);
-        let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), c.greedy_ids[..1].to_vec())).collect();
-        let got = eng.teacher_forced_logits(&batch).unwrap();
-        let mut rows = Vec::new();
-        for (i, c) in cases.iter().enumerate() {
-            for (step, want) in c.logits.iter().enumerate() {
-                let e = rel_err(&got[i][step], want);
-                eprintln!("{name} case {i} step {step}: bf16 rel err vs f32 reference {e:.4}");
-                assert!(e <= 5e-2, "{name} case {i} step {step}: rel err {e}");
-            }
-            rows.push(serde_json::json!(got[i]));
-        }
-        dump.insert(name.to_string(), serde_json::Value::Array(rows));
-    }
-    if let Ok(path) = std::env::var("SLUICE_GPU_PARITY_OUT") {
-        std::fs::write(path, serde_json::Value::Object(dump).to_string()).unwrap();
-    }
-}
+// GPU parity (bf16) lives in `engine_gpu_parity.rs`.

@@ -35,10 +35,31 @@ pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
             if !cfg!(feature = "cuda") {
                 return Err(EngineError::Config("CUDA requested but sluice-worker was built without the `cuda` feature".into()));
             }
-            Device::new_cuda(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))
+            let device = Device::new_cuda_with_stream(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))?;
+            if std::env::var("SLUICE_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
+                disable_event_tracking(&device);
+            }
+            Ok(device)
         }
     }
 }
+
+/// Turns off cudarc's per-allocation event tracking for tensors created from now on. The
+/// engine runs every kernel on the device's own stream (`new_cuda_with_stream`, not the
+/// per-thread default stream), so the cross-stream events it records
+/// around each launch (several driver calls per argument) are pure host overhead.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn disable_event_tracking(device: &Device) {
+    if let Device::Cuda(d) = device {
+        // SAFETY: all engine work (weights, KV cache, activations, custom kernels) is enqueued
+        // on this device's single stream, so stream order alone orders every use of a buffer.
+        unsafe { d.disable_event_tracking() }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn disable_event_tracking(_: &Device) {}
 
 /// `"f32" | "f16" | "bf16"` (also the torch spellings); default f32 on CPU, bf16 on CUDA.
 pub fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType, EngineError> {

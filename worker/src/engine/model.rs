@@ -41,7 +41,8 @@ struct StepTensors {
     token_ids: Tensor,
     cos: Tensor,
     sin: Tensor,
-    /// `[num_tokens, kv_heads * head_dim]` slot index of every new token (for scatter).
+    /// `[num_tokens, kv_heads * head_dim]` slot index of every new token (for `scatter_set`),
+    /// or `[num_tokens]` slots for the CUDA write kernel.
     write_index: Tensor,
     /// Decode group: sequences with one new token, first in the flat layout.
     decode: Option<DecodeGroup>,
@@ -319,7 +320,11 @@ impl Model {
         let positions = Tensor::from_vec(pos, n, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?.to_dtype(self.dtype)?;
         let sin = self.sin.index_select(&positions, 0)?.to_dtype(self.dtype)?;
-        let write_index = Tensor::from_vec(write, (n, 1), &self.device)?.broadcast_as((n, kvd))?.contiguous()?;
+        let write_index = if self.paged_decode {
+            Tensor::from_vec(write, n, &self.device)?
+        } else {
+            Tensor::from_vec(write, (n, 1), &self.device)?.broadcast_as((n, kvd))?.contiguous()?
+        };
         let logit_rows = if logit_rows.is_empty() {
             None
         } else {
@@ -436,8 +441,13 @@ impl Model {
         let q = self.rope(&q, st)?;
         let k = self.rope(&k, st)?;
         let (kc, vc) = cache.layer(li)?;
-        kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
-        vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
+        if self.paged_decode {
+            super::cuda_ops::write_kv(kc, &k.reshape((n, nkv * hd))?, &st.write_index)?;
+            super::cuda_ops::write_kv(vc, &v.reshape((n, nkv * hd))?, &st.write_index)?;
+        } else {
+            kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
+            vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
+        }
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(1 + st.prefills.len());
         if let Some(DecodeGroup { batch: b, keys: DecodeKeys::Paged { tables, ctx_lens } }) = &st.decode {

@@ -1,0 +1,62 @@
+//! GPU parity (bf16) of the engine on the tiny models, run on a CUDA machine with
+//! `SLUICE_TEST_CUDA=1` (skipped otherwise; needs `--features cuda`). Writes the engine's
+//! teacher-forced logits (prefill step and one batched decode step, all prompts in one ragged
+//! batch) to `SLUICE_GPU_PARITY_OUT` *before* checking them, so that
+//! `scripts/gpu_parity.py` can compare them with transformers bf16 on the same GPU, then checks
+//! them against the float32 transformers reference with a bf16 tolerance, and checks that GPU
+//! greedy generation (device argmax) starts with the reference's first token.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod engine_common;
+
+use engine_common::*;
+
+/// bf16 (8-bit mantissa) through a few layers with N(0, 0.2) weights: relative error of a few
+/// percent against float32 is expected; transformers bf16 shows the same (see BENCHMARKS.md).
+const BF16_TOL: f32 = 0.1;
+
+#[test]
+fn gpu_bf16_parity() {
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs --features cuda and a GPU)");
+        return;
+    }
+    let mut dump = serde_json::Map::new();
+    let mut worst = 0f32;
+    let mut first_token_agree = 0;
+    let mut total = 0;
+    for name in MODELS {
+        let cases = reference(name);
+        let mut cfg = config(name);
+        cfg.device = sluice_worker::engine::DeviceKind::Cuda(0);
+        cfg.dtype = Some("bf16".into());
+        let mut eng = engine(&cfg);
+        let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), c.greedy_ids[..1].to_vec())).collect();
+        let got = eng.teacher_forced_logits(&batch).unwrap();
+        dump.insert(name.to_string(), serde_json::json!(got));
+        let reqs: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| request(i as u64, sluice_worker::engine::Prompt::Tokens(c.prompt_ids.clone()), greedy(4)))
+            .collect();
+        let outs = eng.generate(reqs).unwrap();
+        for (i, c) in cases.iter().enumerate() {
+            for (step, want) in c.logits.iter().enumerate() {
+                let e = rel_err(&got[i][step], want);
+                eprintln!("{name} case {i} step {step}: bf16 rel err vs f32 reference {e:.4}");
+                worst = worst.max(e);
+            }
+            let ids = &outs[i].1.as_ref().unwrap().token_ids;
+            total += 1;
+            if ids.first() == c.greedy_ids.first() {
+                first_token_agree += 1;
+            }
+        }
+    }
+    if let Ok(path) = std::env::var("SLUICE_GPU_PARITY_OUT") {
+        std::fs::write(path, serde_json::Value::Object(dump).to_string()).unwrap();
+    }
+    eprintln!("worst bf16 rel err vs f32 reference {worst:.4}; first greedy token agrees {first_token_agree}/{total}");
+    assert!(worst <= BF16_TOL, "bf16 logits off the f32 reference by {worst}");
+    assert!(first_token_agree * 10 >= total * 8, "first greedy token agrees only {first_token_agree}/{total}");
+}
