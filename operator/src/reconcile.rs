@@ -417,6 +417,10 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     if done_requests > cache.last_done || cache.last_progress_at.is_none() && done_requests > 0 {
         cache.last_done = done_requests;
         cache.last_progress_at = summary.last_update.or(Some(now));
+    } else if cache.last_progress_at.is_none() {
+        // No progress yet: the stall clock starts now, so a job whose workers never start
+        // (Pending pods, crash loops) still trips SluiceJobStalled.
+        cache.last_progress_at = Some(now);
     }
 
     let phase = if all_done {
