@@ -109,13 +109,11 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-#[test]
-fn killed_worker_is_retried_and_output_stays_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    // Small chunks and one sequence at a time, so a worker is surely mid-shard when killed.
-    let job = write_job(dir.path(), 64, 32, 48, 1);
-    let bin = binary("sluice").unwrap();
-    let mut run = Command::new(bin)
+/// Start `sluice run` on a job slow enough to interrupt: small chunks, one sequence at a time,
+/// one worker, so a worker is surely mid-shard once its first chunk is committed.
+fn start_slow_job(dir: &Path) -> (PathBuf, std::process::Child) {
+    let job = write_job(dir, 64, 32, 48, 1);
+    let run = Command::new(binary("sluice").unwrap())
         .env("SLUICE_CHUNK_LINES", "4")
         .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
         .stdin(Stdio::null())
@@ -123,22 +121,37 @@ fn killed_worker_is_retried_and_output_stays_exactly_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until a worker has committed something, then SIGKILL it mid-shard.
-    let progress = dir.path().join("out/_sluice/shards");
+    (job, run)
+}
+
+/// Wait (up to 120 s) until some shard has a committed chunk under `shards` while `run` is
+/// still running; `false` if it exited or the time ran out first.
+fn wait_for_committed_chunk(run: &mut std::process::Child, shards: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut killed = false;
-    while Instant::now() < deadline && !killed {
-        let committed = std::fs::read_dir(&progress)
+    while Instant::now() < deadline && run.try_wait().unwrap().is_none() {
+        let committed = std::fs::read_dir(shards)
             .map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false)))
             .unwrap_or(false);
         if committed {
-            for child in children(run.id()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), nix::sys::signal::Signal::SIGKILL);
-                killed = true;
-            }
+            return true;
         }
-        if run.try_wait().unwrap().is_some() {
-            break;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn killed_worker_is_retried_and_output_stays_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small chunks and one sequence at a time, so a worker is surely mid-shard when killed.
+    let (_job, mut run) = start_slow_job(dir.path());
+    // Wait until a worker has committed something, then SIGKILL it mid-shard.
+    let shards = dir.path().join("out/_sluice/shards");
+    let mut killed = false;
+    while !killed && wait_for_committed_chunk(&mut run, &shards) {
+        for child in children(run.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), nix::sys::signal::Signal::SIGKILL);
+            killed = true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -208,29 +221,10 @@ fn bad_manifests_fail_without_writing() {
 #[test]
 fn ctrl_c_stops_gracefully_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), 64, 32, 48, 1);
-    let bin = binary("sluice").unwrap();
-    let mut run = Command::new(&bin)
-        .env("SLUICE_CHUNK_LINES", "4")
-        .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let shards = dir.path().join("out/_sluice/shards");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut interrupted = false;
-    while Instant::now() < deadline && run.try_wait().unwrap().is_none() {
-        let committed = std::fs::read_dir(&shards)
-            .map(|d| d.flatten().any(|s| std::fs::read_dir(s.path()).map(|c| c.count() > 0).unwrap_or(false)))
-            .unwrap_or(false);
-        if committed {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-            interrupted = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let (job, mut run) = start_slow_job(dir.path());
+    let interrupted = wait_for_committed_chunk(&mut run, &dir.path().join("out/_sluice/shards"));
+    if interrupted {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     }
     assert!(interrupted, "the job finished before it could be interrupted");
     let stopped_at = Instant::now();
@@ -240,7 +234,7 @@ fn ctrl_c_stops_gracefully_and_a_rerun_resumes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("resume"), "{}", text(&o));
     assert!(!dir.path().join("out/manifest.json").exists());
 
-    let o = Command::new(&bin).args(["run", job.to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
+    let o = Command::new(binary("sluice").unwrap()).args(["run", job.to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let ids = input_ids(&dir.path().join("in.jsonl")).unwrap();
     let check = OutputCheck::read(&dir.path().join("out")).unwrap();

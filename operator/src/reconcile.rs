@@ -191,7 +191,9 @@ async fn fail_early(ctx: &Context, bij: &BatchInferenceJob, reason: &str, messag
 }
 
 /// Progress records of the plan's shards: cached final records plus fresh reads of the others.
-async fn read_progress(
+/// The progress records of the plan's shards. `cache` keeps the final records of complete
+/// shards (those whose record says so, or in `completed_by_job`), so later calls skip them.
+pub async fn read_progress(
     output: &Location,
     plan: &ShardPlan,
     cache: &mut JobCache,

@@ -12,14 +12,21 @@ use common::*;
 use sluice_api::contract::{env, exit, layout};
 use sluice_api::storage::{Location, PutOutcome, StorageOptions, resolve};
 
+/// The test server's endpoint, or `None` (with the reason printed) when the S3 tests must skip:
+/// no server, or no credentials for the in-process S3 client.
 fn endpoint() -> Option<String> {
-    match std::env::var("SLUICE_TEST_S3_ENDPOINT") {
-        Ok(e) if !e.is_empty() => Some(e),
+    let ep = match std::env::var("SLUICE_TEST_S3_ENDPOINT") {
+        Ok(e) if !e.is_empty() => e,
         _ => {
             eprintln!("skipped: SLUICE_TEST_S3_ENDPOINT is not set (start one with `source scripts/s3-test-server.sh`)");
-            None
+            return None;
         }
+    };
+    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
+        eprintln!("skipped: AWS_ACCESS_KEY_ID is not set for the in-process S3 client (scripts/s3-test-server.sh exports it)");
+        return None;
     }
+    Some(ep)
 }
 
 fn creds(c: &mut std::process::Command) {
@@ -76,10 +83,6 @@ fn s3_worker(endpoint: &str, output: &str, shard: u32) -> std::process::Command 
 #[test]
 fn a_job_on_s3_completes_with_the_model_fetched_from_the_bucket() {
     let Some(ep) = endpoint() else { return };
-    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
-        eprintln!("skipped: AWS_ACCESS_KEY_ID is not set for the in-process S3 client (scripts/s3-test-server.sh exports it)");
-        return;
-    }
     let bucket = unique_bucket("job");
     create_bucket(&ep, &bucket);
     let rt = rt();
@@ -157,10 +160,6 @@ fn a_job_on_s3_completes_with_the_model_fetched_from_the_bucket() {
 #[test]
 fn s3_storage_semantics_missing_objects_and_create_only_puts() {
     let Some(ep) = endpoint() else { return };
-    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
-        eprintln!("skipped: AWS_ACCESS_KEY_ID is not set for the in-process S3 client");
-        return;
-    }
     let bucket = unique_bucket("sem");
     create_bucket(&ep, &bucket);
     rt().block_on(async {

@@ -15,7 +15,9 @@ use sluice_api::job::SlaStatus;
 use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
-use super::{LocalError, LocalJob, RunOptions, committed_shards, read_progress};
+use super::{LocalError, LocalJob, RunOptions, committed_shards};
+use crate::context::JobCache;
+use crate::reconcile::read_progress;
 use crate::sla::{self, SlaConfig, SlaDecision, SlaObservation};
 use crate::status::summarize;
 
@@ -163,6 +165,7 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
     let mut last_change: Option<Timestamp> = None;
     let mut previous_status: Option<SlaStatus> = None;
     let mut next_poll = Instant::now();
+    let mut cache = JobCache::default();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -229,7 +232,7 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
         if Instant::now() >= next_poll {
             next_poll = Instant::now() + opts.poll_interval;
             let now = Timestamp::now();
-            let records = read_progress(&local.output).await?;
+            let records = read_progress(&local.output, plan, &mut cache, &out.completed).await?;
             let summary = summarize(&records, &BTreeMap::new(), now);
             let done = summary.succeeded + summary.failed;
             let remaining_shards = (pending.len() + running.len()) as u32;

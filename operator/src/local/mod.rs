@@ -16,10 +16,9 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::contract::layout;
 use sluice_api::output::OutputManifest;
 use sluice_api::plan::ShardPlan;
-use sluice_api::progress::ShardProgress;
 
 use crate::error::Error as OperatorError;
-use crate::storage_io::{self, Location, StoreOpener, UriOpener};
+use crate::storage_io::{self, Created, Location, StoreOpener, UriOpener};
 
 pub use executor::WorkerCommand;
 pub use report::{RunSummary, print_status};
@@ -98,15 +97,14 @@ pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
     let cwd = std::env::current_dir().map_err(|e| LocalError::Other(format!("cannot read the current directory: {e}")))?;
     // Overrides from the command line are relative to where the user typed them.
-    let resolve = |uri: &str, relative_to: &Path| resolve_uri(uri, relative_to);
     job.spec.model.uri = match &opts.model {
-        Some(m) => resolve(m, &cwd),
-        None => resolve(&job.spec.model.uri, &base),
+        Some(m) => resolve_uri(m, &cwd),
+        None => resolve_uri(&job.spec.model.uri, &base),
     };
-    job.spec.input.uri = resolve(&job.spec.input.uri, &base);
+    job.spec.input.uri = resolve_uri(&job.spec.input.uri, &base);
     job.spec.output.uri = match &opts.output {
-        Some(o) => resolve(o, &cwd),
-        None => resolve(&job.spec.output.uri, &base),
+        Some(o) => resolve_uri(o, &cwd),
+        None => resolve_uri(&job.spec.output.uri, &base),
     };
     let name = job.metadata.name.clone().unwrap_or_else(|| "job".into());
     let secret = BTreeMap::new();
@@ -125,22 +123,6 @@ pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
         }
     }
     Ok(LocalJob { job, name, input, output, model_uri })
-}
-
-/// Load every progress record under the output prefix.
-pub async fn read_progress(output: &Location) -> Result<BTreeMap<u32, ShardProgress>, LocalError> {
-    let mut records = BTreeMap::new();
-    for name in storage_io::list_names(&output.join(layout::PROGRESS_PREFIX)).await? {
-        if !name.ends_with(".json") {
-            continue;
-        }
-        let loc = output.join(&format!("{}{name}", layout::PROGRESS_PREFIX));
-        // A record being rewritten can be momentarily unreadable on some stores; skip it this round.
-        if let Ok(Some(r)) = storage_io::read_json::<ShardProgress>(&loc, "progress record").await {
-            records.insert(r.shard, r);
-        }
-    }
-    Ok(records)
 }
 
 /// Shards whose final results and errors files exist.
@@ -174,9 +156,13 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
     }
     let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
     let record_loc = local.output.join(LOCAL_RUN_RECORD);
-    storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await?;
-    let created_at =
-        storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record").await?.map(|r| r.created_at).unwrap_or(started);
+    let created_at = match storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await? {
+        Created::Written => started,
+        // A rerun keeps the first run's window.
+        Created::AlreadyExisted => {
+            storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record").await?.map(|r| r.created_at).unwrap_or(started)
+        }
+    };
     let outcome = executor::execute(&opts, &local, &plan, created_at).await?;
-    report::finish(&local, &plan, outcome, started, created_at).await
+    report::finish(&local, &plan, outcome, started).await
 }

@@ -11,7 +11,9 @@ use sluice_api::output::OutputManifest;
 use sluice_api::plan::ShardPlan;
 
 use super::executor::ExecOutcome;
-use super::{LOCAL_RUN_RECORD, LocalError, LocalJob, LocalRunRecord, committed_shards, read_progress};
+use super::{LOCAL_RUN_RECORD, LocalError, LocalJob, LocalRunRecord, committed_shards};
+use crate::context::JobCache;
+use crate::reconcile::read_progress;
 use crate::storage_io::{self, Created, Location};
 
 /// The end-of-run summary.
@@ -102,15 +104,9 @@ impl RunSummary {
 }
 
 /// Write the manifest and build the summary once every shard is committed.
-pub async fn finish(
-    local: &LocalJob,
-    plan: &ShardPlan,
-    outcome: ExecOutcome,
-    started: Timestamp,
-    _created: Timestamp,
-) -> Result<RunSummary, LocalError> {
+pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, started: Timestamp) -> Result<RunSummary, LocalError> {
     let now = Timestamp::now();
-    let records = read_progress(&local.output).await?;
+    let records = read_progress(&local.output, plan, &mut JobCache::default(), &outcome.completed).await?;
     let failed: BTreeSet<u32> = outcome.failed.keys().copied().collect();
     let manifest =
         crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now).await?;
@@ -162,8 +158,8 @@ pub async fn print_status(output: &Location) -> Result<String, LocalError> {
     if let Ok(Some(r)) = storage_io::read_json::<LocalRunRecord>(&output.join(LOCAL_RUN_RECORD), "local run record").await {
         let _ = writeln!(s, "started     {}", r.created_at);
     }
-    let records = read_progress(output).await?;
     let committed = committed_shards(output, &plan).await?;
+    let records = read_progress(output, &plan, &mut JobCache::default(), &committed).await?;
     let done: u64 = records.values().map(|r| r.lines_done).sum();
     let ok: u64 = records.values().map(|r| r.succeeded).sum();
     let failed: u64 = records.values().map(|r| r.failed).sum();
