@@ -166,13 +166,14 @@ fn run(mut engine: LlmEngine, rx: &Receiver<Command>, stats: &Mutex<EngineStats>
                 engine.abort_all(&e.to_string())
             }
         };
+        // Publish the stats before replying, so a caller holding a reply sees stats that count it.
+        if let Ok(mut g) = stats.lock() {
+            *g = engine.stats();
+        }
         for (id, res) in results {
             if let Some(reply) = replies.remove(&id) {
                 let _ = reply.send(res);
             }
-        }
-        if let Ok(mut g) = stats.lock() {
-            *g = engine.stats();
         }
     }
     for (_, reply) in replies.drain() {
