@@ -5,11 +5,27 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+/// Queries of one check: (sequence, causal context length) per query token.
 #[allow(clippy::unwrap_used)]
 fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
+    // Decode-style: one query per sequence, over the whole sequence.
+    let queries: Vec<(usize, usize)> = lens.iter().copied().enumerate().collect();
+    check_queries(nh, nkv, hd, lens, &queries, block_size);
+}
+
+/// Prefill-style: every position of every sequence is a query over its causal prefix.
+#[allow(clippy::unwrap_used)]
+fn check_causal(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
+    let queries: Vec<(usize, usize)> = lens.iter().enumerate().flat_map(|(s, &l)| (1..=l).map(move |c| (s, c))).collect();
+    check_queries(nh, nkv, hd, lens, &queries, block_size);
+}
+
+#[allow(clippy::unwrap_used)]
+fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(usize, usize)], block_size: usize) {
     let dev = Device::new_cuda(0).unwrap();
     let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64((nh * 1000 + hd) as u64);
     let b = lens.len();
+    let n = queries.len();
     let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap();
     let num_blocks = b * max_blocks + 3;
     // A random permutation of blocks, so tables are not contiguous.
@@ -30,17 +46,20 @@ fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
     let rnd = |n: usize, rng: &mut rand_chacha::ChaCha12Rng| -> Vec<f32> {
         (0..n).map(|_| half::bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_f32()).collect()
     };
-    let q = rnd(b * nh * hd, &mut rng);
+    let q = rnd(n * nh * hd, &mut rng);
     let k = rnd(slots * kvd, &mut rng);
     let v = rnd(slots * kvd, &mut rng);
     let scale = 1.0 / (hd as f32).sqrt();
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let got = sluice_worker::engine::cuda_ops::paged_decode(
-        &t(&q, &[b, nh, hd]),
+    let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
+    let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
+    let got = sluice_worker::engine::cuda_ops::paged_attention(
+        &t(&q, &[n, nh, hd]),
         &t(&k, &[slots, kvd]),
         &t(&v, &[slots, kvd]),
         &Tensor::from_slice(&tables, (b, max_blocks), &dev).unwrap(),
-        &Tensor::from_slice(&lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), b, &dev).unwrap(),
+        &Tensor::from_slice(&rows, n, &dev).unwrap(),
+        &Tensor::from_slice(&ctx, n, &dev).unwrap(),
         nkv,
         block_size,
         scale,
@@ -54,10 +73,10 @@ fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
     .unwrap();
     let g = nh / nkv;
     let mut worst = 0f32;
-    for (s, &l) in lens.iter().enumerate() {
+    for (qi, &(s, l)) in queries.iter().enumerate() {
         for h in 0..nh {
             let kh = h / g;
-            let qv = &q[(s * nh + h) * hd..][..hd];
+            let qv = &q[(qi * nh + h) * hd..][..hd];
             let slot = |p: usize| tables[s * max_blocks + p / block_size] as usize * block_size + p % block_size;
             let scores: Vec<f32> = (0..l).map(|p| (0..hd).map(|d| qv[d] * k[slot(p) * kvd + kh * hd + d]).sum::<f32>() * scale).collect();
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -65,17 +84,17 @@ fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
             let z: f32 = e.iter().sum();
             for d in 0..hd {
                 let want: f32 = (0..l).map(|p| e[p] * v[slot(p) * kvd + kh * hd + d]).sum::<f32>() / z;
-                let have = got[(s * nh + h) * hd + d];
+                let have = got[(qi * nh + h) * hd + d];
                 worst = worst.max((want - have).abs());
             }
         }
     }
-    eprintln!("paged_decode nh={nh} nkv={nkv} hd={hd} lens={lens:?}: max abs err {worst}");
+    eprintln!("paged_attention nh={nh} nkv={nkv} hd={hd} lens={lens:?} queries={n}: max abs err {worst}");
     assert!(worst < 2e-2, "max abs err {worst}");
 }
 
 #[test]
-fn paged_decode_matches_reference() {
+fn paged_attention_matches_reference() {
     if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
         eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
         return;
@@ -85,6 +104,33 @@ fn paged_decode_matches_reference() {
     check(8, 8, 128, &[1, 129, 260], 16);
     check(4, 2, 16, &[3, 40, 200], 4);
     check(28, 4, 128, &[77, 513], 32);
+    check(16, 2, 256, &[1, 33, 300], 16);
+    check(6, 3, 32, &[2, 95], 8);
+    check_causal(14, 2, 64, &[1, 37, 130], 16);
+    check_causal(8, 2, 128, &[65], 16);
+}
+
+#[test]
+fn argmax_rows_matches_first_max() {
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
+        return;
+    }
+    let dev = Device::new_cuda(0).unwrap();
+    let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(7);
+    for &(rows, cols) in &[(3usize, 151_936usize), (5, 1000), (2, 37), (1, 8)] {
+        // Few distinct values, so ties are common and the first index must win.
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(0..64) as f32 / 8.0).collect();
+        let xt = Tensor::from_slice(&x, (rows, cols), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let got = sluice_worker::engine::cuda_ops::argmax_rows(&xt).unwrap().to_vec1::<u32>().unwrap();
+        for r in 0..rows {
+            let row = &x[r * cols..][..cols];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let want = row.iter().position(|&v| v == m).unwrap() as u32;
+            assert_eq!(got[r], want, "rows {rows} cols {cols} row {r}");
+        }
+    }
+    eprintln!("argmax_rows: first max index on every row");
 }
 
 #[test]

@@ -195,6 +195,7 @@ fn main() -> anyhow::Result<()> {
             r.with_context(|| format!("warm-up request {id}"))?;
         }
     }
+    engine.profile_reset();
     let before = engine.stats();
 
     let n = work.len();
@@ -246,6 +247,9 @@ fn main() -> anyhow::Result<()> {
         after.block_size,
         wall * 1e3 / (after.steps - before.steps).max(1) as f64
     );
+    if let Some(report) = engine.profile_report() {
+        eprintln!("{report}");
+    }
     println!("{line}");
     Ok(())
 }

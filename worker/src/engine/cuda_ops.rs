@@ -1,42 +1,44 @@
-//! The engine's own CUDA kernels as candle custom ops: paged-attention decode
-//! (`worker/kernels/paged_attention.cu`, compiled to PTX by `build.rs` with the `cuda` feature).
-//! Without the `cuda` feature nothing here runs: `paged_decode_supported` is always false.
+//! The engine's own CUDA kernels as candle custom ops (`worker/kernels/paged_attention.cu`,
+//! compiled to PTX by `build.rs` with the `cuda` feature): paged attention over the KV cache for
+//! decode and prefill tokens alike, the KV write, and the greedy argmax over logits rows.
+//! Without the `cuda` feature nothing here runs: `paged_attention_supported` is always false.
 
 use candle_core::{DType, Tensor};
 
 use super::error::EngineError;
 
-/// Query heads per KV head, and `g * head_dim`, the kernel handles (its shared-memory sizes).
+/// Query heads per KV head the attention kernel handles.
 const MAX_GROUP: usize = 8;
-const MAX_GROUP_HEAD_DIM: usize = 1024;
+/// Head sizes the attention kernel is compiled for.
+const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 
-/// Whether the paged decode kernel can run this shape on `dtype` (CUDA builds, bf16 only).
-pub fn paged_decode_supported(num_heads: usize, num_kv_heads: usize, head_dim: usize, dtype: DType) -> bool {
-    let g = num_heads / num_kv_heads.max(1);
+/// Whether the paged attention kernel can run this shape on `dtype` (CUDA builds, bf16 only).
+pub fn paged_attention_supported(num_heads: usize, num_kv_heads: usize, head_dim: usize, dtype: DType) -> bool {
     cfg!(feature = "cuda")
         && dtype == DType::BF16
         && num_kv_heads > 0
         && num_heads.is_multiple_of(num_kv_heads)
-        && g <= MAX_GROUP
-        && g * head_dim <= MAX_GROUP_HEAD_DIM
-        && head_dim.is_multiple_of(8)
+        && num_heads / num_kv_heads <= MAX_GROUP
+        && HEAD_DIMS.contains(&head_dim)
 }
 
-/// Decode attention for `b` sequences with one new token each, reading keys and values
-/// straight from the paged cache.
+/// Attention of `n` query tokens, each over its own context read straight from the paged cache.
 ///
-/// * `q`: `[b, num_heads, head_dim]` bf16 (RoPE applied);
-/// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16;
-/// * `tables`: `[b, max_blocks]` u32 block ids; `ctx_lens`: `[b]` u32 keys per sequence (≥ 1,
-///   the new token's key already written).
+/// * `q`: `[n, num_heads, head_dim]` bf16 (RoPE applied);
+/// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16 (this step's keys written);
+/// * `tables`: `[rows, max_blocks]` u32 block ids, one row per sequence;
+/// * `table_rows`: `[n]` u32, the row of `tables` of each query's sequence;
+/// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
+///   (≥ 1): `pos + 1` for the token at `pos` (causal).
 ///
-/// Returns `[b, num_heads, head_dim]`.
+/// Returns `[n, num_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode(
+pub fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     tables: &Tensor,
+    table_rows: &Tensor,
     ctx_lens: &Tensor,
     num_kv_heads: usize,
     block_size: usize,
@@ -45,10 +47,11 @@ pub fn paged_decode(
     #[cfg(feature = "cuda")]
     {
         let (_, max_blocks) = tables.dims2()?;
-        let op = imp::PagedDecode {
+        let op = imp::PagedAttention {
             k_cache: k_cache.clone(),
             v_cache: v_cache.clone(),
             tables: tables.clone(),
+            table_rows: table_rows.clone(),
             ctx_lens: ctx_lens.clone(),
             num_kv_heads,
             block_size,
@@ -59,8 +62,8 @@ pub fn paged_decode(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, tables, ctx_lens, num_kv_heads, block_size, scale);
-        Err(EngineError::Config("the paged decode kernel needs the `cuda` feature".into()))
+        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale);
+        Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
     }
 }
 
@@ -79,6 +82,33 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<(), Engi
     }
 }
 
+/// `silu(gate) * up` of `x = [gate | up]: [n, 2 * inter]`, returning `[n, inter]`: one fused
+/// kernel on CUDA bf16 (f32 arithmetic, one rounding), candle ops elsewhere.
+pub fn silu_mul(x: &Tensor) -> Result<Tensor, EngineError> {
+    let (_, two_i) = x.dims2()?;
+    #[cfg(feature = "cuda")]
+    {
+        if x.dtype() == DType::BF16 && x.device().is_cuda() && two_i.is_multiple_of(16) {
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&imp::SiluMul)?);
+        }
+    }
+    let i = two_i / 2;
+    Ok((candle_nn::ops::silu(&x.narrow(1, 0, i)?)? * x.narrow(1, i, i)?)?)
+}
+
+/// Greedy token of each row of `logits: [rows, vocab]` (bf16 on CUDA): the first index of the
+/// row's largest value, as u32 `[rows]`. One block per row, one pass over the logits (candle's
+/// generic `argmax` takes several times longer on vocabulary-sized rows).
+pub fn argmax_rows(logits: &Tensor) -> Result<Tensor, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        if logits.dtype() == DType::BF16 && logits.device().is_cuda() {
+            return Ok(logits.contiguous()?.apply_op1_no_bwd(&imp::ArgmaxRows)?);
+        }
+    }
+    Ok(logits.argmax(candle_core::D::Minus1)?)
+}
+
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod imp {
@@ -91,10 +121,11 @@ mod imp {
     /// Must match THREADS in the kernel.
     const THREADS: u32 = 128;
 
-    pub(super) struct PagedDecode {
+    pub(super) struct PagedAttention {
         pub k_cache: Tensor,
         pub v_cache: Tensor,
         pub tables: Tensor,
+        pub table_rows: Tensor,
         pub ctx_lens: Tensor,
         pub num_kv_heads: usize,
         pub block_size: usize,
@@ -105,7 +136,7 @@ mod imp {
     /// The contiguous device view of a tensor's storage.
     fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
-            bail!("paged-decode: {what} must be contiguous");
+            bail!("cuda op: {what} must be contiguous");
         }
         let n = l.shape().elem_count();
         let start = l.start_offset();
@@ -113,75 +144,159 @@ mod imp {
     }
 
     fn as_i32(x: usize, what: &str) -> candle_core::Result<i32> {
-        i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("paged-decode: {what} {x}")))
+        i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda op: {what} {x} out of range")))
     }
 
-    impl CustomOp1 for PagedDecode {
+    fn as_u32(x: usize, what: &str) -> candle_core::Result<u32> {
+        u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda op: {what} {x} out of range")))
+    }
+
+    impl CustomOp1 for PagedAttention {
         fn name(&self) -> &'static str {
-            "paged-decode"
+            "paged-attention"
         }
 
         fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("paged-decode runs on CUDA only")
+            bail!("paged-attention runs on CUDA only")
         }
 
         fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-            let (b, nh, hd) = ql.shape().dims3()?;
+            let (n, nh, hd) = ql.shape().dims3()?;
             let dev = q.device.clone();
             let (ks, kl) = self.k_cache.storage_and_layout();
             let (vs, vl) = self.v_cache.storage_and_layout();
             let (ts, tl) = self.tables.storage_and_layout();
+            let (rs, rl) = self.table_rows.storage_and_layout();
             let (cs, cl) = self.ctx_lens.storage_and_layout();
-            let (Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ts), Storage::Cuda(cs)) = (&*ks, &*vs, &*ts, &*cs) else {
-                bail!("paged-decode: cache and tables must be on the GPU");
+            let (Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ts), Storage::Cuda(rs), Storage::Cuda(cs)) =
+                (&*ks, &*vs, &*ts, &*rs, &*cs)
+            else {
+                bail!("paged-attention: cache and tables must be on the GPU");
             };
             if kl.shape().dims2()?.1 != self.num_kv_heads * hd || kl.shape() != vl.shape() {
-                bail!("paged-decode: cache shape {:?} does not match {} KV heads of {hd}", kl.shape(), self.num_kv_heads);
+                bail!("paged-attention: cache shape {:?} does not match {} KV heads of {hd}", kl.shape(), self.num_kv_heads);
             }
-            if tl.shape().dims2()?.0 != b || cl.shape().dims1()? != b {
-                bail!("paged-decode: tables/ctx_lens do not have {b} rows");
+            if rl.shape().dims1()? != n || cl.shape().dims1()? != n {
+                bail!("paged-attention: table_rows/ctx_lens do not have {n} entries");
+            }
+            if !super::paged_attention_supported(nh, self.num_kv_heads, hd, candle_core::DType::BF16) {
+                bail!("paged-attention: unsupported shape ({nh} heads, {} KV heads, head_dim {hd})", self.num_kv_heads);
             }
             let qv = view::<bf16>(q, ql, "q")?;
             let kv = view::<bf16>(ks, kl, "k cache")?;
             let vv = view::<bf16>(vs, vl, "v cache")?;
             let tv = view::<u32>(ts, tl, "block tables")?;
+            let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let entry = match hd {
-                64 => "paged_decode_bf16_hd64",
-                128 => "paged_decode_bf16_hd128",
-                _ => "paged_decode_bf16",
-            };
-            let func = dev.get_or_load_custom_func(entry, "sluice_paged_attention", PTX)?;
+            let func = dev.get_or_load_custom_func(&format!("paged_attention_bf16_hd{hd}"), "sluice_kernels", PTX)?;
             // SAFETY: every element is written by the kernel before it is read.
-            let out = unsafe { dev.alloc::<bf16>(b * nh * hd)? };
+            let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
+            if n == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
+            }
             let cfg = LaunchConfig {
-                grid_dim: (
-                    u32::try_from(self.num_kv_heads).map_err(|_| candle_core::Error::Msg("too many KV heads".into()))?,
-                    u32::try_from(b).map_err(|_| candle_core::Error::Msg("batch".into()))?,
-                    1,
-                ),
+                grid_dim: (as_u32(n, "query tokens")?, as_u32(self.num_kv_heads, "kv heads")?, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (nh_, nkv_, hd_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?, as_i32(hd, "head_dim")?);
+            let (nh_, nkv_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?);
             let (bs_, mb_) = (as_i32(self.block_size, "block_size")?, as_i32(self.max_blocks, "max_blocks")?);
             let mut builder = func.builder();
             builder.arg(&qv);
             builder.arg(&kv);
             builder.arg(&vv);
             builder.arg(&tv);
+            builder.arg(&rv);
             builder.arg(&cv);
             builder.arg(&out);
             builder.arg(&nh_);
             builder.arg(&nkv_);
-            builder.arg(&hd_);
             builder.arg(&bs_);
             builder.arg(&mb_);
             builder.arg(&self.scale);
-            // SAFETY: argument types and order match `paged_decode_bf16`; the shapes were
-            // checked above and the kernel reads only `ctx_lens[s]` keys through `tables[s]`.
+            // SAFETY: argument types and order match `paged_attention_bf16_hd*`; the shapes were
+            // checked above; each query reads `ctx_lens[s]` keys through its own table row,
+            // which the engine sized to cover them.
             unsafe { builder.launch(cfg) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b, nh, hd))))
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))
+        }
+    }
+
+    pub(super) struct SiluMul;
+
+    impl CustomOp1 for SiluMul {
+        fn name(&self) -> &'static str {
+            "silu-mul"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("silu-mul runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (n, two_i) = xl.shape().dims2()?;
+            if !two_i.is_multiple_of(16) {
+                bail!("silu-mul: width {two_i} is not a multiple of 16");
+            }
+            let inter = two_i / 2;
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "gate_up")?;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<bf16>(n * inter)? };
+            let total = n * inter / 8;
+            if total == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inter))));
+            }
+            let func = dev.get_or_load_custom_func("silu_mul_bf16", "sluice_kernels", PTX)?;
+            let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (n_, i_) = (as_i32(n, "rows")?, as_i32(inter, "intermediate size")?);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&out);
+            builder.arg(&n_);
+            builder.arg(&i_);
+            // SAFETY: argument types and order match `silu_mul_bf16`; contiguous [n, 2 * inter]
+            // input with inter % 8 == 0, [n, inter] output.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inter))))
+        }
+    }
+
+    pub(super) struct ArgmaxRows;
+
+    /// Must match ARGMAX_THREADS in the kernel.
+    const ARGMAX_THREADS: u32 = 512;
+
+    impl CustomOp1 for ArgmaxRows {
+        fn name(&self) -> &'static str {
+            "argmax-rows"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("argmax-rows runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (rows, cols) = xl.shape().dims2()?;
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "logits")?;
+            // SAFETY: the kernel writes every row's entry.
+            let out = unsafe { dev.alloc::<u32>(rows)? };
+            if rows == 0 || cols == 0 {
+                bail!("argmax-rows: empty logits {:?}", xl.shape());
+            }
+            let func = dev.get_or_load_custom_func("argmax_rows_bf16", "sluice_kernels", PTX)?;
+            let cfg = LaunchConfig { grid_dim: (as_u32(rows, "rows")?, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let cols_ = as_i32(cols, "vocabulary")?;
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&out);
+            builder.arg(&cols_);
+            // SAFETY: argument types and order match `argmax_rows_bf16`; one block per row of a
+            // contiguous [rows, cols] view.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
         }
     }
 
@@ -227,7 +342,7 @@ mod imp {
             let start = cl.start_offset();
             let len = cl.shape().elem_count();
             let mut cv = cache.as_cuda_slice_mut::<bf16>()?.slice_mut(start..start + len);
-            let func = dev.get_or_load_custom_func("write_kv_bf16", "sluice_paged_attention", PTX)?;
+            let func = dev.get_or_load_custom_func("write_kv_bf16", "sluice_kernels", PTX)?;
             let total = (n * kvd / 8) as u32;
             let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (n_, kvd_) = (as_i32(n, "tokens")?, as_i32(kvd, "kv_dim")?);

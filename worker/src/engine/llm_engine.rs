@@ -229,6 +229,16 @@ impl LlmEngine {
         })
     }
 
+    /// Forgets the per-phase times so far (`SLUICE_PROFILE=1`), e.g. after a warm-up.
+    pub fn profile_reset(&self) {
+        self.model.profile_reset();
+    }
+
+    /// The per-phase timing table when `SLUICE_PROFILE=1`, else None.
+    pub fn profile_report(&self) -> Option<String> {
+        self.model.profile_report()
+    }
+
     pub fn model_name(&self) -> &str {
         &self.name
     }
@@ -350,6 +360,7 @@ impl LlmEngine {
 
     /// Runs one scheduled forward pass; returns the requests that finished (or failed) in it.
     pub fn step(&mut self) -> Result<Vec<StepOutput>, EngineError> {
+        let step_start = Instant::now();
         let mut out = std::mem::take(&mut self.pending);
         let plan = self.sched.schedule();
         if plan.is_empty() {
@@ -370,6 +381,7 @@ impl LlmEngine {
             })
             .collect();
         let step_tokens: usize = plan.iter().map(|p| p.num_tokens).sum();
+        let scheduled = step_start.elapsed().as_secs_f64() * 1e3;
         // On a GPU, greedy sequences get their argmax on the device and only the id crosses
         // to the host; on the CPU the logits are already in host memory.
         let logits: Vec<Option<LastToken>> = if self.device_argmax {
@@ -384,6 +396,7 @@ impl LlmEngine {
         self.stats.peak_kv_blocks = self.stats.peak_kv_blocks.max(self.sched.allocator.num_used());
 
         let now = Instant::now();
+        self.model.prof(|p| p.host_span("schedule", scheduled));
         let mut finished: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
         for (p, l) in plan.iter().zip(logits) {
             let seq = &mut self.sched.running[p.index];
@@ -434,6 +447,10 @@ impl LlmEngine {
                 }),
             ));
         }
+        self.model.prof(|p| {
+            p.host_span("postprocess", now.elapsed().as_secs_f64() * 1e3);
+            p.host_span("step_total", step_start.elapsed().as_secs_f64() * 1e3);
+        });
         Ok(out)
     }
 

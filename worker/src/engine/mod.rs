@@ -13,6 +13,7 @@ pub mod handle;
 pub mod kv_cache;
 pub mod llm_engine;
 pub mod model;
+pub mod profile;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;

@@ -2,23 +2,24 @@
 //! over the flattened new tokens of many sequences, each token with its own position, attending
 //! over its sequence's keys in the paged KV cache. No scheduling or sampling policy lives here.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::config::ArchConfig;
 use super::error::EngineError;
 use super::kv_cache::KvCache;
+use super::profile::Profiler;
 use super::weights::Weights;
 
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q, K and V projections stacked into one `[(heads + 2 * kv_heads) * head_dim, hidden]`
+    /// matrix (one GEMM and one bias add per layer instead of three).
+    qkv: Linear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -44,6 +45,9 @@ struct StepTensors {
     /// `[num_tokens, kv_heads * head_dim]` slot index of every new token (for `scatter_set`),
     /// or `[num_tokens]` slots for the CUDA write kernel.
     write_index: Tensor,
+    /// Every token's attention through the paged kernel (CUDA bf16); when set, `decode` and
+    /// `prefills` are empty.
+    paged: Option<PagedInputs>,
     /// Decode group: sequences with one new token, first in the flat layout.
     decode: Option<DecodeGroup>,
     /// Every longer chunk, in flat order after the decode group.
@@ -52,28 +56,25 @@ struct StepTensors {
     logit_rows: Option<Tensor>,
 }
 
-struct DecodeGroup {
-    batch: usize,
-    keys: DecodeKeys,
+/// Inputs of the paged attention kernel (`cuda_ops::paged_attention`) for a whole step.
+struct PagedInputs {
+    /// `[sequences, max_blocks]` block ids, padded with 0.
+    tables: Tensor,
+    /// `[num_tokens]` each token's row in `tables`.
+    table_rows: Tensor,
+    /// `[num_tokens]` keys each token attends to (its position + 1).
+    ctx_lens: Tensor,
 }
 
-/// How the decode group finds its keys in the cache.
-enum DecodeKeys {
-    /// Gathered with candle ops (CPU, f32/f16, shapes the kernel does not cover).
-    Gather {
-        max_ctx: usize,
-        /// `[batch * max_ctx]` key slots, padded with slot 0.
-        key_slots: Tensor,
-        /// `[batch, 1, 1, max_ctx]` additive mask: 0 for keys, -inf for padding.
-        mask: Tensor,
-    },
-    /// Read in place by the paged decode kernel (`cuda_ops`).
-    Paged {
-        /// `[batch, max_blocks]` block ids, padded with 0.
-        tables: Tensor,
-        /// `[batch]` keys per sequence.
-        ctx_lens: Tensor,
-    },
+/// Decode attention with candle ops (CPU, f32/f16, shapes the kernel does not cover): keys
+/// gathered from the cache and padded to the longest context.
+struct DecodeGroup {
+    batch: usize,
+    max_ctx: usize,
+    /// `[batch * max_ctx]` key slots, padded with slot 0.
+    key_slots: Tensor,
+    /// `[batch, 1, 1, max_ctx]` additive mask: 0 for keys, -inf for padding.
+    mask: Tensor,
 }
 
 /// What `forward_sampled` brings back for a sequence that wanted logits.
@@ -114,14 +115,27 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     max_len: usize,
-    /// Decode attention through the paged kernel (CUDA bf16; `SLUICE_PAGED_ATTENTION=0` off).
-    paged_decode: bool,
+    /// All attention through the paged kernel (CUDA bf16; `SLUICE_PAGED_ATTENTION=0` off).
+    paged_attention: bool,
+    /// Per-phase timing (`SLUICE_PROFILE=1`).
+    profiler: std::sync::Mutex<Profiler>,
 }
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, EngineError> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
     let b = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
     Ok(Linear::new(weight, b))
+}
+
+/// Projections that read the same input, stacked along the output dimension.
+fn stacked(parts: &[Linear]) -> Result<Linear, EngineError> {
+    let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
+    let bias = match biases {
+        Some(b) => Some(Tensor::cat(&b, 0)?),
+        None => None,
+    };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
 }
 
 impl Model {
@@ -134,15 +148,21 @@ impl Model {
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let b = cfg.qkv_bias;
+            let qkv = stacked(&[
+                linear(weights, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b)?,
+                linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
+                linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
+            ])?;
+            let gate_up = stacked(&[
+                linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+            ])?;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: linear(weights, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b)?,
-                k: linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
-                v: linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
+                qkv,
                 o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
-                up: linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                gate_up,
                 down: linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
             });
         }
@@ -169,10 +189,10 @@ impl Model {
         }
         let cos = Tensor::from_vec(cos, (max_len, half), device)?;
         let sin = Tensor::from_vec(sin, (max_len, half), device)?;
-        let paged_decode = device.is_cuda()
-            && super::cuda_ops::paged_decode_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weights.dtype())
+        let paged_attention = device.is_cuda()
+            && super::cuda_ops::paged_attention_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weights.dtype())
             && std::env::var("SLUICE_PAGED_ATTENTION").as_deref() != Ok("0");
-        tracing::debug!(paged_decode, "attention path");
+        tracing::debug!(paged_attention, "attention path");
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -184,8 +204,28 @@ impl Model {
             cos,
             sin,
             max_len,
-            paged_decode,
+            paged_attention,
+            profiler: std::sync::Mutex::new(Profiler::from_env(device)),
         })
+    }
+
+    /// Runs `f` on the profiler when profiling is on.
+    pub(crate) fn prof(&self, f: impl FnOnce(&mut Profiler)) {
+        if let Ok(mut p) = self.profiler.lock()
+            && p.enabled()
+        {
+            f(&mut p);
+        }
+    }
+
+    /// Forgets the profiler's times so far.
+    pub fn profile_reset(&self) {
+        self.prof(|p| p.reset());
+    }
+
+    /// The profiler's table (`SLUICE_PROFILE=1`), or None.
+    pub fn profile_report(&self) -> Option<String> {
+        self.profiler.lock().ok().and_then(|p| p.report())
     }
 
     pub fn config(&self) -> &ArchConfig {
@@ -209,6 +249,30 @@ impl Model {
             g.mask = Tensor::from_vec(std::mem::take(mask), (g.len, g.ctx), &self.device)?;
         }
         Ok(())
+    }
+
+    /// Block tables (one row per sequence, in flat order) and each token's row and causal
+    /// context length, for the paged attention kernel.
+    fn paged_inputs(&self, seqs: &[SeqInput], order: &[usize], block_size: usize) -> Result<PagedInputs, EngineError> {
+        let ctx_of = |i: usize| seqs[i].start_pos + seqs[i].tokens.len();
+        let max_blocks = order.iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1).max(1);
+        let n: usize = order.iter().map(|&i| seqs[i].tokens.len()).sum();
+        let mut tables = Vec::with_capacity(order.len() * max_blocks);
+        let mut rows = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        for (row, &i) in order.iter().enumerate() {
+            let s = &seqs[i];
+            let nb = ctx_of(i).div_ceil(block_size);
+            tables.extend_from_slice(&s.blocks[..nb]);
+            tables.extend(std::iter::repeat_n(0u32, max_blocks - nb));
+            rows.extend(std::iter::repeat_n(row as u32, s.tokens.len()));
+            lens.extend((s.start_pos..ctx_of(i)).map(|p| p as u32 + 1));
+        }
+        Ok(PagedInputs {
+            tables: Tensor::from_vec(tables, (order.len(), max_blocks), &self.device)?,
+            table_rows: Tensor::from_vec(rows, n, &self.device)?,
+            ctx_lens: Tensor::from_vec(lens, n, &self.device)?,
+        })
     }
 
     /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
@@ -248,7 +312,7 @@ impl Model {
                 logit_of[i] = Some(logit_rows.len());
                 logit_rows.push((ids.len() - 1) as u32);
             }
-            if s.tokens.len() > 1 {
+            if s.tokens.len() > 1 && !self.paged_attention {
                 let t = s.tokens.len();
                 let joins = prefills.last().is_some_and(|g| {
                     g.len == t && g.ctx == ctx && g.start + g.count * t == start && (g.count + 1) * t * ctx <= PREFILL_GROUP_ELEMS
@@ -275,25 +339,8 @@ impl Model {
             }
         }
         self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
-        let decode = if n_decode > 0 && self.paged_decode {
-            let ctx_of = |i: usize| seqs[i].start_pos + 1;
-            let max_blocks = order[..n_decode].iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1);
-            let mut tables = Vec::with_capacity(n_decode * max_blocks);
-            let mut lens = Vec::with_capacity(n_decode);
-            for &i in &order[..n_decode] {
-                let nb = ctx_of(i).div_ceil(block_size);
-                tables.extend_from_slice(&seqs[i].blocks[..nb]);
-                tables.extend(std::iter::repeat_n(0u32, max_blocks - nb));
-                lens.push(ctx_of(i) as u32);
-            }
-            Some(DecodeGroup {
-                batch: n_decode,
-                keys: DecodeKeys::Paged {
-                    tables: Tensor::from_vec(tables, (n_decode, max_blocks), &self.device)?,
-                    ctx_lens: Tensor::from_vec(lens, n_decode, &self.device)?,
-                },
-            })
-        } else if n_decode > 0 {
+        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size)?) } else { None };
+        let decode = if n_decode > 0 && !self.paged_attention {
             let ctx_of = |i: usize| seqs[i].start_pos + 1;
             let max_ctx = order[..n_decode].iter().map(|&i| ctx_of(i)).max().unwrap_or(1);
             let mut slots = Vec::with_capacity(n_decode * max_ctx);
@@ -307,11 +354,9 @@ impl Model {
             }
             Some(DecodeGroup {
                 batch: n_decode,
-                keys: DecodeKeys::Gather {
-                    max_ctx,
-                    key_slots: Tensor::from_vec(slots, n_decode * max_ctx, &self.device)?,
-                    mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_ctx), &self.device)?,
-                },
+                max_ctx,
+                key_slots: Tensor::from_vec(slots, n_decode * max_ctx, &self.device)?,
+                mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_ctx), &self.device)?,
             })
         } else {
             None
@@ -320,7 +365,7 @@ impl Model {
         let positions = Tensor::from_vec(pos, n, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?.to_dtype(self.dtype)?;
         let sin = self.sin.index_select(&positions, 0)?.to_dtype(self.dtype)?;
-        let write_index = if self.paged_decode {
+        let write_index = if self.paged_attention {
             Tensor::from_vec(write, n, &self.device)?
         } else {
             Tensor::from_vec(write, (n, 1), &self.device)?.broadcast_as((n, kvd))?.contiguous()?
@@ -338,6 +383,7 @@ impl Model {
                 cos,
                 sin,
                 write_index,
+                paged,
                 decode,
                 prefills,
                 logit_rows,
@@ -375,7 +421,14 @@ impl Model {
         let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
             return Ok(out);
         };
-        let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let ids = super::cuda_ops::argmax_rows(&logits)?;
+        self.prof(|p| p.gpu("argmax"));
+        let ids = ids.to_vec1::<u32>()?;
+        self.prof(|p| {
+            p.host("wait");
+            p.gpu("d2h");
+            p.end();
+        });
         let mut want_rows = Vec::new();
         let mut want_seqs = Vec::new();
         for (i, row) in logit_of.iter().enumerate() {
@@ -405,23 +458,38 @@ impl Model {
         if seqs.is_empty() {
             return Ok(None);
         }
+        let mixed = seqs.iter().any(|s| s.tokens.len() > 1);
+        self.prof(|p| p.begin(if mixed { "mixed" } else { "decode" }));
         let (st, logit_of) = self.prepare(seqs, cache.block_size())?;
+        self.prof(|p| {
+            p.host("prepare");
+            p.gpu("prepare_h2d");
+        });
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&st.token_ids, 0)?;
+        self.prof(|p| p.gpu("embed"));
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            self.prof(|p| p.gpu("norm"));
             let attn = self.attention(layer, &h, &st, cache, li)?;
             x = (x + layer.o.forward(&attn)?)?;
+            self.prof(|p| p.gpu("o_proj_res"));
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            self.prof(|p| p.gpu("norm"));
+            let mlp = super::cuda_ops::silu_mul(&layer.gate_up.forward(&h)?)?;
+            self.prof(|p| p.gpu("mlp_gate_up"));
             x = (x + layer.down.forward(&mlp)?)?;
+            self.prof(|p| p.gpu("mlp_down_res"));
         }
+        self.prof(|p| p.host("enqueue_layers"));
         let Some(rows) = &st.logit_rows else {
+            self.prof(|p| p.end());
             return Ok(None);
         };
         let last = x.index_select(rows, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
         let logits = last.matmul(&self.lm_head.t()?)?;
+        self.prof(|p| p.gpu("lm_head"));
         Ok(Some((logits, logit_of)))
     }
 
@@ -435,27 +503,31 @@ impl Model {
         let n = st.num_tokens;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
-        let q = layer.q.forward(h)?.reshape((n, nh, hd))?;
-        let k = layer.k.forward(h)?.reshape((n, nkv, hd))?;
-        let v = layer.v.forward(h)?.reshape((n, nkv, hd))?;
+        let qkv = layer.qkv.forward(h)?;
+        let q = qkv.narrow(1, 0, nh * hd)?.reshape((n, nh, hd))?;
+        let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+        self.prof(|p| p.gpu("qkv"));
         let q = self.rope(&q, st)?;
         let k = self.rope(&k, st)?;
+        self.prof(|p| p.gpu("rope"));
         let (kc, vc) = cache.layer(li)?;
-        if self.paged_decode {
+        if self.paged_attention {
             super::cuda_ops::write_kv(kc, &k.reshape((n, nkv * hd))?, &st.write_index)?;
             super::cuda_ops::write_kv(vc, &v.reshape((n, nkv * hd))?, &st.write_index)?;
         } else {
             kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
             vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
         }
+        self.prof(|p| p.gpu("kv_write"));
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(1 + st.prefills.len());
-        if let Some(DecodeGroup { batch: b, keys: DecodeKeys::Paged { tables, ctx_lens } }) = &st.decode {
-            let qd = q.narrow(0, 0, *b)?;
-            let o = super::cuda_ops::paged_decode(&qd, kc, vc, tables, ctx_lens, nkv, cache.block_size(), scale as f32)?;
-            outs.push(o.reshape((*b, nh * hd))?);
+        if let Some(PagedInputs { tables, table_rows, ctx_lens }) = &st.paged {
+            let o = super::cuda_ops::paged_attention(&q, kc, vc, tables, table_rows, ctx_lens, nkv, cache.block_size(), scale as f32)?;
+            self.prof(|p| p.gpu("attn_paged"));
+            return Ok(o.reshape((n, nh * hd))?);
         }
-        if let Some(DecodeGroup { batch, keys: DecodeKeys::Gather { max_ctx, key_slots, mask } }) = &st.decode {
+        let mut outs = Vec::with_capacity(1 + st.prefills.len());
+        if let Some(DecodeGroup { batch, max_ctx, key_slots, mask }) = &st.decode {
             let (b, l) = (*batch, *max_ctx);
             // [b, nkv, g, hd]: head j*g + i reads kv head j (repeat_kv order).
             let qd = q.narrow(0, 0, b)?.reshape((b, nkv, g, hd))?;
@@ -464,6 +536,7 @@ impl Model {
             let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             outs.push(p.matmul(&vd)?.reshape((b, nh * hd))?);
+            self.prof(|p| p.gpu("attn_decode"));
         }
         for c in &st.prefills {
             let (bn, t, ctx) = (c.count, c.len, c.ctx);
@@ -481,7 +554,10 @@ impl Model {
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((bn, nkv, g * t, ctx))?;
             let o = p.matmul(&vp)?.reshape((bn, nkv, g, t, hd))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((bn * t, nh * hd))?;
             outs.push(o);
+            self.prof(|p| p.gpu("attn_prefill"));
         }
-        Ok(Tensor::cat(&outs, 0)?)
+        let out = Tensor::cat(&outs, 0)?;
+        self.prof(|p| p.gpu("attn_cat"));
+        Ok(out)
     }
 }
