@@ -22,6 +22,16 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 x = __bfloat1622float2(h[i]);
+        f[2 * i] = x.x;
+        f[2 * i + 1] = x.y;
+    }
+}
+
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
     uint4 raw = *reinterpret_cast<const uint4*>(p);
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -86,34 +96,46 @@ __device__ __forceinline__ void paged_attention(
     const int kg = lane / CH;  // key group in PV
     const int c = lane % CH;   // chunk in PV
 
+    // Slot of this lane's key in the first tile; each iteration looks up the next tile's slot
+    // while its own loads are in flight.
+    auto slot_of = [&](int t) -> unsigned long long {
+        return t < ctx ? (unsigned long long)table[t / block_size] * block_size + t % block_size : 0ull;
+    };
+    unsigned long long slot = slot_of(warp * 32 + lane);
     for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
-        const int t = t0 + lane;
-        const bool valid = t < ctx;
-        unsigned long long slot = 0;
+        const bool valid = t0 + lane < ctx;
+        const int n_valid = min(32, ctx - t0);
+        // Issue every load of the tile first: this lane's key row, then the V rows the lane
+        // reads in PV (lanes past the end read key t0's row with probability 0).
+        uint4 kraw[CH];
+        {
+            const __nv_bfloat16* krow = kc + slot * kvd + (size_t)kvh * HD;
+#pragma unroll
+            for (int cc = 0; cc < CH; ++cc) kraw[cc] = *reinterpret_cast<const uint4*>(krow + cc * 8);
+        }
+        uint4 vraw[CH];
+#pragma unroll
+        for (int it = 0; it < CH; ++it) {
+            const int src = it * KPI + kg;
+            const unsigned long long vs = __shfl_sync(FULL, slot, src < n_valid ? src : 0);
+            vraw[it] = *reinterpret_cast<const uint4*>(vc + vs * kvd + (size_t)kvh * HD + c * 8);
+        }
+        slot = slot_of(t0 + WARPS * 32 + lane);
+
         float sc[MAX_G];
 #pragma unroll
         for (int h = 0; h < MAX_G; ++h) sc[h] = 0.f;
-        if (valid) {
-            slot = (unsigned long long)table[t / block_size] * block_size + t % block_size;
-            const __nv_bfloat16* krow = kc + slot * kvd + (size_t)kvh * HD;
-            constexpr int NB = CH < 8 ? CH : 8;  // chunks loaded together (bounds registers)
 #pragma unroll
-            for (int c0 = 0; c0 < CH; c0 += NB) {
-                float k8[NB][8];
+        for (int cc = 0; cc < CH; ++cc) {
+            float k8[8];
+            unpack8(kraw[cc], k8);
 #pragma unroll
-                for (int cc = 0; cc < NB; ++cc) load8(krow + (c0 + cc) * 8, k8[cc]);
-#pragma unroll
-                for (int cc = 0; cc < NB; ++cc) {
-#pragma unroll
-                    for (int h = 0; h < MAX_G; ++h) {
-                        if (h < g) {
-                            const float4 a = qs4[(h * HD + (c0 + cc) * 8) / 4];
-                            const float4 b = qs4[(h * HD + (c0 + cc) * 8) / 4 + 1];
-                            sc[h] += k8[cc][0] * a.x + k8[cc][1] * a.y + k8[cc][2] * a.z +
-                                     k8[cc][3] * a.w + k8[cc][4] * b.x + k8[cc][5] * b.y +
-                                     k8[cc][6] * b.z + k8[cc][7] * b.w;
-                        }
-                    }
+            for (int h = 0; h < MAX_G; ++h) {
+                if (h < g) {
+                    const float4 a = qs4[(h * HD + cc * 8) / 4];
+                    const float4 b = qs4[(h * HD + cc * 8) / 4 + 1];
+                    sc[h] += k8[0] * a.x + k8[1] * a.y + k8[2] * a.z + k8[3] * a.w + k8[4] * b.x +
+                             k8[5] * b.y + k8[6] * b.z + k8[7] * b.w;
                 }
             }
         }
@@ -132,25 +154,20 @@ __device__ __forceinline__ void paged_attention(
                 for (int j = 0; j < 8; ++j) acc[h][j] *= alpha;
             }
         }
-        // PV over the tile's keys, KPI at a time.
-        const int n_valid = min(32, ctx - t0);
+        // PV: iteration `it` covers keys it*KPI .. it*KPI+KPI-1, one per lane group.
 #pragma unroll
-        for (int kk = 0; kk < 32; kk += KPI) {
-            if (kk >= n_valid) break;  // warp-uniform
-            const int src = kk + kg;
-            const unsigned long long vslot = __shfl_sync(FULL, slot, src);
+        for (int it = 0; it < CH; ++it) {
+            const int src = it * KPI + kg;
             float pk[MAX_G];
 #pragma unroll
             for (int h = 0; h < MAX_G; ++h) pk[h] = __shfl_sync(FULL, sc[h], src);
-            if (src < n_valid) {
-                float v8[8];
-                load8(vc + vslot * kvd + (size_t)kvh * HD + c * 8, v8);
+            float v8[8];
+            unpack8(vraw[it], v8);
 #pragma unroll
-                for (int h = 0; h < MAX_G; ++h) {
-                    if (h < g) {
+            for (int h = 0; h < MAX_G; ++h) {
+                if (h < g) {
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[h][j] += pk[h] * v8[j];
-                    }
+                    for (int j = 0; j < 8; ++j) acc[h][j] += pk[h] * v8[j];
                 }
             }
         }
@@ -197,8 +214,9 @@ __device__ __forceinline__ void paged_attention(
     }
 }
 
-#define PAGED_ATTENTION_ENTRY(HD)                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_bf16_hd##HD(           \
+// MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
+#define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
         const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
@@ -208,11 +226,12 @@ __device__ __forceinline__ void paged_attention(
                             max_blocks, scale);                                                   \
     }
 
-PAGED_ATTENTION_ENTRY(16)
-PAGED_ATTENTION_ENTRY(32)
-PAGED_ATTENTION_ENTRY(64)
-PAGED_ATTENTION_ENTRY(128)
-PAGED_ATTENTION_ENTRY(256)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd16, 16, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd32, 32, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64, 64, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64_occ2, 64, 2)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd128, 128, 1)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd256, 256, 1)
 
 // Writes the new tokens' keys (or values) into the paged cache: src [n, kvd] -> cache rows
 // slots[t]. One thread per 8 elements (16-byte copies), grid-stride. kvd % 8 == 0.
@@ -253,6 +272,85 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
             o[j] = __floats2bfloat162_rn(a, b);
         }
         *reinterpret_cast<uint4*>(out + r * inter + c) = raw;
+    }
+}
+
+// After the QKV projection: adds the bias (if any), applies rotate-half RoPE at each token's
+// position to the query and key heads, writes the rotated queries to q_out and the keys and
+// values straight into their cache slots. One thread per (token, head, i < hd/2) pair.
+// qkv: [n, (nh + 2 nkv) * hd]; bias: [(nh + 2 nkv) * hd] or null; pos, slots: [n];
+// cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd].
+extern "C" __global__ void rope_qkv_cache_bf16(
+    const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ bias,
+    const uint32_t* __restrict__ pos, const float* __restrict__ cos_t,
+    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
+    __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc,
+    const uint32_t* __restrict__ slots, int n, int nh, int nkv, int hd) {
+    const int half = hd / 2;
+    const int heads = nh + 2 * nkv;
+    const size_t total = (size_t)n * heads * half;
+    const size_t kvd = (size_t)nkv * hd;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        const int hh = (int)((idx / half) % heads);
+        const size_t t = idx / ((size_t)half * heads);
+        const size_t base = t * heads * hd + (size_t)hh * hd;
+        float x1 = __bfloat162float(qkv[base + i]);
+        float x2 = __bfloat162float(qkv[base + i + half]);
+        if (bias != nullptr) {
+            // Round after the bias add, as the separate bias add would.
+            x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[hh * hd + i])));
+            x2 = __bfloat162float(__float2bfloat16(x2 + __bfloat162float(bias[hh * hd + i + half])));
+        }
+        if (hh < nh + nkv) {
+            const size_t p = (size_t)pos[t] * half + i;
+            const float c = cos_t[p], s = sin_t[p];
+            const float y1 = x1 * c - x2 * s;
+            const float y2 = x2 * c + x1 * s;
+            __nv_bfloat16* dst = hh < nh ? q_out + (t * nh + hh) * hd
+                                         : kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd;
+            dst[i] = __float2bfloat16(y1);
+            dst[i + half] = __float2bfloat16(y2);
+        } else {
+            __nv_bfloat16* dst = vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
+            dst[i] = __float2bfloat16(x1);
+            dst[i + half] = __float2bfloat16(x2);
+        }
+    }
+}
+
+#define NORM_THREADS 128
+
+// Residual add + RMSNorm: out[0] = x + r (rounded to bf16), out[1] = RMSNorm(out[0]) * w.
+// x, r: [n, h]; w: [h]; out: [2, n, h]. One block per row; f32 statistics.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    add_rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ r,
+                      const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ out, int n,
+                      int h, float eps) {
+    const size_t row = blockIdx.x;
+    const __nv_bfloat16* xr = x + row * h;
+    const __nv_bfloat16* rr = r + row * h;
+    __nv_bfloat16* sum_out = out + row * h;
+    __nv_bfloat16* norm_out = out + ((size_t)n + row) * h;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
+        const __nv_bfloat16 v = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
+        sum_out[c] = v;
+        const float f = __bfloat162float(v);
+        ss += f * f;
+    }
+    ss = warp_sum(ss);
+    __shared__ float part[NORM_THREADS / 32];
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
+    const float rs = rsqrtf(tot / h + eps);
+    for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
+        const float f = __bfloat162float(sum_out[c]);
+        norm_out[c] = __float2bfloat16(f * rs * __bfloat162float(w[c]));
     }
 }
 

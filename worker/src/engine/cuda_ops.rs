@@ -82,6 +82,63 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<(), Engi
     }
 }
 
+/// The QKV epilogue of the paged path (CUDA bf16): adds `bias`, applies rotate-half RoPE at
+/// `positions` (f32 `cos`/`sin` tables `[max_len, head_dim / 2]`) to the query and key heads of
+/// `qkv: [n, (heads + 2 * kv_heads) * head_dim]`, writes keys and values into cache rows
+/// `slots`, and returns the rotated queries `[n, heads, head_dim]`. One kernel instead of a
+/// bias add, three copies, two RoPE launches and two cache writes.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv_cache(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slots: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let op = imp::RopeQkvCache {
+            bias: bias.cloned(),
+            positions: positions.clone(),
+            cos: cos.clone(),
+            sin: sin.clone(),
+            k_cache: k_cache.clone(),
+            v_cache: v_cache.clone(),
+            slots: slots.clone(),
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        };
+        Ok(qkv.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, bias, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads, head_dim);
+        Err(EngineError::Config("the fused RoPE/KV-write kernel needs the `cuda` feature".into()))
+    }
+}
+
+/// Residual add and RMSNorm: returns `(x + r, rms_norm(x + r) * w)`. One kernel on CUDA bf16
+/// (the sum rounded to bf16 first, as the separate ops do); candle ops elsewhere.
+pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor), EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        if x.dtype() == DType::BF16 && x.device().is_cuda() && x.rank() == 2 {
+            let both = x.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &imp::AddRmsNorm { w: w.contiguous()?, eps })?;
+            return Ok((both.get(0)?, both.get(1)?));
+        }
+    }
+    let sum = (x + r)?;
+    let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
+    Ok((sum, normed))
+}
+
 /// `silu(gate) * up` of `x = [gate | up]: [n, 2 * inter]`, returning `[n, inter]`: one fused
 /// kernel on CUDA bf16 (f32 arithmetic, one rounding), candle ops elsewhere.
 pub fn silu_mul(x: &Tensor) -> Result<Tensor, EngineError> {
@@ -114,7 +171,7 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Tensor, EngineError> {
 mod imp {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp1, InplaceOp3, Layout, Shape, Storage, Tensor, bail};
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp3, Layout, Shape, Storage, Tensor, bail};
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -188,7 +245,15 @@ mod imp {
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let func = dev.get_or_load_custom_func(&format!("paged_attention_bf16_hd{hd}"), "sluice_kernels", PTX)?;
+            let entry = match hd {
+                16 => "paged_attention_bf16_hd16",
+                32 => "paged_attention_bf16_hd32",
+                64 if std::env::var("SLUICE_ATTN_OCC2").as_deref() == Ok("1") => "paged_attention_bf16_hd64_occ2",
+                64 => "paged_attention_bf16_hd64",
+                128 => "paged_attention_bf16_hd128",
+                _ => "paged_attention_bf16_hd256",
+            };
+            let func = dev.get_or_load_custom_func(entry, "sluice_kernels", PTX)?;
             // SAFETY: every element is written by the kernel before it is read.
             let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
             if n == 0 {
@@ -219,6 +284,164 @@ mod imp {
             // which the engine sized to cover them.
             unsafe { builder.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))
+        }
+    }
+
+    pub(super) struct RopeQkvCache {
+        pub bias: Option<Tensor>,
+        pub positions: Tensor,
+        pub cos: Tensor,
+        pub sin: Tensor,
+        pub k_cache: Tensor,
+        pub v_cache: Tensor,
+        pub slots: Tensor,
+        pub num_heads: usize,
+        pub num_kv_heads: usize,
+        pub head_dim: usize,
+    }
+
+    impl CustomOp1 for RopeQkvCache {
+        fn name(&self) -> &'static str {
+            "rope-qkv-cache"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("rope-qkv-cache runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+            let (n, width) = xl.shape().dims2()?;
+            if width != (nh + 2 * nkv) * hd || !hd.is_multiple_of(2) {
+                bail!("rope-qkv-cache: qkv width {width} is not ({nh} + 2 * {nkv}) * {hd}");
+            }
+            let dev = x.device.clone();
+            let (ps, pl) = self.positions.storage_and_layout();
+            let (cs, cl) = self.cos.storage_and_layout();
+            let (ss, sl) = self.sin.storage_and_layout();
+            let (ks, kl) = self.k_cache.storage_and_layout();
+            let (vs, vl) = self.v_cache.storage_and_layout();
+            let (ts, tl) = self.slots.storage_and_layout();
+            let (Storage::Cuda(ps), Storage::Cuda(cs), Storage::Cuda(ss), Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ts)) =
+                (&*ps, &*cs, &*ss, &*ks, &*vs, &*ts)
+            else {
+                bail!("rope-qkv-cache: inputs must be on the GPU");
+            };
+            if pl.shape().dims1()? != n || tl.shape().dims1()? != n {
+                bail!("rope-qkv-cache: positions/slots do not have {n} entries");
+            }
+            if cl.shape().dims2()?.1 != hd / 2 || cl.shape() != sl.shape() {
+                bail!("rope-qkv-cache: RoPE tables {:?} do not have {} columns", cl.shape(), hd / 2);
+            }
+            if kl.shape().dims2()?.1 != nkv * hd || kl.shape() != vl.shape() {
+                bail!("rope-qkv-cache: cache shape {:?} does not match {nkv} KV heads of {hd}", kl.shape());
+            }
+            let xv = view::<bf16>(x, xl, "qkv")?;
+            let pv = view::<u32>(ps, pl, "positions")?;
+            let cv = view::<f32>(cs, cl, "cos")?;
+            let sv = view::<f32>(ss, sl, "sin")?;
+            let kv = view::<bf16>(ks, kl, "k cache")?;
+            let vv = view::<bf16>(vs, vl, "v cache")?;
+            let tv = view::<u32>(ts, tl, "slots")?;
+            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+            let bias_view = match &bias_guard {
+                Some((bs, bl)) => {
+                    let Storage::Cuda(bs) = &**bs else { bail!("rope-qkv-cache: bias must be on the GPU") };
+                    if bl.shape().dims1()? != width {
+                        bail!("rope-qkv-cache: bias {:?} does not match width {width}", bl.shape());
+                    }
+                    Some(view::<bf16>(bs, bl, "bias")?)
+                }
+                None => None,
+            };
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
+            let total = n * (nh + 2 * nkv) * (hd / 2);
+            if total == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
+            }
+            let func = dev.get_or_load_custom_func("rope_qkv_cache_bf16", "sluice_kernels", PTX)?;
+            let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (n_, nh_, nkv_, hd_) = (as_i32(n, "tokens")?, as_i32(nh, "heads")?, as_i32(nkv, "kv heads")?, as_i32(hd, "head_dim")?);
+            let null: u64 = 0;
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            match &bias_view {
+                Some(b) => builder.arg(b),
+                None => builder.arg(&null),
+            };
+            builder.arg(&pv);
+            builder.arg(&cv);
+            builder.arg(&sv);
+            builder.arg(&out);
+            builder.arg(&kv);
+            builder.arg(&vv);
+            builder.arg(&tv);
+            builder.arg(&n_);
+            builder.arg(&nh_);
+            builder.arg(&nkv_);
+            builder.arg(&hd_);
+            // SAFETY: argument types and order match `rope_qkv_cache_bf16` (a null bias pointer
+            // is a u64 0); shapes checked above. The kernel writes the cache rows `slots` through
+            // the caches' device pointers: the engine owns the caches, runs everything on one
+            // stream, and the slots are its own allocator's.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))
+        }
+    }
+
+    pub(super) struct AddRmsNorm {
+        pub w: Tensor,
+        pub eps: f32,
+    }
+
+    /// Must match NORM_THREADS in the kernel.
+    const NORM_THREADS: u32 = 128;
+
+    impl CustomOp2 for AddRmsNorm {
+        fn name(&self) -> &'static str {
+            "add-rms-norm"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("add-rms-norm runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, r: &CudaStorage, rl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (n, h) = xl.shape().dims2()?;
+            if rl.shape() != xl.shape() {
+                bail!("add-rms-norm: residual {:?} does not match {:?}", rl.shape(), xl.shape());
+            }
+            let (ws, wl) = self.w.storage_and_layout();
+            let Storage::Cuda(ws) = &*ws else { bail!("add-rms-norm: weight must be on the GPU") };
+            if wl.shape().dims1()? != h {
+                bail!("add-rms-norm: weight {:?} does not match hidden size {h}", wl.shape());
+            }
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "x")?;
+            let rv = view::<bf16>(r, rl, "residual")?;
+            let wv = view::<bf16>(ws, wl, "weight")?;
+            // SAFETY: the kernel writes both halves of every row.
+            let out = unsafe { dev.alloc::<bf16>(2 * n * h)? };
+            if n == 0 || h == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, h))));
+            }
+            let func = dev.get_or_load_custom_func("add_rms_norm_bf16", "sluice_kernels", PTX)?;
+            let cfg = LaunchConfig { grid_dim: (as_u32(n, "rows")?, 1, 1), block_dim: (NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let (n_, h_) = (as_i32(n, "rows")?, as_i32(h, "hidden size")?);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&rv);
+            builder.arg(&wv);
+            builder.arg(&out);
+            builder.arg(&n_);
+            builder.arg(&h_);
+            builder.arg(&self.eps);
+            // SAFETY: argument types and order match `add_rms_norm_bf16`; one block per row of
+            // contiguous [n, h] inputs, [2, n, h] output.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, h))))
         }
     }
 

@@ -14,8 +14,10 @@ use super::weights::Weights;
 struct Layer {
     input_norm: Tensor,
     /// Q, K and V projections stacked into one `[(heads + 2 * kv_heads) * head_dim, hidden]`
-    /// matrix (one GEMM and one bias add per layer instead of three).
+    /// matrix (one GEMM per layer instead of three); its bias is kept apart (`qkv_bias`) so
+    /// the CUDA path can add it inside the RoPE kernel.
     qkv: Linear,
+    qkv_bias: Option<Tensor>,
     o: Linear,
     post_norm: Tensor,
     /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
@@ -40,8 +42,12 @@ pub struct SeqInput {
 struct StepTensors {
     num_tokens: usize,
     token_ids: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    /// `[num_tokens]` u32 position of every new token.
+    positions: Tensor,
+    /// `[num_tokens, head_dim / 2]` RoPE tables at those positions (model dtype; unused on
+    /// the paged path, whose kernel reads the f32 tables).
+    cos: Option<Tensor>,
+    sin: Option<Tensor>,
     /// `[num_tokens, kv_heads * head_dim]` slot index of every new token (for `scatter_set`),
     /// or `[num_tokens]` slots for the CUDA write kernel.
     write_index: Tensor,
@@ -153,6 +159,8 @@ impl Model {
                 linear(weights, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b)?,
                 linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
             ])?;
+            let qkv_bias = qkv.bias().cloned();
+            let qkv = Linear::new(qkv.weight().clone(), None);
             let gate_up = stacked(&[
                 linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
                 linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
@@ -160,6 +168,7 @@ impl Model {
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv,
+                qkv_bias,
                 o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up,
@@ -363,8 +372,14 @@ impl Model {
         };
         let n = ids.len();
         let positions = Tensor::from_vec(pos, n, &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?.to_dtype(self.dtype)?;
-        let sin = self.sin.index_select(&positions, 0)?.to_dtype(self.dtype)?;
+        let (cos, sin) = if self.paged_attention {
+            (None, None)
+        } else {
+            (
+                Some(self.cos.index_select(&positions, 0)?.to_dtype(self.dtype)?),
+                Some(self.sin.index_select(&positions, 0)?.to_dtype(self.dtype)?),
+            )
+        };
         let write_index = if self.paged_attention {
             Tensor::from_vec(write, n, &self.device)?
         } else {
@@ -380,6 +395,7 @@ impl Model {
             StepTensors {
                 num_tokens: n,
                 token_ids: Tensor::from_vec(ids, n, &self.device)?,
+                positions,
                 cos,
                 sin,
                 write_index,
@@ -468,18 +484,27 @@ impl Model {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&st.token_ids, 0)?;
         self.prof(|p| p.gpu("embed"));
+        let Some(first) = self.layers.first() else {
+            return Err(EngineError::Config("model has no layers".into()));
+        };
+        // Each residual add is fused with the norm that follows it.
+        let mut h = candle_nn::ops::rms_norm(&x, &first.input_norm, eps)?;
+        self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            self.prof(|p| p.gpu("norm"));
             let attn = self.attention(layer, &h, &st, cache, li)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            self.prof(|p| p.gpu("o_proj_res"));
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            self.prof(|p| p.gpu("norm"));
-            let mlp = super::cuda_ops::silu_mul(&layer.gate_up.forward(&h)?)?;
+            let o = layer.o.forward(&attn)?;
+            self.prof(|p| p.gpu("o_proj"));
+            let (x1, h1) = super::cuda_ops::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
+            self.prof(|p| p.gpu("add_norm"));
+            let mlp = super::cuda_ops::silu_mul(&layer.gate_up.forward(&h1)?)?;
             self.prof(|p| p.gpu("mlp_gate_up"));
-            x = (x + layer.down.forward(&mlp)?)?;
-            self.prof(|p| p.gpu("mlp_down_res"));
+            let d = layer.down.forward(&mlp)?;
+            self.prof(|p| p.gpu("mlp_down"));
+            match self.layers.get(li + 1) {
+                Some(next) => (x, h) = super::cuda_ops::add_rms_norm(&x1, &d, &next.input_norm, eps)?,
+                None => x = (x1 + d)?,
+            }
+            self.prof(|p| p.gpu("add_norm"));
         }
         self.prof(|p| p.host("enqueue_layers"));
         let Some(rows) = &st.logit_rows else {
@@ -495,37 +520,51 @@ impl Model {
 
     /// Rotary embedding of `x: [n, heads, head_dim]` at each token's position (rotate-half).
     fn rope(&self, x: &Tensor, st: &StepTensors) -> Result<Tensor, EngineError> {
+        let (Some(cos), Some(sin)) = (&st.cos, &st.sin) else {
+            return Err(EngineError::Config("RoPE tables missing for the candle attention path".into()));
+        };
         let x = x.contiguous()?.unsqueeze(0)?;
-        Ok(candle_nn::rotary_emb::rope_thd(&x, &st.cos, &st.sin)?.squeeze(0)?)
+        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
     }
 
     fn attention(&self, layer: &Layer, h: &Tensor, st: &StepTensors, cache: &mut KvCache, li: usize) -> Result<Tensor, EngineError> {
         let n = st.num_tokens;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
-        let qkv = layer.qkv.forward(h)?;
-        let q = qkv.narrow(1, 0, nh * hd)?.reshape((n, nh, hd))?;
-        let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, hd))?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
-        self.prof(|p| p.gpu("qkv"));
-        let q = self.rope(&q, st)?;
-        let k = self.rope(&k, st)?;
-        self.prof(|p| p.gpu("rope"));
-        let (kc, vc) = cache.layer(li)?;
-        if self.paged_attention {
-            super::cuda_ops::write_kv(kc, &k.reshape((n, nkv * hd))?, &st.write_index)?;
-            super::cuda_ops::write_kv(vc, &v.reshape((n, nkv * hd))?, &st.write_index)?;
-        } else {
-            kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
-            vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
-        }
-        self.prof(|p| p.gpu("kv_write"));
         let scale = 1.0 / (hd as f64).sqrt();
+        let qkv = layer.qkv.forward(h)?;
+        self.prof(|p| p.gpu("qkv"));
+        let (kc, vc) = cache.layer(li)?;
         if let Some(PagedInputs { tables, table_rows, ctx_lens }) = &st.paged {
+            let q = super::cuda_ops::rope_qkv_cache(
+                &qkv,
+                layer.qkv_bias.as_ref(),
+                &st.positions,
+                &self.cos,
+                &self.sin,
+                kc,
+                vc,
+                &st.write_index,
+                nh,
+                nkv,
+                hd,
+            )?;
+            self.prof(|p| p.gpu("rope_kv_write"));
             let o = super::cuda_ops::paged_attention(&q, kc, vc, tables, table_rows, ctx_lens, nkv, cache.block_size(), scale as f32)?;
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);
         }
+        let qkv = match &layer.qkv_bias {
+            Some(b) => qkv.broadcast_add(b)?,
+            None => qkv,
+        };
+        let q = qkv.narrow(1, 0, nh * hd)?.reshape((n, nh, hd))?;
+        let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+        let q = self.rope(&q, st)?;
+        let k = self.rope(&k, st)?;
+        kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
+        vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
         let mut outs = Vec::with_capacity(1 + st.prefills.len());
         if let Some(DecodeGroup { batch, max_ctx, key_slots, mask }) = &st.decode {
             let (b, l) = (*batch, *max_ctx);

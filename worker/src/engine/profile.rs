@@ -97,11 +97,8 @@ impl Profiler {
 
     /// Collects the device timings of the step begun last (waits for its events).
     pub fn end(&mut self) {
-        if !self.enabled {
-            return;
-        }
         #[cfg(feature = "cuda")]
-        if let Some(ev) = &mut self.cuda {
+        if let Some(ev) = self.cuda.as_mut().filter(|_| self.enabled) {
             for (name, ms) in ev.collect() {
                 let e = self.gpu.entry(format!("{}.{name}", self.kind)).or_default();
                 e.ms += ms;
