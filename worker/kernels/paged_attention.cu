@@ -214,6 +214,209 @@ __device__ __forceinline__ void paged_attention(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (HD = 64 or 128, g <= 8): per 32-key tile a warp computes S = Q K^T and
+// O += P V with mma.sync m16n8k16 (bf16 in, f32 accumulate). The M dimension holds the g query
+// heads of the KV head (rows g..15 are zero). Both products may permute their reduction (k) and
+// output (n) indices freely as long as both operands agree, which lets every lane read whole
+// 16-byte chunks straight from the paged cache into mma fragments:
+//  * QK: lane (gid, t) holds key nt*8+gid's dims [t*HD/4, (t+1)*HD/4); k-step s uses words 2s
+//    and 2s+1 of that chunk, and the Q fragment takes the same dims.
+//  * PV: output column gid of n-tile j is dim (HD/8)*gid + j, so lane (gid, t) reads chunk gid
+//    (HD/8 dims) of keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim with byte permutes.
+// Softmax statistics are per row (head gid), shared by the lane quad; warps merge at the end.
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <int HD>
+__device__ __forceinline__ void paged_attention_mma(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+    const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
+    const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
+    __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,
+    float scale) {
+    constexpr int KS = HD / 16;   // k-steps of QK
+    constexpr int KU = HD / 32;   // uint4 per lane per key in QK (HD/4 dims)
+    constexpr int NT = HD / 8;    // n-tiles of PV
+    constexpr int VU = HD / 64;   // uint4 per lane per key in PV (HD/8 dims)
+    const int s = blockIdx.x;
+    const int kvh = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int gid = lane / 4;
+    const int t = lane % 4;
+    const int g = nh / nkv;
+    const int ctx = (int)ctx_lens[s];
+    const size_t kvd = (size_t)nkv * HD;
+    const uint32_t* table = tables + (size_t)table_rows[s] * max_blocks;
+
+    __shared__ float red_m[WARPS][MAX_G];
+    __shared__ float red_l[WARPS][MAX_G];
+    __shared__ float red_acc[WARPS][MAX_G * HD];
+
+    // Q fragments (row gid = head kvh*g + gid; zero rows past g).
+    uint32_t qa[KS][2];
+    {
+        const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
+            q + ((size_t)s * nh + kvh * g + (gid < g ? gid : 0)) * HD + t * (HD / 4));
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            qa[k][0] = gid < g ? qrow[2 * k] : 0u;
+            qa[k][1] = gid < g ? qrow[2 * k + 1] : 0u;
+        }
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m = -INFINITY, l = 0.f;
+
+    // Slot of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last key (finite
+    // data, masked out of the softmax).
+    auto slot_of = [&](int key) -> uint32_t {
+        key = min(key, ctx - 1);
+        return table[key / block_size] * (uint32_t)block_size + (uint32_t)(key % block_size);
+    };
+    uint32_t slot = slot_of(warp * 32 + lane);
+    for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
+        uint4 kr[4][KU];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const uint32_t ks = __shfl_sync(FULL, slot, nt * 8 + gid);
+            const uint4* row = reinterpret_cast<const uint4*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
+#pragma unroll
+            for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
+        }
+        uint4 vr[2][4][VU];
+#pragma unroll
+        for (int kb = 0; kb < 2; ++kb) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
+                const uint32_t vs = __shfl_sync(FULL, slot, key);
+                const uint4* row = reinterpret_cast<const uint4*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
+#pragma unroll
+                for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
+            }
+        }
+        slot = slot_of(t0 + WARPS * 32 + lane);
+
+        // S = Q K^T: sc[nt] holds row gid, keys nt*8 + 2t, 2t+1.
+        float sc[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < KS; ++k)
+                mma_bf16(sc[nt], qa[k][0], qa[k][1], word(kr[nt][k / 2], (k % 2) * 2),
+                         word(kr[nt][k / 2], (k % 2) * 2 + 1));
+        }
+        // Online softmax over the tile, row gid.
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = t0 + nt * 8 + 2 * t + e;
+                sc[nt][e] = key < ctx ? sc[nt][e] * scale : -INFINITY;
+                mx = fmaxf(mx, sc[nt][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
+        const float m_new = fmaxf(m, mx);  // finite: key t0 < ctx
+        const float alpha = __expf(m - m_new);
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                sc[nt][e] = __expf(sc[nt][e] - m_new);
+                sum += sc[nt][e];
+            }
+        }
+        sum += __shfl_xor_sync(FULL, sum, 1);
+        sum += __shfl_xor_sync(FULL, sum, 2);
+        l = l * alpha + sum;
+        m = m_new;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            o[j][0] *= alpha;
+            o[j][1] *= alpha;
+        }
+        // O += P V, two k-steps of 16 keys.
+#pragma unroll
+        for (int kb = 0; kb < 2; ++kb) {
+            const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
+            const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int w = j / 2;  // word of the lane's chunk holding dim j (and j ^ 1)
+                const uint32_t sel = (j % 2) ? 0x7632u : 0x5410u;
+                const uint32_t b0 = __byte_perm(word(vr[kb][0][w / 4], w % 4), word(vr[kb][1][w / 4], w % 4), sel);
+                const uint32_t b1 = __byte_perm(word(vr[kb][2][w / 4], w % 4), word(vr[kb][3][w / 4], w % 4), sel);
+                mma_bf16(o[j], pa0, pa2, b0, b1);
+            }
+        }
+    }
+
+    // Merge the warps: lane (gid, t) holds row gid, dims (HD/8)*2t + j and (HD/8)*(2t+1) + j.
+    if (gid < g) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            red_acc[warp][gid * HD + (HD / 8) * (2 * t) + j] = o[j][0];
+            red_acc[warp][gid * HD + (HD / 8) * (2 * t + 1) + j] = o[j][1];
+        }
+        if (t == 0) {
+            red_m[warp][gid] = m;
+            red_l[warp][gid] = l;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < g * HD; i += THREADS) {
+        const int h = i / HD;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, red_m[w][h]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float e = red_m[w][h] == -INFINITY ? 0.f : __expf(red_m[w][h] - mx);
+            num += e * red_acc[w][i];
+            den += e * red_l[w][h];
+        }
+        out[((size_t)s * nh + kvh * g + h) * HD + i % HD] = __float2bfloat16(num / den);
+    }
+}
+
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
+        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
+        const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
+        __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
+        float scale) {                                                                            \
+        paged_attention_mma<HD>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
+                                block_size, max_blocks, scale);                                   \
+    }
+
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, 2)
+
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
@@ -229,7 +432,6 @@ __device__ __forceinline__ void paged_attention(
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd16, 16, 3)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd32, 32, 3)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64, 64, 3)
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64_occ2, 64, 2)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd128, 128, 1)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd256, 256, 1)
 

@@ -53,25 +53,55 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
-    let got = sluice_worker::engine::cuda_ops::paged_attention(
-        &t(&q, &[n, nh, hd]),
-        &t(&k, &[slots, kvd]),
-        &t(&v, &[slots, kvd]),
-        &Tensor::from_slice(&tables, (b, max_blocks), &dev).unwrap(),
-        &Tensor::from_slice(&rows, n, &dev).unwrap(),
-        &Tensor::from_slice(&ctx, n, &dev).unwrap(),
-        nkv,
-        block_size,
-        scale,
-    )
-    .unwrap()
-    .to_dtype(DType::F32)
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .to_vec1::<f32>()
-    .unwrap();
+    let run = |tensor_cores: bool| {
+        sluice_worker::engine::cuda_ops::paged_attention(
+            &t(&q, &[n, nh, hd]),
+            &t(&k, &[slots, kvd]),
+            &t(&v, &[slots, kvd]),
+            &Tensor::from_slice(&tables, (b, max_blocks), &dev).unwrap(),
+            &Tensor::from_slice(&rows, n, &dev).unwrap(),
+            &Tensor::from_slice(&ctx, n, &dev).unwrap(),
+            nkv,
+            block_size,
+            scale,
+            tensor_cores,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+    };
+    let mut kernels = vec![("cuda cores", run(false))];
+    if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
+        kernels.push(("tensor cores", run(true)));
+    }
     let g = nh / nkv;
+    for (kernel, got) in kernels {
+        let worst = max_err(&q, &k, &v, &got, queries, &tables, (nh, nkv, hd), max_blocks, block_size, g, scale);
+        eprintln!("paged_attention [{kernel}] nh={nh} nkv={nkv} hd={hd} lens={lens:?} queries={n}: max abs err {worst}");
+        assert!(worst < 2e-2, "{kernel}: max abs err {worst}");
+    }
+}
+
+/// Largest absolute difference of `got` from the f32 reference attention.
+#[allow(clippy::too_many_arguments)]
+fn max_err(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    got: &[f32],
+    queries: &[(usize, usize)],
+    tables: &[u32],
+    (nh, nkv, hd): (usize, usize, usize),
+    max_blocks: usize,
+    block_size: usize,
+    g: usize,
+    scale: f32,
+) -> f32 {
+    let kvd = nkv * hd;
     let mut worst = 0f32;
     for (qi, &(s, l)) in queries.iter().enumerate() {
         for h in 0..nh {
@@ -89,8 +119,7 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
             }
         }
     }
-    eprintln!("paged_attention nh={nh} nkv={nkv} hd={hd} lens={lens:?} queries={n}: max abs err {worst}");
-    assert!(worst < 2e-2, "max abs err {worst}");
+    worst
 }
 
 #[test]
@@ -106,6 +135,7 @@ fn paged_attention_matches_reference() {
     check(28, 4, 128, &[77, 513], 32);
     check(16, 2, 256, &[1, 33, 300], 16);
     check(6, 3, 32, &[2, 95], 8);
+    check(16, 2, 64, &[31, 32, 33, 64, 500], 16);
     check_causal(14, 2, 64, &[1, 37, 130], 16);
     check_causal(8, 2, 128, &[65], 16);
 }

@@ -22,7 +22,14 @@ pub fn paged_attention_supported(num_heads: usize, num_kv_heads: usize, head_dim
         && HEAD_DIMS.contains(&head_dim)
 }
 
+/// Whether the tensor-core (mma.sync) attention kernel covers `head_dim` (64 or 128); the
+/// CUDA-core kernel covers every size `paged_attention_supported` accepts.
+pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 128)
+}
+
 /// Attention of `n` query tokens, each over its own context read straight from the paged cache.
+/// `tensor_cores` picks the mma.sync kernel (only where `tensor_core_attention_supported`).
 ///
 /// * `q`: `[n, num_heads, head_dim]` bf16 (RoPE applied);
 /// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16 (this step's keys written);
@@ -43,6 +50,7 @@ pub fn paged_attention(
     num_kv_heads: usize,
     block_size: usize,
     scale: f32,
+    tensor_cores: bool,
 ) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
@@ -57,12 +65,13 @@ pub fn paged_attention(
             block_size,
             max_blocks,
             scale,
+            tensor_cores,
         };
         Ok(q.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale);
+        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores);
         Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
     }
 }
@@ -188,6 +197,7 @@ mod imp {
         pub block_size: usize,
         pub max_blocks: usize,
         pub scale: f32,
+        pub tensor_cores: bool,
     }
 
     /// The contiguous device view of a tensor's storage.
@@ -245,12 +255,13 @@ mod imp {
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let entry = match hd {
-                16 => "paged_attention_bf16_hd16",
-                32 => "paged_attention_bf16_hd32",
-                64 if std::env::var("SLUICE_ATTN_OCC2").as_deref() == Ok("1") => "paged_attention_bf16_hd64_occ2",
-                64 => "paged_attention_bf16_hd64",
-                128 => "paged_attention_bf16_hd128",
+            let entry = match (hd, self.tensor_cores) {
+                (64, true) => "paged_attention_mma_bf16_hd64",
+                (128, true) => "paged_attention_mma_bf16_hd128",
+                (16, _) => "paged_attention_bf16_hd16",
+                (32, _) => "paged_attention_bf16_hd32",
+                (64, _) => "paged_attention_bf16_hd64",
+                (128, _) => "paged_attention_bf16_hd128",
                 _ => "paged_attention_bf16_hd256",
             };
             let func = dev.get_or_load_custom_func(entry, "sluice_kernels", PTX)?;

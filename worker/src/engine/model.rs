@@ -123,6 +123,8 @@ pub struct Model {
     max_len: usize,
     /// All attention through the paged kernel (CUDA bf16; `SLUICE_PAGED_ATTENTION=0` off).
     paged_attention: bool,
+    /// The paged path uses the tensor-core kernel (head_dim 64/128; `SLUICE_ATTN_MMA=0` off).
+    attn_tensor_cores: bool,
     /// Per-phase timing (`SLUICE_PROFILE=1`).
     profiler: std::sync::Mutex<Profiler>,
 }
@@ -201,7 +203,9 @@ impl Model {
         let paged_attention = device.is_cuda()
             && super::cuda_ops::paged_attention_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weights.dtype())
             && std::env::var("SLUICE_PAGED_ATTENTION").as_deref() != Ok("0");
-        tracing::debug!(paged_attention, "attention path");
+        let attn_tensor_cores =
+            super::cuda_ops::tensor_core_attention_supported(cfg.head_dim) && std::env::var("SLUICE_ATTN_MMA").as_deref() != Ok("0");
+        tracing::debug!(paged_attention, attn_tensor_cores, "attention path");
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -214,6 +218,7 @@ impl Model {
             sin,
             max_len,
             paged_attention,
+            attn_tensor_cores,
             profiler: std::sync::Mutex::new(Profiler::from_env(device)),
         })
     }
@@ -550,7 +555,18 @@ impl Model {
                 hd,
             )?;
             self.prof(|p| p.gpu("rope_kv_write"));
-            let o = super::cuda_ops::paged_attention(&q, kc, vc, tables, table_rows, ctx_lens, nkv, cache.block_size(), scale as f32)?;
+            let o = super::cuda_ops::paged_attention(
+                &q,
+                kc,
+                vc,
+                tables,
+                table_rows,
+                ctx_lens,
+                nkv,
+                cache.block_size(),
+                scale as f32,
+                self.attn_tensor_cores,
+            )?;
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);
         }
