@@ -243,7 +243,9 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <int HD>
+// PIPE: the loads of a warp's next tile are issued before the current tile is computed
+// (double-buffered fragments: fewer resident warps, but loads always in flight).
+template <int HD, bool PIPE>
 __device__ __forceinline__ void paged_attention_mma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
     const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
@@ -291,29 +293,47 @@ __device__ __forceinline__ void paged_attention_mma(
         key = min(key, ctx - 1);
         return table[key / block_size] * (uint32_t)block_size + (uint32_t)(key % block_size);
     };
-    uint32_t slot = slot_of(warp * 32 + lane);
-    for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
-        uint4 kr[4][KU];
+    // The tile's K rows (key nt*8 + gid, this lane's quarter) and V chunks (keys 2t, 2t+1,
+    // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = slot of key t0 + lane.
+    auto load_tile = [&](uint32_t sl, uint4 (&kr)[4][KU], uint4 (&vr)[2][4][VU]) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
-            const uint32_t ks = __shfl_sync(FULL, slot, nt * 8 + gid);
+            const uint32_t ks = __shfl_sync(FULL, sl, nt * 8 + gid);
             const uint4* row = reinterpret_cast<const uint4*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
 #pragma unroll
             for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
         }
-        uint4 vr[2][4][VU];
 #pragma unroll
         for (int kb = 0; kb < 2; ++kb) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
-                const uint32_t vs = __shfl_sync(FULL, slot, key);
+                const uint32_t vs = __shfl_sync(FULL, sl, key);
                 const uint4* row = reinterpret_cast<const uint4*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
 #pragma unroll
                 for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
             }
         }
-        slot = slot_of(t0 + WARPS * 32 + lane);
+    };
+    uint32_t slot = slot_of(warp * 32 + lane);
+    uint4 kr[4][KU];
+    uint4 vr[2][4][VU];
+    if (PIPE && warp * 32 < ctx) {
+        load_tile(slot, kr, vr);
+        slot = slot_of(warp * 32 + WARPS * 32 + lane);
+    }
+    for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
+        uint4 kn[4][KU];
+        uint4 vn[2][4][VU];
+        if (PIPE) {
+            if (t0 + WARPS * 32 < ctx) {  // warp-uniform
+                load_tile(slot, kn, vn);
+                slot = slot_of(t0 + 2 * WARPS * 32 + lane);
+            }
+        } else {
+            load_tile(slot, kr, vr);
+            slot = slot_of(t0 + WARPS * 32 + lane);
+        }
 
         // S = Q K^T: sc[nt] holds row gid, keys nt*8 + 2t, 2t+1.
         float sc[4][4];
@@ -372,6 +392,18 @@ __device__ __forceinline__ void paged_attention_mma(
                 mma_bf16(o[j], pa0, pa2, b0, b1);
             }
         }
+        if (PIPE && t0 + WARPS * 32 < ctx) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int u = 0; u < KU; ++u) kr[nt][u] = kn[nt][u];
+#pragma unroll
+            for (int kb = 0; kb < 2; ++kb)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int u = 0; u < VU; ++u) vr[kb][r][u] = vn[kb][r][u];
+        }
     }
 
     // Merge the warps: lane (gid, t) holds row gid, dims (HD/8)*2t + j and (HD/8)*(2t+1) + j.
@@ -403,19 +435,20 @@ __device__ __forceinline__ void paged_attention_mma(
     }
 }
 
-#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, MINB)                                                  \
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, MINB)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
         const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
         float scale) {                                                                            \
-        paged_attention_mma<HD>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
+        paged_attention_mma<HD, PIPE>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
                                 block_size, max_blocks, scale);                                   \
     }
 
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, 2)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \

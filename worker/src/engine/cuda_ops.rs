@@ -200,6 +200,13 @@ mod imp {
         pub tensor_cores: bool,
     }
 
+    /// Whether the head_dim-64 tensor-core kernel double-buffers its tiles (default; set
+    /// `SLUICE_ATTN_PIPELINE=0` for the single-buffered kernel, which keeps more warps resident).
+    fn pipelined() -> bool {
+        static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PIPELINED.get_or_init(|| std::env::var("SLUICE_ATTN_PIPELINE").as_deref() != Ok("0"))
+    }
+
     /// The contiguous device view of a tensor's storage.
     fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
@@ -256,6 +263,7 @@ mod imp {
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
             let entry = match (hd, self.tensor_cores) {
+                (64, true) if pipelined() => "paged_attention_mma_pipe_bf16_hd64",
                 (64, true) => "paged_attention_mma_bf16_hd64",
                 (128, true) => "paged_attention_mma_bf16_hd128",
                 (16, _) => "paged_attention_bf16_hd16",
