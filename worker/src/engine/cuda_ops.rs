@@ -200,11 +200,12 @@ mod imp {
         pub tensor_cores: bool,
     }
 
-    /// Whether the head_dim-64 tensor-core kernel double-buffers its tiles (default; set
-    /// `SLUICE_ATTN_PIPELINE=0` for the single-buffered kernel, which keeps more warps resident).
+    /// Whether the head_dim-64 tensor-core kernel double-buffers its tiles (`SLUICE_ATTN_PIPELINE=1`;
+    /// off by default: on an H200 it ran 4 % slower than the single-buffered kernel, which keeps
+    /// twice the warps resident — docs/BENCHMARKS.md, attempt 13).
     fn pipelined() -> bool {
         static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *PIPELINED.get_or_init(|| std::env::var("SLUICE_ATTN_PIPELINE").as_deref() != Ok("0"))
+        *PIPELINED.get_or_init(|| std::env::var("SLUICE_ATTN_PIPELINE").as_deref() == Ok("1"))
     }
 
     /// The contiguous device view of a tensor's storage.
