@@ -50,6 +50,8 @@ pub struct ExecOutcome {
     pub peak_workers: u32,
     pub retries: u32,
     pub first_projection: Option<Timestamp>,
+    /// Whether `first_projection` came from an observed rate (else from the spec's prior).
+    pub first_projection_observed: bool,
     pub last_decision: Option<SlaDecision>,
     pub deadline: Option<Timestamp>,
 }
@@ -261,8 +263,14 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 last_change = Some(now);
             }
             previous_status = Some(d.status);
-            if out.first_projection.is_none() {
-                out.first_projection = d.projected_completion;
+            // The first projection made from observed throughput (the first ones only restate
+            // the spec's prior); the prior-based one stands in until a rate is observed.
+            let observed = summary.estimator.estimate().is_some();
+            if let Some(t) = d.projected_completion
+                && (out.first_projection.is_none() || (observed && !out.first_projection_observed))
+            {
+                out.first_projection = Some(t);
+                out.first_projection_observed = observed;
             }
             pb.set_position(done.min(plan.line_count));
             let eta = d.projected_completion.map(|t| t.strftime("%H:%M:%S").to_string()).unwrap_or_else(|| "?".into());

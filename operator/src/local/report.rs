@@ -135,7 +135,13 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
         worker_seconds: outcome.worker_seconds,
         peak_workers: outcome.peak_workers,
         shard_retries: outcome.retries,
-        projected_finish: outcome.first_projection.map(|t| t.to_string()),
+        projected_finish: outcome.first_projection.map(|t| {
+            if outcome.first_projection_observed {
+                format!("{t} (first projection from observed throughput)")
+            } else {
+                format!("{t} (from the spec's prior rate; no throughput observed before the end)")
+            }
+        }),
         finished_at: now.to_string(),
         deadline: deadline.map(|d| d.to_string()),
         deadline_met: deadline.map(|d| now <= d),
