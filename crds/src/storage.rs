@@ -2,6 +2,7 @@
 //! plain local paths), `s3://`, `gs://` and `az://`, retries on transient errors, streamed range
 //! reads line by line, and create-only puts. It owns no layout: callers pass the paths.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +10,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
@@ -33,12 +34,22 @@ pub struct StorageOptions {
     pub allow_http: bool,
     /// Retry policy for transient errors.
     pub retry: RetryPolicy,
+    /// Further object_store settings by config key, case-insensitive (`aws_access_key_id`,
+    /// `aws_secret_access_key`, `google_service_account_key`, `azure_storage_account_key`, ...):
+    /// the operator passes a job's storage Secret here. Keys the store's builder does not know
+    /// are ignored; explicit fields above win over the same setting given here.
+    pub config: BTreeMap<String, String>,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        Self { endpoint: None, region: None, path_style: true, allow_http: false, retry: RetryPolicy::default() }
+        Self { endpoint: None, region: None, path_style: true, allow_http: false, retry: RetryPolicy::default(), config: BTreeMap::new() }
     }
+}
+
+/// The entries of `config` that parse as config keys `K` (lower-cased first).
+fn config_keys<K: std::str::FromStr>(config: &BTreeMap<String, String>) -> impl Iterator<Item = (K, &String)> {
+    config.iter().filter_map(|(k, v)| k.to_ascii_lowercase().parse::<K>().ok().map(|key| (key, v)))
 }
 
 /// Retries with exponential backoff. Applied both by the HTTP clients of object_store and by
@@ -195,7 +206,11 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
             let retry = opts.retry.object_store_config();
             let store: Arc<dyn ObjectStore> = match scheme {
                 "s3" | "s3a" => {
-                    let mut b = AmazonS3Builder::from_env()
+                    let mut b = AmazonS3Builder::from_env();
+                    for (key, v) in config_keys::<AmazonS3ConfigKey>(&opts.config) {
+                        b = b.with_config(key, v);
+                    }
+                    let mut b = b
                         .with_bucket_name(bucket)
                         .with_retry(retry)
                         .with_virtual_hosted_style_request(!opts.path_style)
@@ -208,10 +223,19 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
                     }
                     Arc::new(b.build().map_err(config)?)
                 }
-                "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(retry).build().map_err(config)?),
+                "gs" => {
+                    let mut b = GoogleCloudStorageBuilder::from_env();
+                    for (key, v) in config_keys::<GoogleConfigKey>(&opts.config) {
+                        b = b.with_config(key, v);
+                    }
+                    Arc::new(b.with_bucket_name(bucket).with_retry(retry).build().map_err(config)?)
+                }
                 _ => {
-                    let mut b =
-                        MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_retry(retry).with_allow_http(opts.allow_http);
+                    let mut b = MicrosoftAzureBuilder::from_env();
+                    for (key, v) in config_keys::<AzureConfigKey>(&opts.config) {
+                        b = b.with_config(key, v);
+                    }
+                    let mut b = b.with_container_name(bucket).with_retry(retry).with_allow_http(opts.allow_http);
                     if let Some(ep) = &opts.endpoint {
                         b = b.with_endpoint(ep.clone());
                     }

@@ -12,6 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sluice_api::job::StorageSpec;
+use sluice_api::storage::{self, StorageError, StorageOptions};
 
 use crate::error::{Error, Result};
 
@@ -48,7 +49,10 @@ pub trait StoreOpener: Send + Sync + 'static {
     fn open(&self, field: &'static str, uri: &str, storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> Result<Location>;
 }
 
-/// Opens `file://` (and absolute paths), `s3://`, `gs://` and `az://` URIs.
+/// Opens `file://` (and absolute paths), `s3://`, `gs://` and `az://` URIs through the storage
+/// layer the worker uses (`sluice_api::storage::resolve`: the same URI rules, builder settings
+/// and HTTP retry policy), with the job's `spec.storage` settings and its Secret's keys as
+/// object_store config keys.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UriOpener;
 
@@ -60,80 +64,43 @@ fn object_path(field: &'static str, uri: &str, raw: &str) -> Result<Path> {
     Path::parse(raw.trim_matches('/')).map_err(|e| bad_uri(field, uri, format!("invalid object path: {e}")))
 }
 
-/// Split `scheme://bucket/key` into `(bucket, key)`.
-fn bucket_and_key<'a>(field: &'static str, uri: &'a str, rest: &'a str) -> Result<(&'a str, &'a str)> {
-    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() {
-        return Err(bad_uri(field, uri, "no bucket or container after the scheme"));
+/// The storage options of a job: its `spec.storage` settings plus its Secret's data.
+pub fn storage_options(storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> StorageOptions {
+    let defaults = StorageOptions::default();
+    StorageOptions {
+        endpoint: storage.and_then(|s| s.endpoint.clone()).filter(|e| !e.is_empty()),
+        region: storage.and_then(|s| s.region.clone()).filter(|r| !r.is_empty()),
+        path_style: storage.and_then(|s| s.path_style).unwrap_or(defaults.path_style),
+        allow_http: storage.and_then(|s| s.allow_http).unwrap_or(defaults.allow_http),
+        config: secret.clone(),
+        ..defaults
     }
-    Ok((bucket, key))
 }
 
 impl StoreOpener for UriOpener {
     fn open(&self, field: &'static str, uri: &str, storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> Result<Location> {
-        let storage_err = |e: object_store::Error| Error::Storage { action: "open", uri: uri.to_string(), source: e };
-        if let Some(path) = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri)) {
-            if !path.starts_with('/') {
+        // The cluster has no working directory to resolve relative paths against.
+        match uri.split_once("://") {
+            None if !uri.starts_with('/') => return Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)")),
+            Some(("file", rest)) if !rest.starts_with('/') => {
                 return Err(bad_uri(field, uri, "file URIs must be absolute (file:///path) on a cluster"));
             }
-            let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-            return Ok(Location { store, path: object_path(field, uri, path)?, uri: uri.to_string() });
+            Some((scheme, rest))
+                if matches!(scheme, "s3" | "s3a" | "gs" | "az" | "azure") && rest.split('/').next().unwrap_or("").is_empty() =>
+            {
+                return Err(bad_uri(field, uri, "no bucket or container after the scheme"));
+            }
+            Some((scheme, _)) if !matches!(scheme, "file" | "s3" | "s3a" | "gs" | "az" | "azure") => {
+                return Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)"));
+            }
+            _ => {}
         }
-        let lower = |k: &String| k.to_ascii_lowercase();
-        if let Some(rest) = uri.strip_prefix("s3://").or_else(|| uri.strip_prefix("s3a://")) {
-            let (bucket, key) = bucket_and_key(field, uri, rest)?;
-            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-            for (k, v) in secret {
-                if let Ok(key) = lower(k).parse::<AmazonS3ConfigKey>() {
-                    b = b.with_config(key, v);
-                }
-            }
-            if let Some(s) = storage {
-                if let Some(e) = &s.endpoint {
-                    b = b.with_endpoint(e);
-                }
-                if let Some(r) = &s.region {
-                    b = b.with_region(r);
-                }
-                if let Some(p) = s.path_style {
-                    b = b.with_virtual_hosted_style_request(!p);
-                }
-                if let Some(h) = s.allow_http {
-                    b = b.with_allow_http(h);
-                }
-            }
-            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
-            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
-        }
-        if let Some(rest) = uri.strip_prefix("gs://") {
-            let (bucket, key) = bucket_and_key(field, uri, rest)?;
-            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-            let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
-            for (k, v) in secret {
-                if let Ok(key) = lower(k).parse::<GoogleConfigKey>() {
-                    b = b.with_config(key, v);
-                }
-            }
-            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
-            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
-        }
-        if let Some(rest) = uri.strip_prefix("az://").or_else(|| uri.strip_prefix("azure://")) {
-            let (container, key) = bucket_and_key(field, uri, rest)?;
-            use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-            let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
-            for (k, v) in secret {
-                if let Ok(key) = lower(k).parse::<AzureConfigKey>() {
-                    b = b.with_config(key, v);
-                }
-            }
-            if let Some(h) = storage.and_then(|s| s.allow_http) {
-                b = b.with_allow_http(h);
-            }
-            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(storage_err)?);
-            return Ok(Location { store, path: object_path(field, uri, key)?, uri: uri.to_string() });
-        }
-        Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)"))
+        let loc = storage::resolve(uri, &storage_options(storage, secret)).map_err(|e| match e {
+            StorageError::Config { source, .. } => Error::Storage { action: "open", uri: uri.to_string(), source },
+            StorageError::InvalidUri { reason, .. } => bad_uri(field, uri, reason),
+            other => bad_uri(field, uri, other.to_string()),
+        })?;
+        Ok(Location { store: loc.store, path: loc.path, uri: uri.to_string() })
     }
 }
 

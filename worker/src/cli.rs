@@ -170,6 +170,7 @@ impl Args {
             path_style: self.storage_path_style,
             allow_http: self.storage_allow_http,
             retry: RetryPolicy { max_retries: self.storage_max_retries, ..RetryPolicy::default() },
+            config: Default::default(),
         }
     }
 
