@@ -86,6 +86,30 @@ fn stop_string_cuts_text_and_finishes_with_stop() {
 }
 
 #[test]
+fn stop_string_late_in_a_long_output_is_found() {
+    // The per-step check decodes only a tail window of 4 * 3 + 8 = 20 tokens for a 3-character
+    // stop string; a stop string first seen after 40 tokens must still end the request there.
+    let mut eng = engine(&config("tiny-qwen2"));
+    let prompt = Prompt::Text("Once upon a time there was a little robot".into());
+    let full = eng.generate(vec![request(1, prompt.clone(), greedy(96))]).unwrap().remove(0).1.unwrap();
+    let decode_prefix = |n: usize| eng.decode(&full.token_ids[..n]);
+    let late = decode_prefix(40).len();
+    // A 3-character string whose first occurrence starts after the first 40 tokens' text.
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let stop = (0..chars.len().saturating_sub(3))
+        .filter(|&i| chars[i].0 >= late)
+        .map(|i| chars[i..i + 3].iter().map(|c| c.1).collect::<String>())
+        .find(|s| full.text.find(s.as_str()).is_some_and(|at| at >= late))
+        .expect("a late 3-character string");
+    let at = full.text.find(&stop).unwrap();
+    let params = SamplingParams { stop: vec![stop.clone()], ..greedy(96) };
+    let out = eng.generate(vec![request(2, prompt, params)]).unwrap().remove(0).1.unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop, "stop {stop:?} at byte {at}");
+    assert_eq!(out.text, full.text[..at], "text cut before the stop string {stop:?}");
+    assert!(out.completion_tokens > 40 && out.completion_tokens < 96, "{}", out.completion_tokens);
+}
+
+#[test]
 fn over_long_prompt_is_a_request_error_not_a_crash() {
     let mut cfg = config("tiny-qwen2");
     cfg.max_model_len = Some(64);

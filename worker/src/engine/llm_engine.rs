@@ -270,6 +270,11 @@ impl LlmEngine {
         self.model.dtype()
     }
 
+    /// The text of token ids, as outputs carry it (empty without a tokenizer).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.codec.decode(ids)
+    }
+
     /// Tokenizes a prompt as the engine would (chat template included).
     pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, RequestError> {
         self.codec.encode_prompt(prompt)
@@ -534,7 +539,20 @@ fn stop_text(codec: &TextCodec, seq: &Sequence) -> Option<String> {
     if seq.params.stop.is_empty() {
         return None;
     }
-    let text = codec.decode(&seq.tokens[seq.prompt_len..]);
+    let completion = &seq.tokens[seq.prompt_len..];
+    // A stop string not seen at the previous token can only end in the newest token, so only
+    // a tail of the completion is decoded per step (a full decode per token per sequence is
+    // quadratic in the output length): enough tokens for the longest stop string even at four
+    // byte-level tokens per character, plus slack for the window's ragged first token.
+    let longest = seq.params.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
+    let window = 4 * longest + 8;
+    if completion.len() > window {
+        let tail = codec.decode(&completion[completion.len() - window..]);
+        if !seq.params.stop.iter().any(|s| tail.contains(s.as_str())) {
+            return None;
+        }
+    }
+    let text = codec.decode(completion);
     seq.params.stop.iter().filter_map(|s| text.find(s.as_str())).min().map(|at| text[..at].to_string())
 }
 
