@@ -1,7 +1,8 @@
 // The engine's own CUDA kernels (built to PTX by worker/build.rs with the `cuda` feature;
 // launched from worker/src/engine/cuda_ops.rs): paged attention for every new token of a step
-// (decode tokens and prefill chunks alike, each query over its own causal context), the KV
-// write, and the greedy argmax over vocabulary rows. bf16 in and out, f32 arithmetic.
+// (decode tokens and prefill chunks alike, each query over its own causal context), the fused
+// QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, and the greedy argmax
+// over vocabulary rows. bf16 in and out, f32 arithmetic.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -467,23 +468,6 @@ PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd32, 32, 3)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64, 64, 3)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd128, 128, 1)
 PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd256, 256, 1)
-
-// Writes the new tokens' keys (or values) into the paged cache: src [n, kvd] -> cache rows
-// slots[t]. One thread per 8 elements (16-byte copies), grid-stride. kvd % 8 == 0.
-extern "C" __global__ void write_kv_bf16(const __nv_bfloat16* __restrict__ src,
-                                         __nv_bfloat16* __restrict__ cache,
-                                         const uint32_t* __restrict__ slots, int n, int kvd) {
-    const int chunks = kvd / 8;
-    const size_t total = (size_t)n * chunks;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t t = i / chunks;
-        const size_t c = i % chunks;
-        const size_t dst = (size_t)slots[t] * kvd + c * 8;
-        *reinterpret_cast<uint4*>(cache + dst) =
-            *reinterpret_cast<const uint4*>(src + t * kvd + c * 8);
-    }
-}
 
 // SwiGLU: out[r, c] = silu(x[r, c]) * x[r, inter + c] for x [n, 2 * inter] -> out [n, inter].
 // One thread per 8 outputs (16-byte loads and stores), grid-stride. inter % 8 == 0.

@@ -1,6 +1,7 @@
 //! The engine's own CUDA kernels as candle custom ops (`worker/kernels/paged_attention.cu`,
 //! compiled to PTX by `build.rs` with the `cuda` feature): paged attention over the KV cache for
-//! decode and prefill tokens alike, the KV write, and the greedy argmax over logits rows.
+//! decode and prefill tokens alike, the fused QKV epilogue (bias + RoPE + KV write), residual
+//! add + RMSNorm, SwiGLU, and the greedy argmax over logits rows.
 //! Without the `cuda` feature nothing here runs: `paged_attention_supported` is always false.
 
 use candle_core::{DType, Tensor};
@@ -73,21 +74,6 @@ pub fn paged_attention(
     {
         let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores);
         Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
-    }
-}
-
-/// Writes `src: [n, kv_dim]` (bf16, contiguous) into rows `slots: [n]` (u32) of `cache:
-/// [slots, kv_dim]` in place: one parallel copy kernel (candle's `scatter_set` on dim 0 runs
-/// `kv_dim` threads that each loop over all `n` rows).
-pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<(), EngineError> {
-    #[cfg(feature = "cuda")]
-    {
-        Ok(cache.inplace_op3(&src.contiguous()?, slots, &imp::WriteKv)?)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (cache, src, slots);
-        Err(EngineError::Config("the KV write kernel needs the `cuda` feature".into()))
     }
 }
 
@@ -180,7 +166,7 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Tensor, EngineError> {
 mod imp {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp3, Layout, Shape, Storage, Tensor, bail};
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -540,65 +526,6 @@ mod imp {
             // contiguous [rows, cols] view.
             unsafe { builder.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
-        }
-    }
-
-    pub(super) struct WriteKv;
-
-    impl InplaceOp3 for WriteKv {
-        fn name(&self) -> &'static str {
-            "write-kv"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &mut CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<()> {
-            bail!("write-kv runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            cache: &mut CudaStorage,
-            cl: &Layout,
-            src: &CudaStorage,
-            sl: &Layout,
-            slots: &CudaStorage,
-            tl: &Layout,
-        ) -> candle_core::Result<()> {
-            let (_, kvd) = cl.shape().dims2()?;
-            let (n, skvd) = sl.shape().dims2()?;
-            if skvd != kvd || tl.shape().dims1()? != n || !kvd.is_multiple_of(8) || !cl.is_contiguous() {
-                bail!("write-kv: cache {:?}, src {:?}, slots {:?}", cl.shape(), sl.shape(), tl.shape());
-            }
-            if n == 0 {
-                return Ok(());
-            }
-            let dev = src.device.clone();
-            let sv = view::<bf16>(src, sl, "src")?;
-            let tv = view::<u32>(slots, tl, "slots")?;
-            let start = cl.start_offset();
-            let len = cl.shape().elem_count();
-            let mut cv = cache.as_cuda_slice_mut::<bf16>()?.slice_mut(start..start + len);
-            let func = dev.get_or_load_custom_func("write_kv_bf16", "sluice_kernels", PTX)?;
-            let total = (n * kvd / 8) as u32;
-            let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let (n_, kvd_) = (as_i32(n, "tokens")?, as_i32(kvd, "kv_dim")?);
-            let mut builder = func.builder();
-            builder.arg(&sv);
-            builder.arg(&mut cv);
-            builder.arg(&tv);
-            builder.arg(&n_);
-            builder.arg(&kvd_);
-            // SAFETY: argument types and order match `write_kv_bf16`; shapes checked above; the
-            // engine's slots are all inside the cache (block tables come from its allocator).
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(())
         }
     }
 }
