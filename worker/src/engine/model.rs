@@ -421,6 +421,11 @@ impl Model {
             return Ok(out);
         };
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        self.prof(|p| {
+            p.host("wait");
+            p.gpu("d2h");
+            p.end();
+        });
         for (i, row) in logit_of.iter().enumerate() {
             if let Some(r) = row {
                 out[i] = logits.get(*r).cloned();
@@ -479,8 +484,7 @@ impl Model {
         if seqs.is_empty() {
             return Ok(None);
         }
-        let mixed = seqs.iter().any(|s| s.tokens.len() > 1);
-        self.prof(|p| p.begin(if mixed { "mixed" } else { "decode" }));
+        self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
         let (st, logit_of) = self.prepare(seqs, cache.block_size())?;
         self.prof(|p| {
             p.host("prepare");
