@@ -200,7 +200,7 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
         Some((scheme @ ("s3" | "s3a" | "gs" | "az" | "azure"), rest)) => {
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(invalid("missing bucket name"));
+                return Err(invalid("no bucket or container after the scheme"));
             }
             let path = Path::parse(key).map_err(|e| invalid(&e.to_string()))?;
             let retry = opts.retry.object_store_config();

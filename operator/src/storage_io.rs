@@ -79,21 +79,10 @@ pub fn storage_options(storage: Option<&StorageSpec>, secret: &BTreeMap<String, 
 
 impl StoreOpener for UriOpener {
     fn open(&self, field: &'static str, uri: &str, storage: Option<&StorageSpec>, secret: &BTreeMap<String, String>) -> Result<Location> {
-        // The cluster has no working directory to resolve relative paths against.
-        match uri.split_once("://") {
-            None if !uri.starts_with('/') => return Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)")),
-            Some(("file", rest)) if !rest.starts_with('/') => {
-                return Err(bad_uri(field, uri, "file URIs must be absolute (file:///path) on a cluster"));
-            }
-            Some((scheme, rest))
-                if matches!(scheme, "s3" | "s3a" | "gs" | "az" | "azure") && rest.split('/').next().unwrap_or("").is_empty() =>
-            {
-                return Err(bad_uri(field, uri, "no bucket or container after the scheme"));
-            }
-            Some((scheme, _)) if !matches!(scheme, "file" | "s3" | "s3a" | "gs" | "az" | "azure") => {
-                return Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)"));
-            }
-            _ => {}
+        // `resolve` checks the scheme, the bucket and that file URIs are absolute; a plain
+        // relative path it would resolve against the working directory, which a cluster lacks.
+        if !uri.contains("://") && !uri.starts_with('/') {
+            return Err(bad_uri(field, uri, "unsupported scheme (use file:///, s3://, gs:// or az://)"));
         }
         let loc = storage::resolve(uri, &storage_options(storage, secret)).map_err(|e| match e {
             StorageError::Config { source, .. } => Error::Storage { action: "open", uri: uri.to_string(), source },
