@@ -2,7 +2,8 @@
 // launched from worker/src/engine/cuda_ops.rs): paged attention for every new token of a step
 // (decode tokens and prefill chunks alike, each query over its own causal context), the fused
 // QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, and the greedy argmax
-// over vocabulary rows. bf16 in and out, f32 arithmetic.
+// over vocabulary rows, and the resolution of placeholder token ids from the step in flight.
+// bf16 in and out, f32 arithmetic.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -630,4 +631,19 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
         }
         out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
     }
+}
+
+// Token ids of the next step whose values the step in flight is still sampling: an id with the
+// top bit set is a placeholder for prev[id & 0x7fffffff] (that step's argmax rows). Lets the
+// host enqueue step N+1 before it has read step N's tokens back.
+extern "C" __global__ void resolve_tokens_u32(const uint32_t* __restrict__ ids, const uint32_t* __restrict__ prev,
+                                              uint32_t* __restrict__ out, int n, int prev_rows) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint32_t t = ids[i];
+    if (t & 0x80000000u) {
+        const uint32_t r = t & 0x7fffffffu;
+        t = r < (uint32_t)prev_rows ? prev[r] : 0u;  // the host checks the rows; never read out of bounds
+    }
+    out[i] = t;
 }

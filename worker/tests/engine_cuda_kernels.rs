@@ -188,3 +188,37 @@ fn add_rms_norm_matches_separate_ops() {
     eprintln!("add_rms_norm: sums exact, normed max rel err {worst}");
     assert!(worst < 1e-2, "normed max rel err {worst}");
 }
+
+#[test]
+fn placeholder_tokens_resolve_and_ids_read_back_asynchronously() {
+    use sluice_worker::engine::cuda_ops;
+    let pending = 0x8000_0000u32;
+    let ids = [5u32, pending | 2, 7, pending, pending | 1];
+    let prev = [40u32, 41, 42];
+    let want = vec![5u32, 42, 7, 40, 41];
+    // The host fallback, everywhere.
+    let cpu = cuda_ops::resolve_tokens(&Tensor::new(&ids, &Device::Cpu).unwrap(), &Tensor::new(&prev, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(cpu.to_vec1::<u32>().unwrap(), want);
+    let bad = cuda_ops::resolve_tokens(&Tensor::new(&[pending | 9], &Device::Cpu).unwrap(), &Tensor::new(&prev, &Device::Cpu).unwrap());
+    assert!(bad.unwrap_err().to_string().contains("row 9"));
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped the CUDA part: set SLUICE_TEST_CUDA=1 (needs a GPU)");
+        return;
+    }
+    let dev = Device::new_cuda(0).unwrap();
+    let got = cuda_ops::resolve_tokens(&Tensor::new(&ids, &dev).unwrap(), &Tensor::new(&prev, &dev).unwrap()).unwrap();
+    assert_eq!(got.to_vec1::<u32>().unwrap(), want);
+    // Read-back through the pinned pool: buffers are reused, and a copy started before later
+    // work returns that step's ids.
+    let pool = cuda_ops::ReadbackPool::default();
+    for n in [3usize, 5000, 17] {
+        let v: Vec<u32> = (0..n as u32).map(|i| i * 3 + 1).collect();
+        let t = Tensor::from_vec(v.clone(), n, &dev).unwrap();
+        let copy = cuda_ops::copy_ids_to_host(&t, &pool).unwrap();
+        let later =
+            (Tensor::ones((2048, 2048), DType::F32, &dev).unwrap().matmul(&Tensor::ones((2048, 2048), DType::F32, &dev).unwrap())).unwrap();
+        assert_eq!(copy.wait(&pool).unwrap(), v, "{n} ids");
+        drop(later);
+    }
+    eprintln!("resolve_tokens and the asynchronous id read-back: ok");
+}

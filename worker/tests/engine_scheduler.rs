@@ -214,3 +214,55 @@ fn spawn_reports_load_errors() {
     let err = EngineHandle::spawn(cfg).err().unwrap();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
 }
+
+/// The host runs one step ahead of the device on greedy steps (placeholder tokens resolved from
+/// the step in flight): outputs must equal strictly alternating steps, through preemption,
+/// EOS, stop strings, max_tokens 1 and a sampled (host-sampled) request in the same batch.
+#[test]
+fn overlapped_steps_match_one_step_at_a_time() {
+    let base = prompts();
+    let c = &reference("tiny-qwen2")[1];
+    let eos = c.greedy_ids[2];
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(model_dir("tiny-qwen2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    std::fs::write(tmp.path().join("generation_config.json"), format!("{{\"eos_token_id\": [2, {eos}]}}")).unwrap();
+    let mut cfg = config("tiny-qwen2");
+    cfg.model_dir = tmp.path().to_path_buf();
+    cfg.num_kv_blocks = Some(24);
+    cfg.max_num_batched_tokens = 96;
+    let mut reqs: Vec<_> = (0..20u64)
+        .map(|i| {
+            let p = base[i as usize % base.len()].clone();
+            let params = match i % 5 {
+                0 => SamplingParams { ignore_eos: false, ..greedy(12) },
+                1 => greedy(1),
+                2 => SamplingParams { temperature: 0.8, seed: i, ..greedy(9) },
+                _ => greedy(6 + (i as usize % 7)),
+            };
+            request(i, Prompt::Tokens(p), params)
+        })
+        .collect();
+    reqs.push(request(100, Prompt::Tokens(c.prompt_ids.clone()), SamplingParams { ignore_eos: false, ..greedy(16) }));
+    let mut sync_cfg = cfg.clone();
+    sync_cfg.overlap_steps = false;
+    let want = engine(&sync_cfg).generate(reqs.clone()).unwrap();
+    let mut eng = engine(&cfg);
+    let got = eng.generate(reqs).unwrap();
+    assert_eq!(got.len(), want.len());
+    for ((id, g), (wid, w)) in got.iter().zip(&want) {
+        assert_eq!(id, wid);
+        let (g, w) = (g.as_ref().unwrap(), w.as_ref().unwrap());
+        assert_eq!(g.token_ids, w.token_ids, "request {id}");
+        assert_eq!(g.finish_reason, w.finish_reason, "request {id}");
+    }
+    let eos_out = got.iter().find(|(id, _)| *id == 100).unwrap().1.as_ref().unwrap();
+    assert_eq!(eos_out.token_ids, c.greedy_ids[..3], "EOS ends the request even with a step in flight");
+    let s = eng.stats();
+    assert!(s.overlapped_steps > 0, "no step was overlapped: {s:?}");
+    assert!(s.preemptions > 0, "expected preemptions: {s:?}");
+    assert_eq!(s.kv_blocks_used, 0, "every block returned");
+    assert_eq!(s.requests_finished, 21);
+}

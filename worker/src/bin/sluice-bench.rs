@@ -169,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         num_kv_blocks: None,
         kv_cache_bytes: args.kv_cache_bytes,
         max_model_len: args.max_model_len,
+        overlap_steps: true,
     };
     let mut engine = match &args.model_dir {
         Some(dir) => LlmEngine::load(&cfg).with_context(|| format!("loading {}", dir.display()))?,

@@ -1,7 +1,8 @@
 //! The engine's own CUDA kernels as candle custom ops (`worker/kernels/paged_attention.cu`,
 //! compiled to PTX by `build.rs` with the `cuda` feature): paged attention over the KV cache for
 //! decode and prefill tokens alike, the fused QKV epilogue (bias + RoPE + KV write), residual
-//! add + RMSNorm, SwiGLU, and the greedy argmax over logits rows.
+//! add + RMSNorm, SwiGLU, the greedy argmax over logits rows, and the placeholder-token
+//! resolution and pinned asynchronous id read-back that let the host run one step ahead.
 //! Without the `cuda` feature nothing here runs: `paged_attention_supported` is always false.
 
 use candle_core::{DType, Tensor};
@@ -161,10 +162,79 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Tensor, EngineError> {
     Ok(logits.argmax(candle_core::D::Minus1)?)
 }
 
+/// Token ids with `scheduler::PENDING` placeholders replaced by the ids the previous step
+/// sampled: `ids[i] = prev[ids[i] & !PENDING]` where the top bit is set. One kernel on CUDA
+/// (the previous step's ids never leave the device before this step is enqueued).
+pub fn resolve_tokens(ids: &Tensor, prev: &Tensor) -> Result<Tensor, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        if ids.device().is_cuda() {
+            return Ok(ids.contiguous()?.apply_op2_no_bwd(&prev.contiguous()?, &imp::ResolveTokens)?);
+        }
+    }
+    let prev = prev.to_vec1::<u32>()?;
+    let mut out = ids.to_vec1::<u32>()?;
+    for t in &mut out {
+        if *t & super::scheduler::PENDING != 0 {
+            let row = (*t & !super::scheduler::PENDING) as usize;
+            *t = *prev.get(row).ok_or_else(|| EngineError::Config(format!("placeholder token for row {row} of {}", prev.len())))?;
+        }
+    }
+    let n = out.len();
+    Ok(Tensor::from_vec(out, n, ids.device())?)
+}
+
+/// Page-locked host buffers that sampled token ids are copied into (CUDA), reused from step to
+/// step (allocating page-locked memory costs more than a step's copy).
+#[derive(Default)]
+pub struct ReadbackPool {
+    #[cfg(feature = "cuda")]
+    free: std::sync::Mutex<Vec<imp::PinnedIds>>,
+}
+
+/// An asynchronous device-to-host copy of a step's sampled ids, started right after the argmax
+/// and waited for only when the host needs the ids, so the GPU keeps running the work queued
+/// after it (the next step). Only CUDA builds can make one.
+pub struct IdsCopy {
+    #[cfg(feature = "cuda")]
+    inner: imp::IdsCopy,
+    #[cfg(not(feature = "cuda"))]
+    never: std::convert::Infallible,
+}
+
+/// Starts copying the u32 `ids` (on a CUDA device) into one of `pool`'s page-locked buffers.
+pub fn copy_ids_to_host(ids: &Tensor, pool: &ReadbackPool) -> Result<IdsCopy, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(IdsCopy { inner: imp::IdsCopy::start(ids, &pool.free)? })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ids, pool);
+        Err(EngineError::Config("asynchronous id read-back needs the `cuda` feature".into()))
+    }
+}
+
+impl IdsCopy {
+    /// Waits for the copy (only it, not the work queued after it) and returns the ids; the
+    /// buffer goes back to `pool`.
+    pub fn wait(self, pool: &ReadbackPool) -> Result<Vec<u32>, EngineError> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(self.inner.wait(&pool.free)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = pool;
+            match self.never {}
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod imp {
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg, result};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
     use half::bf16;
@@ -526,6 +596,95 @@ mod imp {
             // contiguous [rows, cols] view.
             unsafe { builder.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+        }
+    }
+
+    pub(super) struct ResolveTokens;
+
+    impl CustomOp2 for ResolveTokens {
+        fn name(&self) -> &'static str {
+            "resolve-tokens"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("resolve-tokens runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, p: &CudaStorage, pl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let n = xl.shape().dims1()?;
+            let rows = pl.shape().dims1()?;
+            let dev = x.device.clone();
+            let xv = view::<u32>(x, xl, "token ids")?;
+            let pv = view::<u32>(p, pl, "previous ids")?;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<u32>(n)? };
+            if n == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)));
+            }
+            let func = dev.get_or_load_custom_func("resolve_tokens_u32", "sluice_kernels", PTX)?;
+            let cfg = LaunchConfig { grid_dim: (as_u32(n.div_ceil(256), "blocks")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (n_, rows_) = (as_i32(n, "tokens")?, as_i32(rows, "previous rows")?);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&pv);
+            builder.arg(&out);
+            builder.arg(&n_);
+            builder.arg(&rows_);
+            // SAFETY: argument types and order match `resolve_tokens_u32`; the kernel reads
+            // `prev` only below `prev_rows`.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+        }
+    }
+
+    /// A page-locked buffer and the event recorded after the last copy into it.
+    pub(super) struct PinnedIds {
+        buf: PinnedHostSlice<u32>,
+        done: CudaEvent,
+    }
+
+    /// A copy in flight into a page-locked buffer; `len` ids.
+    pub(super) struct IdsCopy {
+        entry: PinnedIds,
+        len: usize,
+    }
+
+    impl IdsCopy {
+        pub(super) fn start(ids: &Tensor, free: &std::sync::Mutex<Vec<PinnedIds>>) -> candle_core::Result<Self> {
+            let (s, l) = ids.storage_and_layout();
+            let Storage::Cuda(cs) = &*s else { bail!("id read-back: ids must be on the GPU") };
+            let v = view::<u32>(cs, l, "ids")?;
+            let len = v.len();
+            let stream = cs.device.cuda_stream();
+            let reused = free.lock().ok().and_then(|mut f| f.iter().position(|e| e.buf.len() >= len).map(|i| f.swap_remove(i)));
+            let mut entry = match reused {
+                Some(e) => e,
+                None => PinnedIds {
+                    // SAFETY: only the first `len` ids are read, after the copy into them completed.
+                    buf: unsafe { stream.context().alloc_pinned_with_flags::<u32>(len.max(4096), 0) }.w()?,
+                    done: stream.context().new_event(None).w()?,
+                },
+            };
+            // cudarc's `memcpy_dtoh` copies the whole destination; copy only `len` ids.
+            let Some(dst) = entry.buf.as_mut_slice().w()?.get_mut(..len) else {
+                bail!("id read-back: buffer shorter than {len} ids");
+            };
+            let (src, _read) = v.device_ptr(&stream);
+            // SAFETY: `src` is `len` u32 of device memory kept alive by `ids` (the caller keeps
+            // it until the copy is waited for), `dst` is `len` u32 of page-locked memory owned by
+            // `entry`, which is only read after `done` (recorded after the copy) completed.
+            unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.w()?;
+            entry.done.record(&stream).w()?;
+            Ok(Self { entry, len })
+        }
+
+        pub(super) fn wait(self, free: &std::sync::Mutex<Vec<PinnedIds>>) -> candle_core::Result<Vec<u32>> {
+            self.entry.done.synchronize().w()?;
+            let ids = self.entry.buf.as_slice().w()?.get(..self.len).map(<[u32]>::to_vec);
+            if let Ok(mut f) = free.lock() {
+                f.push(self.entry);
+            }
+            ids.ok_or_else(|| candle_core::Error::Msg("id read-back: buffer shorter than the copy".into()))
         }
     }
 }

@@ -14,9 +14,9 @@ use super::config::ArchConfig;
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
 use super::kv_cache::{KvCache, blocks_for};
-use super::model::{LastToken, Model, SeqInput};
+use super::model::{LastToken, Model, PendingStep, SeqInput};
 use super::sampling::{self, SamplingParams};
-use super::scheduler::{Limits, Scheduler, Sequence};
+use super::scheduler::{Limits, PENDING, Scheduled, Scheduler, Sequence};
 use super::tokenizer::{Prompt, TextCodec};
 
 /// How to load and run a model.
@@ -41,6 +41,9 @@ pub struct EngineConfig {
     pub kv_cache_bytes: Option<u64>,
     /// Cap on prompt + completion length (default: the model's `max_position_embeddings`).
     pub max_model_len: Option<usize>,
+    /// Let a greedy step stay in flight while the next one is scheduled and enqueued (default
+    /// true; the environment variable `SLUICE_ASYNC_STEPS=0` and `SLUICE_PROFILE=1` turn it off).
+    pub overlap_steps: bool,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             num_kv_blocks: None,
             kv_cache_bytes: None,
             max_model_len: None,
+            overlap_steps: true,
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct EngineStats {
     /// Tokens run in the last step and the most in any step (never above the budget).
     pub last_step_tokens: usize,
     pub max_step_tokens: usize,
+    /// Steps enqueued while the previous step was still in flight (`overlap_steps`).
+    pub overlapped_steps: u64,
 }
 
 /// Result of one request, as `step` returns it.
@@ -136,11 +142,24 @@ pub struct LlmEngine {
     name: String,
     max_model_len: usize,
     arrivals: u64,
-    in_flight: HashSet<u64>,
+    ids_in_flight: HashSet<u64>,
     pending: Vec<StepOutput>,
     stats: EngineStats,
-    /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
-    device_argmax: bool,
+    /// The step launched by the previous `step` call whose tokens are not read yet.
+    in_flight: Option<InFlight>,
+    /// Whether a step whose sequences all sample greedily may stay in flight while the next
+    /// one is scheduled and enqueued (`SLUICE_ASYNC_STEPS=0` turns it off; the profiler does).
+    overlap_steps: bool,
+}
+
+/// A launched step: its pending samples and, per scheduled sequence, its id and the index in
+/// `tokens` of the `PENDING` placeholder its sample replaces (None: a prefill chunk that
+/// wanted no logits).
+struct InFlight {
+    step: PendingStep,
+    seqs: Vec<(u64, Option<usize>)>,
+    /// Some sequence samples on the host: the next step needs its token before it can run.
+    host_sampling: bool,
 }
 
 fn read_config(dir: &Path) -> Result<Value, EngineError> {
@@ -216,16 +235,17 @@ impl LlmEngine {
         let stats = EngineStats { kv_blocks_total: num_blocks, block_size: cfg.block_size, ..EngineStats::default() };
         Ok(Self {
             name: arch.name.clone(),
-            model,
             cache,
             sched,
             codec,
             max_model_len,
             arrivals: 0,
-            in_flight: HashSet::new(),
+            overlap_steps: cfg.overlap_steps && std::env::var("SLUICE_ASYNC_STEPS").as_deref() != Ok("0") && !model.profiling(),
+            model,
+            ids_in_flight: HashSet::new(),
             pending: Vec::new(),
             stats,
-            device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
+            in_flight: None,
         })
     }
 
@@ -291,13 +311,14 @@ impl LlmEngine {
         let arrived = Instant::now();
         match self.prepare(&r) {
             Ok(tokens) => {
-                self.in_flight.insert(r.id);
+                self.ids_in_flight.insert(r.id);
                 self.arrivals += 1;
                 let rng = r.params.rng();
                 self.sched.add(Sequence {
                     id: r.id,
                     arrival: self.arrivals,
                     prompt_len: tokens.len(),
+                    max_len: (tokens.len() + r.params.max_tokens).min(self.max_model_len),
                     tokens,
                     params: r.params,
                     num_computed: 0,
@@ -316,7 +337,7 @@ impl LlmEngine {
     }
 
     fn prepare(&self, r: &GenerationRequest) -> Result<Vec<u32>, RequestError> {
-        if self.in_flight.contains(&r.id) {
+        if self.ids_in_flight.contains(&r.id) {
             return Err(RequestError::DuplicateId(r.id));
         }
         r.params.validate().map_err(RequestError::Invalid)?;
@@ -336,7 +357,7 @@ impl LlmEngine {
 
     /// True while requests are queued, running, or have results not yet returned.
     pub fn has_work(&self) -> bool {
-        self.sched.has_work() || !self.pending.is_empty()
+        self.sched.has_work() || !self.pending.is_empty() || self.in_flight.is_some()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -350,6 +371,7 @@ impl LlmEngine {
 
     /// Fails every request in flight (after an engine error) and frees their blocks.
     pub fn abort_all(&mut self, reason: &str) -> Vec<StepOutput> {
+        self.in_flight = None;
         let mut out = std::mem::take(&mut self.pending);
         while !self.sched.running.is_empty() {
             let seq = self.sched.finish(0);
@@ -359,17 +381,39 @@ impl LlmEngine {
             out.push((seq.id, Err(RequestError::Engine(reason.to_string()))));
         }
         self.stats.requests_failed += out.iter().filter(|(_, r)| r.is_err()).count() as u64;
-        self.in_flight.clear();
+        self.ids_in_flight.clear();
         out
     }
 
-    /// Runs one scheduled forward pass; returns the requests that finished (or failed) in it.
+    /// Runs one scheduled forward pass; returns the requests that finished (or failed) by it.
+    ///
+    /// On a GPU a greedy step stays in flight: this call schedules and enqueues the next step
+    /// (its placeholder tokens read on the device from the step in flight) before it waits for
+    /// the step in flight's tokens, so the host's scheduling, input preparation and output
+    /// handling overlap the GPU's work. A sequence that ends at step N (EOS, stop string) may
+    /// have run one more token in step N + 1; that token is dropped.
     pub fn step(&mut self) -> Result<Vec<StepOutput>, EngineError> {
-        let step_start = Instant::now();
         let mut out = std::mem::take(&mut self.pending);
+        let launched = self.launch()?;
+        if let Some(prev) = self.in_flight.take() {
+            self.complete(prev, &mut out)?;
+        }
+        if let Some(step) = launched {
+            if self.overlap_steps && !step.host_sampling {
+                self.in_flight = Some(step);
+            } else {
+                self.complete(step, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Schedules and enqueues one forward pass; marks every sampled token as a placeholder.
+    fn launch(&mut self) -> Result<Option<InFlight>, EngineError> {
+        let step_start = Instant::now();
         let plan = self.sched.schedule();
         if plan.is_empty() {
-            return Ok(out);
+            return Ok(None);
         }
         let bs = self.cache.block_size();
         let inputs: Vec<SeqInput> = plan
@@ -386,53 +430,93 @@ impl LlmEngine {
             })
             .collect();
         let step_tokens: usize = plan.iter().map(|p| p.num_tokens).sum();
-        let scheduled = step_start.elapsed().as_secs_f64() * 1e3;
-        // On a GPU, greedy sequences get their argmax on the device and only the id crosses
-        // to the host; on the CPU the logits are already in host memory.
-        let logits: Vec<Option<LastToken>> = if self.device_argmax {
-            let full: Vec<bool> = plan.iter().map(|p| !self.sched.running[p.index].params.is_greedy()).collect();
-            self.model.forward_sampled(&inputs, &mut self.cache, &full)?
-        } else {
-            self.model.forward(&inputs, &mut self.cache)?.into_iter().map(|l| l.map(LastToken::Logits)).collect()
+        self.model.prof(|p| p.host_span("schedule", step_start.elapsed().as_secs_f64() * 1e3));
+        let full: Vec<bool> = plan.iter().map(|p| !self.sched.running[p.index].params.is_greedy()).collect();
+        let prev = self.in_flight.as_ref().map(|f| &f.step.ids);
+        self.stats.overlapped_steps += u64::from(prev.is_some());
+        let Some(step) = self.model.launch(&inputs, &mut self.cache, &full, prev)? else {
+            // No sequence wanted logits (prefill chunks only): nothing to sample.
+            for p in &plan {
+                self.sched.running[p.index].num_computed += p.num_tokens;
+            }
+            self.count_step(step_tokens);
+            return Ok(None);
         };
+        let host_sampling = full.iter().enumerate().any(|(i, &f)| f && step.row_of(i).is_some());
+        let mut seqs = Vec::with_capacity(plan.len());
+        for (i, &Scheduled { index, num_tokens }) in plan.iter().enumerate() {
+            let seq = &mut self.sched.running[index];
+            seq.num_computed += num_tokens;
+            let at = step.row_of(i).map(|row| {
+                seq.tokens.push(PENDING | row as u32);
+                seq.tokens.len() - 1
+            });
+            seqs.push((seq.id, at));
+        }
+        self.count_step(step_tokens);
+        Ok(Some(InFlight { step, seqs, host_sampling }))
+    }
+
+    fn count_step(&mut self, step_tokens: usize) {
         self.stats.steps += 1;
         self.stats.last_step_tokens = step_tokens;
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(step_tokens);
         self.stats.peak_kv_blocks = self.stats.peak_kv_blocks.max(self.sched.allocator.num_used());
+    }
 
+    /// Waits for a launched step's samples, puts them in place of their placeholders and
+    /// finishes the sequences they end. A sequence may have been preempted since (it is found
+    /// among the waiting ones) or have ended already (its sample is dropped).
+    fn complete(&mut self, step: InFlight, out: &mut Vec<StepOutput>) -> Result<(), EngineError> {
+        let post_start = Instant::now();
+        let samples = self.model.collect(step.step)?;
         let now = Instant::now();
-        self.model.prof(|p| p.host_span("schedule", scheduled));
-        let mut finished: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
-        for (p, l) in plan.iter().zip(logits) {
-            let seq = &mut self.sched.running[p.index];
-            seq.num_computed += p.num_tokens;
-            let tok = match l {
-                None => continue,
-                Some(LastToken::Logits(l)) => sampling::sample(&l, &seq.params, &mut seq.rng),
-                Some(LastToken::Argmax(id)) => id,
+        let running: std::collections::HashMap<u64, usize> = self.sched.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let mut finished_running: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
+        let mut finished_waiting: Vec<(u64, FinishReason, Option<String>)> = Vec::new();
+        for ((id, at), sample) in step.seqs.into_iter().zip(samples) {
+            let (Some(at), Some(sample)) = (at, sample) else { continue };
+            let (seq, index) = match running.get(&id) {
+                Some(&i) => (&mut self.sched.running[i], Some(i)),
+                None => match self.sched.waiting.iter_mut().find(|s| s.id == id) {
+                    Some(s) => (s, None),
+                    None => continue,
+                },
             };
-            seq.tokens.push(tok);
+            if seq.tokens.get(at).is_none_or(|&t| t & PENDING == 0) {
+                continue;
+            }
+            let tok = match sample {
+                LastToken::Logits(l) => sampling::sample(&l, &seq.params, &mut seq.rng),
+                LastToken::Argmax(id) => id,
+            };
+            seq.tokens[at] = tok;
             seq.first_token.get_or_insert(now);
-            let generated = seq.num_generated();
-            let eos = !seq.params.ignore_eos && self.codec.eos_ids().contains(&tok);
-            let reason = if eos {
-                Some((FinishReason::Stop, None))
-            } else if let Some(text) = stop_text(&self.codec, seq) {
-                Some((FinishReason::Stop, Some(text)))
-            } else if generated >= seq.params.max_tokens || seq.tokens.len() >= self.max_model_len {
-                Some((FinishReason::Length, None))
-            } else {
-                None
-            };
-            if let Some((r, text)) = reason {
-                finished.push((p.index, r, text));
+            if let Some((reason, text)) = finish_reason(&self.codec, seq, at + 1, self.max_model_len) {
+                // Anything sampled after the ending token (by the step launched since) goes.
+                seq.tokens.truncate(at + 1);
+                match index {
+                    Some(i) => finished_running.push((i, reason, text)),
+                    None => finished_waiting.push((id, reason, text)),
+                }
             }
         }
         // Remove from the back so indices stay valid.
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (index, reason, text) in finished {
-            let seq = self.sched.finish(index);
-            self.in_flight.remove(&seq.id);
+        finished_running.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut ended: Vec<(Sequence, FinishReason, Option<String>)> = Vec::new();
+        for (index, reason, text) in finished_running {
+            ended.push((self.sched.finish(index), reason, text));
+        }
+        for (id, reason, text) in finished_waiting {
+            if let Some(i) = self.sched.waiting.iter().position(|s| s.id == id)
+                && let Some(mut seq) = self.sched.waiting.remove(i)
+            {
+                self.sched.allocator.release(&mut seq.blocks);
+                ended.push((seq, reason, text));
+            }
+        }
+        for (seq, reason, text) in ended {
+            self.ids_in_flight.remove(&seq.id);
             let completion = seq.tokens[seq.prompt_len..].to_vec();
             let text = text.unwrap_or_else(|| self.codec.decode(&completion));
             self.stats.prompt_tokens += seq.prompt_len as u64;
@@ -452,11 +536,8 @@ impl LlmEngine {
                 }),
             ));
         }
-        self.model.prof(|p| {
-            p.host_span("postprocess", now.elapsed().as_secs_f64() * 1e3);
-            p.host_span("step_total", step_start.elapsed().as_secs_f64() * 1e3);
-        });
-        Ok(out)
+        self.model.prof(|p| p.host_span("postprocess", post_start.elapsed().as_secs_f64() * 1e3));
+        Ok(())
     }
 
     /// Logits of teacher-forced steps, for numerical checks: step 0 runs every prompt in one
@@ -534,12 +615,29 @@ impl LlmEngine {
     }
 }
 
-/// If the completion so far contains a stop string, the text cut before the earliest one.
-fn stop_text(codec: &TextCodec, seq: &Sequence) -> Option<String> {
+/// Why the sequence ends with its first `len` tokens (the newest sampled last), if it does:
+/// EOS, a stop string (with the text cut before it), or length.
+fn finish_reason(codec: &TextCodec, seq: &Sequence, len: usize, max_model_len: usize) -> Option<(FinishReason, Option<String>)> {
+    let tok = *seq.tokens.get(len.checked_sub(1)?)?;
+    let generated = len.saturating_sub(seq.prompt_len);
+    if !seq.params.ignore_eos && codec.eos_ids().contains(&tok) {
+        Some((FinishReason::Stop, None))
+    } else if let Some(text) = stop_text(codec, seq, len) {
+        Some((FinishReason::Stop, Some(text)))
+    } else if generated >= seq.params.max_tokens || len >= max_model_len {
+        Some((FinishReason::Length, None))
+    } else {
+        None
+    }
+}
+
+/// If the completion in the first `len` tokens contains a stop string, the text cut before the
+/// earliest one.
+fn stop_text(codec: &TextCodec, seq: &Sequence, len: usize) -> Option<String> {
     if seq.params.stop.is_empty() {
         return None;
     }
-    let completion = &seq.tokens[seq.prompt_len..];
+    let completion = seq.tokens.get(seq.prompt_len..len)?;
     // A stop string not seen at the previous token can only end in the newest token, so only
     // a tail of the completion is decoded per step (a full decode per token per sequence is
     // quadratic in the output length): enough tokens for the longest stop string even at four

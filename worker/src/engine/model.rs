@@ -9,6 +9,7 @@ use super::config::ArchConfig;
 use super::error::EngineError;
 use super::kv_cache::KvCache;
 use super::profile::Profiler;
+use super::scheduler::PENDING;
 use super::weights::Weights;
 
 struct Layer {
@@ -92,6 +93,36 @@ pub enum LastToken {
     Argmax(u32),
 }
 
+/// The sampled ids of a launched step, as the next step resolves its placeholders from them.
+pub enum StepIds {
+    /// Argmax computed on the host from host logits (CPU, or `SLUICE_DEVICE_ARGMAX=0`).
+    Host(Vec<u32>),
+    /// Argmax on the device (`[rows]` u32, still in GPU memory) and its asynchronous copy to a
+    /// page-locked host buffer.
+    Device { ids: Tensor, copy: super::cuda_ops::IdsCopy },
+}
+
+/// A step whose forward pass is enqueued (on CUDA: maybe still running). `Model::collect`
+/// turns it into each sequence's `LastToken`.
+pub struct PendingStep {
+    /// Per input sequence, its row among the logits rows (sequences that wanted logits).
+    logit_of: Vec<Option<usize>>,
+    /// Per input sequence, whether it samples on the host and needs its full logits row.
+    full_logits: Vec<bool>,
+    /// Logits rows already on the host (host argmax path), indexed by row.
+    host_logits: Option<Vec<Vec<f32>>>,
+    /// The `[rows, vocab]` device logits, kept when some sequence needs its full row.
+    device_logits: Option<Tensor>,
+    pub ids: StepIds,
+}
+
+impl PendingStep {
+    /// The logits row of input sequence `i`, if it wanted logits.
+    pub fn row_of(&self, i: usize) -> Option<usize> {
+        self.logit_of.get(i).copied().flatten()
+    }
+}
+
 /// Prefill chunks of the same length and start position, attended together: `count` chunks
 /// of `len` tokens each, consecutive in the flat layout from `start`, over `ctx` keys.
 struct PrefillChunk {
@@ -107,6 +138,10 @@ struct PrefillChunk {
 
 /// Most score elements (`chunks * len * ctx`, per query head) of one prefill group.
 const PREFILL_GROUP_ELEMS: usize = 1 << 22;
+
+fn pending_error(row: usize, rows: usize) -> EngineError {
+    EngineError::Config(format!("placeholder token for row {row}, but the previous step sampled {rows} rows"))
+}
 
 /// A loaded causal LM ready for batched forward passes.
 pub struct Model {
@@ -125,6 +160,10 @@ pub struct Model {
     paged_attention: bool,
     /// The paged path uses the tensor-core kernel (head_dim 64/128; `SLUICE_ATTN_MMA=0` off).
     attn_tensor_cores: bool,
+    /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
+    device_argmax: bool,
+    /// Page-locked buffers for reading sampled ids back without waiting for later work.
+    readback: super::cuda_ops::ReadbackPool,
     /// Per-phase timing (`SLUICE_PROFILE=1`).
     profiler: std::sync::Mutex<Profiler>,
 }
@@ -219,6 +258,8 @@ impl Model {
             max_len,
             paged_attention,
             attn_tensor_cores,
+            device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
+            readback: super::cuda_ops::ReadbackPool::default(),
             profiler: std::sync::Mutex::new(Profiler::from_env(device)),
         })
     }
@@ -230,6 +271,11 @@ impl Model {
         {
             f(&mut p);
         }
+    }
+
+    /// Whether `SLUICE_PROFILE=1` timing is on (its events assume one step at a time).
+    pub fn profiling(&self) -> bool {
+        self.profiler.lock().is_ok_and(|p| p.enabled())
     }
 
     /// Forgets the profiler's times so far.
@@ -291,7 +337,13 @@ impl Model {
 
     /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
     /// Returns the tensors and, per input sequence, its row among the returned logits.
-    fn prepare(&self, seqs: &[SeqInput], block_size: usize) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
+    /// `PENDING` placeholder tokens are resolved from `prev`, the step launched before this one.
+    fn prepare(
+        &self,
+        seqs: &[SeqInput],
+        block_size: usize,
+        prev: Option<&StepIds>,
+    ) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
         let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
         let n_decode = order.len();
@@ -302,6 +354,7 @@ impl Model {
         let slot = |blocks: &[u32], p: usize| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32;
 
         let mut ids = Vec::new();
+        let mut pending_on_device = false;
         let mut pos = Vec::new();
         let mut write = Vec::new();
         let mut logit_rows = Vec::new();
@@ -319,7 +372,22 @@ impl Model {
                 return Err(EngineError::Config(format!("position {ctx} beyond the model's maximum length {}", self.max_len)));
             }
             let start = ids.len();
-            ids.extend_from_slice(&s.tokens);
+            for &t in &s.tokens {
+                if t & PENDING == 0 {
+                    ids.push(t);
+                    continue;
+                }
+                let row = (t & !PENDING) as usize;
+                match prev {
+                    Some(StepIds::Host(v)) => ids.push(*v.get(row).ok_or_else(|| pending_error(row, v.len()))?),
+                    Some(StepIds::Device { ids: d, .. }) if row < d.dims1()? => {
+                        pending_on_device = true;
+                        ids.push(t);
+                    }
+                    Some(StepIds::Device { ids: d, .. }) => return Err(pending_error(row, d.dims1()?)),
+                    None => return Err(pending_error(row, 0)),
+                }
+            }
             pos.extend((s.start_pos..ctx).map(|p| p as u32));
             write.extend((s.start_pos..ctx).map(|p| slot(&s.blocks, p)));
             if s.want_logits {
@@ -396,28 +464,18 @@ impl Model {
             let len = logit_rows.len();
             Some(Tensor::from_vec(logit_rows, len, &self.device)?)
         };
-        Ok((
-            StepTensors {
-                num_tokens: n,
-                token_ids: Tensor::from_vec(ids, n, &self.device)?,
-                positions,
-                cos,
-                sin,
-                write_index,
-                paged,
-                decode,
-                prefills,
-                logit_rows,
-            },
-            logit_of,
-        ))
+        let mut token_ids = Tensor::from_vec(ids, n, &self.device)?;
+        if pending_on_device && let Some(StepIds::Device { ids: prev_ids, .. }) = prev {
+            token_ids = super::cuda_ops::resolve_tokens(&token_ids, prev_ids)?;
+        }
+        Ok((StepTensors { num_tokens: n, token_ids, positions, cos, sin, write_index, paged, decode, prefills, logit_rows }, logit_of))
     }
 
     /// Runs the new tokens of `seqs` through the model, writing their keys and values into
     /// `cache`. Returns, per sequence, the f32 logits of its last token when `want_logits`.
     pub fn forward(&self, seqs: &[SeqInput], cache: &mut KvCache) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
         let mut out = vec![None; seqs.len()];
-        let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
+        let Some((logits, logit_of)) = self.last_logits(seqs, cache, None)? else {
             return Ok(out);
         };
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -434,22 +492,69 @@ impl Model {
         Ok(out)
     }
 
-    /// Like `forward`, but only the sequences with `full_logits[i]` bring their logits row to
-    /// the host; the others get the argmax computed on the device (greedy sampling without
-    /// moving a vocabulary-sized row per token).
-    pub fn forward_sampled(
+    /// Enqueues the forward pass of `seqs` and the sampling inputs of its logits rows, without
+    /// waiting for the GPU: greedy rows get their argmax (on the device when it can, its ids
+    /// copied back asynchronously); sequences with `full_logits[i]` get their whole row in
+    /// `collect`. Placeholder tokens resolve from `prev`, the step launched just before.
+    /// Returns None when no sequence wants logits.
+    pub fn launch(
         &self,
         seqs: &[SeqInput],
         cache: &mut KvCache,
         full_logits: &[bool],
-    ) -> Result<Vec<Option<LastToken>>, EngineError> {
-        let mut out = vec![None; seqs.len()];
-        let Some((logits, logit_of)) = self.last_logits(seqs, cache)? else {
-            return Ok(out);
+        prev: Option<&StepIds>,
+    ) -> Result<Option<PendingStep>, EngineError> {
+        let Some((logits, logit_of)) = self.last_logits(seqs, cache, prev)? else {
+            return Ok(None);
         };
+        let full_logits: Vec<bool> = (0..seqs.len()).map(|i| full_logits.get(i).copied().unwrap_or(true)).collect();
+        if !self.device_argmax {
+            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            self.prof(|p| {
+                p.host("wait");
+                p.gpu("d2h");
+                p.end();
+            });
+            let ids = rows.iter().map(|r| super::sampling::argmax(r)).collect();
+            return Ok(Some(PendingStep { logit_of, full_logits, host_logits: Some(rows), device_logits: None, ids: StepIds::Host(ids) }));
+        }
         let ids = super::cuda_ops::argmax_rows(&logits)?;
+        let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
         self.prof(|p| p.gpu("argmax"));
-        let ids = ids.to_vec1::<u32>()?;
+        let any_full = logit_of.iter().zip(&full_logits).any(|(r, &f)| r.is_some() && f);
+        Ok(Some(PendingStep {
+            logit_of,
+            full_logits,
+            host_logits: None,
+            device_logits: any_full.then_some(logits),
+            ids: StepIds::Device { ids, copy },
+        }))
+    }
+
+    /// Waits for a launched step's sampled ids (only them: a step launched after it keeps
+    /// running) and returns, per input sequence, its argmax or, where it asked, its full logits.
+    pub fn collect(&self, step: PendingStep) -> Result<Vec<Option<LastToken>>, EngineError> {
+        let PendingStep { logit_of, full_logits, host_logits, device_logits, ids } = step;
+        let mut out = vec![None; logit_of.len()];
+        if let Some(rows) = host_logits {
+            let StepIds::Host(ids) = ids else {
+                return Err(EngineError::Config("host logits without host ids".into()));
+            };
+            let mut rows: Vec<Option<Vec<f32>>> = rows.into_iter().map(Some).collect();
+            for (i, r) in logit_of.iter().enumerate() {
+                let Some(r) = *r else { continue };
+                out[i] = if full_logits[i] {
+                    rows.get_mut(r).and_then(Option::take).map(LastToken::Logits)
+                } else {
+                    ids.get(r).map(|&id| LastToken::Argmax(id))
+                };
+            }
+            return Ok(out);
+        }
+        let StepIds::Device { copy, .. } = ids else {
+            return Err(EngineError::Config("device step without device ids".into()));
+        };
+        let ids = copy.wait(&self.readback)?;
         self.prof(|p| {
             p.host("wait");
             p.gpu("d2h");
@@ -457,16 +562,16 @@ impl Model {
         });
         let mut want_rows = Vec::new();
         let mut want_seqs = Vec::new();
-        for (i, row) in logit_of.iter().enumerate() {
-            let Some(r) = *row else { continue };
-            if full_logits.get(i).copied().unwrap_or(true) {
+        for (i, r) in logit_of.iter().enumerate() {
+            let Some(r) = *r else { continue };
+            if full_logits[i] {
                 want_rows.push(r as u32);
                 want_seqs.push(i);
             } else if let Some(&id) = ids.get(r) {
                 out[i] = Some(LastToken::Argmax(id));
             }
         }
-        if !want_rows.is_empty() {
+        if let (false, Some(logits)) = (want_rows.is_empty(), device_logits) {
             let n = want_rows.len();
             let rows = Tensor::from_vec(want_rows, n, &self.device)?;
             let full = logits.index_select(&rows, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -480,12 +585,17 @@ impl Model {
     /// The forward pass; returns the `[rows, vocab]` logits (model dtype) of the sequences that
     /// want them and each sequence's row, or None when no sequence wants logits.
     #[allow(clippy::type_complexity)]
-    fn last_logits(&self, seqs: &[SeqInput], cache: &mut KvCache) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
+    fn last_logits(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut KvCache,
+        prev: Option<&StepIds>,
+    ) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
         if seqs.is_empty() {
             return Ok(None);
         }
         self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
-        let (st, logit_of) = self.prepare(seqs, cache.block_size())?;
+        let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev)?;
         self.prof(|p| {
             p.host("prepare");
             p.gpu("prepare_h2d");

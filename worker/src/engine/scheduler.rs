@@ -1,6 +1,7 @@
 //! Continuous-batching scheduler: the waiting queue, the running set and the block tables.
 //! Each step it picks which sequences run how many tokens under the max-sequences limit, the
 //! token budget and the KV-block budget, preempting the newest sequence when blocks run out.
+//! A token still being sampled by the step in flight is held as a `PENDING` placeholder.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -10,15 +11,21 @@ use rand_chacha::ChaCha12Rng;
 use super::kv_cache::{BlockAllocator, blocks_for};
 use super::sampling::SamplingParams;
 
+/// Marks a placeholder token: `PENDING | row` stands for the token the step in flight samples
+/// into its `row`-th logits row (token ids are below 2^31; the engine checks the vocabulary).
+pub const PENDING: u32 = 0x8000_0000;
+
 /// One request being served.
 pub struct Sequence {
     pub id: u64,
     /// Arrival order; larger is newer (preempted first).
     pub arrival: u64,
     pub params: SamplingParams,
-    /// Prompt followed by the generated tokens.
+    /// Prompt followed by the generated tokens; the last one may be a `PENDING` placeholder.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
+    /// Length at which the sequence ends for length (`max_tokens` or the model's maximum).
+    pub max_len: usize,
     /// Leading tokens whose K/V are in the cache.
     pub num_computed: usize,
     pub blocks: Vec<u32>,
@@ -31,6 +38,12 @@ pub struct Sequence {
 impl Sequence {
     pub fn num_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Whether the step in flight samples this sequence's last token and that token is its
+    /// last one (it ends for length): nothing of it is left to schedule.
+    pub fn ends_in_flight(&self) -> bool {
+        self.tokens.last().is_some_and(|&t| t & PENDING != 0) && self.tokens.len() >= self.max_len
     }
 }
 
@@ -89,7 +102,8 @@ impl Scheduler {
     }
 
     /// Decides this step's work. Running sequences (oldest first) get their next token or
-    /// prefill chunk; when their blocks do not fit, the newest running sequence is preempted.
+    /// prefill chunk (except those whose last token is in flight and ends them); when their
+    /// blocks do not fit, the newest running sequence is preempted.
     /// Then waiting sequences are admitted in arrival order while sequences, tokens and blocks
     /// allow (not in a step that had to preempt).
     pub fn schedule(&mut self) -> Vec<Scheduled> {
@@ -104,6 +118,10 @@ impl Scheduler {
                 let s = &self.running[i];
                 (s.tokens.len() - s.num_computed, s.num_computed, s.blocks.len())
             };
+            if remaining == 0 || self.running[i].ends_in_flight() {
+                i += 1;
+                continue;
+            }
             let n = remaining.min(budget);
             let need = blocks_for(computed + n, bs).saturating_sub(have);
             let mut self_preempted = false;
