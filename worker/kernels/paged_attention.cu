@@ -227,13 +227,17 @@ __device__ __forceinline__ void paged_attention(
 //  * PV: output column gid of n-tile j is dim (HD/8)*gid + j, so lane (gid, t) reads chunk gid
 //    (HD/8 dims) of keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim with byte permutes.
 // Softmax statistics are per row (head gid), shared by the lane quad; warps merge at the end.
-__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
-                                         uint32_t b1) {
+// PAIR: a block takes two consecutive query tokens of one sequence (a prefill chunk), the
+// first in rows 0..g-1 and the second (one key more) in rows 8..8+g-1, so each K/V tile read
+// serves both and the mma rows 8..15, idle in decode, do work. `items[b]` = first token, top
+// bit set when the second one is there too.
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -247,34 +251,40 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 
 // PIPE: the loads of a warp's next tile are issued before the current tile is computed
 // (double-buffered fragments: fewer resident warps, but loads always in flight).
-template <int HD, bool PIPE>
+template <int HD, bool PIPE, bool PAIR>
 __device__ __forceinline__ void paged_attention_mma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
     const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
-    __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,
-    float scale) {
+    const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,
+    int block_size, int max_blocks, float scale) {
+    constexpr int ROWS = PAIR ? 2 : 1;  // query tokens per block
     constexpr int KS = HD / 16;   // k-steps of QK
     constexpr int KU = HD / 32;   // uint4 per lane per key in QK (HD/4 dims)
     constexpr int NT = HD / 8;    // n-tiles of PV
     constexpr int VU = HD / 64;   // uint4 per lane per key in PV (HD/8 dims)
-    const int s = blockIdx.x;
+    const uint32_t item = PAIR ? items[blockIdx.x] : blockIdx.x;
+    const int s = (int)(item & 0x7fffffffu);
+    const bool two = PAIR && (item >> 31);
     const int kvh = blockIdx.y;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int gid = lane / 4;
     const int t = lane % 4;
     const int g = nh / nkv;
-    const int ctx = (int)ctx_lens[s];
+    const int ctx0 = (int)ctx_lens[s];                       // keys of row block 0 (token s)
+    const int ctx = two ? (int)ctx_lens[s + 1] : ctx0;       // keys the block reads (ctx0 + 1)
     const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s] * max_blocks;
 
-    __shared__ float red_m[WARPS][MAX_G];
-    __shared__ float red_l[WARPS][MAX_G];
-    __shared__ float red_acc[WARPS][MAX_G * HD];
+    __shared__ float red_m[WARPS][ROWS * MAX_G];
+    __shared__ float red_l[WARPS][ROWS * MAX_G];
+    __shared__ float red_acc[WARPS][ROWS * MAX_G * HD];
 
-    // Q fragments (row gid = head kvh*g + gid; zero rows past g).
+    // Q fragments (row gid = head kvh*g + gid of token s; rows 8 + gid: token s + 1 when two;
+    // zero rows past g).
     uint32_t qa[KS][2];
+    uint32_t qb[KS][2];
     {
         const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
             q + ((size_t)s * nh + kvh * g + (gid < g ? gid : 0)) * HD + t * (HD / 4));
@@ -282,12 +292,18 @@ __device__ __forceinline__ void paged_attention_mma(
         for (int k = 0; k < KS; ++k) {
             qa[k][0] = gid < g ? qrow[2 * k] : 0u;
             qa[k][1] = gid < g ? qrow[2 * k + 1] : 0u;
+            qb[k][0] = qb[k][1] = 0u;
+            if (two && gid < g) {
+                qb[k][0] = qrow[(size_t)nh * HD / 2 + 2 * k];
+                qb[k][1] = qrow[(size_t)nh * HD / 2 + 2 * k + 1];
+            }
         }
     }
     float o[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m = -INFINITY, l = 0.f;
+    float m = -INFINITY, l = 0.f;    // row gid
+    float m1 = -INFINITY, l1 = 0.f;  // row 8 + gid (PAIR)
 
     // Slot of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last key (finite
     // data, masked out of the softmax).
@@ -344,23 +360,29 @@ __device__ __forceinline__ void paged_attention_mma(
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
             for (int k = 0; k < KS; ++k)
-                mma_bf16(sc[nt], qa[k][0], qa[k][1], word(kr[nt][k / 2], (k % 2) * 2),
-                         word(kr[nt][k / 2], (k % 2) * 2 + 1));
+                mma_bf16(sc[nt], qa[k][0], PAIR ? qb[k][0] : 0u, qa[k][1], PAIR ? qb[k][1] : 0u,
+                         word(kr[nt][k / 2], (k % 2) * 2), word(kr[nt][k / 2], (k % 2) * 2 + 1));
         }
-        // Online softmax over the tile, row gid.
-        float mx = -INFINITY;
+        // Online softmax over the tile, row gid (and row 8 + gid).
+        float mx = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int key = t0 + nt * 8 + 2 * t + e;
-                sc[nt][e] = key < ctx ? sc[nt][e] * scale : -INFINITY;
+                sc[nt][e] = key < ctx0 ? sc[nt][e] * scale : -INFINITY;
                 mx = fmaxf(mx, sc[nt][e]);
+                if (PAIR) {
+                    sc[nt][2 + e] = key < ctx ? sc[nt][2 + e] * scale : -INFINITY;
+                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
+                }
             }
         }
         mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
-        const float m_new = fmaxf(m, mx);  // finite: key t0 < ctx
+        // Finite without PAIR (key t0 < ctx); with PAIR row gid may have no key yet (t0 = ctx0).
+        float m_new = fmaxf(m, mx);
+        if (PAIR && m_new == -INFINITY) m_new = 0.f;
         const float alpha = __expf(m - m_new);
         float sum = 0.f;
 #pragma unroll
@@ -374,24 +396,51 @@ __device__ __forceinline__ void paged_attention_mma(
         sum += __shfl_xor_sync(FULL, sum, 1);
         sum += __shfl_xor_sync(FULL, sum, 2);
         l = l * alpha + sum;
-        m = m_new;
+        m = fmaxf(m, mx);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             o[j][0] *= alpha;
             o[j][1] *= alpha;
+        }
+        if (PAIR) {
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+            float m1_new = fmaxf(m1, mx1);
+            if (m1_new == -INFINITY) m1_new = 0.f;  // rows past g / no second token: all masked
+            const float alpha1 = __expf(m1 - m1_new);
+            float sum1 = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    sc[nt][2 + e] = __expf(sc[nt][2 + e] - m1_new);
+                    sum1 += sc[nt][2 + e];
+                }
+            }
+            sum1 += __shfl_xor_sync(FULL, sum1, 1);
+            sum1 += __shfl_xor_sync(FULL, sum1, 2);
+            l1 = l1 * alpha1 + sum1;
+            m1 = fmaxf(m1, mx1);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                o[j][2] *= alpha1;
+                o[j][3] *= alpha1;
+            }
         }
         // O += P V, two k-steps of 16 keys.
 #pragma unroll
         for (int kb = 0; kb < 2; ++kb) {
             const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
             const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
+            const uint32_t pa1 = PAIR ? pack_bf16(sc[2 * kb][2], sc[2 * kb][3]) : 0u;
+            const uint32_t pa3 = PAIR ? pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]) : 0u;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int w = j / 2;  // word of the lane's chunk holding dim j (and j ^ 1)
                 const uint32_t sel = (j % 2) ? 0x7632u : 0x5410u;
                 const uint32_t b0 = __byte_perm(word(vr[kb][0][w / 4], w % 4), word(vr[kb][1][w / 4], w % 4), sel);
                 const uint32_t b1 = __byte_perm(word(vr[kb][2][w / 4], w % 4), word(vr[kb][3][w / 4], w % 4), sel);
-                mma_bf16(o[j], pa0, pa2, b0, b1);
+                mma_bf16(o[j], pa0, pa1, pa2, pa3, b0, b1);
             }
         }
         if (PIPE && t0 + WARPS * 32 < ctx) {
@@ -408,49 +457,64 @@ __device__ __forceinline__ void paged_attention_mma(
         }
     }
 
-    // Merge the warps: lane (gid, t) holds row gid, dims (HD/8)*2t + j and (HD/8)*(2t+1) + j.
+    // Merge the warps: lane (gid, t) holds row gid (and row 8 + gid in o[j][2..3]), dims
+    // (HD/8)*2t + j and (HD/8)*(2t+1) + j. Merged row r < g: head r of token s; row g + r:
+    // head r of token s + 1.
     if (gid < g) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             red_acc[warp][gid * HD + (HD / 8) * (2 * t) + j] = o[j][0];
             red_acc[warp][gid * HD + (HD / 8) * (2 * t + 1) + j] = o[j][1];
+            if (two) {
+                red_acc[warp][(g + gid) * HD + (HD / 8) * (2 * t) + j] = o[j][2];
+                red_acc[warp][(g + gid) * HD + (HD / 8) * (2 * t + 1) + j] = o[j][3];
+            }
         }
         if (t == 0) {
             red_m[warp][gid] = m;
             red_l[warp][gid] = l;
+            if (two) {
+                red_m[warp][g + gid] = m1;
+                red_l[warp][g + gid] = l1;
+            }
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < g * HD; i += THREADS) {
-        const int h = i / HD;
+    const int rows = two ? 2 * g : g;
+    for (int i = threadIdx.x; i < rows * HD; i += THREADS) {
+        const int r = i / HD;
         float mx = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, red_m[w][h]);
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, red_m[w][r]);
         float num = 0.f, den = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-            const float e = red_m[w][h] == -INFINITY ? 0.f : __expf(red_m[w][h] - mx);
+            const float e = red_m[w][r] == -INFINITY ? 0.f : __expf(red_m[w][r] - mx);
             num += e * red_acc[w][i];
-            den += e * red_l[w][h];
+            den += e * red_l[w][r];
         }
-        out[((size_t)s * nh + kvh * g + h) * HD + i % HD] = __float2bfloat16(num / den);
+        const int tok = s + (r >= g);
+        const int h = r >= g ? r - g : r;
+        out[((size_t)tok * nh + kvh * g + h) * HD + i % HD] = __float2bfloat16(num / den);
     }
 }
 
-#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, MINB)                                                  \
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, PAIR, MINB)                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
         const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
-        __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
-        float scale) {                                                                            \
-        paged_attention_mma<HD, PIPE>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
-                                block_size, max_blocks, scale);                                   \
+        const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,     \
+        int block_size, int max_blocks, float scale) {                                            \
+        paged_attention_mma<HD, PIPE, PAIR>(q, kc, vc, tables, table_rows, ctx_lens, items, out,  \
+                                            nh, nkv, block_size, max_blocks, scale);              \
     }
 
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, false, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, false, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, false, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd64, 64, false, true, 3)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd128, 128, false, true, 2)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \

@@ -20,6 +20,19 @@ fn check_causal(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: us
     check_queries(nh, nkv, hd, lens, &queries, block_size);
 }
 
+/// A mixed step: decode tokens and odd-length prefill chunks that start mid-sequence, so the
+/// paired kernel sees unpaired items among pairs (and a pair whose first row has one key
+/// fewer than the tile that starts at it).
+#[allow(clippy::unwrap_used)]
+fn check_mixed(nh: usize, nkv: usize, hd: usize, block_size: usize) {
+    let lens = [300usize, 70, 33, 129];
+    let mut queries = vec![(0, 300)];
+    queries.extend((41..=70).map(|c| (1, c)));
+    queries.push((2, 33));
+    queries.extend((97..=129).map(|c| (3, c)));
+    check_queries(nh, nkv, hd, &lens, &queries, block_size);
+}
+
 #[allow(clippy::unwrap_used)]
 fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(usize, usize)], block_size: usize) {
     let dev = Device::new_cuda(0).unwrap();
@@ -53,7 +66,9 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
-    let run = |tensor_cores: bool| {
+    let pairs = sluice_worker::engine::cuda_ops::query_pairs(&rows, &ctx);
+    let pairs_t = Tensor::from_slice(&pairs, pairs.len(), &dev).unwrap();
+    let run = |tensor_cores: bool, paired: bool| {
         sluice_worker::engine::cuda_ops::paged_attention(
             &t(&q, &[n, nh, hd]),
             &t(&k, &[slots, kvd]),
@@ -65,6 +80,7 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
             block_size,
             scale,
             tensor_cores,
+            paired.then_some(&pairs_t),
         )
         .unwrap()
         .to_dtype(DType::F32)
@@ -74,9 +90,12 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
         .to_vec1::<f32>()
         .unwrap()
     };
-    let mut kernels = vec![("cuda cores", run(false))];
+    let mut kernels = vec![("cuda cores", run(false, false))];
     if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
-        kernels.push(("tensor cores", run(true)));
+        kernels.push(("tensor cores", run(true, false)));
+        if pairs.len() < n {
+            kernels.push(("tensor cores, paired", run(true, true)));
+        }
     }
     let g = nh / nkv;
     for (kernel, got) in kernels {
@@ -137,6 +156,9 @@ fn paged_attention_matches_reference() {
     check(6, 3, 32, &[2, 95], 8);
     check(16, 2, 64, &[31, 32, 33, 64, 500], 16);
     check_causal(14, 2, 64, &[1, 37, 130], 16);
+    check_mixed(14, 2, 64, 16);
+    check_mixed(28, 4, 128, 32);
+    check_mixed(8, 1, 64, 16);
     check_causal(8, 2, 128, &[65], 16);
 }
 

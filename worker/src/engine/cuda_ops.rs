@@ -40,6 +40,9 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 /// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
 ///   (≥ 1): `pos + 1` for the token at `pos` (causal).
 ///
+/// * `pairs` (tensor cores only): the `query_pairs` work items; each block then attends two
+///   consecutive tokens of a prefill chunk at once (one K/V read for both).
+///
 /// Returns `[n, num_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
@@ -53,6 +56,7 @@ pub fn paged_attention(
     block_size: usize,
     scale: f32,
     tensor_cores: bool,
+    pairs: Option<&Tensor>,
 ) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
@@ -63,6 +67,7 @@ pub fn paged_attention(
             tables: tables.clone(),
             table_rows: table_rows.clone(),
             ctx_lens: ctx_lens.clone(),
+            pairs: if tensor_cores { pairs.cloned() } else { None },
             num_kv_heads,
             block_size,
             max_blocks,
@@ -73,9 +78,24 @@ pub fn paged_attention(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores);
+        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores, pairs);
         Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
     }
+}
+
+/// Work items of the paired attention kernel for queries with these `table_rows` and
+/// `ctx_lens` (flat order): a query followed by the next position of the same sequence makes
+/// one item, `first | 1 << 31`; any other query is an item alone, `index`. Covers every query
+/// exactly once.
+pub fn query_pairs(table_rows: &[u32], ctx_lens: &[u32]) -> Vec<u32> {
+    let mut items = Vec::with_capacity(table_rows.len().div_ceil(2));
+    let mut i = 0;
+    while i < table_rows.len() {
+        let pair = i + 1 < table_rows.len() && table_rows[i + 1] == table_rows[i] && ctx_lens[i + 1] == ctx_lens[i] + 1;
+        items.push(i as u32 | if pair { 1 << 31 } else { 0 });
+        i += if pair { 2 } else { 1 };
+    }
+    items
 }
 
 /// The QKV epilogue of the paged path (CUDA bf16): adds `bias`, applies rotate-half RoPE at
@@ -249,6 +269,7 @@ mod imp {
         pub tables: Tensor,
         pub table_rows: Tensor,
         pub ctx_lens: Tensor,
+        pub pairs: Option<Tensor>,
         pub num_kv_heads: usize,
         pub block_size: usize,
         pub max_blocks: usize,
@@ -319,7 +340,17 @@ mod imp {
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
+            let pair_guard = self.pairs.as_ref().map(|p| p.storage_and_layout());
+            let pair_view = match &pair_guard {
+                Some((ps, pl)) => {
+                    let Storage::Cuda(ps) = &**ps else { bail!("paged-attention: pairs must be on the GPU") };
+                    Some(view::<u32>(ps, pl, "query pairs")?)
+                }
+                None => None,
+            };
             let entry = match (hd, self.tensor_cores) {
+                (64, true) if pair_view.is_some() => "paged_attention_mma_pair_bf16_hd64",
+                (128, true) if pair_view.is_some() => "paged_attention_mma_pair_bf16_hd128",
                 (64, true) if pipelined() => "paged_attention_mma_pipe_bf16_hd64",
                 (64, true) => "paged_attention_mma_bf16_hd64",
                 (128, true) => "paged_attention_mma_bf16_hd128",
@@ -335,11 +366,16 @@ mod imp {
             if n == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
             }
+            let blocks = match &pair_view {
+                Some(p) => p.len(),
+                None => n,
+            };
             let cfg = LaunchConfig {
-                grid_dim: (as_u32(n, "query tokens")?, as_u32(self.num_kv_heads, "kv heads")?, 1),
+                grid_dim: (as_u32(blocks, "query tokens")?, as_u32(self.num_kv_heads, "kv heads")?, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let null: u64 = 0;
             let (nh_, nkv_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?);
             let (bs_, mb_) = (as_i32(self.block_size, "block_size")?, as_i32(self.max_blocks, "max_blocks")?);
             let mut builder = func.builder();
@@ -349,15 +385,23 @@ mod imp {
             builder.arg(&tv);
             builder.arg(&rv);
             builder.arg(&cv);
+            if self.tensor_cores {
+                match &pair_view {
+                    Some(p) => builder.arg(p),
+                    None => builder.arg(&null),
+                };
+            }
             builder.arg(&out);
             builder.arg(&nh_);
             builder.arg(&nkv_);
             builder.arg(&bs_);
             builder.arg(&mb_);
             builder.arg(&self.scale);
-            // SAFETY: argument types and order match `paged_attention_bf16_hd*`; the shapes were
-            // checked above; each query reads `ctx_lens[s]` keys through its own table row,
-            // which the engine sized to cover them.
+            // SAFETY: argument types and order match `paged_attention_bf16_hd*` (the mma kernels
+            // take the items pointer after ctx_lens; a null one when unpaired, which they do
+            // not read); the shapes were checked above; each query reads `ctx_lens[s]` keys
+            // through its own table row, which the engine sized to cover them; `query_pairs`
+            // pairs only consecutive positions of one sequence.
             unsafe { builder.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))
         }

@@ -71,6 +71,9 @@ struct PagedInputs {
     table_rows: Tensor,
     /// `[num_tokens]` keys each token attends to (its position + 1).
     ctx_lens: Tensor,
+    /// Work items pairing consecutive prefill tokens (`cuda_ops::query_pairs`), in steps with
+    /// prefill chunks on the tensor-core kernel.
+    pairs: Option<Tensor>,
 }
 
 /// Decode attention with candle ops (CPU, f32/f16, shapes the kernel does not cover): keys
@@ -160,6 +163,9 @@ pub struct Model {
     paged_attention: bool,
     /// The paged path uses the tensor-core kernel (head_dim 64/128; `SLUICE_ATTN_MMA=0` off).
     attn_tensor_cores: bool,
+    /// Steps with prefill chunks attend two consecutive tokens per block (tensor cores;
+    /// `SLUICE_ATTN_PAIRS=0` off).
+    attn_pairs: bool,
     /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
@@ -258,6 +264,7 @@ impl Model {
             max_len,
             paged_attention,
             attn_tensor_cores,
+            attn_pairs: attn_tensor_cores && std::env::var("SLUICE_ATTN_PAIRS").as_deref() != Ok("0"),
             device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
             readback: super::cuda_ops::ReadbackPool::default(),
             profiler: std::sync::Mutex::new(Profiler::from_env(device)),
@@ -328,10 +335,18 @@ impl Model {
             rows.extend(std::iter::repeat_n(row as u32, s.tokens.len()));
             lens.extend((s.start_pos..ctx_of(i)).map(|p| p as u32 + 1));
         }
+        let pairs = if self.attn_pairs && n > order.len() {
+            let items = super::cuda_ops::query_pairs(&rows, &lens);
+            let m = items.len();
+            Some(Tensor::from_vec(items, m, &self.device)?)
+        } else {
+            None
+        };
         Ok(PagedInputs {
             tables: Tensor::from_vec(tables, (order.len(), max_blocks), &self.device)?,
             table_rows: Tensor::from_vec(rows, n, &self.device)?,
             ctx_lens: Tensor::from_vec(lens, n, &self.device)?,
+            pairs,
         })
     }
 
@@ -654,7 +669,7 @@ impl Model {
         let qkv = layer.qkv.forward(h)?;
         self.prof(|p| p.gpu("qkv"));
         let (kc, vc) = cache.layer(li)?;
-        if let Some(PagedInputs { tables, table_rows, ctx_lens }) = &st.paged {
+        if let Some(PagedInputs { tables, table_rows, ctx_lens, pairs }) = &st.paged {
             let q = super::cuda_ops::rope_qkv_cache(
                 &qkv,
                 layer.qkv_bias.as_ref(),
@@ -680,6 +695,7 @@ impl Model {
                 cache.block_size(),
                 scale as f32,
                 self.attn_tensor_cores,
+                pairs.as_ref(),
             )?;
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);
