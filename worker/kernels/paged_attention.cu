@@ -561,50 +561,57 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
 
 // After the QKV projection: adds the bias (if any), applies rotate-half RoPE at each token's
 // position to the query and key heads, writes the rotated queries to q_out and the keys and
-// values straight into their cache slots. One thread per (token, head, i < hd/2) pair.
+// values straight into their cache slots. One thread per (token, head, two adjacent i < hd/2):
+// bf16x2 / float2 accesses and 32-bit index arithmetic (the host checks the count fits).
 // qkv: [n, (nh + 2 nkv) * hd]; bias: [(nh + 2 nkv) * hd] or null; pos, slots: [n];
-// cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd].
+// cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd]. hd % 4 == 0.
 extern "C" __global__ void rope_qkv_cache_bf16(
     const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ bias,
     const uint32_t* __restrict__ pos, const float* __restrict__ cos_t,
     const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
     __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc,
     const uint32_t* __restrict__ slots, int n, int nh, int nkv, int hd) {
-    const int half = hd / 2;
-    const int heads = nh + 2 * nkv;
-    const size_t total = (size_t)n * heads * half;
+    const uint32_t half = hd / 2;
+    const uint32_t quarter = hd / 4;  // i pairs per head
+    const uint32_t heads = nh + 2 * nkv;
+    const uint32_t total = (uint32_t)n * heads * quarter;
     const size_t kvd = (size_t)nkv * hd;
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        const int i = (int)(idx % half);
-        const int hh = (int)((idx / half) % heads);
-        const size_t t = idx / ((size_t)half * heads);
-        const size_t base = t * heads * hd + (size_t)hh * hd;
-        float x1 = __bfloat162float(qkv[base + i]);
-        float x2 = __bfloat162float(qkv[base + i + half]);
+    for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+        const uint32_t i = (idx % quarter) * 2;
+        const uint32_t rest = idx / quarter;
+        const uint32_t hh = rest % heads;
+        const uint32_t t = rest / heads;
+        const size_t base = (size_t)t * heads * hd + (size_t)hh * hd;
+        float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + base + i));
+        float2 x2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + base + i + half));
         if (bias != nullptr) {
             // Round after the bias add, as the separate bias add would.
-            x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[hh * hd + i])));
-            x2 = __bfloat162float(__float2bfloat16(x2 + __bfloat162float(bias[hh * hd + i + half])));
+            const float2 b1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + hh * hd + i));
+            const float2 b2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + hh * hd + i + half));
+            x1 = __bfloat1622float2(__floats2bfloat162_rn(x1.x + b1.x, x1.y + b1.y));
+            x2 = __bfloat1622float2(__floats2bfloat162_rn(x2.x + b2.x, x2.y + b2.y));
         }
-        if (hh < nh + nkv) {
+        __nv_bfloat16* dst;
+        if (hh < (uint32_t)(nh + nkv)) {
             const size_t p = (size_t)pos[t] * half + i;
-            const float c = cos_t[p], s = sin_t[p];
-            const float y1 = x1 * c - x2 * s;
-            const float y2 = x2 * c + x1 * s;
-            __nv_bfloat16* dst = hh < nh ? q_out + (t * nh + hh) * hd
-                                         : kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd;
-            dst[i] = __float2bfloat16(y1);
-            dst[i + half] = __float2bfloat16(y2);
+            const float2 c = *reinterpret_cast<const float2*>(cos_t + p);
+            const float2 s = *reinterpret_cast<const float2*>(sin_t + p);
+            const float2 y1 = make_float2(x1.x * c.x - x2.x * s.x, x1.y * c.y - x2.y * s.y);
+            const float2 y2 = make_float2(x2.x * c.x + x1.x * s.x, x2.y * c.y + x1.y * s.y);
+            x1 = y1;
+            x2 = y2;
+            dst = hh < (uint32_t)nh ? q_out + ((size_t)t * nh + hh) * hd
+                                    : kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd;
         } else {
-            __nv_bfloat16* dst = vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
-            dst[i] = __float2bfloat16(x1);
-            dst[i + half] = __float2bfloat16(x2);
+            dst = vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
         }
+        *reinterpret_cast<__nv_bfloat162*>(dst + i) = __floats2bfloat162_rn(x1.x, x1.y);
+        *reinterpret_cast<__nv_bfloat162*>(dst + i + half) = __floats2bfloat162_rn(x2.x, x2.y);
     }
 }
 
 #define NORM_THREADS 128
+#define NORM_VEC 4  // 16-byte chunks per thread the vectorised path keeps (h <= 4096)
 
 // Residual add + RMSNorm: out[0] = x + r (rounded to bf16), out[1] = RMSNorm(out[0]) * w.
 // x, r: [n, h]; w: [h]; out: [2, n, h]. One block per row; f32 statistics.
@@ -617,12 +624,39 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     const __nv_bfloat16* rr = r + row * h;
     __nv_bfloat16* sum_out = out + row * h;
     __nv_bfloat16* norm_out = out + ((size_t)n + row) * h;
+    // Rows of h % 8 == 0 up to NORM_VEC chunks of 8 per thread: 16-byte accesses, the rounded
+    // sums kept in registers for the second pass.
+    const bool vec = h % 8 == 0 && h <= NORM_THREADS * 8 * NORM_VEC;
+    float v[NORM_VEC][8];
     float ss = 0.f;
-    for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
-        const __nv_bfloat16 v = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
-        sum_out[c] = v;
-        const float f = __bfloat162float(v);
-        ss += f * f;
+    if (vec) {
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; ++k) {
+            const int c = (threadIdx.x + k * NORM_THREADS) * 8;
+            if (c < h) {
+                float a[8], b[8];
+                load8(xr + c, a);
+                load8(rr + c, b);
+                uint4 raw;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    o[j] = __floats2bfloat162_rn(a[2 * j] + b[2 * j], a[2 * j + 1] + b[2 * j + 1]);
+                    const float2 f = __bfloat1622float2(o[j]);
+                    v[k][2 * j] = f.x;
+                    v[k][2 * j + 1] = f.y;
+                    ss += f.x * f.x + f.y * f.y;
+                }
+                *reinterpret_cast<uint4*>(sum_out + c) = raw;
+            }
+        }
+    } else {
+        for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
+            const __nv_bfloat16 b = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
+            sum_out[c] = b;
+            const float f = __bfloat162float(b);
+            ss += f * f;
+        }
     }
     ss = warp_sum(ss);
     __shared__ float part[NORM_THREADS / 32];
@@ -632,6 +666,23 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 #pragma unroll
     for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
     const float rs = rsqrtf(tot / h + eps);
+    if (vec) {
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; ++k) {
+            const int c = (threadIdx.x + k * NORM_THREADS) * 8;
+            if (c < h) {
+                float wf[8];
+                load8(w + c, wf);
+                uint4 raw;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    o[j] = __floats2bfloat162_rn(v[k][2 * j] * rs * wf[2 * j], v[k][2 * j + 1] * rs * wf[2 * j + 1]);
+                *reinterpret_cast<uint4*>(norm_out + c) = raw;
+            }
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
         const float f = __bfloat162float(sum_out[c]);
         norm_out[c] = __float2bfloat16(f * rs * __bfloat162float(w[c]));

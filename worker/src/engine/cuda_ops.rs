@@ -432,8 +432,8 @@ mod imp {
         fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
             let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
             let (n, width) = xl.shape().dims2()?;
-            if width != (nh + 2 * nkv) * hd || !hd.is_multiple_of(2) {
-                bail!("rope-qkv-cache: qkv width {width} is not ({nh} + 2 * {nkv}) * {hd}");
+            if width != (nh + 2 * nkv) * hd || !hd.is_multiple_of(4) {
+                bail!("rope-qkv-cache: qkv width {width} is not ({nh} + 2 * {nkv}) * {hd} with head_dim a multiple of 4");
             }
             let dev = x.device.clone();
             let (ps, pl) = self.positions.storage_and_layout();
@@ -476,7 +476,8 @@ mod imp {
             };
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
-            let total = n * (nh + 2 * nkv) * (hd / 2);
+            let total = n * (nh + 2 * nkv) * (hd / 4);
+            as_u32(total, "RoPE work items")?;
             if total == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
             }
