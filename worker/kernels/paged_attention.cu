@@ -517,6 +517,226 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd64, 64, false, true, 3
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd128, 128, false, true, 2)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
+// ---------------------------------------------------------------------------------------------
+// Prefill chunks on tensor cores: a block takes up to 8 consecutive positions of one sequence
+// (`items[b]` = first token | (count - 1) << 28) and one KV head; warp w owns positions 2w and
+// 2w + 1 (mma rows gid and 8 + gid, as in the PAIR kernel) and every warp walks every key tile
+// of the block's longest context. Each 32-key tile of K and V is copied once per block into
+// shared memory with cp.async (double-buffered: tile j + 1 loads while tile j is computed), and
+// the warps read their fragments from there with the same lane layout as the paged kernel.
+// Rows are padded by 16 bytes so those 16-byte fragment reads do not conflict on banks.
+#define CHUNK_TOKENS 8
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_attention_mma(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+    const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
+    const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
+    const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,
+    int block_size, int max_blocks, float scale) {
+    constexpr int KS = HD / 16;
+    constexpr int NT = HD / 8;
+    constexpr int ROW = HD + 8;          // padded smem row, in bf16
+    constexpr int CH = HD / 8;           // 16-byte chunks per row
+    __shared__ __align__(16) __nv_bfloat16 ks[2][32 * ROW];
+    __shared__ __align__(16) __nv_bfloat16 vs[2][32 * ROW];
+
+    const uint32_t item = items[blockIdx.x];
+    const int s0 = (int)(item & 0x0fffffffu);
+    const int count = (int)(item >> 28) + 1;
+    const int kvh = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int gid = lane / 4;
+    const int t = lane % 4;
+    const int g = nh / nkv;
+    const size_t kvd = (size_t)nkv * HD;
+    const uint32_t* table = tables + (size_t)table_rows[s0] * max_blocks;
+    const int ctx_max = (int)ctx_lens[s0 + count - 1];
+    const int ntiles = (ctx_max + 31) / 32;
+
+    // This warp's two positions (rows gid and 8 + gid); absent ones attend nothing.
+    const int ta = 2 * warp, tb = 2 * warp + 1;
+    const bool has_a = ta < count, has_b = tb < count;
+    const int ctx_a = has_a ? (int)ctx_lens[s0 + ta] : 0;
+    const int ctx_b = has_b ? (int)ctx_lens[s0 + tb] : 0;
+    uint32_t qa[KS][2], qb[KS][2];
+    {
+        const int h = kvh * g + (gid < g ? gid : 0);
+        const uint32_t* qra = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_a ? ta : 0)) * nh + h) * HD + t * (HD / 4));
+        const uint32_t* qrb = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_b ? tb : 0)) * nh + h) * HD + t * (HD / 4));
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            const bool ra = has_a && gid < g, rb = has_b && gid < g;
+            qa[k][0] = ra ? qra[2 * k] : 0u;
+            qa[k][1] = ra ? qra[2 * k + 1] : 0u;
+            qb[k][0] = rb ? qrb[2 * k] : 0u;
+            qb[k][1] = rb ? qrb[2 * k + 1] : 0u;
+        }
+    }
+
+    // Copies tile j (keys 32j..32j+31, clamped to the last key) of K and V into buffer b.
+    auto issue = [&](int j, int b) {
+        for (int idx = threadIdx.x; idx < 32 * CH; idx += THREADS) {
+            const int r = idx / CH, c = idx % CH;
+            const int key = min(j * 32 + r, ctx_max - 1);
+            const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
+            const size_t off = slot * kvd + (size_t)kvh * HD + c * 8;
+            cp_async16(&ks[b][r * ROW + c * 8], kc + off);
+            cp_async16(&vs[b][r * ROW + c * 8], vc + off);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    float o[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = -INFINITY, l0 = 0.f, m1 = -INFINITY, l1 = 0.f;
+
+    issue(0, 0);
+    for (int j = 0; j < ntiles; ++j) {
+        const int b = j & 1;
+        if (j + 1 < ntiles) {
+            issue(j + 1, b ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();
+        const int t0 = j * 32;
+        if (has_a && t0 < (has_b ? ctx_b : ctx_a)) {  // warp-uniform: the tile has keys for a row
+            // S = Q K^T for the 32 keys (n-tile nt: keys nt*8 + gid in the B fragment).
+            float sc[4][4];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+                const uint4* krow = reinterpret_cast<const uint4*>(&ks[b][(nt * 8 + gid) * ROW + t * (HD / 4)]);
+#pragma unroll
+                for (int k = 0; k < KS; ++k) {
+                    const uint4 kv4 = krow[k / 2];
+                    mma_bf16(sc[nt], qa[k][0], qb[k][0], qa[k][1], qb[k][1], word(kv4, (k % 2) * 2),
+                             word(kv4, (k % 2) * 2 + 1));
+                }
+            }
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = t0 + nt * 8 + 2 * t + e;
+                    sc[nt][e] = key < ctx_a ? sc[nt][e] * scale : -INFINITY;
+                    sc[nt][2 + e] = key < ctx_b ? sc[nt][2 + e] * scale : -INFINITY;
+                    mx0 = fmaxf(mx0, sc[nt][e]);
+                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
+                }
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            if (mn0 == -INFINITY) mn0 = 0.f;  // no key of this row yet: p = 0, alpha = 0
+            if (mn1 == -INFINITY) mn1 = 0.f;
+            const float al0 = __expf(m0 - mn0), al1 = __expf(m1 - mn1);
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    sc[nt][e] = __expf(sc[nt][e] - mn0);
+                    sc[nt][2 + e] = __expf(sc[nt][2 + e] - mn1);
+                    sum0 += sc[nt][e];
+                    sum1 += sc[nt][2 + e];
+                }
+            }
+            sum0 += __shfl_xor_sync(FULL, sum0, 1);
+            sum0 += __shfl_xor_sync(FULL, sum0, 2);
+            sum1 += __shfl_xor_sync(FULL, sum1, 1);
+            sum1 += __shfl_xor_sync(FULL, sum1, 2);
+            l0 = l0 * al0 + sum0;
+            l1 = l1 * al1 + sum1;
+            m0 = fmaxf(m0, mx0);
+            m1 = fmaxf(m1, mx1);
+#pragma unroll
+            for (int jj = 0; jj < NT; ++jj) {
+                o[jj][0] *= al0;
+                o[jj][1] *= al0;
+                o[jj][2] *= al1;
+                o[jj][3] *= al1;
+            }
+            // O += P V: k-step kb covers keys kb*16..kb*16+15; lane (gid, t) reads chunk gid of
+            // keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim.
+#pragma unroll
+            for (int kb = 0; kb < 2; ++kb) {
+                const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
+                const uint32_t pa1 = pack_bf16(sc[2 * kb][2], sc[2 * kb][3]);
+                const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
+                const uint32_t pa3 = pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]);
+                uint4 vr[4][HD / 64];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
+                    const uint4* vrow = reinterpret_cast<const uint4*>(&vs[b][key * ROW + gid * (HD / 8)]);
+#pragma unroll
+                    for (int u = 0; u < HD / 64; ++u) vr[r][u] = vrow[u];
+                }
+#pragma unroll
+                for (int jj = 0; jj < NT; ++jj) {
+                    const int w = jj / 2;
+                    const uint32_t sel = (jj % 2) ? 0x7632u : 0x5410u;
+                    const uint32_t b0 = __byte_perm(word(vr[0][w / 4], w % 4), word(vr[1][w / 4], w % 4), sel);
+                    const uint32_t b1 = __byte_perm(word(vr[2][w / 4], w % 4), word(vr[3][w / 4], w % 4), sel);
+                    mma_bf16(o[jj], pa0, pa1, pa2, pa3, b0, b1);
+                }
+            }
+        }
+        __syncthreads();  // buffer b is refilled by the next iteration's issue
+    }
+
+    // Lane (gid, t) holds row gid (position ta) in o[.][0..1] and row 8 + gid (tb) in o[.][2..3],
+    // dims (HD/8)*2t + jj and (HD/8)*(2t+1) + jj.
+    if (gid < g) {
+        const int h = kvh * g + gid;
+        if (has_a) {
+            __nv_bfloat16* oa = out + ((size_t)(s0 + ta) * nh + h) * HD;
+            const float inv = 1.f / l0;
+#pragma unroll
+            for (int jj = 0; jj < NT; ++jj) {
+                oa[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][0] * inv);
+                oa[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][1] * inv);
+            }
+        }
+        if (has_b) {
+            __nv_bfloat16* ob = out + ((size_t)(s0 + tb) * nh + h) * HD;
+            const float inv = 1.f / l1;
+#pragma unroll
+            for (int jj = 0; jj < NT; ++jj) {
+                ob[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][2] * inv);
+                ob[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][3] * inv);
+            }
+        }
+    }
+}
+
+#define PREFILL_ATTENTION_ENTRY(NAME, HD, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
+        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
+        const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
+        const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,     \
+        int block_size, int max_blocks, float scale) {                                            \
+        prefill_attention_mma<HD>(q, kc, vc, tables, table_rows, ctx_lens, items, out, nh, nkv,   \
+                                  block_size, max_blocks, scale);                                 \
+    }
+
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 3)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 2)
+
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \

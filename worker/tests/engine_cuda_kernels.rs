@@ -66,9 +66,14 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
-    let pairs = sluice_worker::engine::cuda_ops::query_pairs(&rows, &ctx);
-    let pairs_t = Tensor::from_slice(&pairs, pairs.len(), &dev).unwrap();
-    let run = |tensor_cores: bool, paired: bool| {
+    use sluice_worker::engine::cuda_ops::{Prefill, query_chunks, query_pairs};
+    // Leading one-token queries run one per block, as a step's decode tokens do.
+    let first = (0..n).take_while(|&i| i + 1 >= n || rows[i + 1] != rows[i] || ctx[i + 1] != ctx[i] + 1).count();
+    let to_t = |v: Vec<u32>| Tensor::from_slice(&v, v.len(), &dev).unwrap();
+    let pairs = to_t(query_pairs(&rows, &ctx, first));
+    let chunks_all = to_t(query_chunks(&rows, &ctx, 0));
+    let chunks = to_t(query_chunks(&rows, &ctx, first));
+    let run = |tensor_cores: bool, prefill: Option<Prefill>| {
         sluice_worker::engine::cuda_ops::paged_attention(
             &t(&q, &[n, nh, hd]),
             &t(&k, &[slots, kvd]),
@@ -80,7 +85,7 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
             block_size,
             scale,
             tensor_cores,
-            paired.then_some(&pairs_t),
+            prefill,
         )
         .unwrap()
         .to_dtype(DType::F32)
@@ -90,12 +95,12 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
         .to_vec1::<f32>()
         .unwrap()
     };
-    let mut kernels = vec![("cuda cores", run(false, false))];
+    let mut kernels = vec![("cuda cores", run(false, None))];
     if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
-        kernels.push(("tensor cores", run(true, false)));
-        if pairs.len() < n {
-            kernels.push(("tensor cores, paired", run(true, true)));
-        }
+        kernels.push(("tensor cores", run(true, None)));
+        kernels.push(("tensor cores, pairs", run(true, Some(Prefill::Pairs { items: &pairs, first }))));
+        kernels.push(("tensor cores, chunks", run(true, Some(Prefill::Chunks { items: &chunks, first }))));
+        kernels.push(("tensor cores, all chunks", run(true, Some(Prefill::Chunks { items: &chunks_all, first: 0 }))));
     }
     let g = nh / nkv;
     for (kernel, got) in kernels {

@@ -40,8 +40,10 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 /// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
 ///   (≥ 1): `pos + 1` for the token at `pos` (causal).
 ///
-/// * `pairs` (tensor cores only): the `query_pairs` work items; each block then attends two
-///   consecutive tokens of a prefill chunk at once (one K/V read for both).
+/// * `prefill` (tensor cores only): work items for the tokens from `first` on, from
+///   `query_pairs` (`Prefill::Pairs`: a block attends two consecutive positions) or
+///   `query_chunks` (`Prefill::Chunks`: a block attends up to 8, its K/V tiles staged in shared
+///   memory once for all); tokens before `first` (decode tokens) run one per block.
 ///
 /// Returns `[n, num_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
@@ -56,7 +58,7 @@ pub fn paged_attention(
     block_size: usize,
     scale: f32,
     tensor_cores: bool,
-    pairs: Option<&Tensor>,
+    prefill: Option<Prefill<'_>>,
 ) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
@@ -67,7 +69,7 @@ pub fn paged_attention(
             tables: tables.clone(),
             table_rows: table_rows.clone(),
             ctx_lens: ctx_lens.clone(),
-            pairs: if tensor_cores { pairs.cloned() } else { None },
+            prefill: if tensor_cores { prefill.map(|p| p.to_owned()) } else { None },
             num_kv_heads,
             block_size,
             max_blocks,
@@ -78,18 +80,63 @@ pub fn paged_attention(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores, pairs);
+        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores, prefill);
         Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
     }
+}
+
+/// How the tensor-core attention runs the prefill tokens of a step (from `first` on; every
+/// token before `first` is attended alone, as decode tokens are).
+#[derive(Debug, Clone, Copy)]
+pub enum Prefill<'a> {
+    /// `query_pairs` items: two consecutive positions per block.
+    Pairs { items: &'a Tensor, first: usize },
+    /// `query_chunks` items: up to 8 consecutive positions per block, K/V via shared memory.
+    Chunks { items: &'a Tensor, first: usize },
+}
+
+#[cfg(feature = "cuda")]
+impl Prefill<'_> {
+    fn to_owned(self) -> (Tensor, usize, bool) {
+        match self {
+            Prefill::Pairs { items, first } => (items.clone(), first, false),
+            Prefill::Chunks { items, first } => (items.clone(), first, true),
+        }
+    }
+}
+
+/// Positions per `query_chunks` item (CHUNK_TOKENS in the kernel).
+pub const CHUNK_TOKENS: usize = 8;
+
+/// Work items of the chunked prefill kernel for the queries from `first` on (flat order, with
+/// these `table_rows` and `ctx_lens`): runs of up to `CHUNK_TOKENS` consecutive positions of
+/// one sequence, each `first_token | (count - 1) << 28`. Covers every query from `first` on
+/// exactly once; needs fewer than 2^28 queries.
+pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize) -> Vec<u32> {
+    let mut items = Vec::new();
+    let mut i = first;
+    while i < table_rows.len() {
+        let mut count = 1;
+        while count < CHUNK_TOKENS
+            && i + count < table_rows.len()
+            && table_rows[i + count] == table_rows[i]
+            && ctx_lens[i + count] == ctx_lens[i + count - 1] + 1
+        {
+            count += 1;
+        }
+        items.push(i as u32 | ((count as u32 - 1) << 28));
+        i += count;
+    }
+    items
 }
 
 /// Work items of the paired attention kernel for queries with these `table_rows` and
 /// `ctx_lens` (flat order): a query followed by the next position of the same sequence makes
 /// one item, `first | 1 << 31`; any other query is an item alone, `index`. Covers every query
 /// exactly once.
-pub fn query_pairs(table_rows: &[u32], ctx_lens: &[u32]) -> Vec<u32> {
+pub fn query_pairs(table_rows: &[u32], ctx_lens: &[u32], first: usize) -> Vec<u32> {
     let mut items = Vec::with_capacity(table_rows.len().div_ceil(2));
-    let mut i = 0;
+    let mut i = first;
     while i < table_rows.len() {
         let pair = i + 1 < table_rows.len() && table_rows[i + 1] == table_rows[i] && ctx_lens[i + 1] == ctx_lens[i] + 1;
         items.push(i as u32 | if pair { 1 << 31 } else { 0 });
@@ -269,7 +316,8 @@ mod imp {
         pub tables: Tensor,
         pub table_rows: Tensor,
         pub ctx_lens: Tensor,
-        pub pairs: Option<Tensor>,
+        /// Prefill items, the first token they cover, and whether they are chunks (else pairs).
+        pub prefill: Option<(Tensor, usize, bool)>,
         pub num_kv_heads: usize,
         pub block_size: usize,
         pub max_blocks: usize,
@@ -340,17 +388,22 @@ mod imp {
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let pair_guard = self.pairs.as_ref().map(|p| p.storage_and_layout());
-            let pair_view = match &pair_guard {
+            let item_guard = self.prefill.as_ref().map(|(p, _, _)| p.storage_and_layout());
+            let item_view = match &item_guard {
                 Some((ps, pl)) => {
-                    let Storage::Cuda(ps) = &**ps else { bail!("paged-attention: pairs must be on the GPU") };
-                    Some(view::<u32>(ps, pl, "query pairs")?)
+                    let Storage::Cuda(ps) = &**ps else { bail!("paged-attention: prefill items must be on the GPU") };
+                    Some(view::<u32>(ps, pl, "prefill items")?)
                 }
                 None => None,
             };
+            let (first, chunks) = match &self.prefill {
+                Some((_, first, chunks)) => (*first, *chunks),
+                None => (n, false),
+            };
+            if first > n {
+                bail!("paged-attention: prefill items start at token {first} of {n}");
+            }
             let entry = match (hd, self.tensor_cores) {
-                (64, true) if pair_view.is_some() => "paged_attention_mma_pair_bf16_hd64",
-                (128, true) if pair_view.is_some() => "paged_attention_mma_pair_bf16_hd128",
                 (64, true) if pipelined() => "paged_attention_mma_pipe_bf16_hd64",
                 (64, true) => "paged_attention_mma_bf16_hd64",
                 (128, true) => "paged_attention_mma_bf16_hd128",
@@ -360,49 +413,63 @@ mod imp {
                 (128, _) => "paged_attention_bf16_hd128",
                 _ => "paged_attention_bf16_hd256",
             };
-            let func = dev.get_or_load_custom_func(entry, "sluice_kernels", PTX)?;
-            // SAFETY: every element is written by the kernel before it is read.
+            // SAFETY: every element is written by the kernels before it is read (the items
+            // cover every token from `first` on).
             let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
             if n == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
             }
-            let blocks = match &pair_view {
-                Some(p) => p.len(),
-                None => n,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (as_u32(blocks, "query tokens")?, as_u32(self.num_kv_heads, "kv heads")?, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
             let null: u64 = 0;
             let (nh_, nkv_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?);
             let (bs_, mb_) = (as_i32(self.block_size, "block_size")?, as_i32(self.max_blocks, "max_blocks")?);
-            let mut builder = func.builder();
-            builder.arg(&qv);
-            builder.arg(&kv);
-            builder.arg(&vv);
-            builder.arg(&tv);
-            builder.arg(&rv);
-            builder.arg(&cv);
-            if self.tensor_cores {
-                match &pair_view {
-                    Some(p) => builder.arg(p),
-                    None => builder.arg(&null),
-                };
+            let nkv_u = as_u32(self.num_kv_heads, "kv heads")?;
+            // Tokens before `first` (all of them without prefill items): one block each.
+            let mut launches = Vec::with_capacity(2);
+            if first > 0 {
+                launches.push((entry, first, None));
             }
-            builder.arg(&out);
-            builder.arg(&nh_);
-            builder.arg(&nkv_);
-            builder.arg(&bs_);
-            builder.arg(&mb_);
-            builder.arg(&self.scale);
-            // SAFETY: argument types and order match `paged_attention_bf16_hd*` (the mma kernels
-            // take the items pointer after ctx_lens; a null one when unpaired, which they do
-            // not read); the shapes were checked above; each query reads `ctx_lens[s]` keys
-            // through its own table row, which the engine sized to cover them; `query_pairs`
-            // pairs only consecutive positions of one sequence.
-            unsafe { builder.launch(cfg) }.w()?;
+            if let Some(items) = &item_view {
+                let name = match (hd, chunks) {
+                    (64, true) => "prefill_attention_mma_bf16_hd64",
+                    (128, true) => "prefill_attention_mma_bf16_hd128",
+                    (64, false) => "paged_attention_mma_pair_bf16_hd64",
+                    _ => "paged_attention_mma_pair_bf16_hd128",
+                };
+                if !items.is_empty() {
+                    launches.push((name, items.len(), Some(items)));
+                }
+            }
+            for (name, blocks, items) in launches {
+                let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
+                let cfg =
+                    LaunchConfig { grid_dim: (as_u32(blocks, "query blocks")?, nkv_u, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                let mut builder = func.builder();
+                builder.arg(&qv);
+                builder.arg(&kv);
+                builder.arg(&vv);
+                builder.arg(&tv);
+                builder.arg(&rv);
+                builder.arg(&cv);
+                if self.tensor_cores {
+                    match items {
+                        Some(p) => builder.arg(p),
+                        None => builder.arg(&null),
+                    };
+                }
+                builder.arg(&out);
+                builder.arg(&nh_);
+                builder.arg(&nkv_);
+                builder.arg(&bs_);
+                builder.arg(&mb_);
+                builder.arg(&self.scale);
+                // SAFETY: argument types and order match the kernels (the mma kernels take the
+                // items pointer after ctx_lens; a null one for the one-token-per-block launch,
+                // which does not read it); the shapes were checked above; each query reads
+                // `ctx_lens[s]` keys through its own table row, which the engine sized to cover
+                // them; `query_pairs` / `query_chunks` group only consecutive positions of one
+                // sequence, from `first` on, so the two launches write disjoint rows.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))
         }
     }

@@ -71,9 +71,26 @@ struct PagedInputs {
     table_rows: Tensor,
     /// `[num_tokens]` keys each token attends to (its position + 1).
     ctx_lens: Tensor,
-    /// Work items pairing consecutive prefill tokens (`cuda_ops::query_pairs`), in steps with
-    /// prefill chunks on the tensor-core kernel.
-    pairs: Option<Tensor>,
+    /// Work items grouping consecutive prefill positions (`cuda_ops::query_chunks` or
+    /// `query_pairs`) for the tokens after the decode tokens, in steps with prefill chunks on
+    /// the tensor-core kernel.
+    prefill: Option<PrefillItems>,
+}
+
+struct PrefillItems {
+    items: Tensor,
+    /// Tokens before it (the decode tokens) are attended one per block.
+    first: usize,
+    chunks: bool,
+}
+
+/// How prefill tokens are grouped for the tensor-core attention (`SLUICE_ATTN_PREFILL`:
+/// `chunks`, the default; `pairs`; `off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrefillGrouping {
+    Off,
+    Pairs,
+    Chunks,
 }
 
 /// Decode attention with candle ops (CPU, f32/f16, shapes the kernel does not cover): keys
@@ -163,9 +180,8 @@ pub struct Model {
     paged_attention: bool,
     /// The paged path uses the tensor-core kernel (head_dim 64/128; `SLUICE_ATTN_MMA=0` off).
     attn_tensor_cores: bool,
-    /// Steps with prefill chunks attend two consecutive tokens per block (tensor cores;
-    /// `SLUICE_ATTN_PAIRS=0` off).
-    attn_pairs: bool,
+    /// How steps with prefill chunks group their positions on the tensor-core kernel.
+    attn_prefill: PrefillGrouping,
     /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
@@ -264,7 +280,11 @@ impl Model {
             max_len,
             paged_attention,
             attn_tensor_cores,
-            attn_pairs: attn_tensor_cores && std::env::var("SLUICE_ATTN_PAIRS").as_deref() != Ok("0"),
+            attn_prefill: match (attn_tensor_cores, std::env::var("SLUICE_ATTN_PREFILL").as_deref()) {
+                (false, _) | (true, Ok("off")) => PrefillGrouping::Off,
+                (true, Ok("pairs")) => PrefillGrouping::Pairs,
+                _ => PrefillGrouping::Chunks,
+            },
             device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
             readback: super::cuda_ops::ReadbackPool::default(),
             profiler: std::sync::Mutex::new(Profiler::from_env(device)),
@@ -335,10 +355,14 @@ impl Model {
             rows.extend(std::iter::repeat_n(row as u32, s.tokens.len()));
             lens.extend((s.start_pos..ctx_of(i)).map(|p| p as u32 + 1));
         }
-        let pairs = if self.attn_pairs && n > order.len() {
-            let items = super::cuda_ops::query_pairs(&rows, &lens);
+        let prefill = if self.attn_prefill != PrefillGrouping::Off && n > order.len() {
+            // Decode tokens (one new token) come first in the flat order.
+            let first = order.iter().take_while(|&&i| seqs[i].tokens.len() == 1).count();
+            let chunks = self.attn_prefill == PrefillGrouping::Chunks;
+            let items =
+                if chunks { super::cuda_ops::query_chunks(&rows, &lens, first) } else { super::cuda_ops::query_pairs(&rows, &lens, first) };
             let m = items.len();
-            Some(Tensor::from_vec(items, m, &self.device)?)
+            Some(PrefillItems { items: Tensor::from_vec(items, m, &self.device)?, first, chunks })
         } else {
             None
         };
@@ -346,7 +370,7 @@ impl Model {
             tables: Tensor::from_vec(tables, (order.len(), max_blocks), &self.device)?,
             table_rows: Tensor::from_vec(rows, n, &self.device)?,
             ctx_lens: Tensor::from_vec(lens, n, &self.device)?,
-            pairs,
+            prefill,
         })
     }
 
@@ -669,7 +693,7 @@ impl Model {
         let qkv = layer.qkv.forward(h)?;
         self.prof(|p| p.gpu("qkv"));
         let (kc, vc) = cache.layer(li)?;
-        if let Some(PagedInputs { tables, table_rows, ctx_lens, pairs }) = &st.paged {
+        if let Some(PagedInputs { tables, table_rows, ctx_lens, prefill }) = &st.paged {
             let q = super::cuda_ops::rope_qkv_cache(
                 &qkv,
                 layer.qkv_bias.as_ref(),
@@ -695,7 +719,10 @@ impl Model {
                 cache.block_size(),
                 scale as f32,
                 self.attn_tensor_cores,
-                pairs.as_ref(),
+                prefill.as_ref().map(|p| match p.chunks {
+                    true => super::cuda_ops::Prefill::Chunks { items: &p.items, first: p.first },
+                    false => super::cuda_ops::Prefill::Pairs { items: &p.items, first: p.first },
+                }),
             )?;
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);
