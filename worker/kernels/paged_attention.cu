@@ -518,14 +518,17 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd128, 128, false, true,
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 // ---------------------------------------------------------------------------------------------
-// Prefill chunks on tensor cores: a block takes up to 8 consecutive positions of one sequence
-// (`items[b]` = first token | (count - 1) << 28) and one KV head; warp w owns positions 2w and
+// Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to CHUNK_TOKENS = 2 *
+// PF_WARPS consecutive positions of one sequence (`items[b]` = first token | (count - 1) << 28)
+// and one KV head; warp w owns positions 2w and
 // 2w + 1 (mma rows gid and 8 + gid, as in the PAIR kernel) and every warp walks every key tile
 // of the block's longest context. Each 32-key tile of K and V is copied once per block into
 // shared memory with cp.async (double-buffered: tile j + 1 loads while tile j is computed), and
 // the warps read their fragments from there with the same lane layout as the paged kernel.
 // Rows are padded by 16 bytes so those 16-byte fragment reads do not conflict on banks.
-#define CHUNK_TOKENS 8
+#define PF_WARPS 8
+#define PF_THREADS (PF_WARPS * 32)
+#define CHUNK_TOKENS (2 * PF_WARPS)
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
@@ -582,7 +585,7 @@ __device__ __forceinline__ void prefill_attention_mma(
 
     // Copies tile j (keys 32j..32j+31, clamped to the last key) of K and V into buffer b.
     auto issue = [&](int j, int b) {
-        for (int idx = threadIdx.x; idx < 32 * CH; idx += THREADS) {
+        for (int idx = threadIdx.x; idx < 32 * CH; idx += PF_THREADS) {
             const int r = idx / CH, c = idx % CH;
             const int key = min(j * 32 + r, ctx_max - 1);
             const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
@@ -724,7 +727,7 @@ __device__ __forceinline__ void prefill_attention_mma(
 }
 
 #define PREFILL_ATTENTION_ENTRY(NAME, HD, MINB)                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS, MINB) NAME(                          \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
         const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
@@ -734,8 +737,8 @@ __device__ __forceinline__ void prefill_attention_mma(
                                   block_size, max_blocks, scale);                                 \
     }
 
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 3)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 1)
 
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
@@ -834,14 +837,15 @@ extern "C" __global__ void rope_qkv_cache_bf16(
 #define NORM_VEC 4  // 16-byte chunks per thread the vectorised path keeps (h <= 4096)
 
 // Residual add + RMSNorm: out[0] = x + r (rounded to bf16), out[1] = RMSNorm(out[0]) * w.
-// x, r: [n, h]; w: [h]; out: [2, n, h]. One block per row; f32 statistics.
+// x, r: [n, h] (r may be null: a plain RMSNorm, out[0] = x); w: [h]; out: [2, n, h]. One block
+// per row; f32 statistics.
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     add_rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ r,
                       const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ out, int n,
                       int h, float eps) {
     const size_t row = blockIdx.x;
     const __nv_bfloat16* xr = x + row * h;
-    const __nv_bfloat16* rr = r + row * h;
+    const __nv_bfloat16* rr = r != nullptr ? r + row * h : nullptr;  // null: no residual (plain RMSNorm)
     __nv_bfloat16* sum_out = out + row * h;
     __nv_bfloat16* norm_out = out + ((size_t)n + row) * h;
     // Rows of h % 8 == 0 up to NORM_VEC chunks of 8 per thread: 16-byte accesses, the rounded
@@ -854,9 +858,9 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
         for (int k = 0; k < NORM_VEC; ++k) {
             const int c = (threadIdx.x + k * NORM_THREADS) * 8;
             if (c < h) {
-                float a[8], b[8];
+                float a[8], b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 load8(xr + c, a);
-                load8(rr + c, b);
+                if (rr != nullptr) load8(rr + c, b);
                 uint4 raw;
                 __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
@@ -872,7 +876,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
         }
     } else {
         for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
-            const __nv_bfloat16 b = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
+            const __nv_bfloat16 b = __float2bfloat16(__bfloat162float(xr[c]) + (rr != nullptr ? __bfloat162float(rr[c]) : 0.f));
             sum_out[c] = b;
             const float f = __bfloat162float(b);
             ss += f * f;

@@ -215,6 +215,11 @@ fn add_rms_norm_matches_separate_ops() {
         let worst = f(&normed).iter().zip(f(&want_norm)).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
         eprintln!("add_rms_norm h={h}: sums exact, normed max rel err {worst}");
         assert!(worst < 1e-2, "h={h}: normed max rel err {worst}");
+        let plain = sluice_worker::engine::cuda_ops::rms_norm(&x, &w, 1e-6).unwrap();
+        let want_plain = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        let worst = f(&plain).iter().zip(f(&want_plain)).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        eprintln!("rms_norm h={h}: max rel err {worst}");
+        assert!(worst < 1e-2, "h={h}: rms_norm max rel err {worst}");
     }
 }
 

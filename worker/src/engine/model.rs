@@ -646,7 +646,7 @@ impl Model {
             return Err(EngineError::Config("model has no layers".into()));
         };
         // Each residual add is fused with the norm that follows it.
-        let mut h = candle_nn::ops::rms_norm(&x, &first.input_norm, eps)?;
+        let mut h = super::cuda_ops::rms_norm(&x, &first.input_norm, eps)?;
         self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
             let attn = self.attention(layer, &h, &st, cache, li)?;
@@ -670,7 +670,7 @@ impl Model {
             return Ok(None);
         };
         let last = x.index_select(rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let last = super::cuda_ops::rms_norm(&last, &self.norm, eps)?;
         let logits = last.matmul(&self.lm_head.t()?)?;
         self.prof(|p| p.gpu("lm_head"));
         Ok(Some((logits, logit_of)))
