@@ -468,9 +468,9 @@ impl LlmEngine {
     /// finishes the sequences they end. A sequence may have been preempted since (it is found
     /// among the waiting ones) or have ended already (its sample is dropped).
     fn complete(&mut self, step: InFlight, out: &mut Vec<StepOutput>) -> Result<(), EngineError> {
-        let post_start = Instant::now();
         let samples = self.model.collect(step.step)?;
         let now = Instant::now();
+        let post_start = now;
         let running: std::collections::HashMap<u64, usize> = self.sched.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         let mut finished_running: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
         let mut finished_waiting: Vec<(u64, FinishReason, Option<String>)> = Vec::new();
@@ -544,7 +544,7 @@ impl LlmEngine {
     /// ragged prefill pass; step k runs the k-th forced token of every sequence in one batched
     /// decode pass. Returns `logits[seq][step]`. Needs an idle engine (no requests in flight).
     pub fn teacher_forced_logits(&mut self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
-        if self.sched.has_work() {
+        if self.sched.has_work() || self.in_flight.is_some() {
             return Err(EngineError::Config("teacher_forced_logits needs an idle engine".into()));
         }
         let bs = self.cache.block_size();
