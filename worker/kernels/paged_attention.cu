@@ -227,10 +227,6 @@ __device__ __forceinline__ void paged_attention(
 //  * PV: output column gid of n-tile j is dim (HD/8)*gid + j, so lane (gid, t) reads chunk gid
 //    (HD/8 dims) of keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim with byte permutes.
 // Softmax statistics are per row (head gid), shared by the lane quad; warps merge at the end.
-// PAIR: a block takes two consecutive query tokens of one sequence (a prefill chunk), the
-// first in rows 0..g-1 and the second (one key more) in rows 8..8+g-1, so each K/V tile read
-// serves both and the mma rows 8..15, idle in decode, do work. `items[b]` = first token, top
-// bit set when the second one is there too.
 __device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -249,42 +245,100 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Online softmax of one mma row over a 32-key tile starting at key t0. Lane (gid, t) holds the
+// row's scores of keys t0 + nt*8 + 2t + e in sc[nt][c + e] (c = 0: row gid; c = 2: row 8 + gid,
+// the C fragment's layout). Masks keys >= ctx, leaves the probabilities in sc and updates the
+// row's running max m, sum l and accumulators o[.][c], o[.][c + 1]. A row with no key yet
+// (m = -inf after the tile) gets probabilities 0 and stays empty.
+template <int NT>
+__device__ __forceinline__ void tile_softmax_row(float (&sc)[4][4], int c, int t0, int t, int ctx, float scale,
+                                                 float& m, float& l, float (&o)[NT][4]) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int key = t0 + nt * 8 + 2 * t + e;
+            sc[nt][c + e] = key < ctx ? sc[nt][c + e] * scale : -INFINITY;
+            mx = fmaxf(mx, sc[nt][c + e]);
+        }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
+    float m_new = fmaxf(m, mx);
+    if (m_new == -INFINITY) m_new = 0.f;  // no key of this row yet: p = 0, alpha = 0
+    const float alpha = __expf(m - m_new);
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            sc[nt][c + e] = __expf(sc[nt][c + e] - m_new);
+            sum += sc[nt][c + e];
+        }
+    }
+    sum += __shfl_xor_sync(FULL, sum, 1);
+    sum += __shfl_xor_sync(FULL, sum, 2);
+    l = l * alpha + sum;
+    m = fmaxf(m, mx);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        o[j][c] *= alpha;
+        o[j][c + 1] *= alpha;
+    }
+}
+
+// O += P V for keys kb*16 .. kb*16+15 of a 32-key tile (one mma k-step), P from the
+// probabilities tile_softmax_row left in sc: row gid and, when TWO, row 8 + gid. v[r] holds
+// chunk gid (HD/8 dims) of key kb*16 + 2t + (r & 1) + (r >> 1)*8; output column gid of n-tile j
+// is dim (HD/8)*gid + j, so each dim's keys pair with byte permutes.
+template <int HD, bool TWO>
+__device__ __forceinline__ void pv_kstep(float (&o)[HD / 8][4], const float (&sc)[4][4], int kb,
+                                         const uint4 (&v)[4][HD / 64]) {
+    const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
+    const uint32_t pa1 = TWO ? pack_bf16(sc[2 * kb][2], sc[2 * kb][3]) : 0u;
+    const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
+    const uint32_t pa3 = TWO ? pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]) : 0u;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+        const int w = j / 2;  // word of the lane's chunk holding dim j (and j ^ 1)
+        const uint32_t sel = (j % 2) ? 0x7632u : 0x5410u;
+        const uint32_t b0 = __byte_perm(word(v[0][w / 4], w % 4), word(v[1][w / 4], w % 4), sel);
+        const uint32_t b1 = __byte_perm(word(v[2][w / 4], w % 4), word(v[3][w / 4], w % 4), sel);
+        mma_bf16(o[j], pa0, pa1, pa2, pa3, b0, b1);
+    }
+}
+
 // PIPE: the loads of a warp's next tile are issued before the current tile is computed
 // (double-buffered fragments: fewer resident warps, but loads always in flight).
-template <int HD, bool PIPE, bool PAIR>
+template <int HD, bool PIPE>
 __device__ __forceinline__ void paged_attention_mma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
     const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
-    const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,
-    int block_size, int max_blocks, float scale) {
-    constexpr int ROWS = PAIR ? 2 : 1;  // query tokens per block
+    __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,
+    float scale) {
     constexpr int KS = HD / 16;   // k-steps of QK
     constexpr int KU = HD / 32;   // uint4 per lane per key in QK (HD/4 dims)
     constexpr int NT = HD / 8;    // n-tiles of PV
     constexpr int VU = HD / 64;   // uint4 per lane per key in PV (HD/8 dims)
-    const uint32_t item = PAIR ? items[blockIdx.x] : blockIdx.x;
-    const int s = (int)(item & 0x7fffffffu);
-    const bool two = PAIR && (item >> 31);
+    const int s = blockIdx.x;
     const int kvh = blockIdx.y;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int gid = lane / 4;
     const int t = lane % 4;
     const int g = nh / nkv;
-    const int ctx0 = (int)ctx_lens[s];                       // keys of row block 0 (token s)
-    const int ctx = two ? (int)ctx_lens[s + 1] : ctx0;       // keys the block reads (ctx0 + 1)
+    const int ctx = (int)ctx_lens[s];
     const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s] * max_blocks;
 
-    __shared__ float red_m[WARPS][ROWS * MAX_G];
-    __shared__ float red_l[WARPS][ROWS * MAX_G];
-    __shared__ float red_acc[WARPS][ROWS * MAX_G * HD];
+    __shared__ float red_m[WARPS][MAX_G];
+    __shared__ float red_l[WARPS][MAX_G];
+    __shared__ float red_acc[WARPS][MAX_G * HD];
 
-    // Q fragments (row gid = head kvh*g + gid of token s; rows 8 + gid: token s + 1 when two;
-    // zero rows past g).
+    // Q fragments (row gid = head kvh*g + gid; zero rows past g).
     uint32_t qa[KS][2];
-    uint32_t qb[KS][2];
     {
         const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
             q + ((size_t)s * nh + kvh * g + (gid < g ? gid : 0)) * HD + t * (HD / 4));
@@ -292,18 +346,12 @@ __device__ __forceinline__ void paged_attention_mma(
         for (int k = 0; k < KS; ++k) {
             qa[k][0] = gid < g ? qrow[2 * k] : 0u;
             qa[k][1] = gid < g ? qrow[2 * k + 1] : 0u;
-            qb[k][0] = qb[k][1] = 0u;
-            if (two && gid < g) {
-                qb[k][0] = qrow[(size_t)nh * HD / 2 + 2 * k];
-                qb[k][1] = qrow[(size_t)nh * HD / 2 + 2 * k + 1];
-            }
         }
     }
     float o[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m = -INFINITY, l = 0.f;    // row gid
-    float m1 = -INFINITY, l1 = 0.f;  // row 8 + gid (PAIR)
+    float m = -INFINITY, l = 0.f;
 
     // Slot of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last key (finite
     // data, masked out of the softmax).
@@ -360,89 +408,12 @@ __device__ __forceinline__ void paged_attention_mma(
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
             for (int k = 0; k < KS; ++k)
-                mma_bf16(sc[nt], qa[k][0], PAIR ? qb[k][0] : 0u, qa[k][1], PAIR ? qb[k][1] : 0u,
-                         word(kr[nt][k / 2], (k % 2) * 2), word(kr[nt][k / 2], (k % 2) * 2 + 1));
+                mma_bf16(sc[nt], qa[k][0], 0u, qa[k][1], 0u, word(kr[nt][k / 2], (k % 2) * 2),
+                         word(kr[nt][k / 2], (k % 2) * 2 + 1));
         }
-        // Online softmax over the tile, row gid (and row 8 + gid).
-        float mx = -INFINITY, mx1 = -INFINITY;
+        tile_softmax_row<NT>(sc, 0, t0, t, ctx, scale, m, l, o);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int key = t0 + nt * 8 + 2 * t + e;
-                sc[nt][e] = key < ctx0 ? sc[nt][e] * scale : -INFINITY;
-                mx = fmaxf(mx, sc[nt][e]);
-                if (PAIR) {
-                    sc[nt][2 + e] = key < ctx ? sc[nt][2 + e] * scale : -INFINITY;
-                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
-                }
-            }
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
-        // Finite without PAIR (key t0 < ctx); with PAIR row gid may have no key yet (t0 = ctx0).
-        float m_new = fmaxf(m, mx);
-        if (PAIR && m_new == -INFINITY) m_new = 0.f;
-        const float alpha = __expf(m - m_new);
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                sc[nt][e] = __expf(sc[nt][e] - m_new);
-                sum += sc[nt][e];
-            }
-        }
-        sum += __shfl_xor_sync(FULL, sum, 1);
-        sum += __shfl_xor_sync(FULL, sum, 2);
-        l = l * alpha + sum;
-        m = fmaxf(m, mx);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            o[j][0] *= alpha;
-            o[j][1] *= alpha;
-        }
-        if (PAIR) {
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
-            float m1_new = fmaxf(m1, mx1);
-            if (m1_new == -INFINITY) m1_new = 0.f;  // rows past g / no second token: all masked
-            const float alpha1 = __expf(m1 - m1_new);
-            float sum1 = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    sc[nt][2 + e] = __expf(sc[nt][2 + e] - m1_new);
-                    sum1 += sc[nt][2 + e];
-                }
-            }
-            sum1 += __shfl_xor_sync(FULL, sum1, 1);
-            sum1 += __shfl_xor_sync(FULL, sum1, 2);
-            l1 = l1 * alpha1 + sum1;
-            m1 = fmaxf(m1, mx1);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                o[j][2] *= alpha1;
-                o[j][3] *= alpha1;
-            }
-        }
-        // O += P V, two k-steps of 16 keys.
-#pragma unroll
-        for (int kb = 0; kb < 2; ++kb) {
-            const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
-            const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
-            const uint32_t pa1 = PAIR ? pack_bf16(sc[2 * kb][2], sc[2 * kb][3]) : 0u;
-            const uint32_t pa3 = PAIR ? pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]) : 0u;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int w = j / 2;  // word of the lane's chunk holding dim j (and j ^ 1)
-                const uint32_t sel = (j % 2) ? 0x7632u : 0x5410u;
-                const uint32_t b0 = __byte_perm(word(vr[kb][0][w / 4], w % 4), word(vr[kb][1][w / 4], w % 4), sel);
-                const uint32_t b1 = __byte_perm(word(vr[kb][2][w / 4], w % 4), word(vr[kb][3][w / 4], w % 4), sel);
-                mma_bf16(o[j], pa0, pa1, pa2, pa3, b0, b1);
-            }
-        }
+        for (int kb = 0; kb < 2; ++kb) pv_kstep<HD, false>(o, sc, kb, vr[kb]);
         if (PIPE && t0 + WARPS * 32 < ctx) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
@@ -457,71 +428,55 @@ __device__ __forceinline__ void paged_attention_mma(
         }
     }
 
-    // Merge the warps: lane (gid, t) holds row gid (and row 8 + gid in o[j][2..3]), dims
-    // (HD/8)*2t + j and (HD/8)*(2t+1) + j. Merged row r < g: head r of token s; row g + r:
-    // head r of token s + 1.
+    // Merge the warps: lane (gid, t) holds row gid, dims (HD/8)*2t + j and (HD/8)*(2t+1) + j.
     if (gid < g) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             red_acc[warp][gid * HD + (HD / 8) * (2 * t) + j] = o[j][0];
             red_acc[warp][gid * HD + (HD / 8) * (2 * t + 1) + j] = o[j][1];
-            if (two) {
-                red_acc[warp][(g + gid) * HD + (HD / 8) * (2 * t) + j] = o[j][2];
-                red_acc[warp][(g + gid) * HD + (HD / 8) * (2 * t + 1) + j] = o[j][3];
-            }
         }
         if (t == 0) {
             red_m[warp][gid] = m;
             red_l[warp][gid] = l;
-            if (two) {
-                red_m[warp][g + gid] = m1;
-                red_l[warp][g + gid] = l1;
-            }
         }
     }
     __syncthreads();
-    const int rows = two ? 2 * g : g;
-    for (int i = threadIdx.x; i < rows * HD; i += THREADS) {
-        const int r = i / HD;
+    for (int i = threadIdx.x; i < g * HD; i += THREADS) {
+        const int h = i / HD;
         float mx = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, red_m[w][r]);
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, red_m[w][h]);
         float num = 0.f, den = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-            const float e = red_m[w][r] == -INFINITY ? 0.f : __expf(red_m[w][r] - mx);
+            const float e = red_m[w][h] == -INFINITY ? 0.f : __expf(red_m[w][h] - mx);
             num += e * red_acc[w][i];
-            den += e * red_l[w][r];
+            den += e * red_l[w][h];
         }
-        const int tok = s + (r >= g);
-        const int h = r >= g ? r - g : r;
-        out[((size_t)tok * nh + kvh * g + h) * HD + i % HD] = __float2bfloat16(num / den);
+        out[((size_t)s * nh + kvh * g + h) * HD + i % HD] = __float2bfloat16(num / den);
     }
 }
 
-#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, PAIR, MINB)                                  \
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, MINB)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
         const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
-        const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,     \
-        int block_size, int max_blocks, float scale) {                                            \
-        paged_attention_mma<HD, PIPE, PAIR>(q, kc, vc, tables, table_rows, ctx_lens, items, out,  \
-                                            nh, nkv, block_size, max_blocks, scale);              \
+        __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
+        float scale) {                                                                            \
+        paged_attention_mma<HD, PIPE>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
+                                block_size, max_blocks, scale);                                   \
     }
 
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, false, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, false, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, false, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd64, 64, false, true, 3)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pair_bf16_hd128, 128, false, true, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, 2)
 
-// MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 // ---------------------------------------------------------------------------------------------
 // Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to CHUNK_TOKENS = 2 *
 // PF_WARPS consecutive positions of one sequence (`items[b]` = first token | (count - 1) << 28)
-// and one KV head; warp w owns positions 2w and
-// 2w + 1 (mma rows gid and 8 + gid, as in the PAIR kernel) and every warp walks every key tile
+// and one KV head; warp w owns positions 2w and 2w + 1 (mma rows gid and 8 + gid, so no mma row
+// idles as rows 8..15 do in decode) and every warp walks every key tile
 // of the block's longest context. Each 32-key tile of K and V is copied once per block into
 // shared memory with cp.async (double-buffered: tile j + 1 loads while tile j is computed), and
 // the warps read their fragments from there with the same lane layout as the paged kernel.
@@ -626,60 +581,11 @@ __device__ __forceinline__ void prefill_attention_mma(
                              word(kv4, (k % 2) * 2 + 1));
                 }
             }
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int key = t0 + nt * 8 + 2 * t + e;
-                    sc[nt][e] = key < ctx_a ? sc[nt][e] * scale : -INFINITY;
-                    sc[nt][2 + e] = key < ctx_b ? sc[nt][2 + e] * scale : -INFINITY;
-                    mx0 = fmaxf(mx0, sc[nt][e]);
-                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
-                }
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
-            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            if (mn0 == -INFINITY) mn0 = 0.f;  // no key of this row yet: p = 0, alpha = 0
-            if (mn1 == -INFINITY) mn1 = 0.f;
-            const float al0 = __expf(m0 - mn0), al1 = __expf(m1 - mn1);
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    sc[nt][e] = __expf(sc[nt][e] - mn0);
-                    sc[nt][2 + e] = __expf(sc[nt][2 + e] - mn1);
-                    sum0 += sc[nt][e];
-                    sum1 += sc[nt][2 + e];
-                }
-            }
-            sum0 += __shfl_xor_sync(FULL, sum0, 1);
-            sum0 += __shfl_xor_sync(FULL, sum0, 2);
-            sum1 += __shfl_xor_sync(FULL, sum1, 1);
-            sum1 += __shfl_xor_sync(FULL, sum1, 2);
-            l0 = l0 * al0 + sum0;
-            l1 = l1 * al1 + sum1;
-            m0 = fmaxf(m0, mx0);
-            m1 = fmaxf(m1, mx1);
-#pragma unroll
-            for (int jj = 0; jj < NT; ++jj) {
-                o[jj][0] *= al0;
-                o[jj][1] *= al0;
-                o[jj][2] *= al1;
-                o[jj][3] *= al1;
-            }
-            // O += P V: k-step kb covers keys kb*16..kb*16+15; lane (gid, t) reads chunk gid of
-            // keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim.
+            tile_softmax_row<NT>(sc, 0, t0, t, ctx_a, scale, m0, l0, o);
+            tile_softmax_row<NT>(sc, 2, t0, t, ctx_b, scale, m1, l1, o);
+            // V fragments of k-step kb from shared memory (lane layout as in the paged kernel).
 #pragma unroll
             for (int kb = 0; kb < 2; ++kb) {
-                const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
-                const uint32_t pa1 = pack_bf16(sc[2 * kb][2], sc[2 * kb][3]);
-                const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
-                const uint32_t pa3 = pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]);
                 uint4 vr[4][HD / 64];
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
@@ -688,14 +594,7 @@ __device__ __forceinline__ void prefill_attention_mma(
 #pragma unroll
                     for (int u = 0; u < HD / 64; ++u) vr[r][u] = vrow[u];
                 }
-#pragma unroll
-                for (int jj = 0; jj < NT; ++jj) {
-                    const int w = jj / 2;
-                    const uint32_t sel = (jj % 2) ? 0x7632u : 0x5410u;
-                    const uint32_t b0 = __byte_perm(word(vr[0][w / 4], w % 4), word(vr[1][w / 4], w % 4), sel);
-                    const uint32_t b1 = __byte_perm(word(vr[2][w / 4], w % 4), word(vr[3][w / 4], w % 4), sel);
-                    mma_bf16(o[jj], pa0, pa1, pa2, pa3, b0, b1);
-                }
+                pv_kstep<HD, true>(o, sc, kb, vr);
             }
         }
         __syncthreads();  // buffer b is refilled by the next iteration's issue
@@ -740,6 +639,7 @@ __device__ __forceinline__ void prefill_attention_mma(
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 2)
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 1)
 
+// MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \

@@ -5,6 +5,16 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+/// The GPU when `SLUICE_TEST_CUDA=1`, else None (and the test says it skipped).
+#[allow(clippy::unwrap_used)]
+fn cuda() -> Option<Device> {
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped (the CUDA part): set SLUICE_TEST_CUDA=1 (needs a GPU)");
+        return None;
+    }
+    Some(Device::new_cuda(0).unwrap())
+}
+
 /// Queries of one check: (sequence, causal context length) per query token.
 #[allow(clippy::unwrap_used)]
 fn check(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: usize) {
@@ -21,8 +31,8 @@ fn check_causal(nh: usize, nkv: usize, hd: usize, lens: &[usize], block_size: us
 }
 
 /// A mixed step: decode tokens and odd-length prefill chunks that start mid-sequence, so the
-/// paired kernel sees unpaired items among pairs (and a pair whose first row has one key
-/// fewer than the tile that starts at it).
+/// chunked kernel sees short items and lone tokens among full chunks (and a warp whose first
+/// row has one key fewer than the tile that starts at it).
 #[allow(clippy::unwrap_used)]
 fn check_mixed(nh: usize, nkv: usize, hd: usize, block_size: usize) {
     let lens = [300usize, 70, 33, 129];
@@ -66,11 +76,10 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
-    use sluice_worker::engine::cuda_ops::{Prefill, query_chunks, query_pairs};
+    use sluice_worker::engine::cuda_ops::{Prefill, query_chunks};
     // Leading one-token queries run one per block, as a step's decode tokens do.
     let first = (0..n).take_while(|&i| i + 1 >= n || rows[i + 1] != rows[i] || ctx[i + 1] != ctx[i] + 1).count();
     let to_t = |v: Vec<u32>| Tensor::from_slice(&v, v.len(), &dev).unwrap();
-    let pairs = to_t(query_pairs(&rows, &ctx, first));
     let chunks_all = to_t(query_chunks(&rows, &ctx, 0));
     let chunks = to_t(query_chunks(&rows, &ctx, first));
     let run = |tensor_cores: bool, prefill: Option<Prefill>| {
@@ -98,9 +107,8 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let mut kernels = vec![("cuda cores", run(false, None))];
     if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
         kernels.push(("tensor cores", run(true, None)));
-        kernels.push(("tensor cores, pairs", run(true, Some(Prefill::Pairs { items: &pairs, first }))));
-        kernels.push(("tensor cores, chunks", run(true, Some(Prefill::Chunks { items: &chunks, first }))));
-        kernels.push(("tensor cores, all chunks", run(true, Some(Prefill::Chunks { items: &chunks_all, first: 0 }))));
+        kernels.push(("tensor cores, chunks", run(true, Some(Prefill { items: &chunks, first }))));
+        kernels.push(("tensor cores, all chunks", run(true, Some(Prefill { items: &chunks_all, first: 0 }))));
     }
     let g = nh / nkv;
     for (kernel, got) in kernels {
@@ -148,8 +156,7 @@ fn max_err(
 
 #[test]
 fn paged_attention_matches_reference() {
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
+    if cuda().is_none() {
         return;
     }
     check(14, 2, 64, &[1, 17, 128, 129, 300, 1000], 16);
@@ -169,11 +176,7 @@ fn paged_attention_matches_reference() {
 
 #[test]
 fn argmax_rows_matches_first_max() {
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
-        return;
-    }
-    let dev = Device::new_cuda(0).unwrap();
+    let Some(dev) = cuda() else { return };
     let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(7);
     for &(rows, cols) in &[(3usize, 151_936usize), (5, 1000), (2, 37), (1, 8)] {
         // Few distinct values, so ties are common and the first index must win.
@@ -192,11 +195,7 @@ fn argmax_rows_matches_first_max() {
 
 #[test]
 fn add_rms_norm_matches_separate_ops() {
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs a GPU)");
-        return;
-    }
-    let dev = Device::new_cuda(0).unwrap();
+    let Some(dev) = cuda() else { return };
     let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(11);
     // 16-byte path (896, 4096), scalar path (100: not a multiple of 8; 4104: too wide).
     for (n, h) in [(37usize, 896usize), (5, 4096), (9, 100), (3, 4104)] {
@@ -235,11 +234,7 @@ fn placeholder_tokens_resolve_and_ids_read_back_asynchronously() {
     assert_eq!(cpu.to_vec1::<u32>().unwrap(), want);
     let bad = cuda_ops::resolve_tokens(&Tensor::new(&[pending | 9], &Device::Cpu).unwrap(), &Tensor::new(&prev, &Device::Cpu).unwrap());
     assert!(bad.unwrap_err().to_string().contains("row 9"));
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped the CUDA part: set SLUICE_TEST_CUDA=1 (needs a GPU)");
-        return;
-    }
-    let dev = Device::new_cuda(0).unwrap();
+    let Some(dev) = cuda() else { return };
     let got = cuda_ops::resolve_tokens(&Tensor::new(&ids, &dev).unwrap(), &Tensor::new(&prev, &dev).unwrap()).unwrap();
     assert_eq!(got.to_vec1::<u32>().unwrap(), want);
     // Read-back through the pinned pool: buffers are reused, and a copy started before later

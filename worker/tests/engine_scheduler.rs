@@ -158,18 +158,24 @@ fn seeded_sampling_is_independent_of_batch_composition() {
     assert_ne!(other[0].1.as_ref().unwrap().token_ids, a.token_ids);
 }
 
-#[test]
-fn eos_ends_a_completion_unless_ignored() {
-    // Declare the third greedy token of a reference case an EOS id in generation_config.json.
-    let c = &reference("tiny-qwen2")[1];
-    let eos = c.greedy_ids[2];
-    assert!(!c.greedy_ids[..2].contains(&eos));
+/// A copy of the tiny Qwen2 model whose generation_config.json declares `eos` an EOS id.
+fn tiny_qwen2_with_eos(eos: u32) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(model_dir("tiny-qwen2")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
     }
     std::fs::write(tmp.path().join("generation_config.json"), format!("{{\"eos_token_id\": [2, {eos}]}}")).unwrap();
+    tmp
+}
+
+#[test]
+fn eos_ends_a_completion_unless_ignored() {
+    // Declare the third greedy token of a reference case an EOS id in generation_config.json.
+    let c = &reference("tiny-qwen2")[1];
+    let eos = c.greedy_ids[2];
+    assert!(!c.greedy_ids[..2].contains(&eos));
+    let tmp = tiny_qwen2_with_eos(eos);
     let mut cfg = config("tiny-qwen2");
     cfg.model_dir = tmp.path().to_path_buf();
     let mut eng = engine(&cfg);
@@ -223,12 +229,7 @@ fn overlapped_steps_match_one_step_at_a_time() {
     let base = prompts();
     let c = &reference("tiny-qwen2")[1];
     let eos = c.greedy_ids[2];
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(model_dir("tiny-qwen2")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    std::fs::write(tmp.path().join("generation_config.json"), format!("{{\"eos_token_id\": [2, {eos}]}}")).unwrap();
+    let tmp = tiny_qwen2_with_eos(eos);
     let mut cfg = config("tiny-qwen2");
     cfg.model_dir = tmp.path().to_path_buf();
     cfg.num_kv_blocks = Some(24);

@@ -40,10 +40,9 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 /// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
 ///   (≥ 1): `pos + 1` for the token at `pos` (causal).
 ///
-/// * `prefill` (tensor cores only): work items for the tokens from `first` on, from
-///   `query_pairs` (`Prefill::Pairs`: a block attends two consecutive positions) or
-///   `query_chunks` (`Prefill::Chunks`: a block attends up to 16, its K/V tiles staged in
-///   shared memory once for all); tokens before `first` (decode tokens) run one per block.
+/// * `prefill` (tensor cores only): `query_chunks` work items for the tokens from `first` on (a
+///   block attends up to 16 consecutive positions, its K/V tiles staged in shared memory once
+///   for all); tokens before `first` (decode tokens) run one per block.
 ///
 /// Returns `[n, num_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
@@ -69,7 +68,7 @@ pub fn paged_attention(
             tables: tables.clone(),
             table_rows: table_rows.clone(),
             ctx_lens: ctx_lens.clone(),
-            prefill: if tensor_cores { prefill.map(|p| p.to_owned()) } else { None },
+            prefill: if tensor_cores { prefill.map(|p| (p.items.clone(), p.first)) } else { None },
             num_kv_heads,
             block_size,
             max_blocks,
@@ -85,24 +84,12 @@ pub fn paged_attention(
     }
 }
 
-/// How the tensor-core attention runs the prefill tokens of a step (from `first` on; every
-/// token before `first` is attended alone, as decode tokens are).
+/// The prefill tokens of a step for the tensor-core attention: `query_chunks` items for the
+/// tokens from `first` on (every token before `first` is attended alone, as decode tokens are).
 #[derive(Debug, Clone, Copy)]
-pub enum Prefill<'a> {
-    /// `query_pairs` items: two consecutive positions per block.
-    Pairs { items: &'a Tensor, first: usize },
-    /// `query_chunks` items: up to 16 consecutive positions per block, K/V via shared memory.
-    Chunks { items: &'a Tensor, first: usize },
-}
-
-#[cfg(feature = "cuda")]
-impl Prefill<'_> {
-    fn to_owned(self) -> (Tensor, usize, bool) {
-        match self {
-            Prefill::Pairs { items, first } => (items.clone(), first, false),
-            Prefill::Chunks { items, first } => (items.clone(), first, true),
-        }
-    }
+pub struct Prefill<'a> {
+    pub items: &'a Tensor,
+    pub first: usize,
 }
 
 /// Positions per `query_chunks` item (CHUNK_TOKENS in the kernel: two per warp).
@@ -126,21 +113,6 @@ pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize) -> Vec<u
         }
         items.push(i as u32 | ((count as u32 - 1) << 28));
         i += count;
-    }
-    items
-}
-
-/// Work items of the paired attention kernel for queries with these `table_rows` and
-/// `ctx_lens` (flat order): a query followed by the next position of the same sequence makes
-/// one item, `first | 1 << 31`; any other query is an item alone, `index`. Covers every query
-/// exactly once.
-pub fn query_pairs(table_rows: &[u32], ctx_lens: &[u32], first: usize) -> Vec<u32> {
-    let mut items = Vec::with_capacity(table_rows.len().div_ceil(2));
-    let mut i = first;
-    while i < table_rows.len() {
-        let pair = i + 1 < table_rows.len() && table_rows[i + 1] == table_rows[i] && ctx_lens[i + 1] == ctx_lens[i] + 1;
-        items.push(i as u32 | if pair { 1 << 31 } else { 0 });
-        i += if pair { 2 } else { 1 };
     }
     items
 }
@@ -255,10 +227,7 @@ pub fn resolve_tokens(ids: &Tensor, prev: &Tensor) -> Result<Tensor, EngineError
     let prev = prev.to_vec1::<u32>()?;
     let mut out = ids.to_vec1::<u32>()?;
     for t in &mut out {
-        if *t & super::scheduler::PENDING != 0 {
-            let row = (*t & !super::scheduler::PENDING) as usize;
-            *t = *prev.get(row).ok_or_else(|| EngineError::Config(format!("placeholder token for row {row} of {}", prev.len())))?;
-        }
+        *t = super::scheduler::resolve_pending(*t, &prev)?;
     }
     let n = out.len();
     Ok(Tensor::from_vec(out, n, ids.device())?)
@@ -331,8 +300,8 @@ mod imp {
         pub tables: Tensor,
         pub table_rows: Tensor,
         pub ctx_lens: Tensor,
-        /// Prefill items, the first token they cover, and whether they are chunks (else pairs).
-        pub prefill: Option<(Tensor, usize, bool)>,
+        /// Prefill chunk items and the first token they cover.
+        pub prefill: Option<(Tensor, usize)>,
         pub num_kv_heads: usize,
         pub block_size: usize,
         pub max_blocks: usize,
@@ -403,7 +372,7 @@ mod imp {
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
-            let item_guard = self.prefill.as_ref().map(|(p, _, _)| p.storage_and_layout());
+            let item_guard = self.prefill.as_ref().map(|(p, _)| p.storage_and_layout());
             let item_view = match &item_guard {
                 Some((ps, pl)) => {
                     let Storage::Cuda(ps) = &**ps else { bail!("paged-attention: prefill items must be on the GPU") };
@@ -411,10 +380,7 @@ mod imp {
                 }
                 None => None,
             };
-            let (first, chunks) = match &self.prefill {
-                Some((_, first, chunks)) => (*first, *chunks),
-                None => (n, false),
-            };
+            let first = self.prefill.as_ref().map_or(n, |(_, first)| *first);
             if first > n {
                 bail!("paged-attention: prefill items start at token {first} of {n}");
             }
@@ -434,7 +400,6 @@ mod imp {
             if n == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
             }
-            let null: u64 = 0;
             let (nh_, nkv_) = (as_i32(nh, "heads")?, as_i32(self.num_kv_heads, "kv heads")?);
             let (bs_, mb_) = (as_i32(self.block_size, "block_size")?, as_i32(self.max_blocks, "max_blocks")?);
             let nkv_u = as_u32(self.num_kv_heads, "kv heads")?;
@@ -444,19 +409,14 @@ mod imp {
                 launches.push((entry, first, None));
             }
             if let Some(items) = &item_view {
-                let name = match (hd, chunks) {
-                    (64, true) => "prefill_attention_mma_bf16_hd64",
-                    (128, true) => "prefill_attention_mma_bf16_hd128",
-                    (64, false) => "paged_attention_mma_pair_bf16_hd64",
-                    _ => "paged_attention_mma_pair_bf16_hd128",
-                };
+                let name = if hd == 64 { "prefill_attention_mma_bf16_hd64" } else { "prefill_attention_mma_bf16_hd128" };
                 if !items.is_empty() {
                     launches.push((name, items.len(), Some(items)));
                 }
             }
             for (name, blocks, items) in launches {
                 let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
-                let threads = if name.starts_with("prefill_") { PREFILL_THREADS } else { THREADS };
+                let threads = if items.is_some() { PREFILL_THREADS } else { THREADS };
                 let cfg =
                     LaunchConfig { grid_dim: (as_u32(blocks, "query blocks")?, nkv_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
                 let mut builder = func.builder();
@@ -466,11 +426,8 @@ mod imp {
                 builder.arg(&tv);
                 builder.arg(&rv);
                 builder.arg(&cv);
-                if self.tensor_cores {
-                    match items {
-                        Some(p) => builder.arg(p),
-                        None => builder.arg(&null),
-                    };
+                if let Some(p) = items {
+                    builder.arg(p);
                 }
                 builder.arg(&out);
                 builder.arg(&nh_);
@@ -478,12 +435,11 @@ mod imp {
                 builder.arg(&bs_);
                 builder.arg(&mb_);
                 builder.arg(&self.scale);
-                // SAFETY: argument types and order match the kernels (the mma kernels take the
-                // items pointer after ctx_lens; a null one for the one-token-per-block launch,
-                // which does not read it); the shapes were checked above; each query reads
-                // `ctx_lens[s]` keys through its own table row, which the engine sized to cover
-                // them; `query_pairs` / `query_chunks` group only consecutive positions of one
-                // sequence, from `first` on, so the two launches write disjoint rows.
+                // SAFETY: argument types and order match the kernels (the prefill kernel takes
+                // the items pointer after ctx_lens); the shapes were checked above; each query
+                // reads `ctx_lens[s]` keys through its own table row, which the engine sized to
+                // cover them; `query_chunks` groups only consecutive positions of one sequence,
+                // from `first` on, so the two launches write disjoint rows.
                 unsafe { builder.launch(cfg) }.w()?;
             }
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))))

@@ -158,8 +158,6 @@ pub struct LlmEngine {
 struct InFlight {
     step: PendingStep,
     seqs: Vec<(u64, Option<usize>)>,
-    /// Some sequence samples on the host: the next step needs its token before it can run.
-    host_sampling: bool,
 }
 
 fn read_config(dir: &Path) -> Result<Value, EngineError> {
@@ -399,7 +397,7 @@ impl LlmEngine {
             self.complete(prev, &mut out)?;
         }
         if let Some(step) = launched {
-            if self.overlap_steps && !step.host_sampling {
+            if self.overlap_steps && !step.step.samples_on_host() {
                 self.in_flight = Some(step);
             } else {
                 self.complete(step, &mut out)?;
@@ -442,7 +440,6 @@ impl LlmEngine {
             self.count_step(step_tokens);
             return Ok(None);
         };
-        let host_sampling = full.iter().enumerate().any(|(i, &f)| f && step.row_of(i).is_some());
         let mut seqs = Vec::with_capacity(plan.len());
         for (i, &Scheduled { index, num_tokens }) in plan.iter().enumerate() {
             let seq = &mut self.sched.running[index];
@@ -454,7 +451,7 @@ impl LlmEngine {
             seqs.push((seq.id, at));
         }
         self.count_step(step_tokens);
-        Ok(Some(InFlight { step, seqs, host_sampling }))
+        Ok(Some(InFlight { step, seqs }))
     }
 
     fn count_step(&mut self, step_tokens: usize) {
@@ -470,7 +467,6 @@ impl LlmEngine {
     fn complete(&mut self, step: InFlight, out: &mut Vec<StepOutput>) -> Result<(), EngineError> {
         let samples = self.model.collect(step.step)?;
         let now = Instant::now();
-        let post_start = now;
         let running: std::collections::HashMap<u64, usize> = self.sched.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         let mut finished_running: Vec<(usize, FinishReason, Option<String>)> = Vec::new();
         let mut finished_waiting: Vec<(u64, FinishReason, Option<String>)> = Vec::new();
@@ -536,7 +532,7 @@ impl LlmEngine {
                 }),
             ));
         }
-        self.model.prof(|p| p.host_span("postprocess", post_start.elapsed().as_secs_f64() * 1e3));
+        self.model.prof(|p| p.host_span("postprocess", now.elapsed().as_secs_f64() * 1e3));
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::config::ArchConfig;
 use super::error::EngineError;
 use super::kv_cache::KvCache;
 use super::profile::Profiler;
-use super::scheduler::PENDING;
+use super::scheduler::{PENDING, pending_error, resolve_pending};
 use super::weights::Weights;
 
 struct Layer {
@@ -71,9 +71,8 @@ struct PagedInputs {
     table_rows: Tensor,
     /// `[num_tokens]` keys each token attends to (its position + 1).
     ctx_lens: Tensor,
-    /// Work items grouping consecutive prefill positions (`cuda_ops::query_chunks` or
-    /// `query_pairs`) for the tokens after the decode tokens, in steps with prefill chunks on
-    /// the tensor-core kernel.
+    /// Work items grouping consecutive prefill positions (`cuda_ops::query_chunks`) for the
+    /// tokens after the decode tokens, in steps with prefill chunks on the tensor-core kernel.
     prefill: Option<PrefillItems>,
 }
 
@@ -81,16 +80,6 @@ struct PrefillItems {
     items: Tensor,
     /// Tokens before it (the decode tokens) are attended one per block.
     first: usize,
-    chunks: bool,
-}
-
-/// How prefill tokens are grouped for the tensor-core attention (`SLUICE_ATTN_PREFILL`:
-/// `chunks`, the default; `pairs`; `off`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PrefillGrouping {
-    Off,
-    Pairs,
-    Chunks,
 }
 
 /// Decode attention with candle ops (CPU, f32/f16, shapes the kernel does not cover): keys
@@ -141,6 +130,11 @@ impl PendingStep {
     pub fn row_of(&self, i: usize) -> Option<usize> {
         self.logit_of.get(i).copied().flatten()
     }
+
+    /// Whether some sequence samples on the host (the next step needs its token first).
+    pub fn samples_on_host(&self) -> bool {
+        self.logit_of.iter().zip(&self.full_logits).any(|(r, &f)| r.is_some() && f)
+    }
 }
 
 /// Prefill chunks of the same length and start position, attended together: `count` chunks
@@ -159,10 +153,6 @@ struct PrefillChunk {
 /// Most score elements (`chunks * len * ctx`, per query head) of one prefill group.
 const PREFILL_GROUP_ELEMS: usize = 1 << 22;
 
-fn pending_error(row: usize, rows: usize) -> EngineError {
-    EngineError::Config(format!("placeholder token for row {row}, but the previous step sampled {rows} rows"))
-}
-
 /// A loaded causal LM ready for batched forward passes.
 pub struct Model {
     cfg: ArchConfig,
@@ -180,8 +170,9 @@ pub struct Model {
     paged_attention: bool,
     /// The paged path uses the tensor-core kernel (head_dim 64/128; `SLUICE_ATTN_MMA=0` off).
     attn_tensor_cores: bool,
-    /// How steps with prefill chunks group their positions on the tensor-core kernel.
-    attn_prefill: PrefillGrouping,
+    /// Steps with prefill chunks run their positions through the chunked prefill kernel
+    /// (tensor cores; `SLUICE_ATTN_PREFILL=off`: one position per block).
+    attn_prefill_chunks: bool,
     /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
@@ -280,11 +271,7 @@ impl Model {
             max_len,
             paged_attention,
             attn_tensor_cores,
-            attn_prefill: match (attn_tensor_cores, std::env::var("SLUICE_ATTN_PREFILL").as_deref()) {
-                (false, _) | (true, Ok("off")) => PrefillGrouping::Off,
-                (true, Ok("pairs")) => PrefillGrouping::Pairs,
-                _ => PrefillGrouping::Chunks,
-            },
+            attn_prefill_chunks: attn_tensor_cores && std::env::var("SLUICE_ATTN_PREFILL").as_deref() != Ok("off"),
             device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
             readback: super::cuda_ops::ReadbackPool::default(),
             profiler: std::sync::Mutex::new(Profiler::from_env(device)),
@@ -355,14 +342,12 @@ impl Model {
             rows.extend(std::iter::repeat_n(row as u32, s.tokens.len()));
             lens.extend((s.start_pos..ctx_of(i)).map(|p| p as u32 + 1));
         }
-        let prefill = if self.attn_prefill != PrefillGrouping::Off && n > order.len() {
+        let prefill = if self.attn_prefill_chunks && n > order.len() {
             // Decode tokens (one new token) come first in the flat order.
             let first = order.iter().take_while(|&&i| seqs[i].tokens.len() == 1).count();
-            let chunks = self.attn_prefill == PrefillGrouping::Chunks;
-            let items =
-                if chunks { super::cuda_ops::query_chunks(&rows, &lens, first) } else { super::cuda_ops::query_pairs(&rows, &lens, first) };
+            let items = super::cuda_ops::query_chunks(&rows, &lens, first);
             let m = items.len();
-            Some(PrefillItems { items: Tensor::from_vec(items, m, &self.device)?, first, chunks })
+            Some(PrefillItems { items: Tensor::from_vec(items, m, &self.device)?, first })
         } else {
             None
         };
@@ -418,7 +403,7 @@ impl Model {
                 }
                 let row = (t & !PENDING) as usize;
                 match prev {
-                    Some(StepIds::Host(v)) => ids.push(*v.get(row).ok_or_else(|| pending_error(row, v.len()))?),
+                    Some(StepIds::Host(v)) => ids.push(resolve_pending(t, v)?),
                     Some(StepIds::Device { ids: d, .. }) if row < d.dims1()? => {
                         pending_on_device = true;
                         ids.push(t);
@@ -517,18 +502,24 @@ impl Model {
         let Some((logits, logit_of)) = self.last_logits(seqs, cache, None)? else {
             return Ok(out);
         };
-        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        self.prof(|p| {
-            p.host("wait");
-            p.gpu("d2h");
-            p.end();
-        });
+        let logits = self.logits_to_host(&logits)?;
         for (i, row) in logit_of.iter().enumerate() {
             if let Some(r) = row {
                 out[i] = logits.get(*r).cloned();
             }
         }
         Ok(out)
+    }
+
+    /// All logits rows as f32 on the host (waits for the step; closes its profile).
+    fn logits_to_host(&self, logits: &Tensor) -> Result<Vec<Vec<f32>>, EngineError> {
+        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        self.prof(|p| {
+            p.host("wait");
+            p.gpu("d2h");
+            p.end();
+        });
+        Ok(rows)
     }
 
     /// Enqueues the forward pass of `seqs` and the sampling inputs of its logits rows, without
@@ -548,26 +539,18 @@ impl Model {
         };
         let full_logits: Vec<bool> = (0..seqs.len()).map(|i| full_logits.get(i).copied().unwrap_or(true)).collect();
         if !self.device_argmax {
-            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            self.prof(|p| {
-                p.host("wait");
-                p.gpu("d2h");
-                p.end();
-            });
+            let rows = self.logits_to_host(&logits)?;
             let ids = rows.iter().map(|r| super::sampling::argmax(r)).collect();
             return Ok(Some(PendingStep { logit_of, full_logits, host_logits: Some(rows), device_logits: None, ids: StepIds::Host(ids) }));
         }
         let ids = super::cuda_ops::argmax_rows(&logits)?;
         let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
         self.prof(|p| p.gpu("argmax"));
-        let any_full = logit_of.iter().zip(&full_logits).any(|(r, &f)| r.is_some() && f);
-        Ok(Some(PendingStep {
-            logit_of,
-            full_logits,
-            host_logits: None,
-            device_logits: any_full.then_some(logits),
-            ids: StepIds::Device { ids, copy },
-        }))
+        let mut step = PendingStep { logit_of, full_logits, host_logits: None, device_logits: None, ids: StepIds::Device { ids, copy } };
+        if step.samples_on_host() {
+            step.device_logits = Some(logits);
+        }
+        Ok(Some(step))
     }
 
     /// Waits for a launched step's sampled ids (only them: a step launched after it keeps
@@ -719,10 +702,7 @@ impl Model {
                 cache.block_size(),
                 scale as f32,
                 self.attn_tensor_cores,
-                prefill.as_ref().map(|p| match p.chunks {
-                    true => super::cuda_ops::Prefill::Chunks { items: &p.items, first: p.first },
-                    false => super::cuda_ops::Prefill::Pairs { items: &p.items, first: p.first },
-                }),
+                prefill.as_ref().map(|p| super::cuda_ops::Prefill { items: &p.items, first: p.first }),
             )?;
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);

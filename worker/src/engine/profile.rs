@@ -79,9 +79,7 @@ impl Profiler {
         }
         let now = Instant::now();
         if let Some(t) = self.host_mark.replace(now) {
-            let e = self.host.entry(format!("{}.{name}", self.kind)).or_default();
-            e.ms += (now - t).as_secs_f64() * 1e3;
-            e.count += 1;
+            self.host_span(name, (now - t).as_secs_f64() * 1e3);
         }
     }
 

@@ -8,12 +8,28 @@ use std::time::Instant;
 
 use rand_chacha::ChaCha12Rng;
 
+use super::error::EngineError;
 use super::kv_cache::{BlockAllocator, blocks_for};
 use super::sampling::SamplingParams;
 
 /// Marks a placeholder token: `PENDING | row` stands for the token the step in flight samples
 /// into its `row`-th logits row (token ids are below 2^31; the engine checks the vocabulary).
 pub const PENDING: u32 = 0x8000_0000;
+
+/// `t` with a `PENDING` placeholder replaced by the id the previous step sampled into that row
+/// (`prev`, its ids); any other id as it is.
+pub fn resolve_pending(t: u32, prev: &[u32]) -> Result<u32, EngineError> {
+    if t & PENDING == 0 {
+        return Ok(t);
+    }
+    let row = (t & !PENDING) as usize;
+    prev.get(row).copied().ok_or_else(|| pending_error(row, prev.len()))
+}
+
+/// A placeholder pointing past the previous step's `rows` sampled rows.
+pub fn pending_error(row: usize, rows: usize) -> EngineError {
+    EngineError::Config(format!("placeholder token for row {row}, but the previous step sampled {rows} rows"))
+}
 
 /// One request being served.
 pub struct Sequence {
