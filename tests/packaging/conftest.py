@@ -14,6 +14,9 @@ import render  # noqa: E402
 # Every variant CI renders: name -> values.
 VARIANTS: dict[str, dict] = {
     "default": {},
+    # The high-availability setting of docs/install.md, parsed as Helm parses
+    # `--set replicaCount=2`, and nothing else.
+    "ha": render.helm.parse_set_string("replicaCount=2"),
     "namespaced": {"watchNamespace": "team-a"},
     "all-on": {
         **render.ALL_ON,

@@ -31,8 +31,10 @@ CRD_CHART_COPY = CHART / "files" / "crds" / "batchinferencejob.yaml"
 RBAC_SOURCE = ROOT / "operator" / "rbac.json"
 RBAC_CHART_COPY = CHART / "files" / "rbac.json"
 
-# Values that turn every optional object on (used by tests and for the alerts file).
+# Values that turn every optional object on (used by tests and for the alerts file); the
+# PodDisruptionBudget needs more than one replica.
 ALL_ON: dict[str, Any] = {
+    "replicaCount": 2,
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "dashboard": {"enabled": True},
     "networkPolicy": {"enabled": True},

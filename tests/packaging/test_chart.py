@@ -36,6 +36,9 @@ def test_helm_lint_strict(variant: str, kube_version: str) -> None:
     ({"logging": {"format": "yaml"}}, "format"),
     ({"metrics": {"port": 0}}, "port"),
     ({"image": {"repository": "x", "digest": "latest"}}, "digest"),
+    ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
+    ({"podDisruptionBudget": {"maxUnavailable": "0%"}}, "maxUnavailable"),
+    ({"affinity": {"podAntiaffinity": {}}}, "podAntiaffinity"),
 ])
 def test_values_schema_rejects(values: dict, message: str) -> None:
     with helm.Chart.load(str(render.CHART)) as chart:
@@ -309,6 +312,119 @@ def test_toggles(rendered) -> None:
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "byo"
     (dashboard,) = by_kind(rendered["all-on"], "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+# --- High availability (docs/install.md: replicaCount=2) ------------------------------------
+
+def _pdb_disruptions_allowed(pdb: dict, replicas: int, healthy: int) -> int:
+    """What the disruption controller computes for a Deployment's pods (policy/v1)."""
+    spec = pdb["spec"]
+    if "maxUnavailable" in spec:
+        value = spec["maxUnavailable"]
+        if isinstance(value, str):  # a percentage rounds up
+            value = -(-replicas * int(value.rstrip("%")) // 100)
+        desired_healthy = replicas - value
+    else:
+        value = spec["minAvailable"]
+        if isinstance(value, str):
+            value = -(-replicas * int(value.rstrip("%")) // 100)
+        desired_healthy = value
+    return max(0, healthy - desired_healthy)
+
+
+def _default_anti_affinity(selector: dict) -> dict:
+    return {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100,
+        "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": selector}},
+    }]}
+
+
+def test_ha_two_replicas_with_leader_election(rendered) -> None:
+    (deployment,) = by_kind(rendered["ha"], "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    args = _args(deployment)
+    assert args["--leader-election"] == "true"
+    assert args["--lease-name"] == "sluice-operator"
+    # The Lease lives in the release namespace: the flag reads POD_NAMESPACE (downward API).
+    assert args["--lease-namespace"] == "$(POD_NAMESPACE)"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Replace one pod at a time: never both replicas down by the rollout itself.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_ha_renders_a_pdb_that_keeps_a_drain_possible(rendered) -> None:
+    docs = rendered["ha"]
+    (deployment,) = by_kind(docs, "Deployment")
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    (doc,) = [d for d in docs if d.kind == "PodDisruptionBudget"]
+    assert doc.source.endswith("templates/poddisruptionbudget.yaml")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == render.NAMESPACE
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # Both replicas Ready: a drain may evict one; until it is Ready again elsewhere, not the other.
+    assert _pdb_disruptions_allowed(pdb, replicas=2, healthy=2) == 1
+    assert _pdb_disruptions_allowed(pdb, replicas=2, healthy=1) == 0
+
+
+def test_ha_spreads_replicas_over_nodes(rendered) -> None:
+    (deployment,) = by_kind(rendered["ha"], "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    affinity = deployment["spec"]["template"]["spec"]["affinity"]
+    assert affinity == {"podAntiAffinity": _default_anti_affinity(selector)}
+    # The selector labels are this release's operator pods only (not its workers).
+    assert selector["app.kubernetes.io/component"] == "operator"
+    assert selector["app.kubernetes.io/instance"] == render.RELEASE
+
+
+def test_single_replica_renders_no_pdb(rendered) -> None:
+    with helm.Chart.load(str(render.CHART)) as chart:
+        assert chart.values["replicaCount"] == 1
+        assert chart.values["podDisruptionBudget"]["enabled"] is True
+    assert not by_kind(rendered["default"], "PodDisruptionBudget")
+    assert not by_kind(rendered["namespaced"], "PodDisruptionBudget")
+    explicit = render.render({"replicaCount": 1, "podDisruptionBudget": {"enabled": True}})
+    assert not by_kind(explicit, "PodDisruptionBudget")
+    off = render.render({"replicaCount": 2, "podDisruptionBudget": {"enabled": False}})
+    assert not by_kind(off, "PodDisruptionBudget")
+    three = render.render({"replicaCount": 3, "podDisruptionBudget": {"maxUnavailable": "50%"}})
+    (pdb,) = by_kind(three, "PodDisruptionBudget")
+    assert _pdb_disruptions_allowed(pdb, replicas=3, healthy=3) == 2
+
+
+def test_pod_anti_affinity_is_overridable() -> None:
+    node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "node-role.kubernetes.io/infra", "operator": "Exists"}]}]}}
+    hard = {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "topologyKey": "topology.kubernetes.io/zone",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}]}
+
+    def affinity(values: dict) -> dict | None:
+        (deployment,) = by_kind(render.render(values), "Deployment")
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        return deployment["spec"]["template"]["spec"].get("affinity"), selector
+
+    got, selector = affinity({"replicaCount": 2, "affinity": {"nodeAffinity": node_affinity}})
+    assert got == {"nodeAffinity": node_affinity,
+                   "podAntiAffinity": _default_anti_affinity(selector)}
+    got, _ = affinity({"replicaCount": 2, "affinity": {"podAntiAffinity": hard}})
+    assert got == {"podAntiAffinity": hard}
+    got, _ = affinity({"replicaCount": 2, "affinity": {"podAntiAffinity": {}}})
+    assert got is None
+    for variant in ("all-on", "no-crd-no-rbac"):
+        for kube_version in KUBE_VERSIONS:
+            values = {**VARIANTS[variant], "affinity": {"nodeAffinity": node_affinity,
+                                                        "podAntiAffinity": hard}}
+            for doc in render.render(values):
+                if doc.kind not in CUSTOM_KINDS:
+                    kubernetes_validate.validate(doc.obj, kube_version, strict=True)
 
 
 # --- CRD ------------------------------------------------------------------------------------

@@ -58,3 +58,22 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" $img.repository (default $root.Chart.AppVersion $img.tag) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The operator pods' affinity: .Values.affinity merged over a preferred pod anti-affinity on
+kubernetes.io/hostname, so that replicas land on different nodes where they can (a standby on
+the leader's node would go down with it). A podAntiAffinity in .Values.affinity replaces the
+default; an empty one removes it.
+*/}}
+{{- define "sluice.affinity" -}}
+{{- $affinity := deepCopy (default dict .Values.affinity) }}
+{{- if not (hasKey $affinity "podAntiAffinity") }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "sluice.selectorLabels" . | fromYaml)) }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+{{- else if empty (get $affinity "podAntiAffinity") }}
+{{- $_ := unset $affinity "podAntiAffinity" }}
+{{- end }}
+{{- with $affinity }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
