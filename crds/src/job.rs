@@ -29,8 +29,13 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
     printcolumn(name = "Done", type_ = "string", json_path = ".status.progress", description = "Finished requests / total"),
     printcolumn(name = "Rate", type_ = "string", json_path = ".status.throughput.display", description = "Observed requests per second"),
-    printcolumn(name = "ETA", type_ = "date", json_path = ".status.projectedCompletionTime", description = "Projected completion time"),
-    printcolumn(name = "Deadline", type_ = "date", json_path = ".status.deadline", description = "Effective deadline"),
+    printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.projectedCompletionTime",
+        description = "Projected completion time (RFC 3339, UTC)"
+    ),
+    printcolumn(name = "Deadline", type_ = "string", json_path = ".status.deadline", description = "Effective deadline (RFC 3339, UTC)"),
     printcolumn(name = "SLA", type_ = "string", json_path = ".status.slaStatus", description = "Deadline status"),
     printcolumn(name = "Workers", type_ = "string", json_path = ".status.workers.display", description = "Active / desired workers"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

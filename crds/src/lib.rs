@@ -5,12 +5,17 @@
 pub mod contract;
 pub mod deadline;
 pub mod job;
+#[cfg(feature = "storage")]
+pub mod jobio;
 pub mod lines;
 pub mod output;
 pub mod plan;
+#[cfg(feature = "storage")]
+pub mod planner;
 pub mod progress;
 #[cfg(feature = "storage")]
 pub mod storage;
+pub mod tls;
 pub mod validate;
 
 pub use job::{BatchInferenceJob, BatchInferenceJobSpec, BatchInferenceJobStatus};

@@ -282,6 +282,16 @@ impl Location {
         Ok(Location { store: self.store.clone(), path, uri, retry: self.retry.clone() })
     }
 
+    /// A location below this one that never fails: each `/`-separated segment of `rel` is
+    /// escaped as needed instead of rejected (for the fixed layout paths under an output prefix).
+    pub fn child(&self, rel: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        Location { store: self.store.clone(), path, uri: crate::contract::layout::join(&self.uri, rel), retry: self.retry.clone() }
+    }
+
     /// The URI of an object found under this prefix by [`Location::list`].
     pub fn uri_of(&self, path: &Path) -> String {
         let rel = path.as_ref().strip_prefix(self.path.as_ref()).unwrap_or(path.as_ref());

@@ -27,6 +27,9 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// A storage operation through the shared storage layer failed (with its retries).
+    #[error(transparent)]
+    Store(#[from] sluice_api::storage::StorageError),
     /// A URI the job names cannot be opened.
     #[error("{field}: cannot use {uri:?}: {reason}")]
     BadUri { field: &'static str, uri: String, reason: String },
@@ -62,7 +65,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube",
             Error::Finalizer(_) => "finalizer",
-            Error::Storage { .. } => "storage",
+            Error::Storage { .. } | Error::Store(_) => "storage",
             Error::BadUri { .. } => "bad_uri",
             Error::InputNotFound { .. } => "input_not_found",
             Error::InputChanged { .. } => "input_changed",
@@ -92,10 +95,19 @@ impl Error {
         let action = action.into();
         move |source| Error::Kube { action, source }
     }
+}
 
-    pub(crate) fn storage(action: &'static str, uri: impl Into<String>) -> impl FnOnce(object_store::Error) -> Error {
-        let uri = uri.into();
-        move |source| Error::Storage { action, uri, source }
+impl From<sluice_api::jobio::JobIoError> for Error {
+    fn from(e: sluice_api::jobio::JobIoError) -> Self {
+        use sluice_api::jobio::JobIoError as J;
+        match e {
+            J::InputNotFound { uri } => Error::InputNotFound { uri },
+            J::InputChanged { uri, plan_uri, planned, current } => Error::InputChanged { uri, plan_uri, planned, current },
+            J::TooManyShards { uri, limit, requests_per_shard } => Error::TooManyShards { uri, limit, requests_per_shard },
+            J::BadDocument { uri, what, reason } => Error::BadDocument { uri, what, reason },
+            J::Storage(e) => Error::Store(e),
+            J::Serialize { what, source } => Error::Serialize { what, source },
+        }
     }
 }
 

@@ -16,14 +16,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use object_store::ObjectStoreExt;
 use serde_json::json;
 use sluice_api::BatchInferenceJob;
 use sluice_api::BatchInferenceJobStatus;
 use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
 use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
-use sluice_api::output::{ManifestCounts, ManifestShard, OutputLine, OutputManifest, Usage};
+use sluice_api::jobio;
 use sluice_api::plan::ShardPlan;
 use sluice_api::progress::ShardProgress;
 
@@ -190,7 +189,6 @@ async fn fail_early(ctx: &Context, bij: &BatchInferenceJob, reason: &str, messag
     Ok(())
 }
 
-/// Progress records of the plan's shards: cached final records plus fresh reads of the others.
 /// The progress records of the plan's shards. `cache` keeps the final records of complete
 /// shards (those whose record says so, or in `completed_by_job`), so later calls skip them.
 pub async fn read_progress(
@@ -199,117 +197,20 @@ pub async fn read_progress(
     cache: &mut JobCache,
     completed_by_job: &BTreeSet<u32>,
 ) -> Result<BTreeMap<u32, ShardProgress>> {
-    let mut records = cache.complete.clone();
-    let names = storage_io::list_names(&output.join(layout::PROGRESS_PREFIX)).await?;
-    let present: BTreeSet<String> = names.into_iter().collect();
-    for shard in &plan.shards {
-        if records.contains_key(&shard.index) {
-            continue;
-        }
-        let rel = layout::progress(shard.index);
-        let file = rel.rsplit('/').next().unwrap_or(&rel).to_string();
-        if !present.contains(&file) {
-            continue;
-        }
-        let loc = output.join(&rel);
-        if let Some(r) = storage_io::read_json::<ShardProgress>(&loc, "progress record").await? {
-            if r.shard != shard.index {
-                return Err(Error::BadDocument {
-                    uri: loc.uri,
-                    what: "progress record",
-                    reason: format!("names shard {} instead of {}", r.shard, shard.index),
-                });
-            }
-            if r.complete || completed_by_job.contains(&shard.index) {
-                cache.complete.insert(shard.index, r.clone());
-            }
-            records.insert(shard.index, r);
+    let known: BTreeSet<u32> = cache.complete.keys().copied().collect();
+    let fresh = jobio::read_progress_records(output, plan, &known).await?;
+    for (shard, r) in &fresh {
+        if r.complete || completed_by_job.contains(shard) {
+            cache.complete.insert(*shard, r.clone());
         }
     }
+    let mut records = cache.complete.clone();
+    records.extend(fresh);
     Ok(records)
 }
 
-/// Count lines, results and usage of a committed shard's files, when its final progress record
-/// is missing.
-async fn count_shard_files(output: &Location, index: u32, lines: u64) -> Result<ManifestShard> {
-    let mut shard = ManifestShard {
-        index,
-        results: layout::results(index),
-        errors: layout::errors(index),
-        lines,
-        succeeded: 0,
-        failed: 0,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-    };
-    for (rel, success) in [(layout::results(index), true), (layout::errors(index), false)] {
-        let loc = output.join(&rel);
-        let bytes = match loc.store.get(&loc.path).await {
-            Ok(r) => r.bytes().await.map_err(Error::storage("get", &loc.uri))?,
-            Err(object_store::Error::NotFound { .. }) => continue,
-            Err(e) => return Err(Error::storage("get", &loc.uri)(e)),
-        };
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            if success {
-                shard.succeeded += 1;
-                let usage = serde_json::from_slice::<OutputLine>(line).ok().and_then(|l| l.usage()).unwrap_or_default();
-                shard.prompt_tokens += usage.prompt_tokens;
-                shard.completion_tokens += usage.completion_tokens;
-            } else {
-                shard.failed += 1;
-            }
-        }
-    }
-    Ok(shard)
-}
-
 /// Build `manifest.json` from the final progress records (or the shard files).
-pub async fn build_manifest(
-    job: &str,
-    spec_input: &str,
-    output: &Location,
-    plan: &ShardPlan,
-    records: &BTreeMap<u32, ShardProgress>,
-    failed_shards: &BTreeSet<u32>,
-    now: Timestamp,
-) -> Result<OutputManifest> {
-    let mut shards = Vec::new();
-    let mut counts = ManifestCounts { total: plan.line_count, succeeded: 0, failed: 0 };
-    let (mut prompt, mut completion) = (0u64, 0u64);
-    for s in &plan.shards {
-        if failed_shards.contains(&s.index) {
-            counts.failed += s.line_count;
-            continue;
-        }
-        let m = match records.get(&s.index).filter(|r| r.complete) {
-            Some(r) => ManifestShard {
-                index: s.index,
-                results: layout::results(s.index),
-                errors: layout::errors(s.index),
-                lines: s.line_count,
-                succeeded: r.succeeded,
-                failed: r.failed,
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-            },
-            None => count_shard_files(output, s.index, s.line_count).await?,
-        };
-        counts.succeeded += m.succeeded;
-        counts.failed += m.failed;
-        prompt += m.prompt_tokens;
-        completion += m.completion_tokens;
-        shards.push(m);
-    }
-    Ok(OutputManifest {
-        job: job.to_string(),
-        input_uri: spec_input.to_string(),
-        output_uri: output.uri.clone(),
-        completed_at: now.to_string(),
-        requests: counts,
-        usage: Usage::new(prompt, completion),
-        shards,
-    })
-}
+pub use sluice_api::jobio::build_manifest;
 
 async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let now = ctx.now();
@@ -556,7 +457,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     }
     if phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
         let manifest = build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, &output, &plan, &records, &failed, decided_at).await?;
-        let loc = output.join(layout::MANIFEST);
+        let loc = output.child(layout::MANIFEST);
         storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
         let note = format!(
             "all {total_shards} shards committed ({} succeeded, {} failed); manifest at {}; {}",

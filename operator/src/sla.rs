@@ -407,17 +407,18 @@ pub fn decide(cfg: &SlaConfig, obs: &SlaObservation) -> SlaDecision {
 
     let at_workers = |w: u32| format!("{w} worker{}", if w == 1 { "" } else { "s" });
     let rate_note = if using_prior {
-        format!("{:.3} req/s per worker assumed (prior)", mean_rate)
+        format!("{:.3} req/s per worker assumed (prior: nothing measured yet, corrected when the first shard reports)", mean_rate)
     } else {
         format!("{:.3} req/s per worker", mean_rate)
     };
 
     let late_at_best = best_secs - to_deadline;
+    // A prior is a guess (it assumes every request runs to maxTokens): on it alone a job is at
+    // most AtRisk, never Infeasible with advice to move the deadline. Infeasible needs measured
+    // throughput.
     let infeasible_now = match prev {
+        _ if using_prior => false,
         Some(SlaStatus::Infeasible) => late_at_best > -band,
-        // After admission, the prior alone (no progress yet, e.g. slow start-ups) only makes a
-        // job AtRisk: Infeasible is declared at admission or on measured throughput.
-        Some(_) if using_prior => false,
         _ => late_at_best > 0.0,
     };
 

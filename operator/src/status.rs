@@ -21,6 +21,9 @@ use crate::sla::{SlaDecision, ThroughputEstimator};
 pub const STALE_PROGRESS_SECS: f64 = 90.0;
 /// At most this many seconds of one attempt weigh in the rate estimate.
 pub const MAX_OBSERVATION_WEIGHT_SECS: f64 = 3600.0;
+/// The job's observed rate (`status.throughput`, the RATE column) is the work done in this many
+/// seconds before now.
+pub const RATE_WINDOW_SECS: f64 = 120.0;
 
 /// Parse a Job's `completedIndexes`/`failedIndexes` (`"1,3-5,7"`). Malformed parts are skipped.
 pub fn parse_indexes(s: Option<&str>) -> BTreeSet<u32> {
@@ -98,7 +101,7 @@ pub struct ProgressSummary {
     pub completion_tokens: u64,
     /// Shards whose record says complete.
     pub complete: BTreeSet<u32>,
-    /// Summed live rates of attempts updated recently.
+    /// Requests per second over the last [`RATE_WINDOW_SECS`] (see [`window_rates`]).
     pub requests_per_second: f64,
     pub output_tokens_per_second: f64,
     pub estimator: ThroughputEstimator,
@@ -123,9 +126,6 @@ pub fn summarize(records: &BTreeMap<u32, ShardProgress>, pod_created: &BTreeMap<
         s.completion_tokens += r.completion_tokens;
         if r.complete {
             s.complete.insert(r.shard);
-        } else if secs(now, r.updated_at) <= STALE_PROGRESS_SECS {
-            s.requests_per_second += r.requests_per_second.max(0.0);
-            s.output_tokens_per_second += r.output_tokens_per_second.max(0.0);
         }
         if let Some(ready) = r.ready_at {
             let weight = secs(r.updated_at, ready).min(MAX_OBSERVATION_WEIGHT_SECS);
@@ -137,7 +137,48 @@ pub fn summarize(records: &BTreeMap<u32, ShardProgress>, pod_created: &BTreeMap<
         }
         s.last_update = s.last_update.max(Some(r.updated_at));
     }
+    (s.requests_per_second, s.output_tokens_per_second) = window_rates(records.values(), now);
     s
+}
+
+/// Seconds of `[a, b]` inside `[lo, hi]`.
+fn overlap(a: f64, b: f64, lo: f64, hi: f64) -> f64 {
+    (b.min(hi) - a.max(lo)).max(0.0)
+}
+
+/// The job's requests and output tokens per second over the [`RATE_WINDOW_SECS`] before `now`,
+/// from the progress records alone (so it is the same after an operator restart): each attempt's
+/// committed lines and tokens are spread evenly over its time from ready (or start) to its last
+/// record, and a running attempt with a fresh record adds its own rate from that record to now.
+/// Shards that run for a few seconds between two syncs count as much as long ones.
+pub fn window_rates<'a>(records: impl IntoIterator<Item = &'a ShardProgress>, now: Timestamp) -> (f64, f64) {
+    let t = |ts: Timestamp| ts.as_millisecond() as f64 / 1000.0;
+    let hi = t(now);
+    let lo = hi - RATE_WINDOW_SECS;
+    let (mut requests, mut tokens) = (0.0, 0.0);
+    let mut first_start = hi;
+    for r in records {
+        let start = t(r.ready_at.unwrap_or(r.started_at));
+        let updated = t(r.updated_at).max(start);
+        first_start = first_start.min(start);
+        let committed_share = if updated > start {
+            overlap(start, updated, lo, hi) / (updated - start)
+        } else if (lo..=hi).contains(&updated) {
+            1.0
+        } else {
+            0.0
+        };
+        requests += r.lines_done as f64 * committed_share;
+        tokens += r.completion_tokens as f64 * committed_share;
+        if !r.complete && hi - updated <= STALE_PROGRESS_SECS {
+            let since = overlap(updated, hi, lo, hi);
+            requests += r.requests_per_second.max(0.0) * since;
+            tokens += r.output_tokens_per_second.max(0.0) * since;
+        }
+    }
+    // A job younger than the window is measured over its own age.
+    let span = (hi - first_start.max(lo)).max(1.0);
+    (requests / span, tokens / span)
 }
 
 /// GPU-seconds of the job's pods: each pod's run time (start to finish, or to `now` while it
@@ -371,13 +412,57 @@ mod tests {
         let s = summarize(&records, &pods, now);
         assert_eq!((s.succeeded, s.failed), (99 + 39 + 9, 3));
         assert_eq!(s.complete, BTreeSet::from([0]));
-        assert_eq!(s.requests_per_second, 2.0);
-        assert_eq!(s.output_tokens_per_second, 10.0);
+        // Window 00:08:00-00:10:00: shard 1 committed 40 lines over 00:01:00-00:09:50 (110 s of
+        // them in the window) and runs at 2/s since its last record; shard 0 finished before the
+        // window, shard 2 is stale.
+        let expected = (40.0 * 110.0 / 530.0 + 2.0 * 10.0) / 120.0;
+        assert!((s.requests_per_second - expected).abs() < 1e-9, "{}", s.requests_per_second);
         let est = s.estimator.estimate().unwrap();
         assert!((est.mean - 2.0).abs() < 1e-9);
         // pod-1 started a minute before its process: its start-up counts from pod creation.
         assert!(s.estimator.startup_secs().unwrap() > 60.0);
         assert_eq!(s.last_update, Some(t("2026-01-01T00:09:50Z")));
+    }
+
+    #[test]
+    fn rate_counts_shards_that_finished_between_syncs() {
+        // Short shards: each runs 5 s and is complete before any sync sees it running. The rate
+        // is what they did in the window, not 0.
+        let now = t("2026-01-01T00:10:00Z");
+        let short = |shard: u32, ready: &str, done: &str| ShardProgress {
+            ready_at: Some(t(ready)),
+            started_at: t(ready),
+            updated_at: t(done),
+            lines_done: 50,
+            completion_tokens: 500,
+            complete: true,
+            ..record(shard, 50, true, done)
+        };
+        let records = BTreeMap::from([
+            (0, short(0, "2026-01-01T00:08:10Z", "2026-01-01T00:08:15Z")),
+            (1, short(1, "2026-01-01T00:09:00Z", "2026-01-01T00:09:05Z")),
+            (2, short(2, "2026-01-01T00:06:00Z", "2026-01-01T00:06:05Z")), // before the window
+        ]);
+        let (rps, tps) = window_rates(records.values(), now);
+        assert!((rps - 100.0 / 120.0).abs() < 1e-9, "{rps}");
+        assert!((tps - 1000.0 / 120.0).abs() < 1e-9, "{tps}");
+        // A job younger than the window: measured over its age.
+        let young = BTreeMap::from([(0, short(0, "2026-01-01T00:09:30Z", "2026-01-01T00:09:40Z"))]);
+        let (rps, _) = window_rates(young.values(), now);
+        assert!((rps - 50.0 / 30.0).abs() < 1e-9, "{rps}");
+        // One long shard, records every 15 s at a steady 2/s: the rate is 2/s.
+        let long = ShardProgress {
+            ready_at: Some(t("2026-01-01T00:00:00Z")),
+            started_at: t("2026-01-01T00:00:00Z"),
+            updated_at: t("2026-01-01T00:09:50Z"),
+            lines_done: 1180,
+            requests_per_second: 2.0,
+            complete: false,
+            ..record(3, 1180, false, "2026-01-01T00:09:50Z")
+        };
+        let (rps, _) = window_rates([&long], now);
+        assert!((rps - 2.0).abs() < 1e-9, "{rps}");
+        assert_eq!(window_rates([], now), (0.0, 0.0));
     }
 
     #[test]

@@ -3,43 +3,21 @@
 //! progress records, manifest). No Kubernetes calls and no decisions here.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sluice_api::job::StorageSpec;
-use sluice_api::storage::{self, StorageError, StorageOptions};
+use sluice_api::jobio;
+use sluice_api::storage::{self, PutOutcome, StorageError, StorageOptions};
 
 use crate::error::{Error, Result};
 
-/// An object store plus a path in it, and the URI it came from (for messages).
-#[derive(Clone)]
-pub struct Location {
-    pub store: Arc<dyn ObjectStore>,
-    pub path: Path,
-    pub uri: String,
-}
-
-impl fmt::Debug for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Location").field("uri", &self.uri).field("path", &self.path).finish()
-    }
-}
-
-impl Location {
-    /// The location of `rel` (a `/`-separated relative path) under this prefix.
-    pub fn join(&self, rel: &str) -> Location {
-        let mut path = self.path.clone();
-        for part in rel.split('/').filter(|p| !p.is_empty()) {
-            path = path.join(part);
-        }
-        Location { store: self.store.clone(), path, uri: sluice_api::contract::layout::join(&self.uri, rel) }
-    }
-}
+/// An object store plus a path in it, the URI it came from and the retry policy: the storage
+/// layer's own location, shared with the worker.
+pub use sluice_api::storage::Location;
 
 /// Opens the URIs a job names. The cluster build opens real stores; tests open one shared
 /// in-memory store.
@@ -89,7 +67,7 @@ impl StoreOpener for UriOpener {
             StorageError::InvalidUri { reason, .. } => bad_uri(field, uri, reason),
             other => bad_uri(field, uri, other.to_string()),
         })?;
-        Ok(Location { store: loc.store, path: loc.path, uri: uri.to_string() })
+        Ok(loc)
     }
 }
 
@@ -103,18 +81,13 @@ pub struct SharedStoreOpener {
 impl StoreOpener for SharedStoreOpener {
     fn open(&self, field: &'static str, uri: &str, _: Option<&StorageSpec>, _: &BTreeMap<String, String>) -> Result<Location> {
         let raw = uri.split_once("://").map_or(uri, |(_, rest)| rest);
-        Ok(Location { store: self.store.clone(), path: object_path(field, uri, raw)?, uri: uri.to_string() })
+        Ok(Location::new(self.store.clone(), object_path(field, uri, raw)?, uri, sluice_api::storage::RetryPolicy::default()))
     }
 }
 
 /// Read and parse a JSON document; `Ok(None)` when it does not exist.
 pub async fn read_json<T: DeserializeOwned>(loc: &Location, what: &'static str) -> Result<Option<T>> {
-    let bytes = match loc.store.get(&loc.path).await {
-        Ok(r) => r.bytes().await.map_err(Error::storage("get", &loc.uri))?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(Error::storage("get", &loc.uri)(e)),
-    };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::BadDocument { uri: loc.uri.clone(), what, reason: e.to_string() })
+    Ok(jobio::read_json(loc, what).await?)
 }
 
 /// Outcome of a create-only write.
@@ -129,44 +102,26 @@ pub enum Created {
 /// Write a JSON document only if nothing exists at `loc` (create-only put where the store
 /// supports it; otherwise a check followed by a plain put).
 pub async fn put_json_create<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<Created> {
-    let body = serde_json::to_vec_pretty(value).map_err(|source| Error::Serialize { what, source })?;
-    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-    match loc.store.put_opts(&loc.path, PutPayload::from(body.clone()), opts).await {
-        Ok(_) => Ok(Created::Written),
-        Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExisted),
-        Err(object_store::Error::NotImplemented { .. }) | Err(object_store::Error::NotSupported { .. }) => {
-            match loc.store.head(&loc.path).await {
-                Ok(_) => Ok(Created::AlreadyExisted),
-                Err(object_store::Error::NotFound { .. }) => {
-                    loc.store.put(&loc.path, PutPayload::from(body)).await.map_err(Error::storage("put", &loc.uri))?;
-                    Ok(Created::Written)
-                }
-                Err(e) => Err(Error::storage("head", &loc.uri)(e)),
-            }
-        }
-        Err(e) => Err(Error::storage("put", &loc.uri)(e)),
-    }
+    Ok(match jobio::put_json_create(loc, value, what).await? {
+        PutOutcome::Created => Created::Written,
+        PutOutcome::AlreadyExists => Created::AlreadyExisted,
+    })
 }
 
 /// Write a JSON document, replacing whatever is there.
 pub async fn put_json<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<()> {
-    let body = serde_json::to_vec_pretty(value).map_err(|source| Error::Serialize { what, source })?;
-    loc.store.put(&loc.path, PutPayload::from(body)).await.map_err(Error::storage("put", &loc.uri))?;
-    Ok(())
+    Ok(jobio::put_json(loc, value, what).await?)
 }
 
 /// Names (last path segments) of the objects directly or indirectly under `loc`.
 pub async fn list_names(loc: &Location) -> Result<Vec<String>> {
-    let metas: Vec<object_store::ObjectMeta> =
-        loc.store.list(Some(&loc.path)).try_collect().await.map_err(Error::storage("list", &loc.uri))?;
-    let mut names: Vec<String> = metas.into_iter().filter_map(|m| m.location.filename().map(str::to_string)).collect();
-    names.sort();
-    Ok(names)
+    Ok(jobio::list_names(loc).await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
     fn opener() -> SharedStoreOpener {
@@ -176,7 +131,7 @@ mod tests {
     #[tokio::test]
     async fn create_only_put_keeps_the_first_document() {
         let o = opener();
-        let loc = o.open("spec.output.uri", "mem://out/run", None, &BTreeMap::new()).unwrap().join("_sluice/plan.json");
+        let loc = o.open("spec.output.uri", "mem://out/run", None, &BTreeMap::new()).unwrap().child("_sluice/plan.json");
         assert_eq!(loc.uri, "mem://out/run/_sluice/plan.json");
         assert_eq!(loc.path.as_ref(), "out/run/_sluice/plan.json");
         assert_eq!(read_json::<serde_json::Value>(&loc, "plan").await.unwrap(), None);
@@ -190,7 +145,7 @@ mod tests {
     async fn a_bad_document_names_its_uri() {
         let o = opener();
         let loc = o.open("spec.output.uri", "mem://o/x.json", None, &BTreeMap::new()).unwrap();
-        loc.store.put(&loc.path, PutPayload::from_static(b"{not json")).await.unwrap();
+        loc.store.put(&loc.path, object_store::PutPayload::from_static(b"{not json")).await.unwrap();
         let err = read_json::<serde_json::Value>(&loc, "progress record").await.unwrap_err();
         assert!(err.to_string().contains("mem://o/x.json: not a valid progress record"), "{err}");
     }

@@ -390,7 +390,10 @@ async fn slow_progress_scales_up_with_an_event() {
     assert_eq!(status["workers"]["desired"], to);
     assert_eq!(status["workers"]["display"], format!("1/{to}"));
     assert_eq!(status["progress"], "30/600");
-    assert_eq!(status["throughput"]["requestsPerSecond"], 0.5);
+    // The job's rate over its 60 s since the worker was ready: 30 committed lines plus 5 s at
+    // the record's 0.5/s since its last update.
+    assert_eq!(status["throughput"]["requestsPerSecond"], 0.542);
+    assert_eq!(status["throughput"]["perWorkerRequestsPerSecond"], 0.5);
 }
 
 #[tokio::test]

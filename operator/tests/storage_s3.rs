@@ -45,13 +45,13 @@ async fn secret_keys_configure_the_s3_client() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
     let out = UriOpener.open("spec.output.uri", &format!("s3://{bucket}/jobs/demo/"), Some(&storage), &secret).unwrap();
-    let plan = out.join("_sluice/plan.json");
+    let plan = out.child("_sluice/plan.json");
     assert_eq!(read_json::<serde_json::Value>(&plan, "shard plan").await.unwrap(), None);
     assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 4}), "shard plan").await.unwrap(), Created::Written);
     assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 5}), "shard plan").await.unwrap(), Created::AlreadyExisted);
     let back: serde_json::Value = read_json(&plan, "shard plan").await.unwrap().unwrap();
     assert_eq!(back["shards"], 4, "the first plan stays");
-    assert_eq!(list_names(&out.join("_sluice")).await.unwrap(), vec!["plan.json".to_string()]);
+    assert_eq!(list_names(&out.child("_sluice")).await.unwrap(), vec!["plan.json".to_string()]);
 
     // The same Secret with another endpoint (nothing listens on port 1) fails: the key, not
     // the environment, routes the client.
@@ -60,7 +60,7 @@ async fn secret_keys_configure_the_s3_client() {
     let elsewhere = UriOpener.open("spec.output.uri", &format!("s3://{bucket}/jobs/demo/"), Some(&storage), &wrong).unwrap();
     let res = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        read_json::<serde_json::Value>(&elsewhere.join("_sluice/plan.json"), "shard plan"),
+        read_json::<serde_json::Value>(&elsewhere.child("_sluice/plan.json"), "shard plan"),
     )
     .await
     .expect("the failing read gives up within its retry budget");

@@ -116,6 +116,7 @@ async fn terminate_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    sluice_api::tls::install_crypto_provider();
     let args = Args::parse();
     init_logging(args.log_format);
 

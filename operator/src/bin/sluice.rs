@@ -96,6 +96,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    sluice_api::tls::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Worker { args } => {

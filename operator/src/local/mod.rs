@@ -127,8 +127,8 @@ pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
 
 /// Shards whose final results and errors files exist.
 pub async fn committed_shards(output: &Location, plan: &ShardPlan) -> Result<BTreeSet<u32>, LocalError> {
-    let results: BTreeSet<String> = storage_io::list_names(&output.join("results/")).await?.into_iter().collect();
-    let errors: BTreeSet<String> = storage_io::list_names(&output.join("errors/")).await?.into_iter().collect();
+    let results: BTreeSet<String> = storage_io::list_names(&output.child("results/")).await?.into_iter().collect();
+    let errors: BTreeSet<String> = storage_io::list_names(&output.child("errors/")).await?.into_iter().collect();
     let file = |p: String| p.rsplit('/').next().unwrap_or_default().to_string();
     Ok(plan
         .shards
@@ -144,7 +144,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
     let started = Timestamp::now();
 
     // A finished job is a no-op that reports the existing results.
-    let manifest_loc = local.output.join(layout::MANIFEST);
+    let manifest_loc = local.output.child(layout::MANIFEST);
     if let Some(manifest) = storage_io::read_json::<OutputManifest>(&manifest_loc, "output manifest").await? {
         return Ok(RunSummary::already_complete(&local, manifest, manifest_loc.uri));
     }
@@ -155,7 +155,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
         Err(e) => return Err(LocalError::Input(format!("cannot read {}: {e}", local.input.uri))),
     }
     let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
-    let record_loc = local.output.join(LOCAL_RUN_RECORD);
+    let record_loc = local.output.child(LOCAL_RUN_RECORD);
     let created_at = match storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await? {
         Created::Written => started,
         // A rerun keeps the first run's window.

@@ -108,9 +108,10 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
     let now = Timestamp::now();
     let records = read_progress(&local.output, plan, &mut JobCache::default(), &outcome.completed).await?;
     let failed: BTreeSet<u32> = outcome.failed.keys().copied().collect();
-    let manifest =
-        crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now).await?;
-    let loc = local.output.join(layout::MANIFEST);
+    let manifest = crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now)
+        .await
+        .map_err(crate::error::Error::from)?;
+    let loc = local.output.child(layout::MANIFEST);
     let manifest = match storage_io::put_json_create(&loc, &manifest, "output manifest").await? {
         Created::Written => manifest,
         // A concurrent run finished first: report what it wrote.
@@ -151,7 +152,7 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
 /// `sluice status <output-uri>`: the state of a job from its storage alone.
 pub async fn print_status(output: &Location) -> Result<String, LocalError> {
     let mut s = String::new();
-    let plan = storage_io::read_json::<ShardPlan>(&output.join(layout::PLAN), "shard plan").await?;
+    let plan = storage_io::read_json::<ShardPlan>(&output.child(layout::PLAN), "shard plan").await?;
     let Some(plan) = plan else {
         return Err(LocalError::Other(format!(
             "{}: no plan found at {} (not a Sluice output prefix, or not planned yet)",
@@ -161,7 +162,7 @@ pub async fn print_status(output: &Location) -> Result<String, LocalError> {
     };
     let _ = writeln!(s, "output      {}", output.uri);
     let _ = writeln!(s, "input       {} ({} lines, {} bytes)", plan.input_uri, plan.line_count, plan.input_size);
-    if let Ok(Some(r)) = storage_io::read_json::<LocalRunRecord>(&output.join(LOCAL_RUN_RECORD), "local run record").await {
+    if let Ok(Some(r)) = storage_io::read_json::<LocalRunRecord>(&output.child(LOCAL_RUN_RECORD), "local run record").await {
         let _ = writeln!(s, "started     {}", r.created_at);
     }
     let committed = committed_shards(output, &plan).await?;
@@ -171,7 +172,7 @@ pub async fn print_status(output: &Location) -> Result<String, LocalError> {
     let failed: u64 = records.values().map(|r| r.failed).sum();
     let _ = writeln!(s, "shards      {} committed of {}", committed.len(), plan.shards.len());
     let _ = writeln!(s, "requests    {done} done of {} ({ok} ok, {failed} failed)", plan.line_count);
-    match storage_io::read_json::<OutputManifest>(&output.join(layout::MANIFEST), "output manifest").await? {
+    match storage_io::read_json::<OutputManifest>(&output.child(layout::MANIFEST), "output manifest").await? {
         Some(m) => {
             let _ = writeln!(s, "state       Complete at {} ({} ok, {} failed)", m.completed_at, m.requests.succeeded, m.requests.failed);
         }

@@ -145,6 +145,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    sluice_api::tls::install_crypto_provider();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -8,6 +8,7 @@ use sluice_worker::app;
 use sluice_worker::cli::Args;
 
 fn main() -> ExitCode {
+    sluice_api::tls::install_crypto_provider();
     let code = app::main_with(Args::parse());
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
