@@ -2,7 +2,9 @@
 # are. Each step is idempotent. Without them the tests that need them print why and skip; CI
 # always provides them.
 
-# An S3-compatible server (moto) on 127.0.0.1 for the worker's S3 tests; exports
-# SLUICE_TEST_S3_ENDPOINT and test credentials.
+# S3-compatible servers (moto) on 127.0.0.1 for the S3 tests: plain HTTP (exports
+# SLUICE_TEST_S3_ENDPOINT and test credentials) and HTTPS with a CA made at start-up for the
+# `spec.storage.caBundle` tests (exports SLUICE_TEST_S3_TLS_ENDPOINT, SLUICE_TEST_S3_TLS_CA and
+# SLUICE_TEST_S3_TLS_BUCKET).
 # shellcheck source=/dev/null
 source scripts/s3-test-server.sh

@@ -34,6 +34,9 @@ pub mod env {
     pub const STORAGE_PATH_STYLE: &str = "SLUICE_STORAGE_PATH_STYLE";
     /// `true` to allow plain-HTTP endpoints.
     pub const STORAGE_ALLOW_HTTP: &str = "SLUICE_STORAGE_ALLOW_HTTP";
+    /// A PEM file of extra CA certificates to trust for HTTPS storage endpoints: the key of
+    /// `spec.storage.caBundle`, which the operator mounts read-only into worker pods.
+    pub const STORAGE_CA_FILE: &str = "SLUICE_STORAGE_CA_FILE";
     /// Address for `/metrics` and `/healthz`.
     pub const METRICS_ADDR: &str = "SLUICE_METRICS_ADDR";
     /// Name of the BatchInferenceJob (for logs and the output's model field).
@@ -44,6 +47,19 @@ pub mod env {
     pub const LOG_FORMAT: &str = "SLUICE_LOG_FORMAT";
     /// `cpu` or `cuda` (default: cuda when built with it and a GPU is present).
     pub const DEVICE: &str = "SLUICE_DEVICE";
+    /// Where the job's pods POST their reports (plan summary, progress records, manifest) when
+    /// only they can reach the job's storage (`sluice_api::report`). Unset: no reports.
+    pub const REPORT_URL: &str = "SLUICE_REPORT_URL";
+    /// Bearer token of those reports.
+    pub const REPORT_TOKEN: &str = "SLUICE_REPORT_TOKEN";
+    /// `spec.sharding.requestsPerShard`, for `sluice-worker plan` (unset: automatic).
+    pub const REQUESTS_PER_SHARD: &str = "SLUICE_REQUESTS_PER_SHARD";
+    /// `spec.workers.max`, for `sluice-worker plan` (the automatic shard size uses it).
+    pub const MAX_WORKERS: &str = "SLUICE_MAX_WORKERS";
+    /// Shards that failed within `retries.maxFailedShards` (`1,3-5`), for `sluice-worker finalize`.
+    pub const FAILED_SHARDS: &str = "SLUICE_FAILED_SHARDS";
+    /// The input URI as the job's spec names it, recorded in the manifest by `finalize`.
+    pub const SPEC_INPUT_URI: &str = "SLUICE_SPEC_INPUT_URI";
 }
 
 /// Worker exit codes. The operator's pod failure policy fails an index at once on

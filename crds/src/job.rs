@@ -164,6 +164,51 @@ pub struct StorageSpec {
     /// Allow plain-HTTP endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_http: Option<bool>,
+    /// Extra CA certificates to trust for an HTTPS endpoint signed by a private CA (MinIO or
+    /// Ceph behind an in-house CA): a PEM bundle in a ConfigMap or Secret of the job's
+    /// namespace. Trusted in addition to the system's roots, by the operator and the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleSpec>,
+}
+
+/// Where a PEM bundle of CA certificates is: a key of a ConfigMap or of a Secret in the job's
+/// namespace. The operator reads it; workers get it mounted read-only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.configMapRef) != has(self.secretRef)").message("set exactly one of storage.caBundle.configMapRef or storage.caBundle.secretRef")
+)]
+pub struct CaBundleSpec {
+    /// ConfigMap that holds the bundle (the usual place: CA certificates are public).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<LocalObjectReference>,
+    /// Secret that holds the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+    /// Key of the ConfigMap or Secret whose value is the PEM bundle (one or more
+    /// `-----BEGIN CERTIFICATE-----` blocks).
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The default key of [`CaBundleSpec::key`].
+pub const DEFAULT_CA_KEY: &str = "ca.crt";
+
+fn default_ca_key() -> String {
+    DEFAULT_CA_KEY.to_string()
+}
+
+impl CaBundleSpec {
+    /// The bundle in a ConfigMap under the default key.
+    pub fn config_map(name: impl Into<String>) -> Self {
+        Self { config_map_ref: Some(LocalObjectReference { name: name.into() }), secret_ref: None, key: default_ca_key() }
+    }
+
+    /// The bundle in a Secret under the default key.
+    pub fn secret(name: impl Into<String>) -> Self {
+        Self { config_map_ref: None, secret_ref: Some(LocalObjectReference { name: name.into() }), key: default_ca_key() }
+    }
 }
 
 /// Sampling defaults.
@@ -488,6 +533,37 @@ pub struct BatchInferenceJobStatus {
     /// URI of `manifest.json`, set on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_uri: Option<String>,
+    /// For a job whose storage only its pods can reach: the totals of the shards whose final
+    /// report the operator has counted, kept here so an operator restart loses none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<ReportedTotals>,
+}
+
+/// Totals of the shards whose final progress report was counted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedTotals {
+    /// The shards counted, as index ranges (`0-3,5`).
+    pub shards: String,
+    /// Their committed results.
+    pub succeeded: i64,
+    /// Their committed error records.
+    pub failed: i64,
+    /// Their prompt tokens.
+    pub prompt_tokens: i64,
+    /// Their completion tokens.
+    pub completion_tokens: i64,
+}
+
+impl BatchInferenceJobSpec {
+    /// Whether only the job's pods can reach its storage: its input or output is a `file://`
+    /// URI or a plain path (a PersistentVolumeClaim, hostPath or other volume mounted into the
+    /// pods). Then the pods plan, report progress and write the manifest, and the operator never
+    /// opens the storage.
+    pub fn storage_only_in_pods(&self) -> bool {
+        let local = |uri: &str| uri.starts_with("file:") || !uri.contains("://");
+        local(&self.input.uri) || local(&self.output.uri)
+    }
 }
 
 /// Request counts.

@@ -13,6 +13,7 @@ pub mod plan;
 #[cfg(feature = "storage")]
 pub mod planner;
 pub mod progress;
+pub mod report;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod tls;

@@ -28,6 +28,74 @@ pub struct ShardPlan {
     pub shards: Vec<Shard>,
 }
 
+/// What the operator needs of a plan: its size. A planner pod reports it when only the job's
+/// pods can read the plan itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSummary {
+    /// Lines in the input.
+    pub line_count: u64,
+    /// Target lines per shard.
+    pub requests_per_shard: u64,
+    /// Shards in the plan (indexes `0..shards`).
+    pub shards: u32,
+}
+
+impl ShardPlan {
+    /// The plan's size.
+    pub fn summary(&self) -> PlanSummary {
+        PlanSummary {
+            line_count: self.line_count,
+            requests_per_shard: self.requests_per_shard,
+            shards: u32::try_from(self.shards.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Parse an index list as Kubernetes writes `completedIndexes` (`"1,3-5,7"`). Malformed parts
+/// are skipped.
+pub fn parse_index_ranges(s: &str) -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => {
+                if let Ok(i) = part.parse() {
+                    out.insert(i);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Write indexes as Kubernetes does (`"1,3-5,7"`).
+pub fn format_index_ranges<'a>(indexes: impl IntoIterator<Item = &'a u32>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut run: Option<(u32, u32)> = None;
+    let flush = |r: (u32, u32), parts: &mut Vec<String>| {
+        parts.push(if r.0 == r.1 { r.0.to_string() } else { format!("{}-{}", r.0, r.1) });
+    };
+    for &i in indexes {
+        run = match run {
+            Some((a, b)) if i == b + 1 => Some((a, i)),
+            Some(r) => {
+                flush(r, &mut parts);
+                Some((i, i))
+            }
+            None => Some((i, i)),
+        };
+    }
+    if let Some(r) = run {
+        flush(r, &mut parts);
+    }
+    parts.join(",")
+}
+
 /// One shard: a line-aligned byte range of the input.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -84,5 +152,17 @@ impl ShardPlan {
     /// The shard with this index.
     pub fn shard(&self, index: u32) -> Option<&Shard> {
         self.shards.get(index as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn index_ranges_round_trip() {
+        let set = super::parse_index_ranges("0,2-4,9, 11 - 12,x");
+        assert_eq!(set, [0, 2, 3, 4, 9, 11, 12].into_iter().collect());
+        assert_eq!(super::format_index_ranges(&set), "0,2-4,9,11-12");
+        assert_eq!(super::format_index_ranges(&std::collections::BTreeSet::new()), "");
+        assert!(super::parse_index_ranges("").is_empty());
     }
 }

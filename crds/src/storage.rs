@@ -2,8 +2,10 @@
 //! plain local paths), `s3://`, `gs://` and `az://`, retries on transient errors, streamed range
 //! reads line by line, and create-only puts. It owns no layout: callers pass the paths.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +18,8 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    BackoffConfig, Certificate, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
 };
 
 pub use object_store;
@@ -39,12 +42,105 @@ pub struct StorageOptions {
     /// the operator passes a job's storage Secret here. Keys the store's builder does not know
     /// are ignored; explicit fields above win over the same setting given here.
     pub config: BTreeMap<String, String>,
+    /// Extra CA certificates to trust for HTTPS endpoints, on top of the system's roots
+    /// (`spec.storage.caBundle`).
+    pub ca_bundle: Option<CaBundle>,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        Self { endpoint: None, region: None, path_style: true, allow_http: false, retry: RetryPolicy::default(), config: BTreeMap::new() }
+        Self {
+            endpoint: None,
+            region: None,
+            path_style: true,
+            allow_http: false,
+            retry: RetryPolicy::default(),
+            config: BTreeMap::new(),
+            ca_bundle: None,
+        }
     }
+}
+
+/// The spec field a CA bundle comes from; its errors name it.
+pub const CA_BUNDLE_FIELD: &str = "spec.storage.caBundle";
+
+/// A PEM bundle of CA certificates (one or more `-----BEGIN CERTIFICATE-----` blocks) that the
+/// S3, GCS and Azure clients trust in addition to the system's roots: the private CA of a MinIO
+/// or Ceph endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CaBundle {
+    /// The PEM text itself (the operator reads it from the job's ConfigMap or Secret).
+    Pem(Vec<u8>),
+    /// A PEM file, read each time a store is opened (the worker's mounted
+    /// `SLUICE_STORAGE_CA_FILE`).
+    File(PathBuf),
+}
+
+impl CaBundle {
+    /// The bundle's certificates, each checked to be a parseable X.509 certificate. The error
+    /// says what is wrong (unreadable file, not PEM, no certificate, a bad certificate); callers
+    /// add the field name ([`StorageError::CaBundle`] does).
+    pub fn certificates(&self) -> Result<Vec<Certificate>, String> {
+        let pem: Cow<'_, [u8]> = match self {
+            CaBundle::Pem(pem) => Cow::Borrowed(pem),
+            CaBundle::File(path) => {
+                Cow::Owned(std::fs::read(path).map_err(|e| format!("cannot read the CA bundle file {}: {e}", path.display()))?)
+            }
+        };
+        parse_ca_pem(&pem)
+    }
+}
+
+/// Parse a PEM bundle of CA certificates; see [`CaBundle::certificates`]. Sections other than
+/// `CERTIFICATE` (a private key pasted along) are ignored.
+pub fn parse_ca_pem(pem: &[u8]) -> Result<Vec<Certificate>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::{self, PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    let mut certs = Vec::new();
+    for der in CertificateDer::pem_slice_iter(pem) {
+        let n = certs.len() + 1;
+        let der = der.map_err(|e| match e {
+            pem::Error::MissingSectionEnd { .. } => {
+                format!("not a valid PEM bundle: certificate {n} has no -----END CERTIFICATE----- line")
+            }
+            e => format!("not a valid PEM bundle: certificate {n}: {e}"),
+        })?;
+        // The same check rustls makes when it takes the certificate as a trust anchor.
+        roots.add(der.clone()).map_err(|e| format!("certificate {n} of the bundle is not a valid X.509 certificate: {e}"))?;
+        certs.push(Certificate::from_der(&der).map_err(|e| format!("certificate {n} of the bundle: {e}"))?);
+    }
+    if certs.is_empty() {
+        return Err("no certificate in it (expected PEM: one or more -----BEGIN CERTIFICATE----- blocks)".into());
+    }
+    Ok(certs)
+}
+
+/// The HTTP client settings every object-store builder starts from: the defaults plus the
+/// CA bundle's certificates.
+fn client_options(uri: &str, opts: &StorageOptions) -> Result<ClientOptions, StorageError> {
+    let mut client = ClientOptions::new();
+    if let Some(bundle) = &opts.ca_bundle {
+        let certs = bundle.certificates().map_err(|reason| StorageError::CaBundle { uri: uri.to_string(), reason })?;
+        for cert in certs {
+            client = client.with_root_certificate(cert);
+        }
+    }
+    Ok(client)
+}
+
+/// The environment variables starting with `prefix` that parse as config keys `K`, read as the
+/// builders' `from_env` reads them.
+fn env_keys<K: std::str::FromStr>(prefix: &str) -> Vec<(K, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let (k, v) = (k.into_string().ok()?, v.into_string().ok()?);
+            if !k.starts_with(prefix) {
+                return None;
+            }
+            Some((k.to_ascii_lowercase().parse::<K>().ok()?, v))
+        })
+        .collect()
 }
 
 /// The entries of `config` that parse as config keys `K` (lower-cased first).
@@ -107,8 +203,27 @@ pub enum StorageError {
     AlreadyExists { uri: String },
     #[error("reading {uri} failed: requested bytes {start}..{end} but the object has {size} bytes")]
     ShortObject { uri: String, start: u64, end: u64, size: u64 },
-    #[error("{op} {uri} failed after {attempts} attempt(s): {source}")]
+    #[error("{op} {uri} failed after {attempts} attempt(s): {}", with_causes(source))]
     Failed { op: &'static str, uri: String, attempts: usize, source: object_store::Error },
+    #[error("{CA_BUNDLE_FIELD}: {reason} (opening {uri})")]
+    CaBundle { uri: String, reason: String },
+}
+
+/// The message of `e` followed by those of its causes that it does not already contain: the
+/// HTTP client's own message ("error sending request") hides the reason below it, such as
+/// "invalid peer certificate: UnknownIssuer".
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    msg
 }
 
 impl StorageError {
@@ -120,7 +235,8 @@ impl StorageError {
             | StorageError::Config { .. }
             | StorageError::NotFound { .. }
             | StorageError::Denied { .. }
-            | StorageError::ShortObject { .. } => true,
+            | StorageError::ShortObject { .. }
+            | StorageError::CaBundle { .. } => true,
             StorageError::AlreadyExists { .. } => false,
             StorageError::Failed { source, .. } => !is_transient(source),
         }
@@ -136,6 +252,7 @@ impl StorageError {
             StorageError::AlreadyExists { .. } => "already_exists",
             StorageError::ShortObject { .. } => "short_object",
             StorageError::Failed { .. } => "failed",
+            StorageError::CaBundle { .. } => "ca_bundle",
         }
     }
 }
@@ -204,9 +321,17 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
             }
             let path = Path::parse(key).map_err(|e| invalid(&e.to_string()))?;
             let retry = opts.retry.object_store_config();
+            // Each builder starts from the environment (`from_env` keeps its special cases),
+            // takes our client options (they carry the CA bundle and replace the builder's),
+            // then the environment's and the config's settings again, so that their client keys
+            // (`AWS_ALLOW_HTTP`, timeouts, proxies) still count.
+            let client = client_options(uri, opts)?;
             let store: Arc<dyn ObjectStore> = match scheme {
                 "s3" | "s3a" => {
-                    let mut b = AmazonS3Builder::from_env();
+                    let mut b = AmazonS3Builder::from_env().with_client_options(client);
+                    for (key, v) in env_keys::<AmazonS3ConfigKey>("AWS_") {
+                        b = b.with_config(key, v);
+                    }
                     for (key, v) in config_keys::<AmazonS3ConfigKey>(&opts.config) {
                         b = b.with_config(key, v);
                     }
@@ -224,14 +349,20 @@ pub fn resolve(uri: &str, opts: &StorageOptions) -> Result<Location, StorageErro
                     Arc::new(b.build().map_err(config)?)
                 }
                 "gs" => {
-                    let mut b = GoogleCloudStorageBuilder::from_env();
+                    let mut b = GoogleCloudStorageBuilder::from_env().with_client_options(client);
+                    for (key, v) in env_keys::<GoogleConfigKey>("GOOGLE_") {
+                        b = b.with_config(key, v);
+                    }
                     for (key, v) in config_keys::<GoogleConfigKey>(&opts.config) {
                         b = b.with_config(key, v);
                     }
                     Arc::new(b.with_bucket_name(bucket).with_retry(retry).build().map_err(config)?)
                 }
                 _ => {
-                    let mut b = MicrosoftAzureBuilder::from_env();
+                    let mut b = MicrosoftAzureBuilder::from_env().with_client_options(client);
+                    for (key, v) in env_keys::<AzureConfigKey>("AZURE_") {
+                        b = b.with_config(key, v);
+                    }
                     for (key, v) in config_keys::<AzureConfigKey>(&opts.config) {
                         b = b.with_config(key, v);
                     }
@@ -777,6 +908,87 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s3.path.as_ref(), "some/key.jsonl");
+    }
+
+    /// A self-signed CA certificate (its key was thrown away).
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBijCCAS+gAwIBAgIUcd5txB+m4LJ81evnaRzsIlOXFSMwCgYIKoZIzj0EAwIw\nGTEXMBUGA1UEAwwOc2x1aWNlIHRlc3QgQ0EwIBcNMjYxMjA0MTQ0NDU0WhgPMjEy\nNjExMTAxNDQ0NTRaMBkxFzAVBgNVBAMMDnNsdWljZSB0ZXN0IENBMFkwEwYHKoZI\nzj0CAQYIKoZIzj0DAQcDQgAE43v3cbNHbBgEzBiLJH/LxDIT74S6mtkKuqUIJgnQ\n9MWuVBLLXfnUmE5XXyBErCByW+i/nn/8R8wVMsGo/C9KyKNTMFEwHQYDVR0OBBYE\nFM76TEAWSbPlDKmUq9AmilkfLmZHMB8GA1UdIwQYMBaAFM76TEAWSbPlDKmUq9Am\nilkfLmZHMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAJS0uzz2\nhiGD+Jxr9aOvjD4Ggw9bM2yrY+GeI5SvEgJtAiEAheFEngNOhE+/DTimWM05RW/T\n2E7xCyYJCiqjTRAIW70=\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn ca_bundles_parse_and_bad_ones_name_the_problem() {
+        assert_eq!(parse_ca_pem(TEST_CA.as_bytes()).unwrap().len(), 1);
+        let two = format!("# our CAs\n{TEST_CA}\n-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{TEST_CA}");
+        assert_eq!(parse_ca_pem(two.as_bytes()).unwrap().len(), 2, "other sections are skipped");
+        let err = |pem: &str| parse_ca_pem(pem.as_bytes()).err().unwrap();
+        assert!(err("").contains("no certificate"), "{}", err(""));
+        assert!(err("just some text\n").contains("-----BEGIN CERTIFICATE-----"), "{}", err("just some text\n"));
+        let unterminated = TEST_CA.replace("-----END CERTIFICATE-----", "");
+        assert!(err(&unterminated).contains("no -----END CERTIFICATE----- line"), "{}", err(&unterminated));
+        let bad_base64 = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        assert!(err(bad_base64).contains("not a valid PEM bundle"), "{}", err(bad_base64));
+        let not_der = "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";
+        assert!(err(not_der).contains("certificate 1 of the bundle is not a valid X.509 certificate"), "{}", err(not_der));
+    }
+
+    #[test]
+    fn a_bad_ca_bundle_fails_opening_a_store_and_names_the_field() {
+        let opts = |ca: CaBundle| StorageOptions {
+            endpoint: Some("https://127.0.0.1:1".into()),
+            ca_bundle: Some(ca),
+            config: [
+                ("aws_access_key_id", "k"),
+                ("aws_secret_access_key", "s"),
+                ("azure_storage_account_name", "acct"),
+                ("azure_storage_account_key", "a2V5"),
+            ]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into(),
+            ..fast()
+        };
+        let e = resolve("s3://b/k", &opts(CaBundle::Pem(b"not pem".to_vec()))).unwrap_err();
+        assert!(matches!(e, StorageError::CaBundle { .. }) && e.is_permanent(), "{e}");
+        assert!(e.to_string().starts_with("spec.storage.caBundle: no certificate in it"), "{e}");
+        assert_eq!(e.metric_label(), "ca_bundle");
+        let e = resolve("gs://b/k", &opts(CaBundle::File("/nonexistent/ca.crt".into()))).unwrap_err();
+        assert!(e.to_string().contains("spec.storage.caBundle: cannot read the CA bundle file /nonexistent/ca.crt"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, TEST_CA).unwrap();
+        for uri in ["s3://b/k", "gs://b/k", "az://c/k"] {
+            resolve(uri, &opts(CaBundle::Pem(TEST_CA.as_bytes().to_vec()))).unwrap();
+            resolve(uri, &opts(CaBundle::File(file.clone()))).unwrap();
+        }
+        // Local paths need no CA: a bad bundle does not get in their way.
+        resolve(&dir.path().display().to_string(), &opts(CaBundle::Pem(Vec::new()))).unwrap();
+    }
+
+    #[test]
+    fn failures_show_the_causes_below_the_http_error() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("invalid peer certificate: UnknownIssuer")
+            }
+        }
+        impl std::error::Error for Inner {}
+        #[derive(Debug)]
+        struct Outer(Inner);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let source = object_store::Error::Generic { store: "S3", source: Box::new(Outer(Inner)) };
+        let e = StorageError::Failed { op: "GET", uri: "s3://b/k".into(), attempts: 2, source };
+        assert_eq!(
+            e.to_string(),
+            "GET s3://b/k failed after 2 attempt(s): Generic S3 error: error sending request: invalid peer certificate: UnknownIssuer"
+        );
     }
 
     #[tokio::test]

@@ -198,3 +198,26 @@ fn manifest_errors_name_the_problem() {
     let e = load_manifest(&serde_yaml::to_string(&o).unwrap(), "m.yaml").unwrap_err().to_string();
     assert!(e.contains("model"), "{e}");
 }
+
+#[test]
+fn ca_bundle_names_exactly_one_source_and_a_valid_key() {
+    let mut o = base();
+    o["spec"]["storage"] = json!({"endpoint": "https://minio.minio:9000", "caBundle": {"configMapRef": {"name": "minio-ca"}}});
+    assert_eq!(errors_of(&o), Vec::<String>::new());
+    o["spec"]["storage"]["caBundle"] = json!({"secretRef": {"name": "ceph-ca"}, "key": "bundle.pem"});
+    assert_eq!(errors_of(&o), Vec::<String>::new());
+    for bad in [json!({"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}), json!({"key": "ca.crt"})] {
+        o["spec"]["storage"]["caBundle"] = bad;
+        let errs = errors_of(&o);
+        assert!(
+            errs.iter().any(|e| e.contains("set exactly one of storage.caBundle.configMapRef or storage.caBundle.secretRef")),
+            "{errs:?}"
+        );
+    }
+    o["spec"]["storage"]["caBundle"] = json!({"configMapRef": {"name": "a"}, "key": "ca/crt"});
+    assert!(errors_of(&o).iter().any(|e| e.starts_with("spec.storage.caBundle.key")), "{:?}", errors_of(&o));
+    // The key defaults to ca.crt.
+    o["spec"]["storage"]["caBundle"] = json!({"configMapRef": {"name": "x"}});
+    let job: sluice_api::BatchInferenceJob = serde_json::from_value(o).unwrap();
+    assert_eq!(job.spec.storage.unwrap().ca_bundle.unwrap().key, "ca.crt");
+}

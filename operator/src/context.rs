@@ -10,11 +10,12 @@ use std::time::Duration;
 use jiff::Timestamp;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use sluice_api::plan::ShardPlan;
+use sluice_api::plan::{PlanSummary, ShardPlan};
 use sluice_api::progress::ShardProgress;
 
 use crate::job_builder::{FIELD_MANAGER, WorkerDefaults};
 use crate::metrics::Metrics;
+use crate::reports::ReportHub;
 use crate::storage_io::StoreOpener;
 
 /// Operator settings from flags.
@@ -40,6 +41,8 @@ impl Default for Config {
 #[derive(Clone, Debug, Default)]
 pub struct JobCache {
     pub plan: Option<Arc<ShardPlan>>,
+    /// The plan's size, for a job whose pods planned it.
+    pub summary: Option<PlanSummary>,
     /// Final progress records of complete shards.
     pub complete: BTreeMap<u32, ShardProgress>,
     /// Finished requests at the last sync, and when that number last grew.
@@ -59,6 +62,8 @@ pub struct Context {
     pub stores: Arc<dyn StoreOpener>,
     pub clock: Clock,
     leader: Arc<AtomicBool>,
+    /// Reports from the pods of jobs whose storage only they can reach.
+    pub reports: Arc<ReportHub>,
     cache: Mutex<HashMap<String, JobCache>>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -82,6 +87,7 @@ impl Context {
             config,
             stores,
             clock,
+            reports: Arc::new(ReportHub::new(leader.clone())),
             leader,
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),

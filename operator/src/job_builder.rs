@@ -1,17 +1,18 @@
 //! The desired `batch/v1` Job of a BatchInferenceJob (pure): Indexed, one completion per shard,
 //! the worker environment contract, GPU resources, scheduling, a restricted security context, the
-//! user's pod template merged over ours, and an owner reference. No client, no clock: unit-tested
-//! from YAML fixtures.
+//! user's pod template merged over ours, and an owner reference; and the one-pod plan and
+//! finalize Jobs of jobs whose storage only their pods can reach. No client, no clock:
+//! unit-tested from YAML fixtures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration,
-    Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,8 +20,9 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use sluice_api::BatchInferenceJob;
 use sluice_api::contract::{env, exit, layout};
-use sluice_api::job::{Dtype, InputFormat};
-use sluice_api::plan::ShardPlan;
+use sluice_api::job::{CaBundleSpec, Dtype, InputFormat};
+use sluice_api::plan::PlanSummary;
+use sluice_api::report::report_path;
 
 use crate::error::{Error, Result};
 
@@ -36,6 +38,13 @@ pub const WORKER_APP_NAME: &str = "sluice-worker";
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 /// Where the worker caches object-store models.
 pub const MODEL_CACHE_DIR: &str = "/var/cache/sluice";
+/// Where worker pods get `spec.storage.caBundle`, mounted read-only (a directory mount, not a
+/// `subPath`, so an edit of the ConfigMap or Secret reaches running pods).
+pub const STORAGE_CA_DIR: &str = "/etc/sluice/ca";
+/// The bundle's file name in [`STORAGE_CA_DIR`], whatever its key.
+pub const STORAGE_CA_FILE_NAME: &str = "ca.crt";
+/// Name of the CA bundle's volume.
+const STORAGE_CA_VOLUME: &str = "storage-ca";
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sluice-operator";
 
@@ -50,6 +59,9 @@ pub struct WorkerDefaults {
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations added before the job's own.
     pub tolerations: Vec<Toleration>,
+    /// Base URL of the operator's report endpoint as the job's pods reach it (needed by jobs
+    /// whose storage only their pods can reach).
+    pub report_url: Option<String>,
 }
 
 impl Default for WorkerDefaults {
@@ -59,6 +71,7 @@ impl Default for WorkerDefaults {
             gpu_resource_name: "nvidia.com/gpu".into(),
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
+            report_url: None,
         }
     }
 }
@@ -156,6 +169,34 @@ pub fn worker_env(bij: &BatchInferenceJob) -> Result<Vec<EnvVar>> {
     Ok(vars)
 }
 
+/// Label naming the BatchInferenceJob on its plan and finalize Jobs and their pods (kept apart
+/// from [`JOB_LABEL`], so those pods never count as workers).
+pub const STEP_OF_LABEL: &str = "sluice.dev/step-of";
+/// The step a plan or finalize pod runs.
+pub const STEP_LABEL: &str = "sluice.dev/step";
+
+/// The reporting environment of a job whose storage only its pods can reach: where to POST
+/// (the operator's report URL plus the job's path) and the job's token (its uid). Empty for
+/// other jobs.
+pub fn report_env(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<Vec<EnvVar>> {
+    if !bij.spec.storage_only_in_pods() {
+        return Ok(Vec::new());
+    }
+    let base = defaults.report_url.as_deref().filter(|u| !u.is_empty()).ok_or_else(|| Error::InvalidSpec {
+        field: "spec.output.uri".into(),
+        reason: "the job's storage is a path only its pods can reach, so its pods report to the operator, but the operator \
+                 has no --report-url (set it to an address of the operator that pods can reach)"
+            .into(),
+    })?;
+    let uid =
+        bij.uid().ok_or_else(|| Error::InvalidSpec { field: "metadata".into(), reason: "the BatchInferenceJob has no uid yet".into() })?;
+    let ns = bij.namespace().unwrap_or_default();
+    Ok(vec![
+        env_var(env::REPORT_URL, format!("{}{}", base.trim_end_matches('/'), report_path(&ns, &bij.name_any()))),
+        env_var(env::REPORT_TOKEN, uid),
+    ])
+}
+
 fn restricted_container_security() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
@@ -176,10 +217,43 @@ fn worker_resources(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Optio
     (res != ResourceRequirements::default()).then_some(res)
 }
 
+/// The volume holding `spec.storage.caBundle`'s key as [`STORAGE_CA_FILE_NAME`].
+fn ca_bundle_volume(ca: &CaBundleSpec) -> Volume {
+    let items = Some(vec![KeyToPath { key: ca.key.clone(), path: STORAGE_CA_FILE_NAME.into(), mode: None }]);
+    let mut volume = Volume { name: STORAGE_CA_VOLUME.into(), ..Default::default() };
+    match (&ca.config_map_ref, &ca.secret_ref) {
+        (Some(cm), _) => {
+            volume.config_map = Some(ConfigMapVolumeSource { name: cm.name.clone(), items, optional: Some(false), ..Default::default() })
+        }
+        (None, Some(secret)) => {
+            volume.secret =
+                Some(SecretVolumeSource { secret_name: Some(secret.name.clone()), items, optional: Some(false), ..Default::default() })
+        }
+        // The CRD's rule requires exactly one; without either there is nothing to mount.
+        (None, None) => volume.empty_dir = Some(EmptyDirVolumeSource::default()),
+    }
+    volume
+}
+
 /// The generated pod template, before the user's override is merged.
 fn base_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<PodTemplateSpec> {
     let spec = &bij.spec;
     let mut envs = worker_env(bij)?;
+    envs.extend(report_env(bij, defaults)?);
+    let mut volumes = vec![Volume { name: "model-cache".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }];
+    let mut volume_mounts = vec![VolumeMount { name: "model-cache".into(), mount_path: MODEL_CACHE_DIR.into(), ..Default::default() }];
+    // The CA bundle is a pod thing (a mounted file), not part of `worker_env`, which local mode
+    // shares: there the worker inherits `SLUICE_STORAGE_CA_FILE` from `sluice run`'s environment.
+    if let Some(ca) = spec.storage.as_ref().and_then(|s| s.ca_bundle.as_ref()) {
+        volumes.push(ca_bundle_volume(ca));
+        volume_mounts.push(VolumeMount {
+            name: STORAGE_CA_VOLUME.into(),
+            mount_path: STORAGE_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        envs.push(env_var(env::STORAGE_CA_FILE, format!("{STORAGE_CA_DIR}/{STORAGE_CA_FILE_NAME}")));
+    }
     envs.sort_by(|a, b| a.name.cmp(&b.name));
     let env_from = spec.storage.as_ref().and_then(|s| s.secret_ref.as_ref()).map(|r| {
         vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: r.name.clone(), optional: Some(false) }), ..Default::default() }]
@@ -197,7 +271,7 @@ fn base_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<P
         }]),
         resources: worker_resources(bij, defaults),
         security_context: Some(restricted_container_security()),
-        volume_mounts: Some(vec![VolumeMount { name: "model-cache".into(), mount_path: MODEL_CACHE_DIR.into(), ..Default::default() }]),
+        volume_mounts: Some(volume_mounts),
         ..Default::default()
     };
     let mut node_selector = defaults.node_selector.clone();
@@ -217,11 +291,7 @@ fn base_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<P
                 seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
                 ..Default::default()
             }),
-            volumes: Some(vec![Volume {
-                name: "model-cache".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            }]),
+            volumes: Some(volumes),
             ..Default::default()
         }),
     })
@@ -313,12 +383,10 @@ pub fn desired_suspend(bij: &BatchInferenceJob) -> bool {
 }
 
 /// The full desired Job, applied once with server-side apply when it does not exist.
-pub fn desired_job(bij: &BatchInferenceJob, plan: &ShardPlan, parallelism: i32, defaults: &WorkerDefaults) -> Result<Job> {
+pub fn desired_job(bij: &BatchInferenceJob, plan: &PlanSummary, parallelism: i32, defaults: &WorkerDefaults) -> Result<Job> {
     let name = bij.name_any();
-    let completions = i32::try_from(plan.shards.len()).map_err(|_| Error::InvalidSpec {
-        field: "spec.sharding".into(),
-        reason: format!("{} shards do not fit a Job", plan.shards.len()),
-    })?;
+    let completions = i32::try_from(plan.shards)
+        .map_err(|_| Error::InvalidSpec { field: "spec.sharding".into(), reason: format!("{} shards do not fit a Job", plan.shards) })?;
     let owner = bij
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec { field: "metadata".into(), reason: "the BatchInferenceJob has no uid yet".into() })?;
@@ -349,6 +417,122 @@ pub fn desired_job(bij: &BatchInferenceJob, plan: &ShardPlan, parallelism: i32, 
         }),
         status: None,
     })
+}
+
+/// The steps a job's own pods run besides its shards when only they can reach its storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Plan the input (`sluice-worker plan`).
+    Plan,
+    /// Write the manifest (`sluice-worker finalize`).
+    Finalize,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Plan => "plan",
+            Step::Finalize => "finalize",
+        }
+    }
+}
+
+/// The name of a job's plan or finalize Job (stable, at most 63 characters).
+pub fn step_job_name(bij_name: &str, step: Step) -> String {
+    job_name(&format!("{bij_name}-{}", step.as_str()))
+}
+
+/// A one-pod Job that runs `step` in the job's own pod template (same image, volumes, Secret,
+/// node placement), without the worker's GPUs. `extra_env` adds the step's inputs. Exit code 3
+/// fails it at once; a disruption does not count against its retries.
+pub fn step_job(bij: &BatchInferenceJob, defaults: &WorkerDefaults, step: Step, extra_env: Vec<EnvVar>) -> Result<Job> {
+    let name = bij.name_any();
+    let mut template = pod_template(bij, defaults)?;
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), WORKER_APP_NAME.to_string()),
+        (STEP_OF_LABEL.to_string(), selector_labels(&name)[JOB_LABEL].clone()),
+        (STEP_LABEL.to_string(), step.as_str().to_string()),
+    ]);
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    let pod_labels = meta.labels.get_or_insert_with(Default::default);
+    pod_labels.remove(JOB_LABEL);
+    pod_labels.extend(labels.clone());
+    let spec = template.spec.get_or_insert_with(Default::default);
+    if let Some(c) = spec.containers.iter_mut().find(|c| c.name == WORKER_CONTAINER) {
+        c.args = Some(vec![step.as_str().to_string()]);
+        c.ports = None;
+        let env = c.env.get_or_insert_with(Vec::new);
+        env.retain(|e| !extra_env.iter().any(|x| x.name == e.name));
+        env.extend(extra_env);
+        env.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(res) = c.resources.as_mut() {
+            for m in [res.limits.as_mut(), res.requests.as_mut()].into_iter().flatten() {
+                m.remove(&defaults.gpu_resource_name);
+            }
+        }
+    }
+    let owner = bij
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec { field: "metadata".into(), reason: "the BatchInferenceJob has no uid yet".into() })?;
+    let mut job_labels = labels;
+    job_labels.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(step_job_name(&name, step)),
+            namespace: bij.namespace(),
+            labels: Some(job_labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            completions: Some(1),
+            parallelism: Some(1),
+            backoff_limit: Some(3),
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![
+                    PodFailurePolicyRule {
+                        action: "Ignore".into(),
+                        on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                            type_: "DisruptionTarget".into(),
+                            status: "True".into(),
+                        }]),
+                        on_exit_codes: None,
+                    },
+                    PodFailurePolicyRule {
+                        action: "FailJob".into(),
+                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                            container_name: Some(WORKER_CONTAINER.into()),
+                            operator: "In".into(),
+                            values: vec![exit::PERMANENT],
+                        }),
+                        on_pod_conditions: None,
+                    },
+                ],
+            }),
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The inputs of the plan step.
+pub fn plan_step_env(bij: &BatchInferenceJob) -> Vec<EnvVar> {
+    let mut v = vec![env_var(env::MAX_WORKERS, bij.spec.workers.max.to_string())];
+    if let Some(n) = bij.spec.sharding.requests_per_shard {
+        v.push(env_var(env::REQUESTS_PER_SHARD, n.to_string()));
+    }
+    v
+}
+
+/// The inputs of the finalize step: the shards that failed within the tolerance.
+pub fn finalize_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>) -> Vec<EnvVar> {
+    let ns = bij.namespace().unwrap_or_default();
+    vec![
+        env_var(env::FAILED_SHARDS, sluice_api::plan::format_index_ranges(failed)),
+        env_var(env::SPEC_INPUT_URI, bij.spec.input.uri.clone()),
+        env_var(env::JOB_NAME, format!("{ns}/{}", bij.name_any())),
+    ]
 }
 
 /// The scaling fields of an existing Job the reconciler keeps in line: `(parallelism, suspend)`.
@@ -383,8 +567,8 @@ mod tests {
         serde_yaml::from_str(&fixture(name)).unwrap()
     }
 
-    fn plan() -> ShardPlan {
-        serde_json::from_str(&fixture("plan-3.json")).unwrap()
+    fn plan() -> PlanSummary {
+        serde_json::from_str::<sluice_api::plan::ShardPlan>(&fixture("plan-3.json")).unwrap().summary()
     }
 
     fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
@@ -443,7 +627,12 @@ mod tests {
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let volumes: Vec<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, ["model-cache", "data"]);
+        assert_eq!(volumes, ["model-cache", "storage-ca", "data"]);
+        // spec.storage.caBundle: the ConfigMap's key (default `ca.crt`), read-only.
+        let ca = pod.volumes.as_ref().unwrap()[1].config_map.as_ref().unwrap();
+        assert_eq!((ca.name.as_str(), ca.optional), ("minio-ca", Some(false)));
+        let item = &ca.items.as_ref().unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("ca.crt", STORAGE_CA_FILE_NAME));
 
         let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["worker", "sidecar"]);
@@ -460,7 +649,8 @@ mod tests {
         assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "4");
         assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "32Gi");
         let mounts: Vec<&str> = w.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
-        assert_eq!(mounts, [MODEL_CACHE_DIR, "/data"]);
+        assert_eq!(mounts, [MODEL_CACHE_DIR, STORAGE_CA_DIR, "/data"]);
+        assert_eq!(w.volume_mounts.as_ref().unwrap()[1].read_only, Some(true));
         assert_eq!(w.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "s3-creds");
 
         let env = env_of(w);
@@ -477,6 +667,7 @@ mod tests {
         assert_eq!(val(env::STORAGE_REGION), "us-east-1");
         assert_eq!(val(env::STORAGE_PATH_STYLE), "true");
         assert_eq!(val(env::STORAGE_ALLOW_HTTP), "true");
+        assert_eq!(val(env::STORAGE_CA_FILE), "/etc/sluice/ca/ca.crt");
         assert_eq!(val(env::METRICS_ADDR), "0.0.0.0:9090");
         assert_eq!(val(env::JOB_NAME), "eval-run-42");
         // The override replaced the value of a generated variable and added one.
@@ -491,10 +682,14 @@ mod tests {
         assert!(!env.contains_key(env::DEVICE));
     }
 
+    fn reporting() -> WorkerDefaults {
+        WorkerDefaults { report_url: Some("http://sluice-operator.sluice-system.svc:8080/".into()), ..Default::default() }
+    }
+
     #[test]
     fn cpu_job_is_suspended_without_gpu_resources() {
         let bij = load("bij-cpu.yaml");
-        let job = desired_job(&bij, &plan(), 1, &WorkerDefaults { image: "sluice-worker:dev".into(), ..Default::default() }).unwrap();
+        let job = desired_job(&bij, &plan(), 1, &WorkerDefaults { image: "sluice-worker:dev".into(), ..reporting() }).unwrap();
         let spec = job.spec.as_ref().unwrap();
         assert_eq!(spec.suspend, Some(true));
         assert_eq!(spec.parallelism, Some(1));
@@ -510,13 +705,82 @@ mod tests {
         assert_eq!(env[env::DEVICE].value.as_deref(), Some("cpu"));
         assert_eq!(env[env::PLAN_URI].value.as_deref(), Some("file:///data/out/quickstart/_sluice/plan.json"));
         assert!(!env.contains_key(env::STORAGE_ENDPOINT) && !env.contains_key(env::MAX_MODEL_LEN));
+        assert!(!env.contains_key(env::STORAGE_CA_FILE));
+        assert_eq!(pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["model-cache"]);
+        // file:// storage: only the pods reach it, so they report to the operator with the uid.
+        assert_eq!(
+            env[env::REPORT_URL].value.as_deref(),
+            Some("http://sluice-operator.sluice-system.svc:8080/v1/jobs/default/quickstart/reports")
+        );
+        assert_eq!(env[env::REPORT_TOKEN].value, bij.uid());
+    }
+
+    #[test]
+    fn pod_only_storage_needs_a_report_url_and_object_storage_reports_nothing() {
+        let bij = load("bij-cpu.yaml");
+        let err = desired_job(&bij, &plan(), 1, &WorkerDefaults::default()).unwrap_err();
+        assert!(err.to_string().contains("--report-url"), "{err}");
+        let gpu = load("bij-gpu.yaml");
+        let job = desired_job(&gpu, &plan(), 1, &reporting()).unwrap();
+        let env = env_of(&job.spec.unwrap().template.spec.unwrap().containers[0]);
+        assert!(!env.contains_key(env::REPORT_URL) && !env.contains_key(env::REPORT_TOKEN));
+    }
+
+    #[test]
+    fn plan_and_finalize_steps_run_in_the_job_template_without_gpus() {
+        let mut bij = load("bij-gpu.yaml");
+        bij.spec.input.uri = "file:///data/in.jsonl".into();
+        let job = step_job(&bij, &reporting(), Step::Plan, plan_step_env(&bij)).unwrap();
+        assert_eq!(job.metadata.name.as_deref(), Some(step_job_name(&bij.name_any(), Step::Plan).as_str()));
+        let labels = job.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], FIELD_MANAGER);
+        assert_eq!(labels[STEP_LABEL], "plan");
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!((spec.completions, spec.completion_mode.as_deref(), spec.backoff_limit), (Some(1), None, Some(3)));
+        let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+        assert!(rules.iter().any(|r| r.action == "FailJob" && r.on_exit_codes.as_ref().is_some_and(|c| c.values == [exit::PERMANENT])));
+        let t = &spec.template;
+        let pod_labels = t.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert!(!pod_labels.contains_key(JOB_LABEL), "step pods must not count as workers: {pod_labels:?}");
+        let pod = t.spec.as_ref().unwrap();
+        let w = &pod.containers[0];
+        assert_eq!(w.args.as_deref(), Some(&["plan".to_string()][..]));
+        let res = w.resources.as_ref().unwrap();
+        assert!(res.limits.iter().chain(res.requests.iter()).all(|m| !m.contains_key("nvidia.com/gpu")), "{res:?}");
+        let env = env_of(w);
+        assert_eq!(env[env::MAX_WORKERS].value.as_deref(), Some(bij.spec.workers.max.to_string().as_str()));
+        assert!(env[env::REPORT_URL].value.as_deref().unwrap().ends_with("/reports"));
+        // The user's volumes (where the storage is) come along.
+        let worker = desired_job(&bij, &plan(), 1, &reporting()).unwrap();
+        assert_eq!(pod.volumes, worker.spec.unwrap().template.spec.unwrap().volumes);
+        let fin = step_job(&bij, &reporting(), Step::Finalize, finalize_step_env(&bij, &BTreeSet::from([1, 2, 3, 7]))).unwrap();
+        let env = env_of(&fin.spec.unwrap().template.spec.unwrap().containers[0]);
+        assert_eq!(env[env::FAILED_SHARDS].value.as_deref(), Some("1-3,7"));
+        assert_eq!(step_job_name(&"x".repeat(70), Step::Finalize).len(), 63);
+    }
+
+    #[test]
+    fn a_ca_bundle_in_a_secret_is_mounted_from_its_key() {
+        let mut bij = load("bij-gpu.yaml");
+        let storage = bij.spec.storage.as_mut().unwrap();
+        storage.ca_bundle = Some(CaBundleSpec { key: "bundle.pem".into(), ..CaBundleSpec::secret("ceph-ca") });
+        let job = desired_job(&bij, &plan(), 1, &WorkerDefaults::default()).unwrap();
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "storage-ca").unwrap();
+        assert!(volume.config_map.is_none());
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("ceph-ca"));
+        let item = &secret.items.as_ref().unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("bundle.pem", "ca.crt"));
+        // Local mode shares `worker_env`: the mount path is not part of it.
+        assert!(worker_env(&bij).unwrap().iter().all(|e| e.name != env::STORAGE_CA_FILE));
     }
 
     #[test]
     fn a_job_without_uid_cannot_be_owned() {
         let mut bij = load("bij-cpu.yaml");
         bij.metadata.uid = None;
-        let err = desired_job(&bij, &plan(), 1, &WorkerDefaults::default()).unwrap_err();
+        let err = desired_job(&bij, &plan(), 1, &reporting()).unwrap_err();
         assert!(err.to_string().contains("no uid"), "{err}");
     }
 
@@ -524,7 +788,7 @@ mod tests {
     fn scaling_patch_only_names_what_differs() {
         let mut bij = load("bij-cpu.yaml");
         bij.spec.suspend = false;
-        let job = desired_job(&bij, &plan(), 2, &WorkerDefaults::default()).unwrap();
+        let job = desired_job(&bij, &plan(), 2, &reporting()).unwrap();
         assert_eq!(scaling_patch(&bij, &job, 2), None);
         assert_eq!(scaling_patch(&bij, &job, 3), Some(serde_json::json!({"spec": {"parallelism": 3}})));
         assert_eq!(scaling_patch(&bij, &job, 9), Some(serde_json::json!({"spec": {"parallelism": 3}})), "capped at completions");

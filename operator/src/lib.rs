@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod planner;
 pub mod rbac;
 pub mod reconcile;
+pub mod reports;
 pub mod sim;
 pub mod sla;
 pub mod status;

@@ -22,8 +22,10 @@ pub const RULES: &[Rule] = &[
     Rule { api_group: "batch", resource: "jobs", verbs: &["get", "list", "watch", "create", "patch", "delete"] },
     // worker pods: GPU-seconds, start-up time, unschedulable pods.
     Rule { api_group: "", resource: "pods", verbs: &["get", "list", "watch"] },
-    // the job's storage credentials (spec.storage.secretRef).
+    // the job's storage credentials (spec.storage.secretRef) and a CA bundle kept in a Secret.
     Rule { api_group: "", resource: "secrets", verbs: &["get"] },
+    // a CA bundle kept in a ConfigMap (spec.storage.caBundle.configMapRef).
+    Rule { api_group: "", resource: "configmaps", verbs: &["get"] },
     // Events for decisions (the recorder creates, then patches a series).
     Rule { api_group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
     // leader election (kube-lease-manager).

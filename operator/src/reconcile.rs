@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -21,19 +21,24 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::BatchInferenceJobStatus;
 use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
+use sluice_api::job::ReportedTotals;
 use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
 use sluice_api::jobio;
+use sluice_api::output::ManifestCounts;
+use sluice_api::plan::PlanSummary;
 use sluice_api::plan::ShardPlan;
 use sluice_api::progress::ShardProgress;
+use sluice_api::report::PlanFailure;
+use sluice_api::storage::{CA_BUNDLE_FIELD, CaBundle, parse_ca_pem};
 
 use crate::conditions::{self, Cond};
 use crate::context::{Context, JobCache};
 use crate::error::{Error, Result};
-use crate::job_builder::{self, FIELD_MANAGER};
+use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
 use crate::sla::{self, SlaConfig, SlaObservation};
 use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
-use crate::storage_io::{self, Location};
+use crate::storage_io::{self, Location, StorageRefs};
 
 /// The finalizer the operator puts on every BatchInferenceJob.
 pub const FINALIZER: &str = "sluice.dev/cleanup";
@@ -155,6 +160,41 @@ async fn read_secret(ctx: &Context, bij: &BatchInferenceJob) -> Result<BTreeMap<
     Ok(out)
 }
 
+/// The PEM text of `spec.storage.caBundle` (a ConfigMap's `data` or `binaryData` key, or a
+/// Secret's), checked to be a CA bundle, so that a bad one is reported here (and retried, as a
+/// fixed ConfigMap is picked up) rather than failing the job when its storage is opened.
+async fn read_ca_bundle(ctx: &Context, bij: &BatchInferenceJob) -> Result<Option<CaBundle>> {
+    let Some(ca) = bij.spec.storage.as_ref().and_then(|s| s.ca_bundle.as_ref()) else {
+        return Ok(None);
+    };
+    let ns = bij.namespace().unwrap_or_default();
+    let (what, pem) = match (&ca.config_map_ref, &ca.secret_ref) {
+        (Some(r), _) => {
+            let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            let cm = api.get(&r.name).await.map_err(Error::kube(format!("get ConfigMap {ns}/{} ({CA_BUNDLE_FIELD})", r.name)))?;
+            let text = cm.data.and_then(|mut d| d.remove(&ca.key)).map(String::into_bytes);
+            (format!("ConfigMap {ns}/{}", r.name), text.or_else(|| cm.binary_data.and_then(|mut d| d.remove(&ca.key)).map(|b| b.0)))
+        }
+        (None, Some(r)) => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            let secret = api.get(&r.name).await.map_err(Error::kube(format!("get Secret {ns}/{} ({CA_BUNDLE_FIELD})", r.name)))?;
+            let bytes = secret.data.and_then(|mut d| d.remove(&ca.key)).map(|b| b.0);
+            (
+                format!("Secret {ns}/{}", r.name),
+                bytes.or_else(|| secret.string_data.and_then(|mut d| d.remove(&ca.key)).map(String::into_bytes)),
+            )
+        }
+        (None, None) => {
+            let reason = "set exactly one of configMapRef or secretRef".to_string();
+            return Err(Error::InvalidSpec { field: CA_BUNDLE_FIELD.into(), reason });
+        }
+    };
+    let invalid = |reason: String| Error::InvalidSpec { field: CA_BUNDLE_FIELD.into(), reason };
+    let pem = pem.ok_or_else(|| invalid(format!("{what} has no key {:?}", ca.key)))?;
+    parse_ca_pem(&pem).map_err(|reason| invalid(format!("key {:?} of {what}: {reason}", ca.key)))?;
+    Ok(Some(CaBundle::Pem(pem)))
+}
+
 /// Hold the job (not planned yet) with `Admitted=False` and a Warning Event the first time.
 async fn hold(ctx: &Context, bij: &BatchInferenceJob, reason: &str, message: String, now: Timestamp) -> Result<()> {
     let old = bij.status.clone().unwrap_or_default();
@@ -212,6 +252,199 @@ pub async fn read_progress(
 /// Build `manifest.json` from the final progress records (or the shard files).
 pub use sluice_api::jobio::build_manifest;
 
+/// How often a job whose pods plan or finalize is looked at while they run.
+const STEP_POLL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Where this reconcile learns the plan (and progress, and the manifest) from.
+enum StorageView {
+    /// The operator reads the job's storage: the whole plan and the output prefix.
+    Operator { summary: PlanSummary, plan: Arc<ShardPlan>, output: Location },
+    /// Only the job's pods reach its storage: they report (`crate::reports`).
+    Pods { summary: PlanSummary },
+}
+
+impl StorageView {
+    fn summary(&self) -> &PlanSummary {
+        match self {
+            StorageView::Operator { summary, .. } | StorageView::Pods { summary } => summary,
+        }
+    }
+}
+
+/// The plan's size as an earlier reconcile recorded it in the status (`Admitted=True` with
+/// reason `Planned`), so a restarted operator does not plan again.
+fn planned_from_status(old: &BatchInferenceJobStatus) -> Option<PlanSummary> {
+    let admitted = old.conditions.iter().find(|c| c.type_ == ct::ADMITTED)?;
+    if admitted.status != "True" || admitted.reason != "Planned" {
+        return None;
+    }
+    let shards = u32::try_from(old.shards.total).ok()?;
+    let line_count = u64::try_from(old.requests.total).ok()?;
+    Some(PlanSummary { line_count, requests_per_shard: line_count.div_ceil(u64::from(shards.max(1))), shards })
+}
+
+fn job_condition(job: &Job, type_: &str) -> Option<String> {
+    job.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| c.message.clone().or_else(|| c.reason.clone()).unwrap_or_default())
+}
+
+/// Run `step` in a one-pod Job of the job's own template unless it exists; the existing Job.
+async fn ensure_step_job(
+    ctx: &Context,
+    bij: &BatchInferenceJob,
+    step: Step,
+    env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+) -> Result<Option<Job>> {
+    let ns = bij.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = job_builder::step_job_name(&bij.name_any(), step);
+    if let Some(j) = jobs.get_opt(&name).await.map_err(Error::kube(format!("get Job {ns}/{name}")))? {
+        return Ok(Some(j));
+    }
+    let desired = job_builder::step_job(bij, &ctx.config.worker, step, env)?;
+    jobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .await
+        .map_err(Error::kube(format!("apply Job {ns}/{name}")))?;
+    Ok(None)
+}
+
+/// Delete a step's Job (and, through the garbage collector, its pod) so that it runs again.
+async fn delete_step_job(ctx: &Context, bij: &BatchInferenceJob, step: Step) -> Result<()> {
+    let ns = bij.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = job_builder::step_job_name(&bij.name_any(), step);
+    match jobs.delete(&name, &kube::api::DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("delete Job {ns}/{name}"))(e)),
+    }
+}
+
+/// The plan of a job whose storage only its pods reach: from the planner pod's report, or as
+/// recorded in the status; otherwise start (or wait for) the planner pod. `Err(action)` means
+/// "not planned yet, come back then".
+async fn plan_by_pods(
+    ctx: &Context,
+    bij: &BatchInferenceJob,
+    old: &BatchInferenceJobStatus,
+    key: &str,
+    uid: &str,
+    cache: &mut JobCache,
+    now: Timestamp,
+) -> Result<std::result::Result<PlanSummary, Action>> {
+    if let Some(p) = &cache.summary {
+        return Ok(Ok(p.clone()));
+    }
+    let reports = ctx.reports.snapshot(key, uid);
+    if let Some(p) = reports.plan {
+        let note = format!(
+            "planned {} requests into {} shards of about {} requests (by the job's planner pod); plan at {}",
+            p.line_count,
+            p.shards,
+            p.requests_per_shard,
+            layout::join(&bij.spec.output.uri, layout::PLAN)
+        );
+        publish(ctx, bij, EventType::Normal, "Planned", note).await;
+        cache.summary = Some(p.clone());
+        return Ok(Ok(p));
+    }
+    if let Some(p) = planned_from_status(old) {
+        cache.summary = Some(p.clone());
+        return Ok(Ok(p));
+    }
+    if let Some((failure, message)) = reports.plan_failed {
+        ctx.reports.clear_plan_failure(key);
+        delete_step_job(ctx, bij, Step::Plan).await?;
+        return Ok(Err(match failure {
+            PlanFailure::InputNotFound => {
+                hold(ctx, bij, "InputNotFound", message, now).await?;
+                Action::requeue(Error::InputNotFound { uri: String::new() }.retry_after())
+            }
+            PlanFailure::Permanent => {
+                fail_early(ctx, bij, "PlanFailed", message, now).await?;
+                Action::await_change()
+            }
+        }));
+    }
+    if old.phase == JobPhase::Pending && old.conditions.is_empty() {
+        let mut planning = old.clone();
+        planning.phase = JobPhase::Planning;
+        planning.observed_generation = bij.metadata.generation;
+        let msg = "the job's planner pod is reading the input to plan shards";
+        conditions::set(&mut planning.conditions, Cond::new(ct::ADMITTED, true, "Planning", msg), bij.metadata.generation, now);
+        patch_status(ctx, bij, &planning).await?;
+    }
+    let Some(job) = ensure_step_job(ctx, bij, Step::Plan, job_builder::plan_step_env(bij)).await? else {
+        return Ok(Err(Action::requeue(STEP_POLL)));
+    };
+    if job.metadata.deletion_timestamp.is_some() {
+        return Ok(Err(Action::requeue(STEP_POLL)));
+    }
+    if let Some(why) = job_condition(&job, "Failed") {
+        let ns = bij.namespace().unwrap_or_default();
+        let message = format!(
+            "the planner pod failed without a report ({why}); see kubectl logs -n {ns} job/{}",
+            job_builder::step_job_name(&bij.name_any(), Step::Plan)
+        );
+        fail_early(ctx, bij, "PlanFailed", message, now).await?;
+        return Ok(Err(Action::await_change()));
+    }
+    if job_condition(&job, "Complete").is_some() {
+        // It reported to an operator that is gone (a restart): run it again, it reuses the plan.
+        delete_step_job(ctx, bij, Step::Plan).await?;
+    }
+    Ok(Err(Action::requeue(STEP_POLL)))
+}
+
+/// Where the finalize step stands.
+enum Finalized {
+    /// The manifest is written (counts when its report arrived).
+    Done { uri: String, counts: Option<ManifestCounts> },
+    /// Its pod is still to run or running.
+    Pending,
+    /// It failed.
+    Failed(String),
+}
+
+/// Have the job's own finalize pod write the manifest (once every shard is committed).
+async fn finalize_by_pods(
+    ctx: &Context,
+    bij: &BatchInferenceJob,
+    key: &str,
+    uid: &str,
+    failed: &BTreeSet<u32>,
+    reported: Option<&ReportedTotals>,
+) -> Result<Finalized> {
+    if let Some((uri, counts, _usage)) = ctx.reports.snapshot(key, uid).manifest {
+        return Ok(Finalized::Done { uri, counts: Some(counts) });
+    }
+    let Some(job) = ensure_step_job(ctx, bij, Step::Finalize, job_builder::finalize_step_env(bij, failed)).await? else {
+        return Ok(Finalized::Pending);
+    };
+    if let Some(why) = job_condition(&job, "Failed") {
+        let ns = bij.namespace().unwrap_or_default();
+        return Ok(Finalized::Failed(format!(
+            "every shard is committed but the finalize pod could not write the manifest ({why}); see kubectl logs -n {ns} job/{}",
+            job_builder::step_job_name(&bij.name_any(), Step::Finalize)
+        )));
+    }
+    if job_condition(&job, "Complete").is_some() {
+        // Done, but its report reached an operator that is gone: the counts so far stand.
+        let counts = reported.map(|r| ManifestCounts {
+            total: 0,
+            succeeded: u64::try_from(r.succeeded).unwrap_or(0),
+            failed: u64::try_from(r.failed).unwrap_or(0),
+        });
+        return Ok(Finalized::Done { uri: layout::join(&bij.spec.output.uri, layout::MANIFEST), counts });
+    }
+    Ok(Finalized::Pending)
+}
+
 async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let now = ctx.now();
     let ns = bij.namespace().unwrap_or_default();
@@ -233,65 +466,90 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         }
     };
 
-    // Storage and plan.
-    let secret = read_secret(ctx, bij).await?;
-    let storage = bij.spec.storage.as_ref();
-    let opened = ctx
-        .stores
-        .open("spec.input.uri", &bij.spec.input.uri, storage, &secret)
-        .and_then(|i| Ok((i, ctx.stores.open("spec.output.uri", &bij.spec.output.uri, storage, &secret)?)));
-    let (input, output) = match opened {
-        Ok(v) => v,
-        Err(e) => {
-            fail_early(ctx, bij, "InvalidStorage", e.to_string(), now).await?;
-            return Ok(Action::await_change());
-        }
-    };
+    // Storage and plan: the operator reads the job's storage itself, or, when only the job's
+    // pods can reach it, its planner pod plans and reports (docs/design.md).
+    let key = format!("{ns}/{name}");
     let mut cache = ctx.cached(&uid);
-    let plan = match cache.plan.clone() {
-        Some(p) => p,
-        None => {
-            if old.phase == JobPhase::Pending && old.conditions.is_empty() {
-                let mut planning = old.clone();
-                planning.phase = JobPhase::Planning;
-                planning.observed_generation = generation;
-                conditions::set(
-                    &mut planning.conditions,
-                    Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"),
-                    generation,
-                    now,
-                );
-                patch_status(ctx, bij, &planning).await?;
-            }
-            match planner::load_or_create(&bij.spec, &input, &output).await {
-                Ok(outcome) => {
-                    if outcome.created {
-                        let p = &outcome.plan;
-                        let note = format!(
-                            "planned {} requests into {} shards of about {} requests; plan at {}",
-                            p.line_count,
-                            p.shards.len(),
-                            p.requests_per_shard,
-                            layout::join(&output.uri, layout::PLAN)
-                        );
-                        publish(ctx, bij, EventType::Normal, "Planned", note).await;
-                    }
-                    let p = Arc::new(outcome.plan);
-                    cache.plan = Some(p.clone());
-                    p
-                }
-                Err(e @ Error::InputNotFound { .. }) => {
-                    hold(ctx, bij, "InputNotFound", e.to_string(), now).await?;
-                    return Ok(Action::requeue(e.retry_after()));
-                }
-                Err(e) if e.is_permanent() => {
-                    fail_early(ctx, bij, "PlanFailed", e.to_string(), now).await?;
-                    return Ok(Action::await_change());
-                }
-                Err(e) => return Err(e),
+    let storage_view = if bij.spec.storage_only_in_pods() {
+        ctx.reports.register(&key, &uid, cache.summary.as_ref().map(|p| p.shards).or_else(|| planned_from_status(&old).map(|p| p.shards)));
+        match plan_by_pods(ctx, bij, &old, &key, &uid, &mut cache, now).await? {
+            Ok(summary) => StorageView::Pods { summary },
+            Err(action) => {
+                ctx.store_cache(&uid, cache);
+                return Ok(action);
             }
         }
+    } else {
+        let secret = read_secret(ctx, bij).await?;
+        let ca_bundle = match read_ca_bundle(ctx, bij).await {
+            Ok(ca) => ca,
+            Err(e) => {
+                if matches!(e, Error::InvalidSpec { .. }) {
+                    publish(ctx, bij, EventType::Warning, "InvalidCABundle", e.to_string()).await;
+                }
+                return Err(e);
+            }
+        };
+        let refs = StorageRefs { secret, ca_bundle };
+        let storage = bij.spec.storage.as_ref();
+        let opened = ctx
+            .stores
+            .open("spec.input.uri", &bij.spec.input.uri, storage, &refs)
+            .and_then(|i| Ok((i, ctx.stores.open("spec.output.uri", &bij.spec.output.uri, storage, &refs)?)));
+        let (input, output) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                fail_early(ctx, bij, "InvalidStorage", e.to_string(), now).await?;
+                return Ok(Action::await_change());
+            }
+        };
+        let plan = match cache.plan.clone() {
+            Some(p) => p,
+            None => {
+                if old.phase == JobPhase::Pending && old.conditions.is_empty() {
+                    let mut planning = old.clone();
+                    planning.phase = JobPhase::Planning;
+                    planning.observed_generation = generation;
+                    conditions::set(
+                        &mut planning.conditions,
+                        Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"),
+                        generation,
+                        now,
+                    );
+                    patch_status(ctx, bij, &planning).await?;
+                }
+                match planner::load_or_create(&bij.spec, &input, &output).await {
+                    Ok(outcome) => {
+                        if outcome.created {
+                            let p = &outcome.plan;
+                            let note = format!(
+                                "planned {} requests into {} shards of about {} requests; plan at {}",
+                                p.line_count,
+                                p.shards.len(),
+                                p.requests_per_shard,
+                                layout::join(&output.uri, layout::PLAN)
+                            );
+                            publish(ctx, bij, EventType::Normal, "Planned", note).await;
+                        }
+                        let p = Arc::new(outcome.plan);
+                        cache.plan = Some(p.clone());
+                        p
+                    }
+                    Err(e @ Error::InputNotFound { .. }) => {
+                        hold(ctx, bij, "InputNotFound", e.to_string(), now).await?;
+                        return Ok(Action::requeue(e.retry_after()));
+                    }
+                    Err(e) if e.is_permanent() => {
+                        fail_early(ctx, bij, "PlanFailed", e.to_string(), now).await?;
+                        return Ok(Action::await_change());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        StorageView::Operator { summary: plan.summary(), plan, output }
     };
+    let plan = storage_view.summary().clone();
 
     // Observe the Job, its pods and the workers' progress.
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -305,14 +563,28 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     } else {
         Vec::new()
     };
-    let records = read_progress(&output, &plan, &mut cache, &view.completed).await?;
     let pod_created: BTreeMap<String, Timestamp> =
         pods.iter().filter_map(|p| Some((p.name_any(), p.metadata.creation_timestamp.as_ref()?.0))).collect();
-    let summary = status::summarize(&records, &pod_created, now);
-    let indexes: BTreeSet<u32> = plan.shards.iter().map(|s| s.index).collect();
+    let (records, mut reported) = match &storage_view {
+        StorageView::Operator { plan, output, .. } => (read_progress(output, plan, &mut cache, &view.completed).await?, None),
+        StorageView::Pods { .. } => {
+            let progress = ctx.reports.snapshot(&key, &uid).progress;
+            let reported = old.reported.clone().unwrap_or_default();
+            (progress, Some(reported))
+        }
+    };
+    let mut summary = status::summarize(&records, &pod_created, now);
+    if let Some(totals) = reported.as_mut() {
+        status::fold_reported(totals, &mut summary, &records);
+        // After an operator restart, before the first records arrive: the last estimate.
+        if summary.estimator.estimate().is_none() && old.throughput.per_worker_requests_per_second > 0.0 {
+            summary.estimator.observe(old.throughput.per_worker_requests_per_second, 60.0);
+        }
+    }
+    let indexes = 0..plan.shards;
     let completed: BTreeSet<u32> = view.completed.union(&summary.complete).filter(|i| indexes.contains(i)).copied().collect();
     let failed: BTreeSet<u32> = view.failed.iter().filter(|i| indexes.contains(i) && !completed.contains(i)).copied().collect();
-    let total_shards = plan.shards.len();
+    let total_shards = plan.shards as usize;
     let max_failed = usize::try_from(bij.spec.retries.max_failed_shards.max(0)).unwrap_or(0);
     let too_many_failed = failed.len() > max_failed;
     let all_done = !too_many_failed && completed.len() + failed.len() == total_shards;
@@ -326,25 +598,38 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         cache.last_progress_at = Some(now);
     }
 
-    let phase = if all_done {
+    // Every shard is committed; a job whose storage only its pods reach also needs its
+    // finalize pod to have written the manifest.
+    let finalized = match (&storage_view, all_done) {
+        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, &key, &uid, &failed, reported.as_ref()).await?),
+        _ => None,
+    };
+    let finalizing = matches!(finalized, Some(Finalized::Pending));
+    let finalize_failure = match &finalized {
+        Some(Finalized::Failed(m)) => Some(m.clone()),
+        _ => None,
+    };
+    let phase = if all_done && !finalizing && finalize_failure.is_none() {
         JobPhase::Succeeded
-    } else if too_many_failed {
+    } else if too_many_failed || finalize_failure.is_some() {
         JobPhase::Failed
     } else if bij.spec.suspend {
         JobPhase::Suspended
     } else {
         JobPhase::Running
     };
-    let failure = too_many_failed.then(|| {
-        let list: Vec<String> = failed.iter().take(20).map(u32::to_string).collect();
-        let why = view.failed_condition.clone().map(|c| format!(" ({c})")).unwrap_or_default();
-        format!(
-            "{} shards failed after {} retries each (shards {}), more than retries.maxFailedShards={}{why}",
-            failed.len(),
-            bij.spec.retries.per_shard,
-            list.join(","),
-            max_failed
-        )
+    let failure = finalize_failure.or_else(|| {
+        too_many_failed.then(|| {
+            let list: Vec<String> = failed.iter().take(20).map(u32::to_string).collect();
+            let why = view.failed_condition.clone().map(|c| format!(" ({c})")).unwrap_or_default();
+            format!(
+                "{} shards failed after {} retries each (shards {}), more than retries.maxFailedShards={}{why}",
+                failed.len(),
+                bij.spec.retries.per_shard,
+                list.join(","),
+                max_failed
+            )
+        })
     });
 
     // Decide.
@@ -456,15 +741,28 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         }
     }
     if phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
-        let manifest = build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, &output, &plan, &records, &failed, decided_at).await?;
-        let loc = output.child(layout::MANIFEST);
-        storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
+        let (uri, counts) = match (&storage_view, finalized) {
+            (StorageView::Operator { plan: full, output, .. }, _) => {
+                let manifest =
+                    build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, output, full, &records, &failed, decided_at).await?;
+                let loc = output.child(layout::MANIFEST);
+                storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
+                (loc.uri, Some(manifest.requests))
+            }
+            (StorageView::Pods { .. }, Some(Finalized::Done { uri, counts })) => (uri, counts),
+            (StorageView::Pods { .. }, _) => (layout::join(&bij.spec.output.uri, layout::MANIFEST), None),
+        };
+        if let Some(c) = counts {
+            // The manifest's counts are the truth (read back from the committed files).
+            summary.succeeded = c.succeeded;
+            summary.failed = c.failed;
+        }
         let note = format!(
-            "all {total_shards} shards committed ({} succeeded, {} failed); manifest at {}; {}",
-            manifest.requests.succeeded, manifest.requests.failed, loc.uri, decision.reason
+            "all {total_shards} shards committed ({} succeeded, {} failed); manifest at {uri}; {}",
+            summary.succeeded, summary.failed, decision.reason
         );
         publish(ctx, bij, EventType::Normal, "Completed", note).await;
-        manifest_uri = Some(loc.uri);
+        manifest_uri = Some(uri);
     }
     if phase == JobPhase::Failed && old.phase != JobPhase::Failed {
         publish(ctx, bij, EventType::Warning, "Failed", failure.clone().unwrap_or_default()).await;
@@ -488,13 +786,15 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         manifest_uri,
         failure,
     };
-    let new_status = status::build(&old, &input_status);
+    let mut new_status = status::build(&old, &input_status);
+    new_status.reported = reported;
     write_status(ctx, bij, &new_status).await?;
     let last_progress = cache.last_progress_at.map(|t| t.as_millisecond() as f64 / 1000.0);
     ctx.metrics.set_job(&ns, &name, &new_status, last_progress);
     ctx.store_cache(&uid, cache);
 
     Ok(match phase {
+        JobPhase::Running if finalizing => Action::requeue(STEP_POLL),
         JobPhase::Running => Action::requeue(ctx.config.requeue_running),
         JobPhase::Suspended | JobPhase::Pending | JobPhase::Planning => Action::requeue(ctx.config.requeue_idle),
         JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
@@ -508,6 +808,7 @@ async fn cleanup(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     publish(ctx, bij, EventType::Normal, "Deleting", note).await;
     ctx.metrics.remove_job(&ns, &name);
     ctx.forget(&bij.uid().unwrap_or_default());
+    ctx.reports.forget(&format!("{ns}/{name}"));
     Ok(Action::await_change())
 }
 

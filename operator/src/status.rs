@@ -10,8 +10,9 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sluice_api::BatchInferenceJobStatus;
+use sluice_api::job::ReportedTotals;
 use sluice_api::job::{JobPhase, RequestCounts, ShardCounts, SlaStatus, Throughput, WorkerCounts, condition_types as ct};
-use sluice_api::plan::ShardPlan;
+use sluice_api::plan::{PlanSummary, format_index_ranges, parse_index_ranges};
 use sluice_api::progress::ShardProgress;
 
 use crate::conditions::{self, Cond};
@@ -27,22 +28,7 @@ pub const RATE_WINDOW_SECS: f64 = 120.0;
 
 /// Parse a Job's `completedIndexes`/`failedIndexes` (`"1,3-5,7"`). Malformed parts are skipped.
 pub fn parse_indexes(s: Option<&str>) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    for part in s.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
-                    out.extend(a..=b);
-                }
-            }
-            None => {
-                if let Ok(i) = part.parse() {
-                    out.insert(i);
-                }
-            }
-        }
-    }
-    out
+    sluice_api::plan::parse_index_ranges(s.unwrap_or(""))
 }
 
 /// What the Job reports.
@@ -141,6 +127,34 @@ pub fn summarize(records: &BTreeMap<u32, ShardProgress>, pod_created: &BTreeMap<
     s
 }
 
+/// For a job whose pods report their progress: fold every final record not counted yet into
+/// `totals` (which the status keeps across operator restarts), then make the summary's counts
+/// `totals` plus the records of the shards not in it, and count its shards as complete.
+pub fn fold_reported(totals: &mut ReportedTotals, summary: &mut ProgressSummary, records: &BTreeMap<u32, ShardProgress>) {
+    let mut counted = parse_index_ranges(&totals.shards);
+    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let new_finals: Vec<&ShardProgress> = records.values().filter(|r| r.complete && !counted.contains(&r.shard)).collect();
+    for r in new_finals {
+        totals.succeeded += signed(r.succeeded);
+        totals.failed += signed(r.failed);
+        totals.prompt_tokens += signed(r.prompt_tokens);
+        totals.completion_tokens += signed(r.completion_tokens);
+        counted.insert(r.shard);
+    }
+    totals.shards = format_index_ranges(&counted);
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    let (mut ok, mut bad, mut prompt, mut completion) =
+        (unsigned(totals.succeeded), unsigned(totals.failed), unsigned(totals.prompt_tokens), unsigned(totals.completion_tokens));
+    for r in records.values().filter(|r| !counted.contains(&r.shard)) {
+        ok += r.succeeded;
+        bad += r.failed;
+        prompt += r.prompt_tokens;
+        completion += r.completion_tokens;
+    }
+    (summary.succeeded, summary.failed, summary.prompt_tokens, summary.completion_tokens) = (ok, bad, prompt, completion);
+    summary.complete.extend(counted);
+}
+
 /// Seconds of `[a, b]` inside `[lo, hi]`.
 fn overlap(a: f64, b: f64, lo: f64, hi: f64) -> f64 {
     (b.min(hi) - a.max(lo)).max(0.0)
@@ -236,7 +250,7 @@ pub struct StatusInput<'a> {
     pub now: Timestamp,
     pub generation: Option<i64>,
     pub phase: JobPhase,
-    pub plan: &'a ShardPlan,
+    pub plan: &'a PlanSummary,
     pub job: &'a JobView,
     pub progress: &'a ProgressSummary,
     pub completed: &'a BTreeSet<u32>,
@@ -269,7 +283,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         failed: i64::try_from(i.progress.failed).unwrap_or(i64::MAX),
     };
     let done = requests.succeeded + requests.failed;
-    let shards_total = i32::try_from(i.plan.shards.len()).unwrap_or(i32::MAX);
+    let shards_total = i32::try_from(i.plan.shards).unwrap_or(i32::MAX);
     let active = if i.phase.is_terminal() { 0 } else { i.job.active };
     let shards = ShardCounts {
         total: shards_total,
@@ -297,7 +311,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     let mut conds = old.conditions.clone();
     let now = i.now;
     let g = i.generation;
-    let planned = format!("{} requests in {} shards", i.plan.line_count, i.plan.shards.len());
+    let planned = format!("{} requests in {} shards", i.plan.line_count, i.plan.shards);
     conditions::set(&mut conds, Cond::new(ct::ADMITTED, true, "Planned", planned), g, now);
     let (progressing, reason, msg) = match i.phase {
         JobPhase::Running => (true, "Running", format!("{done}/{total} requests done, {active} workers active")),
@@ -357,6 +371,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         start_time,
         completion_time,
         manifest_uri: i.manifest_uri.clone().or_else(|| old.manifest_uri.clone()),
+        reported: old.reported.clone(),
     }
 }
 
@@ -463,6 +478,29 @@ mod tests {
         let (rps, _) = window_rates([&long], now);
         assert!((rps - 2.0).abs() < 1e-9, "{rps}");
         assert_eq!(window_rates([], now), (0.0, 0.0));
+    }
+
+    #[test]
+    fn reported_totals_survive_a_restart_without_double_counting() {
+        let now = t("2026-01-01T00:10:00Z");
+        let records =
+            BTreeMap::from([(0, record(0, 100, true, "2026-01-01T00:05:00Z")), (1, record(1, 40, false, "2026-01-01T00:09:50Z"))]);
+        let mut totals = ReportedTotals::default();
+        let mut s = summarize(&records, &BTreeMap::new(), now);
+        fold_reported(&mut totals, &mut s, &records);
+        assert_eq!(totals.shards, "0");
+        assert_eq!((totals.succeeded, totals.failed), (99, 1));
+        assert_eq!((s.succeeded, s.failed), (99 + 39, 2));
+        // Again with the same records: nothing is counted twice.
+        let again = totals.clone();
+        fold_reported(&mut totals, &mut s, &records);
+        assert_eq!(totals, again);
+        // After a restart only shard 1's next record has arrived; shard 0 comes from the totals.
+        let after = BTreeMap::from([(1, record(1, 60, false, "2026-01-01T00:10:00Z"))]);
+        let mut s = summarize(&after, &BTreeMap::new(), now);
+        fold_reported(&mut totals, &mut s, &after);
+        assert_eq!((s.succeeded, s.failed), (99 + 59, 2));
+        assert!(s.complete.contains(&0));
     }
 
     #[test]

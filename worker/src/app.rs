@@ -1,15 +1,18 @@
 //! The worker process: logging, signals, metrics server, shard preparation, model fetch and
-//! load, the shard run, and the mapping of every outcome to the contract's exit code. The
+//! load, the shard run (or the plan/finalize step), and the mapping of every outcome to the
+//! contract's exit code. The
 //! `sluice-worker` binary is a thin wrapper; local mode may call [`main_with`] in-process.
 
 use std::sync::Arc;
 
-use crate::cli::{Args, LogFormat, MetricsAddr};
+use crate::cli::{Args, LogFormat, MetricsAddr, Step};
 use crate::engine::{EngineConfig, EngineError, EngineHandle};
 use crate::metrics::{self, WorkerMetrics};
 use crate::model_fetch;
+use crate::report::ReportClient;
 use crate::runtime::{PreparedShard, RunError};
 use crate::signals;
+use crate::steps;
 use sluice_api::contract::exit;
 
 /// Run the worker with parsed arguments; returns the process exit code. Installs the global
@@ -53,6 +56,24 @@ async fn run(args: Args) -> i32 {
             return exit::RETRYABLE;
         }
     };
+    let report = match ReportClient::new(args.report_url.as_deref(), args.report_token.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::USAGE;
+        }
+    };
+    let shard = match args.step {
+        Step::Plan => return steps::plan(&args, report.as_ref()).await,
+        Step::Finalize => return steps::finalize(&args, report.as_ref()).await,
+        Step::Shard => match args.shard {
+            Some(s) => s,
+            None => {
+                tracing::error!("the shard step needs --shard or {}", sluice_api::contract::env::JOB_COMPLETION_INDEX);
+                return exit::USAGE;
+            }
+        },
+    };
     let metrics = Arc::new(WorkerMetrics::new());
     if let MetricsAddr::Addr(addr) = args.metrics_addr {
         match metrics::serve(addr, metrics.clone()).await {
@@ -60,7 +81,8 @@ async fn run(args: Args) -> i32 {
             Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics; going on without them"),
         }
     }
-    let cfg = args.run_config();
+    let mut cfg = args.run_config(shard);
+    cfg.report = report;
     tracing::info!(shard = cfg.shard, output = %cfg.output_uri, model = %args.model, attempt = %cfg.attempt, "starting");
 
     // Nothing is committed before the engine runs, so a stop here just exits.

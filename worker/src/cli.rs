@@ -12,7 +12,7 @@ use sluice_api::contract::env;
 use sluice_api::job::{InputFormat, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
 use sluice_api::storage::testing::FaultConfig;
-use sluice_api::storage::{RetryPolicy, StorageOptions};
+use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
 
 use crate::engine::DeviceKind;
 use crate::runtime::RunConfig;
@@ -24,13 +24,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// `sluice-worker`: process one shard of a BatchInferenceJob and commit its results once.
+/// What a worker process does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Step {
+    /// Process one shard and commit its results once (the Indexed Job's pods).
+    #[default]
+    Shard,
+    /// Plan the input into shards (write `plan.json` once) and report the plan's size.
+    Plan,
+    /// Write `manifest.json` from the committed shards and report its counts.
+    Finalize,
+}
+
+/// `sluice-worker`: process one shard of a BatchInferenceJob and commit its results once (or
+/// plan its input, or write its manifest, for jobs whose storage only their pods can reach).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "sluice-worker", version, about)]
 pub struct Args {
-    /// Shard index (the Indexed Job's completion index).
+    /// What to do.
+    #[arg(value_enum, default_value = "shard")]
+    pub step: Step,
+    /// Shard index (the Indexed Job's completion index); required by the shard step.
     #[arg(long, env = env::JOB_COMPLETION_INDEX)]
-    pub shard: u32,
+    pub shard: Option<u32>,
     /// Output prefix URI (file://, s3://, gs://, az:// or a local path).
     #[arg(long, env = env::OUTPUT_URI)]
     pub output: String,
@@ -73,6 +89,10 @@ pub struct Args {
     /// Allow plain-HTTP storage endpoints.
     #[arg(long, env = env::STORAGE_ALLOW_HTTP, default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub storage_allow_http: bool,
+    /// PEM file of extra CA certificates to trust for HTTPS storage endpoints (the operator
+    /// mounts `spec.storage.caBundle` and sets it).
+    #[arg(long, env = env::STORAGE_CA_FILE)]
+    pub storage_ca_file: Option<PathBuf>,
     /// Retries of a failing storage request.
     #[arg(long, env = "SLUICE_STORAGE_MAX_RETRIES", default_value_t = 6)]
     pub storage_max_retries: usize,
@@ -109,6 +129,24 @@ pub struct Args {
     /// KV cache size on CPU, in MiB [default: the engine's].
     #[arg(long, env = "SLUICE_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
+    /// Where to POST reports to the operator (plan, progress, manifest) [default: none].
+    #[arg(long, env = env::REPORT_URL)]
+    pub report_url: Option<String>,
+    /// Bearer token of those reports.
+    #[arg(long, env = env::REPORT_TOKEN, hide_env_values = true)]
+    pub report_token: Option<String>,
+    /// Plan step: lines per shard [default: automatic, by size].
+    #[arg(long, env = env::REQUESTS_PER_SHARD)]
+    pub requests_per_shard: Option<u32>,
+    /// Plan step: the job's most workers (the automatic shard size uses it).
+    #[arg(long, env = env::MAX_WORKERS, default_value_t = 1)]
+    pub max_workers: i32,
+    /// Finalize step: shards that failed within the job's tolerance (`1,3-5`).
+    #[arg(long, env = env::FAILED_SHARDS)]
+    pub failed_shards: Option<String>,
+    /// Finalize step: the input URI as the job names it, for the manifest [default: the plan's].
+    #[arg(long, env = env::SPEC_INPUT_URI)]
+    pub spec_input_uri: Option<String>,
     /// Fault injection for tests: `error_rate=0.2,delay_rate=0.1,delay_ms=20,seed=1,permanent=false`.
     #[arg(long, env = "SLUICE_INJECT_FAULTS", hide = true)]
     pub inject_faults: Option<FaultConfig>,
@@ -171,6 +209,7 @@ impl Args {
             allow_http: self.storage_allow_http,
             retry: RetryPolicy { max_retries: self.storage_max_retries, ..RetryPolicy::default() },
             config: Default::default(),
+            ca_bundle: self.storage_ca_file.clone().filter(|p| !p.as_os_str().is_empty()).map(CaBundle::File),
         }
     }
 
@@ -184,10 +223,10 @@ impl Args {
         (!self.dtype.eq_ignore_ascii_case("auto")).then(|| self.dtype.to_ascii_lowercase())
     }
 
-    /// The shard run settings.
-    pub fn run_config(&self) -> RunConfig {
+    /// The shard run settings for shard `shard`.
+    pub fn run_config(&self, shard: u32) -> RunConfig {
         RunConfig {
-            shard: self.shard,
+            shard,
             plan_uri: self.plan.clone().filter(|p| !p.is_empty()),
             input_uri: self.input.clone().filter(|p| !p.is_empty()),
             input_format: self.input_format,
@@ -207,6 +246,7 @@ impl Args {
             max_line_bytes: self.max_line_bytes,
             storage: self.storage(),
             faults: self.inject_faults.clone(),
+            report: None,
         }
     }
 }
@@ -232,10 +272,15 @@ mod tests {
         .unwrap();
         assert_eq!(a.metrics_addr, MetricsAddr::Disabled);
         assert_eq!(a.device(), DeviceKind::Cuda(1));
-        let c = a.run_config();
+        let c = a.run_config(a.shard.unwrap());
         assert_eq!((c.shard, c.sampling.max_tokens, c.sampling.seed, c.input_format), (3, 5, 2, InputFormat::Prompts));
         assert_eq!(c.job_key, "s3://b/out");
         assert!(c.storage.allow_http && c.storage.path_style);
+        assert_eq!(c.storage.ca_bundle, None);
+        let with_ca =
+            Args::try_parse_from(["sluice-worker", "--shard=0", "--output=/o", "--model=/m", "--storage-ca-file=/etc/sluice/ca/ca.crt"])
+                .unwrap();
+        assert_eq!(with_ca.storage().ca_bundle, Some(CaBundle::File("/etc/sluice/ca/ca.crt".into())));
         assert_eq!(a.log_format, LogFormat::Json);
     }
 

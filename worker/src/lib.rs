@@ -7,6 +7,8 @@ pub mod metrics;
 pub mod model_fetch;
 pub mod parse;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 pub mod shard;
 pub mod signals;
+pub mod steps;

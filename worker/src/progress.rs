@@ -7,9 +7,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use jiff::Timestamp;
 use sluice_api::progress::ShardProgress;
+use sluice_api::report::PodReport;
 use sluice_api::storage::Location;
 
 use crate::commit::Tally;
+use crate::report::ReportClient;
 
 /// Tracks and publishes one attempt's progress.
 #[derive(Debug)]
@@ -20,6 +22,8 @@ pub struct ProgressReporter {
     /// Lines and completion tokens this attempt committed since it became ready.
     own_lines: u64,
     own_tokens: u64,
+    /// Where each record is also POSTed (jobs whose storage only their pods can reach).
+    report: Option<ReportClient>,
 }
 
 impl ProgressReporter {
@@ -41,7 +45,13 @@ impl ProgressReporter {
             output_tokens_per_second: 0.0,
             complete: false,
         };
-        Self { loc, record, ready: None, own_lines: 0, own_tokens: 0 }
+        Self { loc, record, ready: None, own_lines: 0, own_tokens: 0, report: None }
+    }
+
+    /// Also report every record to the operator through `report`.
+    pub fn reporting_to(mut self, report: Option<ReportClient>) -> Self {
+        self.report = report;
+        self
     }
 
     /// The model is loaded and requests are being admitted.
@@ -98,6 +108,15 @@ impl ProgressReporter {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot serialize the progress record"),
+        }
+        if let Some(report) = &self.report {
+            // The final record is retried (a standby replica answers 503); a lost intermediate
+            // one is superseded by the next.
+            let attempts = if rec.complete { 8 } else { 1 };
+            let complete = rec.complete;
+            if let Err(e) = report.send(&PodReport::Progress { record: rec }, attempts).await {
+                tracing::warn!(error = %e, complete, "cannot report progress to the operator");
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::engine::{EngineHandle, EngineStats, GenerationOutput, GenerationReque
 use crate::metrics::{Outcome, WorkerMetrics};
 use crate::parse::{LineParser, Parsed, WorkItem};
 use crate::progress::ProgressReporter;
+use crate::report::ReportClient;
 use crate::shard::{ChunkPolicy, Coverage, Flush};
 
 /// What the runtime needs from an engine.
@@ -73,6 +74,8 @@ pub struct RunConfig {
     pub storage: StorageOptions,
     /// Fault injection for tests (every store access goes through it).
     pub faults: Option<FaultConfig>,
+    /// Where progress records are also reported (jobs whose storage only their pods reach).
+    pub report: Option<ReportClient>,
 }
 
 /// A shard run failure. [`RunError::exit_code`] tells the operator whether to retry.
@@ -183,7 +186,8 @@ impl PreparedShard {
         let shard_out = ShardOutput::new(output.clone(), cfg.shard);
         let coverage = shard_out.load_coverage(shard.first_line..shard.end_line()).await?;
         let mut progress =
-            ProgressReporter::new(output.join(&layout::progress(cfg.shard))?, cfg.shard, cfg.attempt.clone(), shard.line_count);
+            ProgressReporter::new(output.join(&layout::progress(cfg.shard))?, cfg.shard, cfg.attempt.clone(), shard.line_count)
+                .reporting_to(cfg.report.clone());
         progress.set_committed(shard_out.tally(&coverage).await?);
         tracing::info!(
             shard = cfg.shard,
@@ -557,6 +561,7 @@ mod tests {
                 ..Default::default()
             },
             faults: None,
+            report: None,
         };
         (dir, cfg)
     }

@@ -22,7 +22,7 @@ use sluice_operator::job_builder::WorkerDefaults;
 use sluice_operator::lease::LeaseSettings;
 use sluice_operator::metrics::Metrics;
 use sluice_operator::storage_io::UriOpener;
-use sluice_operator::{controller, lease};
+use sluice_operator::{controller, lease, reports};
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -68,6 +68,12 @@ struct Args {
     /// Seconds to wait for the CRD to be established at start-up.
     #[arg(long, default_value_t = 120)]
     crd_wait_secs: u64,
+    /// URL at which the pods of jobs whose storage only they can reach (file:// or PVC paths)
+    /// reach this operator's HTTP server (the --metrics-addr port), e.g. the chart's Service
+    /// http://sluice-operator.sluice-system.svc:8080. Default out of cluster:
+    /// http://127.0.0.1:<port>; in cluster: none (such jobs are then refused with a message).
+    #[arg(long, env = "SLUICE_OPERATOR_REPORT_URL")]
+    report_url: Option<String>,
 }
 
 #[derive(Clone)]
@@ -128,12 +134,29 @@ async fn main() -> anyhow::Result<()> {
         Some(s) if !s.trim().is_empty() => serde_json::from_str(s).context("--worker-tolerations must be a JSON list of tolerations")?,
         _ => Vec::new(),
     };
+    let listener =
+        tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+    let bound = listener.local_addr().context("the address --metrics-addr bound")?;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let report_url = match args.report_url.clone().filter(|u| !u.trim().is_empty()) {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => anyhow::bail!("--report-url {u:?} must be an http:// or https:// URL"),
+        None if !in_cluster && (bound.ip().is_loopback() || bound.ip().is_unspecified()) => {
+            Some(format!("http://127.0.0.1:{}", bound.port()))
+        }
+        None => None,
+    };
+    match &report_url {
+        Some(u) => tracing::info!(url = %u, "pods of jobs with storage only they can reach report to this URL"),
+        None => tracing::warn!("no --report-url: jobs whose storage only their pods can reach (file:// or PVC paths) will be refused"),
+    }
     let config = Config {
         worker: WorkerDefaults {
             image: args.worker_image.clone(),
             gpu_resource_name: args.gpu_resource_name.clone(),
             node_selector,
             tolerations,
+            report_url,
         },
         ..Config::default()
     };
@@ -141,15 +164,23 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let leader = Arc::new(AtomicBool::new(!args.leader_election));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        config,
+        Arc::new(UriOpener),
+        Arc::new(jiff::Timestamp::now),
+        leader.clone(),
+    ));
 
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(Http { metrics: metrics.clone(), ready: ready.clone() });
-    let listener =
-        tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
-    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz, /readyz");
+        .with_state(Http { metrics: metrics.clone(), ready: ready.clone() })
+        .merge(reports::router(ctx.reports.clone()));
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and pod reports");
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(http_stop_rx.map(|_| ())).await });
 
@@ -160,7 +191,6 @@ async fn main() -> anyhow::Result<()> {
     let (ctrl_stop_tx, ctrl_stop_rx) = oneshot::channel::<()>();
     let (lease_stop_tx, lease_stop_rx) = oneshot::channel::<()>();
     let (gained_tx, mut gained_rx) = mpsc::unbounded_channel::<()>();
-    let leader = Arc::new(AtomicBool::new(!args.leader_election));
     metrics.leader.set(i64::from(!args.leader_election));
     let lease_task = if args.leader_election {
         let identity = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "sluice-operator".into());
@@ -181,7 +211,6 @@ async fn main() -> anyhow::Result<()> {
         let _ = ctrl_stop_tx.send(());
     });
 
-    let ctx = Arc::new(Context::new(client, metrics, config, Arc::new(UriOpener), Arc::new(jiff::Timestamp::now), leader));
     let ns = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
     controller::run(ctx, ns, gained, ctrl_stop_rx.map(|_| ())).await;
 

@@ -16,9 +16,10 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::contract::layout;
 use sluice_api::output::OutputManifest;
 use sluice_api::plan::ShardPlan;
+use sluice_api::storage::CaBundle;
 
 use crate::error::Error as OperatorError;
-use crate::storage_io::{self, Created, Location, StoreOpener, UriOpener};
+use crate::storage_io::{self, Created, Location, StorageRefs, StoreOpener, UriOpener};
 
 pub use executor::WorkerCommand;
 pub use report::{RunSummary, print_status};
@@ -107,10 +108,14 @@ pub fn prepare(opts: &RunOptions) -> Result<LocalJob, LocalError> {
         None => resolve_uri(&job.spec.output.uri, &base),
     };
     let name = job.metadata.name.clone().unwrap_or_else(|| "job".into());
-    let secret = BTreeMap::new();
+    // No cluster: credentials come from the environment (the object_store builders read it) and
+    // so does the CA bundle, `SLUICE_STORAGE_CA_FILE`, which the workers inherit too.
+    let ca_bundle =
+        std::env::var_os(sluice_api::contract::env::STORAGE_CA_FILE).filter(|p| !p.is_empty()).map(|p| CaBundle::File(p.into()));
+    let refs = StorageRefs { secret: BTreeMap::new(), ca_bundle };
     let storage = job.spec.storage.as_ref();
-    let input = UriOpener.open("spec.input.uri", &job.spec.input.uri, storage, &secret)?;
-    let output = UriOpener.open("spec.output.uri", &job.spec.output.uri, storage, &secret)?;
+    let input = UriOpener.open("spec.input.uri", &job.spec.input.uri, storage, &refs)?;
+    let output = UriOpener.open("spec.output.uri", &job.spec.output.uri, storage, &refs)?;
     let model_uri = job.spec.model.uri.clone();
     // A local model directory is checked up front, so a typo fails before anything is written.
     if let Some(dir) = model_uri.strip_prefix("file://") {

@@ -1,0 +1,112 @@
+//! The two short steps a job's own pods run when only they can reach its storage:
+//! `sluice-worker plan` (plan the input once, report the plan's size) and
+//! `sluice-worker finalize` (write `manifest.json` from the shards' records, report its counts).
+//! Both run the same code the operator runs when it can reach the storage itself.
+
+use jiff::Timestamp;
+use sluice_api::contract::{exit, layout};
+use sluice_api::jobio::{self, JobIoError};
+use sluice_api::plan::{ShardPlan, parse_index_ranges};
+use sluice_api::report::{PlanFailure, PodReport};
+use sluice_api::storage::{Location, resolve};
+
+use crate::cli::Args;
+use crate::report::ReportClient;
+
+/// Attempts for a step's one report (a standby operator replica answers 503).
+const FINAL_REPORT_ATTEMPTS: usize = 8;
+
+fn open(field: &str, uri: &str, args: &Args) -> Result<Location, String> {
+    resolve(uri, &args.storage()).map_err(|e| format!("{field}: {e}"))
+}
+
+/// Send a step's report, or print it as a JSON line when no operator listens (run by hand).
+async fn deliver(report: Option<&ReportClient>, r: &PodReport) -> Result<(), String> {
+    match report {
+        Some(c) => c.send(r, FINAL_REPORT_ATTEMPTS).await,
+        None => {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+    }
+}
+
+/// Plan the input (or reuse the stored plan) and report its size. Exit 0 once reported; 3 when
+/// retrying cannot help (reported as `planFailed`, the operator decides); 1 otherwise.
+pub async fn plan(args: &Args, report: Option<&ReportClient>) -> i32 {
+    let Some(input_uri) = args.input.as_deref().filter(|u| !u.is_empty()) else {
+        tracing::error!("plan needs the input URI (--input or SLUICE_INPUT_URI)");
+        return exit::USAGE;
+    };
+    let (input, output) = match (open("spec.input.uri", input_uri, args), open("spec.output.uri", &args.output, args)) {
+        (Ok(i), Ok(o)) => (i, o),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("{e}");
+            let r = PodReport::PlanFailed { failure: PlanFailure::Permanent, message: e };
+            let _ = deliver(report, &r).await;
+            return exit::PERMANENT;
+        }
+    };
+    let outcome = sluice_api::planner::load_or_create(args.requests_per_shard, args.max_workers, &input, &output).await;
+    let (r, code) = match outcome {
+        Ok(o) => {
+            tracing::info!(lines = o.plan.line_count, shards = o.plan.shards.len(), created = o.created, "plan ready");
+            (PodReport::Plan { summary: o.plan.summary(), created: o.created }, exit::SUCCESS)
+        }
+        Err(e @ JobIoError::InputNotFound { .. }) => {
+            tracing::error!("{e}");
+            (PodReport::PlanFailed { failure: PlanFailure::InputNotFound, message: e.to_string() }, exit::PERMANENT)
+        }
+        Err(e) if e.is_permanent() => {
+            tracing::error!("{e}");
+            (PodReport::PlanFailed { failure: PlanFailure::Permanent, message: e.to_string() }, exit::PERMANENT)
+        }
+        Err(e) => {
+            tracing::warn!("planning failed, the pod is retried: {e}");
+            return exit::RETRYABLE;
+        }
+    };
+    match deliver(report, &r).await {
+        Ok(()) => code,
+        Err(e) => {
+            tracing::error!("cannot report the plan to the operator: {e}");
+            exit::RETRYABLE
+        }
+    }
+}
+
+/// Build and write `manifest.json` once (an existing one is kept) and report its counts.
+pub async fn finalize(args: &Args, report: Option<&ReportClient>) -> i32 {
+    match write_manifest(args).await {
+        Ok(r) => match deliver(report, &r).await {
+            Ok(()) => exit::SUCCESS,
+            Err(e) => {
+                tracing::error!("cannot report the manifest to the operator: {e}");
+                exit::RETRYABLE
+            }
+        },
+        Err((permanent, e)) => {
+            tracing::error!(permanent, "finalize failed: {e}");
+            if permanent { exit::PERMANENT } else { exit::RETRYABLE }
+        }
+    }
+}
+
+async fn write_manifest(args: &Args) -> Result<PodReport, (bool, String)> {
+    let output = open("spec.output.uri", &args.output, args).map_err(|e| (true, e))?;
+    let plan_loc = match args.plan.as_deref().filter(|p| !p.is_empty()) {
+        Some(uri) => open("plan", uri, args).map_err(|e| (true, e))?,
+        None => output.child(layout::PLAN),
+    };
+    let io = |e: JobIoError| (e.is_permanent(), e.to_string());
+    let plan: ShardPlan =
+        jobio::read_json(&plan_loc, "shard plan").await.map_err(io)?.ok_or_else(|| (true, format!("{}: no plan there", plan_loc.uri)))?;
+    let failed = parse_index_ranges(args.failed_shards.as_deref().unwrap_or(""));
+    let records = jobio::read_progress_records(&output, &plan, &Default::default()).await.map_err(io)?;
+    let job = args.job_name.clone().unwrap_or_else(|| args.output.clone());
+    let input = args.spec_input_uri.clone().unwrap_or_else(|| plan.input_uri.clone());
+    let manifest = jobio::build_manifest(&job, &input, &output, &plan, &records, &failed, Timestamp::now()).await.map_err(io)?;
+    let manifest = jobio::write_manifest_once(&output, manifest).await.map_err(io)?;
+    tracing::info!(succeeded = manifest.requests.succeeded, failed = manifest.requests.failed, "manifest written");
+    Ok(PodReport::Manifest { uri: output.child(layout::MANIFEST).uri, requests: manifest.requests, usage: manifest.usage })
+}
