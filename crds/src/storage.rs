@@ -203,10 +203,20 @@ pub enum StorageError {
     AlreadyExists { uri: String },
     #[error("reading {uri} failed: requested bytes {start}..{end} but the object has {size} bytes")]
     ShortObject { uri: String, start: u64, end: u64, size: u64 },
-    #[error("{op} {uri} failed after {attempts} attempt(s): {}", with_causes(source))]
+    #[error("{op} {uri} failed after {attempts} attempt(s): {}", failure_detail(source))]
     Failed { op: &'static str, uri: String, attempts: usize, source: object_store::Error },
     #[error("{CA_BUNDLE_FIELD}: {reason} (opening {uri})")]
     CaBundle { uri: String, reason: String },
+}
+
+/// The causes of a failure, plus what to do when the server's certificate is not trusted.
+fn failure_detail(e: &object_store::Error) -> String {
+    let msg = with_causes(e);
+    if msg.contains("invalid peer certificate") {
+        format!("{msg} (the server's TLS certificate is not trusted; if a private CA signed it, give that CA in {CA_BUNDLE_FIELD})")
+    } else {
+        msg
+    }
 }
 
 /// The message of `e` followed by those of its causes that it does not already contain: the
@@ -987,7 +997,8 @@ mod tests {
         let e = StorageError::Failed { op: "GET", uri: "s3://b/k".into(), attempts: 2, source };
         assert_eq!(
             e.to_string(),
-            "GET s3://b/k failed after 2 attempt(s): Generic S3 error: error sending request: invalid peer certificate: UnknownIssuer"
+            "GET s3://b/k failed after 2 attempt(s): Generic S3 error: error sending request: invalid peer certificate: UnknownIssuer \
+             (the server's TLS certificate is not trusted; if a private CA signed it, give that CA in spec.storage.caBundle)"
         );
     }
 

@@ -106,6 +106,10 @@ async fn api_server(mut handle: Handle, cluster: Cluster) -> Vec<Call> {
             }
             ("PATCH", p) if p.starts_with("/apis/sluice.dev/") => respond(StatusCode::OK, &cluster.bij),
             ("POST", "/apis/events.k8s.io/v1/namespaces/default/events") => respond(StatusCode::CREATED, &body),
+            ("GET", p) if p.starts_with(CONFIGMAPS_PATH) => match configmap(&p[CONFIGMAPS_PATH.len()..]) {
+                Some(cm) => respond(StatusCode::OK, &cm),
+                None => not_found("configmaps"),
+            },
             (m, p) => panic!("unexpected request {m} {p}"),
         };
         send.send_response(resp);
@@ -553,4 +557,74 @@ async fn a_follower_makes_no_requests() {
     let (result, calls) = h.run_with((ctx, handle), Cluster { bij: bij(json!({}), None), ..Default::default() }).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
     assert!(calls.is_empty());
+}
+
+const CONFIGMAPS_PATH: &str = "/api/v1/namespaces/default/configmaps/";
+
+/// A CA certificate (self-signed; its key was thrown away).
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBijCCAS+gAwIBAgIUcd5txB+m4LJ81evnaRzsIlOXFSMwCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOc2x1aWNlIHRlc3QgQ0EwIBcNMjYxMjA0MTQ0NDU0WhgPMjEy
+NjExMTAxNDQ0NTRaMBkxFzAVBgNVBAMMDnNsdWljZSB0ZXN0IENBMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAE43v3cbNHbBgEzBiLJH/LxDIT74S6mtkKuqUIJgnQ
+9MWuVBLLXfnUmE5XXyBErCByW+i/nn/8R8wVMsGo/C9KyKNTMFEwHQYDVR0OBBYE
+FM76TEAWSbPlDKmUq9AmilkfLmZHMB8GA1UdIwQYMBaAFM76TEAWSbPlDKmUq9Am
+ilkfLmZHMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAJS0uzz2
+hiGD+Jxr9aOvjD4Ggw9bM2yrY+GeI5SvEgJtAiEAheFEngNOhE+/DTimWM05RW/T
+2E7xCyYJCiqjTRAIW70=
+-----END CERTIFICATE-----
+";
+
+/// The ConfigMaps of the fake API server: `good-ca` holds a CA bundle under `ca.crt`, `bad-ca`
+/// holds text that is not one.
+fn configmap(name: &str) -> Option<Value> {
+    let data = match name {
+        "good-ca" => json!({"ca.crt": TEST_CA}),
+        "bad-ca" => json!({"ca.crt": "not a certificate"}),
+        _ => return None,
+    };
+    Some(json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name, "namespace": "default"}, "data": data}))
+}
+
+#[tokio::test]
+async fn the_ca_bundle_is_read_from_its_configmap_and_a_bad_one_is_reported() {
+    let ca_spec = |name: &str, key: &str| json!({"storage": {"caBundle": {"configMapRef": {"name": name}, "key": key}}});
+    let h = Harness::new(at(10));
+    seed_input(&h, 5).await;
+    let (result, calls) = h.run(Cluster { bij: bij(ca_spec("good-ca", "ca.crt"), None), ..Default::default() }).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
+    let cm = format!("{CONFIGMAPS_PATH}good-ca");
+    assert_eq!(
+        lines(&calls),
+        [get(&cm), patch(STATUS_PATH), event(), get(JOB_PATH), patch(JOB_PATH), event(), patch(STATUS_PATH)],
+        "{calls:#?}"
+    );
+    // The workers get the key mounted, and its path in SLUICE_STORAGE_CA_FILE.
+    let applied = &calls.iter().find(|c| c.path == JOB_PATH && c.method == "PATCH").unwrap().body;
+    let pod = &applied["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "storage-ca").expect("the CA volume");
+    assert_eq!(volume["configMap"]["name"], "good-ca");
+    assert_eq!(volume["configMap"]["items"][0], json!({"key": "ca.crt", "path": "ca.crt"}));
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "SLUICE_STORAGE_CA_FILE", "value": "/etc/sluice/ca/ca.crt"})), "{env:?}");
+
+    // A bundle that is not one, or a missing key: an error naming the field and a Warning
+    // Event, before any storage is touched; the reconcile is retried (a fixed ConfigMap counts).
+    for (name, key, want) in [("bad-ca", "ca.crt", "no certificate in it"), ("good-ca", "other.pem", "has no key \"other.pem\"")] {
+        let h = Harness::new(at(10));
+        seed_input(&h, 5).await;
+        let (result, calls) = h.run(Cluster { bij: bij(ca_spec(name, key), None), ..Default::default() }).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("spec.storage.caBundle") && err.contains(want), "{err}");
+        assert_eq!(lines(&calls), [get(&format!("{CONFIGMAPS_PATH}{name}")), event()], "{calls:#?}");
+        assert_eq!(reasons(&calls), ["InvalidCABundle"]);
+        assert!(h.get_json::<Value>("data/out/_sluice/plan.json").await.is_none(), "nothing planned");
+    }
+    // A missing ConfigMap is an API error, retried like a missing storage Secret.
+    let h = Harness::new(at(10));
+    seed_input(&h, 5).await;
+    let (result, calls) = h.run(Cluster { bij: bij(ca_spec("nope", "ca.crt"), None), ..Default::default() }).await;
+    let err = result.unwrap_err();
+    assert!(err.contains("get ConfigMap default/nope (spec.storage.caBundle)"), "{err}");
+    assert_eq!(lines(&calls), [get(&format!("{CONFIGMAPS_PATH}nope"))]);
 }

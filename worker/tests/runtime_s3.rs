@@ -1,6 +1,8 @@
 //! The real `sluice-worker` binary against a real S3-compatible server on 127.0.0.1 (moto,
 //! started by `scripts/s3-test-server.sh`; its endpoint in `SLUICE_TEST_S3_ENDPOINT`): input,
-//! plan, output and the model itself in a bucket. Skipped, with a message, when it is unset.
+//! plan, output and the model itself in a bucket; and against the same server over HTTPS with a
+//! private CA (`SLUICE_TEST_S3_TLS_*`) through `SLUICE_STORAGE_CA_FILE`. Skipped, with a
+//! message, when they are unset.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -10,7 +12,7 @@ use std::io::{Read, Write};
 use bytes::Bytes;
 use common::*;
 use sluice_api::contract::{env, exit, layout};
-use sluice_api::storage::{Location, PutOutcome, StorageOptions, resolve};
+use sluice_api::storage::{CaBundle, Location, PutOutcome, StorageOptions, resolve};
 
 /// The test server's endpoint, or `None` (with the reason printed) when the S3 tests must skip:
 /// no server, or no credentials for the in-process S3 client.
@@ -189,4 +191,88 @@ fn s3_storage_semantics_missing_objects_and_create_only_puts() {
     let out = run(s3_worker(&ep, &out_uri, 0));
     assert_eq!(out.status.code(), Some(exit::PERMANENT), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("s3://{bucket}/nope.jsonl")), "{}", stderr(&out));
+}
+
+/// The HTTPS test server (moto with a certificate from a CA that `scripts/s3-test-server.sh`
+/// makes), its CA file and a bucket on it, or `None` with the reason printed.
+fn tls_server() -> Option<(String, std::path::PathBuf, String)> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("SLUICE_TEST_S3_TLS_ENDPOINT"), var("SLUICE_TEST_S3_TLS_CA"), var("SLUICE_TEST_S3_TLS_BUCKET")) {
+        (Some(ep), Some(ca), Some(bucket)) => Some((ep, ca.into(), bucket)),
+        _ => {
+            eprintln!(
+                "skipped: SLUICE_TEST_S3_TLS_ENDPOINT, SLUICE_TEST_S3_TLS_CA or SLUICE_TEST_S3_TLS_BUCKET is not set (start the \
+                 HTTPS test server with `source scripts/s3-test-server.sh`)"
+            );
+            None
+        }
+    }
+}
+
+/// The worker as a pod runs it with `spec.storage.caBundle`: the bundle mounted as a file named
+/// by `SLUICE_STORAGE_CA_FILE`. With it the shard completes over https; without it the worker
+/// fails on the certificate (and says what to set); with a bad file it fails permanently,
+/// naming the field.
+#[test]
+fn a_worker_uses_the_mounted_ca_bundle_for_https_storage() {
+    let Some((ep, ca, bucket)) = tls_server() else { return };
+    let prefix = unique_bucket("tls");
+    let lines = prompt_lines(6);
+    let input_uri = format!("s3://{bucket}/{prefix}/in.jsonl");
+    let output_uri = format!("s3://{bucket}/{prefix}/out");
+    let plan = plan_for(&input_uri, &lines, 6);
+    let opts = StorageOptions {
+        endpoint: Some(ep.clone()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        config: [("aws_access_key_id", "testing"), ("aws_secret_access_key", "testing")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+        ca_bundle: Some(CaBundle::File(ca.clone())),
+        ..Default::default()
+    };
+    let tls = |uri: &str| resolve(uri, &opts).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        tls(&input_uri).put(Bytes::from(body(&lines))).await.unwrap();
+        tls(&output_uri).join(layout::PLAN).unwrap().put(Bytes::from(serde_json::to_vec(&plan).unwrap())).await.unwrap();
+    });
+    let tls_worker = |ca_file: Option<&std::path::Path>| {
+        let mut c = worker(&output_uri, 0);
+        c.env(env::STORAGE_ENDPOINT, &ep).env(env::STORAGE_REGION, "us-east-1").env(env::STORAGE_PATH_STYLE, "true");
+        if let Some(f) = ca_file {
+            c.env(env::STORAGE_CA_FILE, f);
+        }
+        creds(&mut c);
+        c
+    };
+
+    // No bundle: the system's roots do not know the CA.
+    let mut c = tls_worker(None);
+    c.env("SLUICE_STORAGE_MAX_RETRIES", "0");
+    let out = run(c);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(exit::SUCCESS), "{err}");
+    assert!(err.contains("invalid peer certificate") && err.contains("spec.storage.caBundle"), "{err}");
+
+    // A file that is not a PEM bundle: permanent, naming the field.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("ca.crt");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    let out = run(tls_worker(Some(&bad)));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(exit::PERMANENT), "{err}");
+    assert!(err.contains("spec.storage.caBundle: no certificate in it"), "{err}");
+
+    // The mounted bundle: the shard completes and its output is on the https server.
+    let out = run(tls_worker(Some(&ca)));
+    assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
+    let (results, errors) = rt.block_on(async {
+        let out = tls(&output_uri);
+        (
+            parse_jsonl(&out.join(&layout::results(0)).unwrap().get_bytes().await.unwrap()),
+            parse_jsonl(&out.join(&layout::errors(0)).unwrap().get_bytes().await.unwrap()),
+        )
+    });
+    assert_exactly_once(&plan, 0, &results, &errors, |_| 4);
 }

@@ -113,6 +113,7 @@ pub fn worker(output_uri: &str, shard: u32) -> Command {
         env::INPUT_FORMAT,
         env::JOB_NAME,
         env::STORAGE_ENDPOINT,
+        env::STORAGE_CA_FILE,
         env::MODEL_CACHE_DIR,
         env::MAX_MODEL_LEN,
         "SLUICE_INJECT_FAULTS",
