@@ -1,18 +1,26 @@
-//! Cluster end-to-end suite: runs only when `SLUICE_E2E_KUBECONFIG` names a kubeconfig (kind,
-//! k3d or any conformant cluster whose nodes can run the worker image); otherwise it prints why
-//! and passes. Drives `kubectl` and the real `sluice-operator` binary, out of cluster.
-//! See docs/operator.md ("End-to-end tests on a cluster") for the set-up.
+//! Cluster end-to-end suite: runs only when `SLUICE_E2E_KUBECONFIG` names a kubeconfig of a real
+//! control plane whose node runs the worker image (docs/operator.md says how: the repository's
+//! own process kubelet, kind or k3d); otherwise it prints why and passes. Drives `kubectl` and
+//! two real `sluice-operator` processes, out of cluster, with leader election, behind a small
+//! TCP balancer that plays the chart's Service for the pods' reports.
+//!
+//! Cases: a manifest the API server rejects; the quickstart job on a hostPath (`file://`);
+//! the same job on a PersistentVolumeClaim mounted only inside the pods (the operator cannot see
+//! it); a slow job with a tight deadline that scales up and down, survives a worker pod deleted
+//! mid-shard and the leader being SIGKILLed and restarted (no second Job, every custom_id exactly
+//! once, the rate shown again within one sync); suspend/resume; deletion.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use sluice_e2e::{OutputCheck, input_ids, repo_root};
 
 struct Cluster {
     kubeconfig: String,
@@ -28,7 +36,6 @@ impl Cluster {
         }
         let mut child = cmd.spawn().expect("kubectl must be on PATH");
         if let Some(text) = stdin {
-            use std::io::Write;
             child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
         }
         child.wait_with_output().unwrap()
@@ -40,6 +47,10 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    fn apply(&self, yaml: &str) {
+        self.ok(&["apply", "-n", &self.namespace, "-f", "-"], Some(yaml));
+    }
+
     fn json(&self, args: &[&str]) -> Option<Value> {
         let mut full = args.to_vec();
         full.extend(["-n", &self.namespace, "-o", "json"]);
@@ -47,7 +58,12 @@ impl Cluster {
         out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
     }
 
-    /// Poll `f` every 2 s until it returns `Some`, or fail after `timeout` with `what`.
+    /// The `kubectl get bij NAME` row, split into columns.
+    fn row(&self, name: &str) -> Vec<String> {
+        self.ok(&["get", "bij", name, "-n", &self.namespace, "--no-headers"], None).split_whitespace().map(str::to_string).collect()
+    }
+
+    /// Poll `f` every second until it returns `Some`, or fail after `timeout` with `what`.
     fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         let start = Instant::now();
         loop {
@@ -58,24 +74,113 @@ impl Cluster {
                 let events = self.kubectl(&["get", "events", "-n", &self.namespace], None);
                 panic!("timed out after {timeout:?} waiting for {what}\nevents:\n{}", String::from_utf8_lossy(&events.stdout));
             }
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    fn wait_succeeded(&self, name: &str, timeout: Duration) -> Value {
+        self.wait(&format!("{name} to succeed"), timeout, || {
+            let b = self.json(&["get", "bij", name])?;
+            match b["status"]["phase"].as_str() {
+                Some("Succeeded") => Some(b),
+                Some("Failed") => panic!("{name} failed: {}", b["status"]),
+                _ => None,
+            }
+        })
+    }
+
+    fn events_of(&self, name: &str) -> Vec<Value> {
+        let list = self.json(&["get", "events", "--field-selector", &format!("involvedObject.name={name}")]).unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"], None);
+        let _ = self.kubectl(&["delete", "pv", &format!("{}-shared-data", self.namespace), "--wait=false"], None);
     }
 }
 
-struct Operator(Child);
+/// One `sluice-operator` process.
+struct Operator {
+    child: Child,
+    port: u16,
+}
+
+impl Operator {
+    fn start(bin: &Path, c: &Cluster, port: u16, report_url: &str, image: &str, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(bin)
+            .env("KUBECONFIG", &c.kubeconfig)
+            .env("RUST_LOG", "info,sluice_operator=debug")
+            .args([
+                &format!("--metrics-addr=127.0.0.1:{port}"),
+                "--leader-election=true",
+                &format!("--lease-namespace={}", c.namespace),
+                &format!("--watch-namespace={}", c.namespace),
+                &format!("--worker-image={image}"),
+                &format!("--report-url={report_url}"),
+                "--log-format=text",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting sluice-operator");
+        Self { child, port }
+    }
+
+    fn is_leader(&self) -> bool {
+        http_get(self.port, "/metrics").is_some_and(|m| m.lines().any(|l| l.trim() == "sluice_operator_leader 1"))
+    }
+
+    /// SIGKILL: no Lease release, no graceful shutdown.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.kill();
     }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// A TCP balancer on loopback in front of the operator replicas, as the chart's Service is in a
+/// cluster: each connection goes to the next replica that accepts it (a standby answers 503 and
+/// the pod retries).
+fn balancer(backends: Vec<u16>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let next = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let start = next.fetch_add(1, Ordering::SeqCst);
+            let upstream = (0..backends.len()).find_map(|i| TcpStream::connect(("127.0.0.1", backends[(start + i) % backends.len()])).ok());
+            let Some(upstream) = upstream else { continue };
+            let (mut a, mut b) = (conn.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let (mut c, mut d) = (conn, upstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
 }
 
 fn operator_binary() -> PathBuf {
@@ -84,16 +189,16 @@ fn operator_binary() -> PathBuf {
     }
     let status = Command::new(env!("CARGO"))
         .args(["build", "-p", "sluice-operator", "--bin", "sluice-operator"])
-        .current_dir(repo())
+        .current_dir(repo_root())
         .status()
         .unwrap();
     assert!(status.success(), "building sluice-operator failed");
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("target"));
     target.join("debug").join("sluice-operator")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -106,16 +211,36 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A permissive mode so the non-root worker can write the output on the hostPath.
+/// World-writable, so the non-root worker can write the output.
 fn open_up(p: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777));
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777));
+}
+
+/// Model, inputs and an output directory under `dir` (the volume's root as the pods see it at
+/// `/data`): the quickstart input, and `slow.jsonl` (`slow` lines with unique custom_ids).
+fn seed_data(dir: &Path, slow: usize) {
+    copy_dir(&repo_root().join("models/tiny-qwen2"), &dir.join("models/tiny-qwen2"));
+    let quickstart = repo_root().join("manifests/examples/quickstart-input.jsonl");
+    std::fs::copy(&quickstart, dir.join("quickstart-input.jsonl")).unwrap();
+    let lines: Vec<Value> = std::fs::read_to_string(&quickstart).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut out = String::new();
+    for i in 0..slow {
+        let mut l = lines[i % lines.len()].clone();
+        l["custom_id"] = Value::String(format!("slow-{i:05}"));
+        out.push_str(&l.to_string());
+        out.push('\n');
+    }
+    std::fs::write(dir.join("slow.jsonl"), out).unwrap();
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    for p in [dir.to_path_buf(), dir.join("out")] {
+        open_up(&p);
     }
 }
 
-fn manifest(name: &str, host_dir: &str, suspend: bool, window: &str) -> String {
+/// A job reading `input` (under the volume's `/data`) with `volume` (a pod volume source as
+/// YAML flow) mounted at `/data`. `worker_env` adds env entries to the worker container.
+fn manifest(name: &str, volume: &str, input: &str, suspend: bool, window: &str, max: u32, worker_env: &str) -> String {
     format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: BatchInferenceJob
@@ -123,22 +248,22 @@ metadata:
   name: {name}
 spec:
   model: {{uri: file:///data/models/tiny-qwen2}}
-  input: {{uri: file:///data/quickstart-input.jsonl, format: openai}}
+  input: {{uri: file:///data/{input}, format: openai}}
   output: {{uri: file:///data/out/{name}}}
   sampling: {{maxTokens: 8, temperature: 0.7, topP: 0.95, seed: 7}}
   sla: {{completionWindow: {window}, margin: 0.1}}
   workers:
     min: 1
-    max: 2
+    max: {max}
     gpus: 0
-    maxBatchSize: 64
+    maxBatchSize: 8
     podTemplate:
       spec:
         volumes:
-          - name: data
-            hostPath: {{path: {host_dir}, type: Directory}}
+          - {{name: data, {volume}}}
         containers:
           - name: worker
+            env: [{worker_env}]
             volumeMounts:
               - {{name: data, mountPath: /data}}
   sharding: {{requestsPerShard: 60}}
@@ -146,6 +271,29 @@ spec:
   suspend: {suspend}
 "#
     )
+}
+
+/// `2026-12-04T15:32:42Z`-like: what the ETA and Deadline columns must show (never `<invalid>`).
+fn is_rfc3339(s: &str) -> bool {
+    s.ends_with('Z') && s.parse::<jiff::Timestamp>().is_ok()
+}
+
+fn rate_of(row: &[String]) -> f64 {
+    let r = row.get(3).map(String::as_str).unwrap_or("");
+    let num = r.trim_end_matches("/s");
+    match num.strip_suffix('k') {
+        Some(k) => k.parse::<f64>().map(|v| v * 1000.0).unwrap_or(0.0),
+        None => num.parse().unwrap_or(0.0),
+    }
+}
+
+fn check_columns(row: &[String]) {
+    assert!(row.len() >= 9, "columns: {row:?}");
+    for (i, name) in [(1, "Phase"), (2, "Done"), (3, "Rate"), (6, "SLA"), (7, "Workers")] {
+        assert_ne!(row[i], "<none>", "column {name} is empty: {row:?}");
+    }
+    assert!(is_rfc3339(&row[4]), "ETA is not a readable time: {row:?}");
+    assert!(is_rfc3339(&row[5]), "Deadline is not a readable time: {row:?}");
 }
 
 #[test]
@@ -156,83 +304,181 @@ fn operator_on_a_real_cluster() {
     };
     let timeout = Duration::from_secs(std::env::var("SLUICE_E2E_TIMEOUT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(900));
     let host_root = std::env::var("SLUICE_E2E_HOST_PATH").unwrap_or_else(|_| "/tmp/sluice-e2e".into());
-    let worker_image = std::env::var("SLUICE_E2E_WORKER_IMAGE").unwrap_or_else(|_| "ghcr.io/sluice-dev/sluice-worker:0.1.0".into());
+    let pvc_root = std::env::var("SLUICE_E2E_PVC_ROOT").ok().filter(|p| !p.is_empty());
+    let worker_image = std::env::var("SLUICE_E2E_WORKER_IMAGE").unwrap_or_else(|_| "sluice-worker:e2e".into());
+    let slow_lines: usize = std::env::var("SLUICE_E2E_SLOW_LINES").ok().and_then(|s| s.parse().ok()).unwrap_or(1440);
     let suffix = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 0xffffff);
     let namespace = format!("sluice-e2e-{suffix}");
     let c = Cluster { kubeconfig, namespace: namespace.clone() };
 
-    // Shared data on the hostPath: model, input, output directory.
+    // Data: on a hostPath (same path here and on the node), and on the claim's directory.
     let host_dir = PathBuf::from(&host_root).join(&namespace);
-    copy_dir(&repo().join("models/tiny-qwen2"), &host_dir.join("models/tiny-qwen2"));
-    std::fs::copy(repo().join("manifests/examples/quickstart-input.jsonl"), host_dir.join("quickstart-input.jsonl")).unwrap();
-    std::fs::create_dir_all(host_dir.join("out")).unwrap();
-    for p in [host_dir.clone(), host_dir.join("out")] {
-        open_up(&p);
+    seed_data(&host_dir, slow_lines);
+    let host_volume = format!("hostPath: {{path: {}, type: Directory}}", host_dir.display());
+    let claim_dir = pvc_root.as_ref().map(|r| PathBuf::from(r).join(&namespace).join("shared-data"));
+    if let Some(d) = &claim_dir {
+        seed_data(d, slow_lines);
     }
-    let host_dir_s = host_dir.to_string_lossy().into_owned();
 
-    // CRD, namespace, operator.
-    c.ok(&["apply", "--server-side", "-f", &repo().join("crds/batchinferencejob.yaml").to_string_lossy()], None);
+    // CRD, namespace, a claim bound to a volume, two operator replicas behind a balancer.
+    c.ok(&["apply", "--server-side", "-f", &repo_root().join("crds/batchinferencejob.yaml").to_string_lossy()], None);
     c.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/batchinferencejobs.sluice.dev"], None);
     c.ok(&["create", "namespace", &namespace], None);
-    let port = free_port();
-    let child = Command::new(operator_binary())
-        .env("KUBECONFIG", &c.kubeconfig)
-        .env("RUST_LOG", "info,sluice_operator=debug")
-        .args([
-            &format!("--metrics-addr=127.0.0.1:{port}"),
-            "--leader-election=true",
-            &format!("--lease-namespace={namespace}"),
-            &format!("--watch-namespace={namespace}"),
-            &format!("--worker-image={worker_image}"),
-            "--log-format=text",
-        ])
-        .spawn()
-        .expect("starting sluice-operator");
-    let _operator = Operator(child);
+    if claim_dir.is_some() {
+        let pv = format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {namespace}-shared-data}}\nspec:\n  capacity: {{storage: 1Gi}}\n  \
+             accessModes: [ReadWriteMany]\n  storageClassName: \"\"\n  hostPath: {{path: /nonexistent/only-the-process-kubelet-serves-claims}}\n  \
+             claimRef: {{namespace: {namespace}, name: shared-data}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: shared-data}}\n\
+             spec:\n  accessModes: [ReadWriteMany]\n  storageClassName: \"\"\n  volumeName: {namespace}-shared-data\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        );
+        c.apply(&pv);
+        c.wait("the claim to bind", Duration::from_secs(60), || {
+            (c.json(&["get", "pvc", "shared-data"])?["status"]["phase"] == "Bound").then_some(())
+        });
+    }
+    let bin = operator_binary();
+    let (p1, p2) = (free_port(), free_port());
+    let report_url = format!("http://127.0.0.1:{}", balancer(vec![p1, p2]));
+    let logs = host_dir.join("operator.log");
+    let mut ops = [
+        Operator::start(&bin, &c, p1, &report_url, &worker_image, &logs),
+        Operator::start(&bin, &c, p2, &report_url, &worker_image, &logs),
+    ];
+    c.wait("one operator replica to lead", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
+    eprintln!("operators on {p1} and {p2}, reports through {report_url}, logs at {}", logs.display());
 
     // An invalid manifest is rejected by the API server with the CEL message.
-    let invalid = manifest("invalid", &host_dir_s, false, "10m")
+    let invalid = manifest("invalid", &host_volume, "quickstart-input.jsonl", false, "10m", 2, "")
         .replace("sla: {completionWindow: 10m", "sla: {deadline: \"2030-01-01T00:00:00Z\", completionWindow: 10m");
     let out = c.kubectl(&["apply", "-n", &namespace, "-f", "-"], Some(&invalid));
     assert!(!out.status.success(), "an invalid manifest was accepted");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("set exactly one of sla.deadline or sla.completionWindow"), "{stderr}");
 
-    // The quickstart job: Job shape, status, columns, completion with a manifest.
-    c.ok(&["apply", "-n", &namespace, "-f", "-"], Some(&manifest("quickstart", &host_dir_s, false, "30m")));
+    // The quickstart job on a hostPath: planned by its own planner pod, the Job's shape, status,
+    // columns, completion with a manifest, every custom_id once.
+    c.apply(&manifest("quickstart", &host_volume, "quickstart-input.jsonl", false, "30m", 2, ""));
     let job = c.wait("the Job", Duration::from_secs(120), || c.json(&["get", "job", "quickstart"]));
     assert_eq!(job["spec"]["completionMode"], "Indexed");
     assert_eq!(job["spec"]["completions"], 4);
     assert_eq!(job["metadata"]["labels"]["sluice.dev/job"], "quickstart");
     assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "BatchInferenceJob");
     assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"], false);
-    let status = c.wait("status with conditions", Duration::from_secs(120), || {
-        let b = c.json(&["get", "bij", "quickstart"])?;
-        b["status"]["conditions"].as_array().filter(|cs| !cs.is_empty()).map(|_| b["status"].clone())
-    });
-    assert!(status["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Admitted" && c["status"] == "True"), "{status}");
-    let row = c.ok(&["get", "bij", "quickstart", "-n", &namespace, "--no-headers"], None);
-    let cols: Vec<&str> = row.split_whitespace().collect();
-    assert!(cols.len() >= 9, "columns: {row}");
-    for (i, name) in [(1, "Phase"), (2, "Done"), (3, "Rate"), (5, "Deadline"), (6, "SLA"), (7, "Workers")] {
-        assert_ne!(cols[i], "<none>", "column {name} is empty: {row}");
+    c.wait_succeeded("quickstart", timeout);
+    check_columns(&c.row("quickstart"));
+    let out = OutputCheck::read(&host_dir.join("out/quickstart")).unwrap();
+    assert_eq!(out.manifest["requests"]["total"], 240);
+    out.assert_exactly_once(&input_ids(&host_dir.join("quickstart-input.jsonl")).unwrap()).unwrap();
+    out.assert_usage_adds_up().unwrap();
+    let b = c.json(&["get", "bij", "quickstart"]).unwrap();
+    assert!(b["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Complete" && c["status"] == "True"));
+    assert_eq!(b["status"]["requests"]["succeeded"].as_u64(), out.manifest["requests"]["succeeded"].as_u64());
+    let reasons: Vec<String> = c.events_of("quickstart").iter().filter_map(|e| e["reason"].as_str().map(str::to_string)).collect();
+    for r in ["Planned", "JobCreated", "Completed"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event: {reasons:?}");
     }
-    c.wait("the job to succeed", timeout, || {
-        let b = c.json(&["get", "bij", "quickstart"])?;
+
+    // The same job on a claim that only the pods mount: the operator never sees /data.
+    if let Some(claim_dir) = &claim_dir {
+        assert!(!Path::new("/data/quickstart-input.jsonl").exists(), "the claim must not be visible outside the pods for this case");
+        c.apply(&manifest("on-a-claim", "persistentVolumeClaim: {claimName: shared-data}", "quickstart-input.jsonl", false, "30m", 2, ""));
+        let b = c.wait_succeeded("on-a-claim", timeout);
+        assert_eq!(b["status"]["manifestUri"], "file:///data/out/on-a-claim/manifest.json");
+        let out = OutputCheck::read(&claim_dir.join("out/on-a-claim")).unwrap();
+        out.assert_exactly_once(&input_ids(&claim_dir.join("quickstart-input.jsonl")).unwrap()).unwrap();
+        out.assert_usage_adds_up().unwrap();
+        let planned = c.events_of("on-a-claim").into_iter().find(|e| e["reason"] == "Planned").expect("a Planned event");
+        assert!(planned["message"].as_str().unwrap().contains("by the job's planner pod"), "{planned}");
+    } else {
+        eprintln!("skipping the PersistentVolumeClaim case: SLUICE_E2E_PVC_ROOT is not set (see docs/operator.md)");
+    }
+
+    // A slow job against a tight deadline: every storage access of the workers is delayed, so
+    // a shard takes seconds and the job minutes at one worker.
+    let (slow_volume, slow_dir) = match &claim_dir {
+        Some(d) => ("persistentVolumeClaim: {claimName: shared-data}".to_string(), d.clone()),
+        None => (host_volume.clone(), host_dir.clone()),
+    };
+    let slow_env = r#"{name: SLUICE_CHUNK_LINES, value: "4"}, {name: SLUICE_PROGRESS_SECONDS, value: "5"},
+              {name: SLUICE_INJECT_FAULTS, value: "delay_rate=1,delay_ms=150,error_rate=0,seed=1"}"#;
+    c.apply(&manifest("slow", &slow_volume, "slow.jsonl", false, "2m", 4, slow_env));
+    let slow_job_uid = c.wait("the slow Job", Duration::from_secs(120), || {
+        c.json(&["get", "job", "slow"]).and_then(|j| j["metadata"]["uid"].as_str().map(str::to_string))
+    });
+    // While it runs: readable columns and a non-zero rate.
+    let row = c.wait("a running row with a non-zero rate", Duration::from_secs(120), || {
+        let row = c.row("slow");
+        (row[1] == "Running" && rate_of(&row) > 0.0).then_some(row)
+    });
+    check_columns(&row);
+    // A worker pod deleted in the middle of its shard.
+    let victim = c.wait("a running worker pod", Duration::from_secs(60), || {
+        let pods = c.json(&["get", "pods", "-l", "sluice.dev/job=slow"])?;
+        pods["items"]
+            .as_array()?
+            .iter()
+            .find(|p| p["status"]["phase"] == "Running")
+            .and_then(|p| p["metadata"]["name"].as_str().map(str::to_string))
+    });
+    c.ok(&["delete", "pod", &victim, "-n", &namespace, "--wait=false"], None);
+    // The leader is SIGKILLed mid-job and restarted (as its Deployment would); a replica takes
+    // the Lease once it expires.
+    let leader = ops.iter().position(Operator::is_leader).expect("a leader");
+    ops[leader].kill();
+    let killed_at = Instant::now();
+    let port = ops[leader].port;
+    ops[leader] = Operator::start(&bin, &c, port, &report_url, &worker_image, &logs);
+    // Whichever takes the Lease first (the standby, or the restarted process) leads.
+    c.wait("a replica to lead again", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
+    eprintln!("failover took {:?}", killed_at.elapsed());
+    // Within one sync after the new leader took over, the rate is back (or the job is done).
+    let took_over = Instant::now();
+    let mut peak_parallelism = 0;
+    let mut lowered_after_peak = false;
+    c.wait("the rate after the failover", Duration::from_secs(45), || {
+        let row = c.row("slow");
+        (rate_of(&row) > 0.0 || row[1] == "Succeeded").then_some(())
+    });
+    eprintln!("rate back {:?} after the new leader took over", took_over.elapsed());
+    c.wait("the slow job to succeed while watching its parallelism", timeout, || {
+        if let Some(p) = c.json(&["get", "job", "slow"]).and_then(|j| j["spec"]["parallelism"].as_i64()) {
+            if p < peak_parallelism {
+                lowered_after_peak = true;
+            }
+            peak_parallelism = peak_parallelism.max(p);
+        }
+        let b = c.json(&["get", "bij", "slow"])?;
         match b["status"]["phase"].as_str() {
             Some("Succeeded") => Some(()),
-            Some("Failed") => panic!("the job failed: {}", b["status"]),
+            Some("Failed") => panic!("slow failed: {}", b["status"]),
             _ => None,
         }
     });
-    let manifest_json: Value = serde_json::from_slice(&std::fs::read(host_dir.join("out/quickstart/manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest_json["requests"]["total"], 240);
-    let b = c.json(&["get", "bij", "quickstart"]).unwrap();
-    assert!(b["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Complete" && c["status"] == "True"));
+    let job = c.json(&["get", "job", "slow"]).unwrap();
+    assert_eq!(job["metadata"]["uid"].as_str(), Some(slow_job_uid.as_str()), "a second Job was created");
+    let out = OutputCheck::read(&slow_dir.join("out/slow")).unwrap();
+    out.assert_exactly_once(&input_ids(&slow_dir.join("slow.jsonl")).unwrap()).unwrap();
+    out.assert_usage_adds_up().unwrap();
+    assert_eq!(out.manifest["requests"]["total"].as_u64(), Some(slow_lines as u64));
+    // It scaled up for the deadline and back down, and no running shard was killed for it: the
+    // only failed pod is the one deleted above.
+    let scaled: Vec<String> =
+        c.events_of("slow").iter().filter(|e| e["reason"] == "Scaled").filter_map(|e| e["message"].as_str().map(str::to_string)).collect();
+    assert!(peak_parallelism > 1, "never scaled above one worker; Scaled events: {scaled:?}");
+    assert!(lowered_after_peak, "parallelism never went down from its peak {peak_parallelism}; Scaled events: {scaled:?}");
+    let pods = c.json(&["get", "pods", "-l", "sluice.dev/job=slow"]).unwrap();
+    let failed: Vec<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Failed")
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    assert!(failed.iter().all(|n| *n == victim), "pods failed besides the deleted {victim}: {failed:?}");
+    check_columns(&c.row("slow"));
 
     // Suspend pauses, resume restarts.
-    c.ok(&["apply", "-n", &namespace, "-f", "-"], Some(&manifest("paused", &host_dir_s, true, "30m")));
+    c.apply(&manifest("paused", &host_volume, "quickstart-input.jsonl", true, "30m", 2, ""));
     c.wait("a suspended Job", Duration::from_secs(120), || {
         let j = c.json(&["get", "job", "paused"])?;
         let b = c.json(&["get", "bij", "paused"])?;
@@ -245,8 +491,11 @@ fn operator_on_a_real_cluster() {
         (j["spec"]["suspend"] == false && matches!(b["status"]["phase"].as_str(), Some("Running" | "Succeeded"))).then_some(())
     });
 
-    // Deleting the job deletes its Job (owner references), never the output.
+    // Deleting the job deletes its Jobs (owner references), never the output.
     c.ok(&["delete", "bij", "paused", "-n", &namespace, "--wait=true", "--timeout=120s"], None);
-    c.wait("the Job to be garbage-collected", Duration::from_secs(120), || c.json(&["get", "job", "paused"]).is_none().then_some(()));
+    c.wait("the Jobs to be garbage-collected", Duration::from_secs(120), || {
+        (c.json(&["get", "job", "paused"]).is_none() && c.json(&["get", "job", "paused-plan"]).is_none()).then_some(())
+    });
     assert!(host_dir.join("out/quickstart/manifest.json").exists());
+    eprintln!("cluster suite passed in namespace {namespace}");
 }

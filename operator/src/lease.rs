@@ -25,6 +25,11 @@ pub struct LeaseSettings {
     pub identity: String,
 }
 
+/// The field manager of this replica's Lease writes: unique per identity.
+pub fn lease_field_manager(identity: &str) -> String {
+    format!("{FIELD_MANAGER}-lease-{identity}")
+}
+
 /// Take part in the election until `shutdown` resolves, then release the Lease. `leader` is set
 /// while this replica holds it; each gain sends one `()` on `gained`.
 pub async fn run(
@@ -40,7 +45,10 @@ pub async fn run(
         .with_identity(&settings.identity)
         .with_duration(LEASE_DURATION_SECS)
         .with_grace(LEASE_GRACE_SECS)
-        .with_field_manager(FIELD_MANAGER)
+        // One field manager per replica: the library takes an orphaned Lease with a server-side
+        // apply that must conflict with another replica's; a shared manager never conflicts, and
+        // two replicas starting together both became leader (seen on a real API server).
+        .with_field_manager(lease_field_manager(&settings.identity))
         .build()
         .await?;
     let (mut channel, task) = manager.watch().await;
@@ -73,5 +81,15 @@ pub async fn run(
             tracing::warn!(error = %e, "lease task ended abnormally");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_replica_writes_the_lease_as_its_own_field_manager() {
+        let (a, b) = (super::lease_field_manager("op-1234"), super::lease_field_manager("op-5678"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("sluice-operator-lease-") && a.len() <= 128, "{a}");
     }
 }

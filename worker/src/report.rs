@@ -25,7 +25,10 @@ impl ReportClient {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!("{}: {url:?} is not an http:// or https:// URL", sluice_api::contract::env::REPORT_URL));
         }
+        // No kept-alive connections: behind a Service each retry must be free to reach another
+        // operator replica (a standby answers 503); reports are a few a minute, so nothing is lost.
         let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
             .build()
