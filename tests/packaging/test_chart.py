@@ -274,6 +274,7 @@ def test_operator_deployment_defaults(rendered) -> None:
         "--worker-image": "ghcr.io/sluice-dev/sluice-worker:0.1.0",
         "--gpu-resource-name": "nvidia.com/gpu",
         "--log-format": "json",
+        "--report-url": "http://sluice-operator-metrics.sluice-system.svc:8080",
     }
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
@@ -284,6 +285,23 @@ def test_operator_deployment_defaults(rendered) -> None:
     assert container["ports"] == [{"name": "http-metrics", "containerPort": 8080,
                                    "protocol": "TCP"}]
     assert container["image"] == "ghcr.io/sluice-dev/sluice-operator:0.1.0"
+
+
+def test_report_url_is_the_metrics_service_that_workers_may_reach(rendered) -> None:
+    (deployment,) = by_kind(rendered["default"], "Deployment")
+    (service,) = by_kind(rendered["default"], "Service")
+    url = _args(deployment)["--report-url"]
+    assert url == "http://%s.%s.svc:%d" % (service["metadata"]["name"], service["metadata"]["namespace"],
+                                           service["spec"]["ports"][0]["port"])
+    policies = by_kind(rendered["all-on"], "NetworkPolicy")
+    assert policies
+    for policy in policies:
+        rules = policy["spec"]["ingress"]
+        assert any(
+            any(f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "sluice-worker"
+                and f.get("namespaceSelector") == {} for f in r.get("from", []))
+            for r in rules
+        ), rules
 
 
 def test_worker_defaults_reach_the_operator(rendered) -> None:
