@@ -99,6 +99,8 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"], None);
         let _ = self.kubectl(&["delete", "pv", &format!("{}-shared-data", self.namespace), "--wait=false"], None);
+        let rbac = format!("{}-sluice-operator", self.namespace);
+        let _ = self.kubectl(&["delete", "clusterrole,clusterrolebinding", &rbac, "--ignore-not-found"], None);
     }
 }
 
@@ -109,16 +111,16 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(bin: &Path, c: &Cluster, port: u16, report_url: &str, image: &str, log: &Path) -> Self {
+    fn start(bin: &Path, kubeconfig: &Path, namespace: &str, port: u16, report_url: &str, image: &str, log: &Path) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(bin)
-            .env("KUBECONFIG", &c.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,sluice_operator=debug")
             .args([
                 &format!("--metrics-addr=127.0.0.1:{port}"),
                 "--leader-election=true",
-                &format!("--lease-namespace={}", c.namespace),
-                &format!("--watch-namespace={}", c.namespace),
+                &format!("--lease-namespace={namespace}"),
+                &format!("--watch-namespace={namespace}"),
                 &format!("--worker-image={image}"),
                 &format!("--report-url={report_url}"),
                 "--log-format=text",
@@ -296,6 +298,37 @@ fn check_columns(row: &[String]) {
     assert!(is_rfc3339(&row[5]), "Deadline is not a readable time: {row:?}");
 }
 
+/// A kubeconfig for a ServiceAccount in the test namespace bound (cluster-wide, as the chart
+/// does without a watch namespace) to a ClusterRole made of `operator/rbac.json`.
+fn service_account_kubeconfig(c: &Cluster, dir: &Path) -> PathBuf {
+    let ns = &c.namespace;
+    let rules: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("operator/rbac.json")).unwrap()).unwrap();
+    let objects = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sluice-operator", "namespace": ns}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": format!("{ns}-sluice-operator")}, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": format!("{ns}-sluice-operator")},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{ns}-sluice-operator")},
+             "subjects": [{"kind": "ServiceAccount", "name": "sluice-operator", "namespace": ns}]},
+        ]
+    });
+    c.apply(&objects.to_string());
+    let token = c.ok(&["create", "token", "sluice-operator", "-n", ns, "--duration=2h"], None).trim().to_string();
+    let server = c.ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"], None);
+    let path = dir.join("operator.kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: sa, user: {{token: {token}}}}}]\ncontexts: [{{name: sa, context: {{cluster: c, user: sa}}}}]\ncurrent-context: sa\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
 #[test]
 fn operator_on_a_real_cluster() {
     let Ok(kubeconfig) = std::env::var("SLUICE_E2E_KUBECONFIG") else {
@@ -336,13 +369,16 @@ fn operator_on_a_real_cluster() {
             (c.json(&["get", "pvc", "shared-data"])?["status"]["phase"] == "Bound").then_some(())
         });
     }
+    // The operators run as the chart's ServiceAccount would: a token of a ServiceAccount bound
+    // to exactly the rules of operator/rbac.json (what the chart renders), not as admin.
+    let operator_kubeconfig = service_account_kubeconfig(&c, &host_dir);
     let bin = operator_binary();
     let (p1, p2) = (free_port(), free_port());
     let report_url = format!("http://127.0.0.1:{}", balancer(vec![p1, p2]));
     let logs = host_dir.join("operator.log");
     let mut ops = [
-        Operator::start(&bin, &c, p1, &report_url, &worker_image, &logs),
-        Operator::start(&bin, &c, p2, &report_url, &worker_image, &logs),
+        Operator::start(&bin, &operator_kubeconfig, &namespace, p1, &report_url, &worker_image, &logs),
+        Operator::start(&bin, &operator_kubeconfig, &namespace, p2, &report_url, &worker_image, &logs),
     ];
     c.wait("one operator replica to lead", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
     eprintln!("operators on {p1} and {p2}, reports through {report_url}, logs at {}", logs.display());
@@ -427,7 +463,7 @@ fn operator_on_a_real_cluster() {
     ops[leader].kill();
     let killed_at = Instant::now();
     let port = ops[leader].port;
-    ops[leader] = Operator::start(&bin, &c, port, &report_url, &worker_image, &logs);
+    ops[leader] = Operator::start(&bin, &operator_kubeconfig, &namespace, port, &report_url, &worker_image, &logs);
     // Whichever takes the Lease first (the standby, or the restarted process) leads.
     c.wait("a replica to lead again", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
     eprintln!("failover took {:?}", killed_at.elapsed());
@@ -437,6 +473,9 @@ fn operator_on_a_real_cluster() {
     let mut lowered_after_peak = false;
     c.wait("the rate after the failover", Duration::from_secs(45), || {
         let row = c.row("slow");
+        if row[1] == "Running" && rate_of(&row) > 0.0 {
+            check_columns(&row);
+        }
         (rate_of(&row) > 0.0 || row[1] == "Succeeded").then_some(())
     });
     eprintln!("rate back {:?} after the new leader took over", took_over.elapsed());
