@@ -45,6 +45,8 @@ struct Cluster {
     bij: Value,
     job: Option<Value>,
     pods: Vec<Value>,
+    /// The plan and finalize Jobs of a job whose storage only its pods reach, by name.
+    step_jobs: std::collections::BTreeMap<String, Value>,
 }
 
 /// One request the reconciler made.
@@ -87,6 +89,13 @@ async fn api_server(mut handle: Handle, cluster: Cluster) -> Vec<Call> {
         let call = Call { method: method.clone(), path: path.clone(), query, content_type, body: body.clone() };
         calls.push(call);
         let resp = match (method.as_str(), path.as_str()) {
+            ("GET", p) if p.starts_with(STEP_JOBS_PREFIX) => match cluster.step_jobs.get(&p[JOBS_PREFIX.len()..]) {
+                Some(j) => respond(StatusCode::OK, j),
+                None => not_found("jobs.batch"),
+            },
+            ("DELETE", p) if p.starts_with(STEP_JOBS_PREFIX) => {
+                respond(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
+            }
             ("GET", p) if p.starts_with("/apis/batch/v1/namespaces/default/jobs/") => match &cluster.job {
                 Some(j) => respond(StatusCode::OK, j),
                 None => not_found("jobs.batch"),
@@ -131,11 +140,13 @@ fn merge(base: &mut Value, over: &Value) {
 struct Harness {
     store: Arc<InMemory>,
     now: Timestamp,
+    /// The operator's `--report-url` (jobs whose storage only their pods reach need one).
+    report_url: Option<String>,
 }
 
 impl Harness {
     fn new(now: Timestamp) -> Self {
-        Self { store: Arc::new(InMemory::new()), now }
+        Self { store: Arc::new(InMemory::new()), now, report_url: None }
     }
 
     async fn put(&self, path: &str, bytes: Vec<u8>) {
@@ -151,7 +162,8 @@ impl Harness {
         let now = self.now;
         let stores: Arc<dyn sluice_operator::storage_io::StoreOpener> =
             Arc::new(SharedStoreOpener { store: self.store.clone() as Arc<dyn ObjectStore> });
-        let config = Config { worker: WorkerDefaults { image: "sluice-worker:test".into(), ..Default::default() }, ..Config::default() };
+        let worker = WorkerDefaults { image: "sluice-worker:test".into(), report_url: self.report_url.clone(), ..Default::default() };
+        let config = Config { worker, ..Config::default() };
         Arc::new(Context::new(client, Metrics::new(), config, stores, Arc::new(move || now), Arc::new(AtomicBool::new(leader))))
     }
 
@@ -345,7 +357,7 @@ async fn a_resync_with_no_change_makes_no_writes() {
     let cluster = Cluster {
         bij: bij(json!({}), Some(status.clone())),
         job: Some(job_from_apply(&applied, json!({"active": 0, "ready": 0}))),
-        pods: vec![],
+        ..Default::default()
     };
     // A fresh context (as after a restart): the plan is re-read from storage, not re-planned.
     let (result, calls) = h.run(cluster).await;
@@ -366,7 +378,7 @@ async fn slow_progress_scales_up_with_an_event() {
     let spec = json!({"sharding": {"requestsPerShard": 200}});
     let (_, applied, _) = {
         let cluster = Cluster { bij: bij(spec.clone(), None), ..Default::default() };
-        let h0 = Harness { store: h.store.clone(), now: at(5) };
+        let h0 = Harness { store: h.store.clone(), now: at(5), report_url: None };
         let (result, calls) = h0.run(cluster).await;
         result.unwrap();
         let applied = calls.iter().find(|c| c.path == JOB_PATH && c.method == "PATCH").unwrap().body.clone();
@@ -376,7 +388,7 @@ async fn slow_progress_scales_up_with_an_event() {
     job["spec"]["parallelism"] = json!(1);
     seed_progress(&h, &progress(0, 200, 30, false, 220, 295, 0.5)).await;
     let status = json!({"phase": "Running", "observedGeneration": 1, "slaStatus": "OnTrack", "requests": {"total": 600, "succeeded": 0, "failed": 0}});
-    let cluster = Cluster { bij: bij(spec, Some(status)), job: Some(job), pods: vec![] };
+    let cluster = Cluster { bij: bij(spec, Some(status)), job: Some(job), pods: vec![], ..Default::default() };
     let (result, calls) = h.run(cluster).await;
     result.unwrap();
     let l = lines(&calls);
@@ -408,9 +420,9 @@ async fn all_shards_committed_writes_the_manifest_and_completes() {
     for (i, n) in [(0u32, 2u64), (1, 2), (2, 1)] {
         seed_progress(&h, &progress(i, n, n, true, 20, 200 + i64::from(i), 0.1)).await;
     }
-    let h = Harness { store: h.store.clone(), now: at(240) };
+    let h = Harness { store: h.store.clone(), now: at(240), report_url: None };
     let job = job_from_apply(&applied, json!({"active": 0, "succeeded": 3, "completedIndexes": "0-2"}));
-    let cluster = Cluster { bij: bij(json!({}), Some(status)), job: Some(job), pods: vec![] };
+    let cluster = Cluster { bij: bij(json!({}), Some(status)), job: Some(job), pods: vec![], ..Default::default() };
     let (result, calls) = h.run(cluster.clone()).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(lines(&calls), [get(JOB_PATH), get(PODS_PATH), event(), patch(STATUS_PATH)], "{calls:#?}");
@@ -444,7 +456,7 @@ async fn too_many_failed_shards_fail_the_job_with_the_reason() {
     seed_input(&h, 5).await;
     let (_, applied, status) = first_reconcile(&h).await;
     let job = job_from_apply(&applied, json!({"active": 1, "failedIndexes": "1", "completedIndexes": "0"}));
-    let cluster = Cluster { bij: bij(json!({}), Some(status)), job: Some(job), pods: vec![] };
+    let cluster = Cluster { bij: bij(json!({}), Some(status)), job: Some(job), pods: vec![], ..Default::default() };
     let (result, calls) = h.run(cluster).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(reasons(&calls), ["Failed"]);
@@ -466,7 +478,7 @@ async fn suspend_pauses_the_job_and_resume_restarts_it() {
     let mut suspended = bij(json!({"suspend": true}), Some(status.clone()));
     suspended["metadata"]["generation"] = json!(2);
     let job = job_from_apply(&applied, json!({"active": 1, "ready": 1}));
-    let cluster = Cluster { bij: suspended, job: Some(job.clone()), pods: vec![] };
+    let cluster = Cluster { bij: suspended, job: Some(job.clone()), pods: vec![], ..Default::default() };
     let (result, calls) = h.run(cluster).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
     assert_eq!(reasons(&calls), ["SpecUpdated", "Suspended"]);
@@ -484,7 +496,7 @@ async fn suspend_pauses_the_job_and_resume_restarts_it() {
     let mut job = job;
     job["spec"]["suspend"] = json!(true);
     job["status"] = json!({"active": 0});
-    let (result, calls) = h.run(Cluster { bij: resumed, job: Some(job), pods: vec![] }).await;
+    let (result, calls) = h.run(Cluster { bij: resumed, job: Some(job), pods: vec![], ..Default::default() }).await;
     result.unwrap();
     let resume = calls.iter().find(|c| c.path == JOB_PATH && c.method == "PATCH").expect("a resume patch");
     assert_eq!(resume.body["spec"]["suspend"], false);
@@ -559,6 +571,9 @@ async fn a_follower_makes_no_requests() {
     assert!(calls.is_empty());
 }
 
+const JOBS_PREFIX: &str = "/apis/batch/v1/namespaces/default/jobs/";
+/// The plan and finalize Jobs of the `quickstart` job.
+const STEP_JOBS_PREFIX: &str = "/apis/batch/v1/namespaces/default/jobs/quickstart-";
 const CONFIGMAPS_PATH: &str = "/api/v1/namespaces/default/configmaps/";
 
 /// A CA certificate (self-signed; its key was thrown away).
@@ -627,4 +642,186 @@ async fn the_ca_bundle_is_read_from_its_configmap_and_a_bad_one_is_reported() {
     let err = result.unwrap_err();
     assert!(err.contains("get ConfigMap default/nope (spec.storage.caBundle)"), "{err}");
     assert_eq!(lines(&calls), [get(&format!("{CONFIGMAPS_PATH}nope"))]);
+}
+
+// --- Storage only the pods can reach ---------------------------------------------------------
+
+const UID: &str = "0b5e6f7a-1111-4222-8333-444455556666";
+const PLAN_JOB_PATH: &str = "/apis/batch/v1/namespaces/default/jobs/quickstart-plan";
+const FINALIZE_JOB_PATH: &str = "/apis/batch/v1/namespaces/default/jobs/quickstart-finalize";
+
+/// A job on a volume only its pods mount (file:///data), against an operator with a report URL.
+fn pod_storage_bij(status: Option<Value>) -> Value {
+    bij(
+        json!({
+            "model": {"uri": "file:///data/models/tiny"},
+            "input": {"uri": "file:///data/in.jsonl"},
+            "output": {"uri": "file:///data/out"},
+        }),
+        status,
+    )
+}
+
+fn pods_harness(now: Timestamp) -> Harness {
+    Harness { report_url: Some("http://sluice-operator.sluice-system.svc:8080".into()), ..Harness::new(now) }
+}
+
+fn delete(p: &str) -> String {
+    format!("DELETE {p}")
+}
+
+/// A status as an earlier reconcile left it once the planner pod reported 5 requests in 3 shards.
+fn planned_status() -> Value {
+    json!({
+        "phase": "Running", "observedGeneration": 1, "slaStatus": "OnTrack",
+        "requests": {"total": 5, "succeeded": 0, "failed": 0},
+        "shards": {"total": 3, "completed": 0, "failed": 0, "active": 0},
+        "conditions": [{"type": "Admitted", "status": "True", "reason": "Planned", "message": "5 requests in 3 shards",
+                        "lastTransitionTime": T0, "observedGeneration": 1}],
+    })
+}
+
+#[tokio::test]
+async fn pod_only_storage_is_planned_by_a_planner_pod_not_by_the_operator() {
+    let h = pods_harness(at(5));
+    // The input exists where the operator could open it: it must not.
+    seed_input(&h, 5).await;
+    let (result, calls) = h.run(Cluster { bij: pod_storage_bij(None), ..Default::default() }).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+    assert_eq!(lines(&calls), [patch(STATUS_PATH), get(PLAN_JOB_PATH), patch(PLAN_JOB_PATH)], "{calls:#?}");
+    assert_eq!(calls[0].body["status"]["phase"], "Planning");
+    let plan_job = &calls[2].body;
+    assert_eq!(calls[2].content_type, "application/apply-patch+yaml");
+    assert_eq!(plan_job["spec"]["completions"], 1);
+    let c = &plan_job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["args"], json!(["plan"]));
+    let env: std::collections::BTreeMap<&str, &Value> =
+        c["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), &e["value"])).collect();
+    assert_eq!(env["SLUICE_REPORT_URL"], "http://sluice-operator.sluice-system.svc:8080/v1/jobs/default/quickstart/reports");
+    assert_eq!(env["SLUICE_REPORT_TOKEN"], UID);
+    assert_eq!(env["SLUICE_REQUESTS_PER_SHARD"], "2");
+    assert!(h.get_json::<Value>("data/out/_sluice/plan.json").await.is_none(), "the operator wrote a plan");
+}
+
+#[tokio::test]
+async fn a_pod_only_job_without_a_report_url_fails_with_a_message_naming_the_flag() {
+    let h = Harness::new(at(5));
+    let (result, calls) = h.run(Cluster { bij: pod_storage_bij(None), ..Default::default() }).await;
+    let err = result.unwrap_err();
+    assert!(err.contains("--report-url"), "{err}");
+    assert!(!lines(&calls).contains(&patch(JOB_PATH)), "{calls:#?}");
+}
+
+#[tokio::test]
+async fn the_planner_pods_report_creates_the_indexed_job() {
+    let h = pods_harness(at(5));
+    let (ctx, handle) = h.context_for_run();
+    ctx.reports.register("default/quickstart", UID, None);
+    let summary = sluice_api::plan::PlanSummary { line_count: 5, requests_per_shard: 2, shards: 3 };
+    ctx.reports.accept("default/quickstart", UID, sluice_api::report::PodReport::Plan { summary, created: true }).unwrap();
+    let status = json!({"phase": "Planning", "conditions": [{"type": "Admitted", "status": "True", "reason": "Planning", "message": "", "lastTransitionTime": T0}]});
+    let (result, calls) = h.run_with((ctx, handle), Cluster { bij: pod_storage_bij(Some(status)), ..Default::default() }).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
+    assert_eq!(lines(&calls), [event(), get(JOB_PATH), patch(JOB_PATH), event(), patch(STATUS_PATH)], "{calls:#?}");
+    assert_eq!(reasons(&calls), ["Planned", "JobCreated"]);
+    assert!(calls[0].body["note"].as_str().unwrap().contains("by the job's planner pod"));
+    assert_eq!(calls[2].body["spec"]["completions"], 3);
+    let status = last_status(&calls);
+    assert_eq!((status["requests"]["total"].as_i64(), status["shards"]["total"].as_i64()), (Some(5), Some(3)));
+    assert_eq!(condition(&status, "Admitted")["reason"], "Planned");
+}
+
+#[tokio::test]
+async fn a_missing_input_reported_by_the_planner_holds_the_job() {
+    let h = pods_harness(at(5));
+    let (ctx, handle) = h.context_for_run();
+    ctx.reports.register("default/quickstart", UID, None);
+    let failed = sluice_api::report::PodReport::PlanFailed {
+        failure: sluice_api::report::PlanFailure::InputNotFound,
+        message: "spec.input.uri: the input object file:///data/in.jsonl does not exist".into(),
+    };
+    ctx.reports.accept("default/quickstart", UID, failed).unwrap();
+    let (result, calls) = h.run_with((ctx, handle), Cluster { bij: pod_storage_bij(None), ..Default::default() }).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    assert_eq!(lines(&calls), [delete(PLAN_JOB_PATH), event(), patch(STATUS_PATH)], "{calls:#?}");
+    assert_eq!(reasons(&calls), ["InputNotFound"]);
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Pending");
+    let admitted = condition(&status, "Admitted");
+    assert_eq!((admitted["status"].as_str(), admitted["reason"].as_str()), (Some("False"), Some("InputNotFound")));
+    assert!(admitted["message"].as_str().unwrap().contains("file:///data/in.jsonl"));
+}
+
+#[tokio::test]
+async fn a_plan_that_cannot_be_made_fails_the_job_with_the_planners_message() {
+    let h = pods_harness(at(5));
+    let (ctx, handle) = h.context_for_run();
+    ctx.reports.register("default/quickstart", UID, None);
+    let failed = sluice_api::report::PodReport::PlanFailed {
+        failure: sluice_api::report::PlanFailure::Permanent,
+        message: "the input file:///data/in.jsonl needs more than 100000 shards at 1 requests per shard".into(),
+    };
+    ctx.reports.accept("default/quickstart", UID, failed).unwrap();
+    let (result, calls) = h.run_with((ctx, handle), Cluster { bij: pod_storage_bij(None), ..Default::default() }).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(reasons(&calls), ["PlanFailed"]);
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Failed");
+    assert!(condition(&status, "Failed")["message"].as_str().unwrap().contains("100000 shards"));
+}
+
+#[tokio::test]
+async fn a_planner_pod_that_failed_without_a_report_fails_the_job_naming_it() {
+    let h = pods_harness(at(5));
+    let failed_job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "quickstart-plan", "namespace": "default"},
+        "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}});
+    let cluster = Cluster {
+        bij: pod_storage_bij(Some(
+            json!({"phase": "Planning", "conditions": [{"type": "Admitted", "status": "True", "reason": "Planning", "message": "", "lastTransitionTime": T0}]}),
+        )),
+        step_jobs: [("quickstart-plan".to_string(), failed_job)].into_iter().collect(),
+        ..Default::default()
+    };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Failed");
+    let msg = condition(&status, "Failed")["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("backoff limit") && msg.contains("job/quickstart-plan"), "{msg}");
+}
+
+#[tokio::test]
+async fn when_every_shard_is_committed_a_finalize_pod_writes_the_manifest_then_the_job_completes() {
+    let h = pods_harness(at(120));
+    let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "quickstart", "namespace": "default", "resourceVersion": "9"},
+        "spec": {"completions": 3, "parallelism": 1, "completionMode": "Indexed"},
+        "status": {"completedIndexes": "0-2", "active": 0, "ready": 0, "succeeded": 3}});
+    // First: no manifest yet, so the finalize Job is created and the job stays Running.
+    let cluster = Cluster { bij: pod_storage_bij(Some(planned_status())), job: Some(job.clone()), ..Default::default() };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+    let l = lines(&calls);
+    assert_eq!(&l[..4], [get(JOB_PATH), get(PODS_PATH), get(FINALIZE_JOB_PATH), patch(FINALIZE_JOB_PATH)], "{calls:#?}");
+    let fin = &calls[3].body["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(fin["args"], json!(["finalize"]));
+    assert_eq!(last_status(&calls)["phase"], "Running");
+    // Then the finalize pod's report: Succeeded with its counts.
+    let (ctx, handle) = h.context_for_run();
+    ctx.reports.register("default/quickstart", UID, Some(3));
+    let counts = sluice_api::output::ManifestCounts { total: 5, succeeded: 4, failed: 1 };
+    let report = sluice_api::report::PodReport::Manifest {
+        uri: "file:///data/out/manifest.json".into(),
+        requests: counts,
+        usage: sluice_api::output::Usage::new(50, 20),
+    };
+    ctx.reports.accept("default/quickstart", UID, report).unwrap();
+    let cluster = Cluster { bij: pod_storage_bij(Some(planned_status())), job: Some(job), ..Default::default() };
+    let (result, calls) = h.run_with((ctx, handle), cluster).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(reasons(&calls).contains(&"Completed".to_string()), "{calls:#?}");
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["manifestUri"], "file:///data/out/manifest.json");
+    assert_eq!((status["requests"]["succeeded"].as_i64(), status["requests"]["failed"].as_i64()), (Some(4), Some(1)));
+    assert!(h.get_json::<Value>("data/out/manifest.json").await.is_none(), "the operator wrote the manifest itself");
 }
