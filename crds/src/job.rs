@@ -276,6 +276,7 @@ pub struct SlaSpec {
     /// Deadline relative to the job's creation, as a duration such as `24h` or `90m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[x_kube(validation = Rule::new("!self.matches('^(0+(\\\\.0+)?(ms|s|m|h|d))+$')").message("sla.completionWindow must be longer than zero"))]
     pub completion_window: Option<String>,
     /// Safety margin as a fraction of the window: the scaler aims for `deadline − margin × window`.
     #[serde(default = "default_margin")]

@@ -100,11 +100,51 @@ fn openapi_to_json_schema(v: &mut Value) {
     }
 }
 
+/// Fields of `instance` that `schema` does not declare, as dotted paths: what the API server's
+/// strict field validation (kubectl's default) rejects with `unknown field "…"`. Objects marked
+/// `x-kubernetes-preserve-unknown-fields` and maps (`additionalProperties`) take any key.
+fn unknown_fields(schema: &Value, instance: &Value, path: &str, out: &mut Vec<String>) {
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    match instance {
+        Value::Object(map) => {
+            if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+                return;
+            }
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, v) in map {
+                    match props.get(k) {
+                        Some(sub) => unknown_fields(sub, v, &join(k), out),
+                        None if path.is_empty() && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") => {}
+                        None => out.push(join(k)),
+                    }
+                }
+            } else if let Some(sub) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                for (k, v) in map {
+                    unknown_fields(sub, v, &join(k), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(sub) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    unknown_fields(sub, v, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Validate an object (JSON form) against the CRD's schema and CEL rules. `old` is the stored
 /// object for an update (transition rules such as immutability), or `None` on create.
 pub fn validate_object(obj: &Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
     let schema = openapi_schema().map_err(|message| vec![FieldError { field: String::new(), message }])?;
     let mut errors = Vec::new();
+    let mut unknown = Vec::new();
+    unknown_fields(&schema, obj, "", &mut unknown);
+    for field in unknown {
+        errors.push(FieldError { message: format!("strict decoding error: unknown field \"{field}\""), field });
+    }
 
     let mut json_schema = schema.clone();
     openapi_to_json_schema(&mut json_schema);

@@ -221,3 +221,34 @@ fn ca_bundle_names_exactly_one_source_and_a_valid_key() {
     let job: sluice_api::BatchInferenceJob = serde_json::from_value(o).unwrap();
     assert_eq!(job.spec.storage.unwrap().ca_bundle.unwrap().key, "ca.crt");
 }
+
+#[test]
+fn unknown_fields_are_rejected_as_the_api_server_does() {
+    // A typo the API server's strict field validation refuses (and that would otherwise run the
+    // job with the default 256 tokens).
+    let mut o = base();
+    o["spec"]["sampling"] = json!({"maxToken": 32});
+    let errs = errors_of(&o);
+    assert!(errs.iter().any(|e| e.contains(r#"unknown field "spec.sampling.maxToken""#)), "{errs:?}");
+    let e = load_manifest(&serde_yaml::to_string(&o).unwrap(), "typo.yaml").unwrap_err().to_string();
+    assert!(e.contains("spec.sampling.maxToken"), "{e}");
+    let mut o = base();
+    o["spec"]["workerz"] = json!({});
+    assert!(errors_of(&o).iter().any(|e| e.contains(r#"unknown field "spec.workerz""#)));
+    // Maps and embedded Kubernetes objects take any key.
+    let mut o = base();
+    o["spec"]["workers"]["nodeSelector"] = json!({"gpu.example.com/type": "h200"});
+    o["spec"]["workers"]["podTemplate"] = json!({"metadata": {"annotations": {"a": "b"}}, "spec": {"containers": [{"name": "worker", "env": [{"name": "X", "value": "1"}]}]}});
+    assert_eq!(errors_of(&o), Vec::<String>::new());
+}
+
+#[test]
+fn a_zero_completion_window_is_rejected() {
+    for zero in ["0s", "0h0m", "0.0h", "00m"] {
+        let errs = errors_of(&with("/spec/sla", json!({"completionWindow": zero})));
+        assert!(errs.iter().any(|e| e.contains("sla.completionWindow must be longer than zero")), "{zero}: {errs:?}");
+    }
+    for ok in ["30m", "0h30m", "10s", "1d"] {
+        assert_eq!(errors_of(&with("/spec/sla", json!({"completionWindow": ok}))), Vec::<String>::new(), "{ok}");
+    }
+}
