@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+use sluice_api::jobio::JobIoError as J;
+
+/// How long a job whose input does not exist yet waits before it is planned again.
+pub const INPUT_NOT_FOUND_RETRY: Duration = Duration::from_secs(60);
+
 /// Why a reconcile, a plan or a storage access failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,20 +38,10 @@ pub enum Error {
     /// A URI the job names cannot be opened.
     #[error("{field}: cannot use {uri:?}: {reason}")]
     BadUri { field: &'static str, uri: String, reason: String },
-    /// The input object does not exist.
-    #[error("spec.input.uri: the input object {uri} does not exist")]
-    InputNotFound { uri: String },
-    /// The input changed after it was planned.
-    #[error("the input {uri} changed after planning (planned {planned}, now {current}); the plan at {plan_uri} no longer matches it")]
-    InputChanged { uri: String, plan_uri: String, planned: String, current: String },
-    /// A plan would need more shards than an Indexed Job may have.
-    #[error(
-        "the input {uri} needs more than {limit} shards at {requests_per_shard} requests per shard; raise spec.sharding.requestsPerShard"
-    )]
-    TooManyShards { uri: String, limit: u64, requests_per_shard: u64 },
-    /// A stored document (plan, progress record, manifest) does not parse.
-    #[error("{uri}: not a valid {what}: {reason}")]
-    BadDocument { uri: String, what: &'static str, reason: String },
+    /// Planning, or reading or writing the job's documents, failed (`sluice_api::jobio`): a missing
+    /// or changed input, too many shards, a bad document, a storage failure.
+    #[error(transparent)]
+    JobIo(Box<sluice_api::jobio::JobIoError>),
     /// The job's spec cannot be turned into a Job (bad deadline, bad quantity, missing field).
     #[error("{field}: {reason}")]
     InvalidSpec { field: String, reason: String },
@@ -67,10 +62,14 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Storage { .. } | Error::Store(_) => "storage",
             Error::BadUri { .. } => "bad_uri",
-            Error::InputNotFound { .. } => "input_not_found",
-            Error::InputChanged { .. } => "input_changed",
-            Error::TooManyShards { .. } => "too_many_shards",
-            Error::BadDocument { .. } => "bad_document",
+            Error::JobIo(e) => match **e {
+                J::InputNotFound { .. } => "input_not_found",
+                J::InputChanged { .. } => "input_changed",
+                J::TooManyShards { .. } => "too_many_shards",
+                J::BadDocument { .. } => "bad_document",
+                J::Storage(_) => "storage",
+                J::Serialize { .. } => "serialize",
+            },
             Error::InvalidSpec { .. } => "invalid_spec",
             Error::Serialize { .. } => "serialize",
         }
@@ -79,13 +78,17 @@ impl Error {
     /// Whether retrying cannot help until the user changes something (the job is failed or
     /// held with a condition instead of being retried with backoff).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Error::BadUri { .. } | Error::InputChanged { .. } | Error::TooManyShards { .. } | Error::InvalidSpec { .. })
+        match self {
+            Error::BadUri { .. } | Error::InvalidSpec { .. } => true,
+            Error::JobIo(e) => matches!(**e, J::InputChanged { .. } | J::TooManyShards { .. }),
+            _ => false,
+        }
     }
 
     /// How long to wait before retrying after this error.
     pub fn retry_after(&self) -> Duration {
         match self {
-            Error::InputNotFound { .. } => Duration::from_secs(60),
+            Error::JobIo(e) if matches!(**e, J::InputNotFound { .. }) => INPUT_NOT_FOUND_RETRY,
             _ if self.is_permanent() => Duration::from_secs(300),
             _ => Duration::from_secs(10),
         }
@@ -97,16 +100,12 @@ impl Error {
     }
 }
 
-impl From<sluice_api::jobio::JobIoError> for Error {
-    fn from(e: sluice_api::jobio::JobIoError) -> Self {
-        use sluice_api::jobio::JobIoError as J;
+impl From<J> for Error {
+    fn from(e: J) -> Self {
         match e {
-            J::InputNotFound { uri } => Error::InputNotFound { uri },
-            J::InputChanged { uri, plan_uri, planned, current } => Error::InputChanged { uri, plan_uri, planned, current },
-            J::TooManyShards { uri, limit, requests_per_shard } => Error::TooManyShards { uri, limit, requests_per_shard },
-            J::BadDocument { uri, what, reason } => Error::BadDocument { uri, what, reason },
+            // A storage failure is a storage failure, wherever it happened.
             J::Storage(e) => Error::Store(e),
-            J::Serialize { what, source } => Error::Serialize { what, source },
+            other => Error::JobIo(Box::new(other)),
         }
     }
 }
@@ -120,12 +119,12 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_and_messages_name_the_field() {
-        let e = Error::InputNotFound { uri: "s3://b/in.jsonl".into() };
+        let e = Error::from(J::InputNotFound { uri: "s3://b/in.jsonl".into() });
         assert_eq!(e.metric_label(), "input_not_found");
         assert!(e.to_string().contains("spec.input.uri"));
         assert!(!e.is_permanent());
         assert_eq!(e.retry_after(), Duration::from_secs(60));
-        let e = Error::TooManyShards { uri: "x".into(), limit: 100_000, requests_per_shard: 1 };
+        let e = Error::from(J::TooManyShards { uri: "x".into(), limit: 100_000, requests_per_shard: 1 });
         assert!(e.is_permanent());
         assert!(e.to_string().contains("spec.sharding.requestsPerShard"));
     }

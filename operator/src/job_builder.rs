@@ -350,9 +350,10 @@ pub fn pod_template(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Resul
     Ok(t)
 }
 
-/// The pod failure policy: a disrupted pod (preemption, eviction, node drain) does not count
-/// against the shard's retries; the worker's permanent-error exit code fails the shard at once.
-pub fn pod_failure_policy() -> PodFailurePolicy {
+/// A pod failure policy that does not count a disrupted pod (preemption, eviction, node drain)
+/// against the retries, and takes `on_permanent` (`FailIndex` for shards, `FailJob` for the
+/// one-pod steps) when the worker exits with its permanent-error code.
+fn failure_policy(on_permanent: &str) -> PodFailurePolicy {
     PodFailurePolicy {
         rules: vec![
             PodFailurePolicyRule {
@@ -364,7 +365,7 @@ pub fn pod_failure_policy() -> PodFailurePolicy {
                 on_exit_codes: None,
             },
             PodFailurePolicyRule {
-                action: "FailIndex".into(),
+                action: on_permanent.into(),
                 on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                     container_name: Some(WORKER_CONTAINER.into()),
                     operator: "In".into(),
@@ -374,6 +375,12 @@ pub fn pod_failure_policy() -> PodFailurePolicy {
             },
         ],
     }
+}
+
+/// The pod failure policy of the shards: a disrupted pod does not count against the shard's
+/// retries; the worker's permanent-error exit code fails the shard at once.
+pub fn pod_failure_policy() -> PodFailurePolicy {
+    failure_policy("FailIndex")
 }
 
 /// Whether the operator sets `spec.suspend` of the Job. With a Kueue queue, Kueue admits the
@@ -488,27 +495,7 @@ pub fn step_job(bij: &BatchInferenceJob, defaults: &WorkerDefaults, step: Step, 
             completions: Some(1),
             parallelism: Some(1),
             backoff_limit: Some(3),
-            pod_failure_policy: Some(PodFailurePolicy {
-                rules: vec![
-                    PodFailurePolicyRule {
-                        action: "Ignore".into(),
-                        on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
-                            type_: "DisruptionTarget".into(),
-                            status: "True".into(),
-                        }]),
-                        on_exit_codes: None,
-                    },
-                    PodFailurePolicyRule {
-                        action: "FailJob".into(),
-                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                            container_name: Some(WORKER_CONTAINER.into()),
-                            operator: "In".into(),
-                            values: vec![exit::PERMANENT],
-                        }),
-                        on_pod_conditions: None,
-                    },
-                ],
-            }),
+            pod_failure_policy: Some(failure_policy("FailJob")),
             template,
             ..Default::default()
         }),

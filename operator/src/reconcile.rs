@@ -23,7 +23,7 @@ use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
 use sluice_api::job::ReportedTotals;
 use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
-use sluice_api::jobio;
+use sluice_api::jobio::{self, JobIoError};
 use sluice_api::output::ManifestCounts;
 use sluice_api::plan::PlanSummary;
 use sluice_api::plan::ShardPlan;
@@ -363,7 +363,7 @@ async fn plan_by_pods(
         return Ok(Err(match failure {
             PlanFailure::InputNotFound => {
                 hold(ctx, bij, "InputNotFound", message, now).await?;
-                Action::requeue(Error::InputNotFound { uri: String::new() }.retry_after())
+                Action::requeue(crate::error::INPUT_NOT_FOUND_RETRY)
             }
             PlanFailure::Permanent => {
                 fail_early(ctx, bij, "PlanFailed", message, now).await?;
@@ -535,9 +535,9 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                         cache.plan = Some(p.clone());
                         p
                     }
-                    Err(e @ Error::InputNotFound { .. }) => {
+                    Err(Error::JobIo(e)) if matches!(*e, JobIoError::InputNotFound { .. }) => {
                         hold(ctx, bij, "InputNotFound", e.to_string(), now).await?;
-                        return Ok(Action::requeue(e.retry_after()));
+                        return Ok(Action::requeue(crate::error::INPUT_NOT_FOUND_RETRY));
                     }
                     Err(e) if e.is_permanent() => {
                         fail_early(ctx, bij, "PlanFailed", e.to_string(), now).await?;

@@ -577,18 +577,7 @@ const STEP_JOBS_PREFIX: &str = "/apis/batch/v1/namespaces/default/jobs/quickstar
 const CONFIGMAPS_PATH: &str = "/api/v1/namespaces/default/configmaps/";
 
 /// A CA certificate (self-signed; its key was thrown away).
-const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBijCCAS+gAwIBAgIUcd5txB+m4LJ81evnaRzsIlOXFSMwCgYIKoZIzj0EAwIw
-GTEXMBUGA1UEAwwOc2x1aWNlIHRlc3QgQ0EwIBcNMjYxMjA0MTQ0NDU0WhgPMjEy
-NjExMTAxNDQ0NTRaMBkxFzAVBgNVBAMMDnNsdWljZSB0ZXN0IENBMFkwEwYHKoZI
-zj0CAQYIKoZIzj0DAQcDQgAE43v3cbNHbBgEzBiLJH/LxDIT74S6mtkKuqUIJgnQ
-9MWuVBLLXfnUmE5XXyBErCByW+i/nn/8R8wVMsGo/C9KyKNTMFEwHQYDVR0OBBYE
-FM76TEAWSbPlDKmUq9AmilkfLmZHMB8GA1UdIwQYMBaAFM76TEAWSbPlDKmUq9Am
-ilkfLmZHMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAJS0uzz2
-hiGD+Jxr9aOvjD4Ggw9bM2yrY+GeI5SvEgJtAiEAheFEngNOhE+/DTimWM05RW/T
-2E7xCyYJCiqjTRAIW70=
------END CERTIFICATE-----
-";
+const TEST_CA: &str = include_str!("fixtures/test-ca.pem");
 
 /// The ConfigMaps of the fake API server: `good-ca` holds a CA bundle under `ca.crt`, `bad-ca`
 /// holds text that is not one.

@@ -95,18 +95,7 @@ fn tls_server() -> Option<(String, std::path::PathBuf, String)> {
 }
 
 /// A self-signed CA that did not sign the test server's certificate (its key was thrown away).
-const OTHER_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBijCCAS+gAwIBAgIUcd5txB+m4LJ81evnaRzsIlOXFSMwCgYIKoZIzj0EAwIw
-GTEXMBUGA1UEAwwOc2x1aWNlIHRlc3QgQ0EwIBcNMjYxMjA0MTQ0NDU0WhgPMjEy
-NjExMTAxNDQ0NTRaMBkxFzAVBgNVBAMMDnNsdWljZSB0ZXN0IENBMFkwEwYHKoZI
-zj0CAQYIKoZIzj0DAQcDQgAE43v3cbNHbBgEzBiLJH/LxDIT74S6mtkKuqUIJgnQ
-9MWuVBLLXfnUmE5XXyBErCByW+i/nn/8R8wVMsGo/C9KyKNTMFEwHQYDVR0OBBYE
-FM76TEAWSbPlDKmUq9AmilkfLmZHMB8GA1UdIwQYMBaAFM76TEAWSbPlDKmUq9Am
-ilkfLmZHMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAJS0uzz2
-hiGD+Jxr9aOvjD4Ggw9bM2yrY+GeI5SvEgJtAiEAheFEngNOhE+/DTimWM05RW/T
-2E7xCyYJCiqjTRAIW70=
------END CERTIFICATE-----
-";
+const OTHER_CA: &str = include_str!("fixtures/test-ca.pem");
 
 fn tls_options(endpoint: &str, ca_bundle: Option<CaBundle>) -> StorageOptions {
     StorageOptions {
