@@ -32,24 +32,33 @@ if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
 fi
 
 endpoint="http://127.0.0.1:${SLUICE_S3_PORT}"
-# Readiness probe without curl (not on every fresh machine): any HTTP answer counts.
-s3_up() {
-  python3 -c 'import sys, urllib.request
+# Readiness probe without curl (not on every fresh machine): any HTTP answer from URL counts;
+# CAFILE, when given, is the CA to trust for https.
+http_up() { # URL [CAFILE]
+  python3 -c 'import ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
 try:
-    urllib.request.urlopen(sys.argv[1], timeout=1)
+    urllib.request.urlopen(sys.argv[1], timeout=1, context=ctx)
 except urllib.error.HTTPError:
     pass
 except Exception:
-    sys.exit(1)' "$endpoint/"
+    sys.exit(1)' "$@"
 }
+# Wait up to 20 s for `http_up URL [CAFILE]`; on failure print LOG and fail.
+wait_up() { # LOG URL [CAFILE]
+  local log=$1
+  shift
+  for _ in $(seq 1 100); do
+    http_up "$@" && return 0
+    sleep 0.2
+  done
+  http_up "$@" || { cat "$log" >&2; exit 1; }
+}
+s3_up() { http_up "$endpoint/"; }
 if ! s3_up; then
   nohup python3 -m moto.server -H 127.0.0.1 -p "$SLUICE_S3_PORT" >"$SLUICE_S3_DIR/server.log" 2>&1 &
   echo $! >"$SLUICE_S3_DIR/pid"
-  for _ in $(seq 1 100); do
-    s3_up && break
-    sleep 0.2
-  done
-  s3_up || { cat "$SLUICE_S3_DIR/server.log" >&2; exit 1; }
+  wait_up "$SLUICE_S3_DIR/server.log" "$endpoint/"
 fi
 
 # The same over HTTPS, with a certificate for 127.0.0.1/localhost from a CA of our own. A
@@ -58,16 +67,7 @@ tls_dir="$SLUICE_S3_DIR/tls"
 python3 "$(dirname "${BASH_SOURCE[0]}")/make-test-ca.py" "$tls_dir" >/dev/null
 tls_endpoint="https://127.0.0.1:${SLUICE_S3_TLS_PORT}"
 tls_bucket="sluice-tls-test"
-s3_tls_up() {
-  python3 -c 'import ssl, sys, urllib.request
-ctx = ssl.create_default_context(cafile=sys.argv[2])
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=1, context=ctx)
-except urllib.error.HTTPError:
-    pass
-except Exception:
-    sys.exit(1)' "$tls_endpoint/" "$tls_dir/ca.crt"
-}
+s3_tls_up() { http_up "$tls_endpoint/" "$tls_dir/ca.crt"; }
 if ! s3_tls_up; then
   # A server from an earlier run may hold the port with a certificate of an older CA.
   if [[ -f "$SLUICE_S3_DIR/tls.pid" ]]; then
@@ -77,11 +77,7 @@ if ! s3_tls_up; then
   nohup python3 -m moto.server -H 127.0.0.1 -p "$SLUICE_S3_TLS_PORT" -c "$tls_dir/server.crt" -k "$tls_dir/server.key" \
     >"$SLUICE_S3_DIR/tls-server.log" 2>&1 &
   echo $! >"$SLUICE_S3_DIR/tls.pid"
-  for _ in $(seq 1 100); do
-    s3_tls_up && break
-    sleep 0.2
-  done
-  s3_tls_up || { cat "$SLUICE_S3_DIR/tls-server.log" >&2; exit 1; }
+  wait_up "$SLUICE_S3_DIR/tls-server.log" "$tls_endpoint/" "$tls_dir/ca.crt"
 fi
 # moto checks no signatures: a plain PUT makes the bucket (409 when it is there already).
 python3 -c 'import ssl, sys, urllib.request

@@ -3,7 +3,7 @@
 //! storage only their pods can reach are planned by a planner pod running the same code.
 
 use sluice_api::job::BatchInferenceJobSpec;
-pub use sluice_api::planner::{MAX_SHARDS, PlanOutcome, ShardSize, Splitter, shard_size};
+use sluice_api::planner::PlanOutcome;
 
 use crate::error::Result;
 use crate::storage_io::Location;

@@ -21,7 +21,6 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::BatchInferenceJobStatus;
 use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
-use sluice_api::job::ReportedTotals;
 use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
 use sluice_api::jobio::{self, JobIoError};
 use sluice_api::output::ManifestCounts;
@@ -38,7 +37,7 @@ use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
 use crate::sla::{self, SlaConfig, SlaObservation};
 use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
-use crate::storage_io::{self, Location, StorageRefs};
+use crate::storage_io::{Location, StorageRefs};
 
 /// The finalizer the operator puts on every BatchInferenceJob.
 pub const FINALIZER: &str = "sluice.dev/cleanup";
@@ -195,6 +194,18 @@ async fn read_ca_bundle(ctx: &Context, bij: &BatchInferenceJob) -> Result<Option
     Ok(Some(CaBundle::Pem(pem)))
 }
 
+/// A new job (no conditions yet) becomes `Planning` with `Admitted=True` and `message`, once.
+async fn mark_planning(ctx: &Context, bij: &BatchInferenceJob, old: &BatchInferenceJobStatus, message: &str, now: Timestamp) -> Result<()> {
+    if old.phase != JobPhase::Pending || !old.conditions.is_empty() {
+        return Ok(());
+    }
+    let mut planning = old.clone();
+    planning.phase = JobPhase::Planning;
+    planning.observed_generation = bij.metadata.generation;
+    conditions::set(&mut planning.conditions, Cond::new(ct::ADMITTED, true, "Planning", message), bij.metadata.generation, now);
+    patch_status(ctx, bij, &planning).await
+}
+
 /// Hold the job (not planned yet) with `Admitted=False` and a Warning Event the first time.
 async fn hold(ctx: &Context, bij: &BatchInferenceJob, reason: &str, message: String, now: Timestamp) -> Result<()> {
     let old = bij.status.clone().unwrap_or_default();
@@ -283,16 +294,6 @@ fn planned_from_status(old: &BatchInferenceJobStatus) -> Option<PlanSummary> {
     Some(PlanSummary { line_count, requests_per_shard: line_count.div_ceil(u64::from(shards.max(1))), shards })
 }
 
-fn job_condition(job: &Job, type_: &str) -> Option<String> {
-    job.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == type_ && c.status == "True")
-        .map(|c| c.message.clone().or_else(|| c.reason.clone()).unwrap_or_default())
-}
-
 /// Run `step` in a one-pod Job of the job's own template unless it exists; the existing Job.
 async fn ensure_step_job(
     ctx: &Context,
@@ -371,21 +372,14 @@ async fn plan_by_pods(
             }
         }));
     }
-    if old.phase == JobPhase::Pending && old.conditions.is_empty() {
-        let mut planning = old.clone();
-        planning.phase = JobPhase::Planning;
-        planning.observed_generation = bij.metadata.generation;
-        let msg = "the job's planner pod is reading the input to plan shards";
-        conditions::set(&mut planning.conditions, Cond::new(ct::ADMITTED, true, "Planning", msg), bij.metadata.generation, now);
-        patch_status(ctx, bij, &planning).await?;
-    }
+    mark_planning(ctx, bij, old, "the job's planner pod is reading the input to plan shards", now).await?;
     let Some(job) = ensure_step_job(ctx, bij, Step::Plan, job_builder::plan_step_env(bij)).await? else {
         return Ok(Err(Action::requeue(STEP_POLL)));
     };
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Err(Action::requeue(STEP_POLL)));
     }
-    if let Some(why) = job_condition(&job, "Failed") {
+    if let Some(why) = status::true_condition(&job, "Failed") {
         let ns = bij.namespace().unwrap_or_default();
         let message = format!(
             "the planner pod failed without a report ({why}); see kubectl logs -n {ns} job/{}",
@@ -394,7 +388,7 @@ async fn plan_by_pods(
         fail_early(ctx, bij, "PlanFailed", message, now).await?;
         return Ok(Err(Action::await_change()));
     }
-    if job_condition(&job, "Complete").is_some() {
+    if status::true_condition(&job, "Complete").is_some() {
         // It reported to an operator that is gone (a restart): run it again, it reuses the plan.
         delete_step_job(ctx, bij, Step::Plan).await?;
     }
@@ -403,7 +397,7 @@ async fn plan_by_pods(
 
 /// Where the finalize step stands.
 enum Finalized {
-    /// The manifest is written (counts when its report arrived).
+    /// The manifest is written (its counts when its report arrived).
     Done { uri: String, counts: Option<ManifestCounts> },
     /// Its pod is still to run or running.
     Pending,
@@ -412,35 +406,30 @@ enum Finalized {
 }
 
 /// Have the job's own finalize pod write the manifest (once every shard is committed).
+/// `manifest` is the finalize pod's report, if it arrived.
 async fn finalize_by_pods(
     ctx: &Context,
     bij: &BatchInferenceJob,
-    key: &str,
-    uid: &str,
+    manifest: Option<(String, ManifestCounts)>,
     failed: &BTreeSet<u32>,
-    reported: Option<&ReportedTotals>,
 ) -> Result<Finalized> {
-    if let Some((uri, counts, _usage)) = ctx.reports.snapshot(key, uid).manifest {
+    if let Some((uri, counts)) = manifest {
         return Ok(Finalized::Done { uri, counts: Some(counts) });
     }
     let Some(job) = ensure_step_job(ctx, bij, Step::Finalize, job_builder::finalize_step_env(bij, failed)).await? else {
         return Ok(Finalized::Pending);
     };
-    if let Some(why) = job_condition(&job, "Failed") {
+    if let Some(why) = status::true_condition(&job, "Failed") {
         let ns = bij.namespace().unwrap_or_default();
         return Ok(Finalized::Failed(format!(
             "every shard is committed but the finalize pod could not write the manifest ({why}); see kubectl logs -n {ns} job/{}",
             job_builder::step_job_name(&bij.name_any(), Step::Finalize)
         )));
     }
-    if job_condition(&job, "Complete").is_some() {
-        // Done, but its report reached an operator that is gone: the counts so far stand.
-        let counts = reported.map(|r| ManifestCounts {
-            total: 0,
-            succeeded: u64::try_from(r.succeeded).unwrap_or(0),
-            failed: u64::try_from(r.failed).unwrap_or(0),
-        });
-        return Ok(Finalized::Done { uri: layout::join(&bij.spec.output.uri, layout::MANIFEST), counts });
+    if status::true_condition(&job, "Complete").is_some() {
+        // Done, but its report reached an operator that is gone: the counts reported so far
+        // (kept in the status) stand.
+        return Ok(Finalized::Done { uri: layout::join(&bij.spec.output.uri, layout::MANIFEST), counts: None });
     }
     Ok(Finalized::Pending)
 }
@@ -506,18 +495,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         let plan = match cache.plan.clone() {
             Some(p) => p,
             None => {
-                if old.phase == JobPhase::Pending && old.conditions.is_empty() {
-                    let mut planning = old.clone();
-                    planning.phase = JobPhase::Planning;
-                    planning.observed_generation = generation;
-                    conditions::set(
-                        &mut planning.conditions,
-                        Cond::new(ct::ADMITTED, true, "Planning", "reading the input to plan shards"),
-                        generation,
-                        now,
-                    );
-                    patch_status(ctx, bij, &planning).await?;
-                }
+                mark_planning(ctx, bij, &old, "reading the input to plan shards", now).await?;
                 match planner::load_or_create(&bij.spec, &input, &output).await {
                     Ok(outcome) => {
                         if outcome.created {
@@ -565,12 +543,12 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     };
     let pod_created: BTreeMap<String, Timestamp> =
         pods.iter().filter_map(|p| Some((p.name_any(), p.metadata.creation_timestamp.as_ref()?.0))).collect();
-    let (records, mut reported) = match &storage_view {
-        StorageView::Operator { plan, output, .. } => (read_progress(output, plan, &mut cache, &view.completed).await?, None),
+    let (records, mut reported, manifest_report) = match &storage_view {
+        StorageView::Operator { plan, output, .. } => (read_progress(output, plan, &mut cache, &view.completed).await?, None, None),
         StorageView::Pods { .. } => {
-            let progress = ctx.reports.snapshot(&key, &uid).progress;
-            let reported = old.reported.clone().unwrap_or_default();
-            (progress, Some(reported))
+            let reports = ctx.reports.snapshot(&key, &uid);
+            let manifest = reports.manifest.map(|(uri, counts, _usage)| (uri, counts));
+            (reports.progress, Some(old.reported.clone().unwrap_or_default()), manifest)
         }
     };
     let mut summary = status::summarize(&records, &pod_created, now);
@@ -601,7 +579,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Every shard is committed; a job whose storage only its pods reach also needs its
     // finalize pod to have written the manifest.
     let finalized = match (&storage_view, all_done) {
-        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, &key, &uid, &failed, reported.as_ref()).await?),
+        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, manifest_report, &failed).await?),
         _ => None,
     };
     let finalizing = matches!(finalized, Some(Finalized::Pending));
@@ -745,9 +723,8 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
             (StorageView::Operator { plan: full, output, .. }, _) => {
                 let manifest =
                     build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, output, full, &records, &failed, decided_at).await?;
-                let loc = output.child(layout::MANIFEST);
-                storage_io::put_json_create(&loc, &manifest, "output manifest").await?;
-                (loc.uri, Some(manifest.requests))
+                let manifest = jobio::write_manifest_once(output, manifest).await?;
+                (output.child(layout::MANIFEST).uri, Some(manifest.requests))
             }
             (StorageView::Pods { .. }, Some(Finalized::Done { uri, counts })) => (uri, counts),
             (StorageView::Pods { .. }, _) => (layout::join(&bij.spec.output.uri, layout::MANIFEST), None),

@@ -50,6 +50,14 @@ pub struct JobView {
     pub last_scale_change: Option<Timestamp>,
 }
 
+/// A Job's condition `type_` when it is True, as `reason: message`.
+pub fn true_condition(job: &Job, type_: &str) -> Option<String> {
+    let c = job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_ && c.status == "True")?;
+    let reason = c.reason.clone().unwrap_or_else(|| format!("Job{type_}"));
+    let message = c.message.clone().unwrap_or_else(|| format!("the Job {}", type_.to_ascii_lowercase()));
+    Some(format!("{reason}: {message}"))
+}
+
 /// Annotation on the Job recording the last parallelism change (survives operator restarts).
 pub const LAST_SCALE_ANNOTATION: &str = "sluice.dev/last-scale-time";
 
@@ -58,11 +66,7 @@ impl JobView {
         let Some(job) = job else { return Self::default() };
         let spec = job.spec.as_ref();
         let st = job.status.as_ref();
-        let failed_condition = st.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
-            cs.iter()
-                .find(|c| c.type_ == "Failed" && c.status == "True")
-                .map(|c| format!("{}: {}", c.reason.as_deref().unwrap_or("JobFailed"), c.message.as_deref().unwrap_or("the Job failed")))
-        });
+        let failed_condition = true_condition(job, "Failed");
         Self {
             exists: true,
             parallelism: spec.and_then(|s| s.parallelism).unwrap_or(1),

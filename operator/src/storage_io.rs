@@ -112,22 +112,10 @@ pub async fn read_json<T: DeserializeOwned>(loc: &Location, what: &'static str) 
     Ok(jobio::read_json(loc, what).await?)
 }
 
-/// Outcome of a create-only write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Created {
-    /// This call wrote the object.
-    Written,
-    /// The object already existed and was left alone.
-    AlreadyExisted,
-}
-
 /// Write a JSON document only if nothing exists at `loc` (create-only put where the store
 /// supports it; otherwise a check followed by a plain put).
-pub async fn put_json_create<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<Created> {
-    Ok(match jobio::put_json_create(loc, value, what).await? {
-        PutOutcome::Created => Created::Written,
-        PutOutcome::AlreadyExists => Created::AlreadyExisted,
-    })
+pub async fn put_json_create<T: Serialize>(loc: &Location, value: &T, what: &'static str) -> Result<PutOutcome> {
+    Ok(jobio::put_json_create(loc, value, what).await?)
 }
 
 /// Write a JSON document, replacing whatever is there.
@@ -157,8 +145,8 @@ mod tests {
         assert_eq!(loc.uri, "mem://out/run/_sluice/plan.json");
         assert_eq!(loc.path.as_ref(), "out/run/_sluice/plan.json");
         assert_eq!(read_json::<serde_json::Value>(&loc, "plan").await.unwrap(), None);
-        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 1}), "plan").await.unwrap(), Created::Written);
-        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 2}), "plan").await.unwrap(), Created::AlreadyExisted);
+        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 1}), "plan").await.unwrap(), PutOutcome::Created);
+        assert_eq!(put_json_create(&loc, &serde_json::json!({"a": 2}), "plan").await.unwrap(), PutOutcome::AlreadyExists);
         let v: serde_json::Value = read_json(&loc, "plan").await.unwrap().unwrap();
         assert_eq!(v["a"], 1);
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_api::job::{CaBundleSpec, StorageSpec};
 use sluice_api::storage::{CaBundle, PutOutcome, RetryPolicy, StorageError, StorageOptions, resolve};
-use sluice_operator::storage_io::{Created, StorageRefs, StoreOpener, UriOpener, list_names, put_json_create, read_json};
+use sluice_operator::storage_io::{StorageRefs, StoreOpener, UriOpener, list_names, put_json_create, read_json};
 
 fn endpoint() -> Option<String> {
     match std::env::var("SLUICE_TEST_S3_ENDPOINT") {
@@ -54,8 +54,8 @@ async fn secret_keys_configure_the_s3_client() {
     let out = UriOpener.open("spec.output.uri", &format!("s3://{bucket}/jobs/demo/"), Some(&storage), &refs).unwrap();
     let plan = out.child("_sluice/plan.json");
     assert_eq!(read_json::<serde_json::Value>(&plan, "shard plan").await.unwrap(), None);
-    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 4}), "shard plan").await.unwrap(), Created::Written);
-    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 5}), "shard plan").await.unwrap(), Created::AlreadyExisted);
+    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 4}), "shard plan").await.unwrap(), PutOutcome::Created);
+    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 5}), "shard plan").await.unwrap(), PutOutcome::AlreadyExists);
     let back: serde_json::Value = read_json(&plan, "shard plan").await.unwrap().unwrap();
     assert_eq!(back["shards"], 4, "the first plan stays");
     assert_eq!(list_names(&out.child("_sluice")).await.unwrap(), vec!["plan.json".to_string()]);
@@ -158,7 +158,7 @@ async fn https_with_a_private_ca_works_when_the_ca_bundle_is_given() {
     };
     let out = UriOpener.open("spec.output.uri", &format!("s3://{bucket}/{prefix}/job/"), Some(&storage), &refs).unwrap();
     let plan = out.child("_sluice/plan.json");
-    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 2}), "shard plan").await.unwrap(), Created::Written);
+    assert_eq!(put_json_create(&plan, &serde_json::json!({"shards": 2}), "shard plan").await.unwrap(), PutOutcome::Created);
     let back: serde_json::Value = read_json(&plan, "shard plan").await.unwrap().unwrap();
     assert_eq!(back["shards"], 2);
 }

@@ -19,7 +19,8 @@ use sluice_api::plan::ShardPlan;
 use sluice_api::storage::CaBundle;
 
 use crate::error::Error as OperatorError;
-use crate::storage_io::{self, Created, Location, StorageRefs, StoreOpener, UriOpener};
+use crate::storage_io::{self, Location, StorageRefs, StoreOpener, UriOpener};
+use sluice_api::storage::PutOutcome;
 
 pub use executor::WorkerCommand;
 pub use report::{RunSummary, print_status};
@@ -162,9 +163,9 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
     let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
     let record_loc = local.output.child(LOCAL_RUN_RECORD);
     let created_at = match storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await? {
-        Created::Written => started,
+        PutOutcome::Created => started,
         // A rerun keeps the first run's window.
-        Created::AlreadyExisted => {
+        PutOutcome::AlreadyExists => {
             storage_io::read_json::<LocalRunRecord>(&record_loc, "local run record").await?.map(|r| r.created_at).unwrap_or(started)
         }
     };

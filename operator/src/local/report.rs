@@ -14,7 +14,8 @@ use super::executor::ExecOutcome;
 use super::{LOCAL_RUN_RECORD, LocalError, LocalJob, LocalRunRecord, committed_shards};
 use crate::context::JobCache;
 use crate::reconcile::read_progress;
-use crate::storage_io::{self, Created, Location};
+use crate::storage_io::{self, Location};
+use sluice_api::jobio;
 
 /// The end-of-run summary.
 #[derive(Serialize, Debug, Clone)]
@@ -111,19 +112,15 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
     let manifest = crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now)
         .await
         .map_err(crate::error::Error::from)?;
-    let loc = local.output.child(layout::MANIFEST);
-    let manifest = match storage_io::put_json_create(&loc, &manifest, "output manifest").await? {
-        Created::Written => manifest,
-        // A concurrent run finished first: report what it wrote.
-        Created::AlreadyExisted => storage_io::read_json::<OutputManifest>(&loc, "output manifest").await?.unwrap_or(manifest),
-    };
+    // A concurrent run that finished first keeps its manifest: report what it wrote.
+    let manifest = jobio::write_manifest_once(&local.output, manifest).await.map_err(crate::error::Error::from)?;
     let wall = now.duration_since(started).as_secs_f64().max(1e-3);
     let deadline = outcome.deadline;
     Ok(RunSummary {
         job: local.name.clone(),
         status: if outcome.failed.is_empty() { "Succeeded" } else { "SucceededWithFailedShards" },
         output_uri: local.output.uri.clone(),
-        manifest_uri: loc.uri,
+        manifest_uri: local.output.child(layout::MANIFEST).uri,
         requests_total: manifest.requests.total,
         requests_succeeded: manifest.requests.succeeded,
         requests_failed: manifest.requests.failed,
