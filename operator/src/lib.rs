@@ -11,6 +11,7 @@ pub mod planner;
 pub mod rbac;
 pub mod reconcile;
 pub mod reports;
+pub mod scaler;
 pub mod sim;
 pub mod sla;
 pub mod status;

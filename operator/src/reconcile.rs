@@ -35,7 +35,8 @@ use crate::context::{Context, JobCache};
 use crate::error::{Error, Result};
 use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
-use crate::sla::{self, SlaConfig, SlaObservation};
+use crate::scaler::{Observed, Scaler, ScalerState};
+use crate::sla::SlaConfig;
 use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
 use crate::storage_io::{Location, StorageRefs};
 
@@ -613,7 +614,12 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Decide.
     let decided_at = if phase.is_terminal() { old.completion_time.as_ref().map_or(now, |t| t.0) } else { now };
     let remaining_shards = u32::try_from(total_shards - completed.len() - failed.len()).unwrap_or(u32::MAX);
-    let obs = SlaObservation {
+    let current = ScalerState {
+        parallelism: if view.exists { u32::try_from(view.parallelism.max(0)).unwrap_or(0) } else { 0 },
+        last_change: view.last_scale_change,
+        previous_status: old.sla_status,
+    };
+    let observed = Observed {
         now: decided_at,
         window_start: created,
         deadline,
@@ -622,28 +628,17 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         per_worker_rate: summary.estimator.estimate(),
         startup_secs: summary.estimator.startup_secs(),
         active_workers: u32::try_from(view.active.max(0)).unwrap_or(0),
-        current_desired: if view.exists { u32::try_from(view.parallelism.max(0)).unwrap_or(0) } else { 0 },
+        // The Job controller deletes pods above the parallelism, Ready ones included.
+        running_protected: u32::try_from(view.ready.max(0)).unwrap_or(0),
+        unschedulable_workers: status::unschedulable_pods(&pods),
         total_shards: u32::try_from(total_shards).unwrap_or(u32::MAX),
         remaining_shards,
-        unschedulable_workers: status::unschedulable_pods(&pods),
-        last_scale_change: view.last_scale_change,
-        previous_status: old.sla_status,
         finished: phase == JobPhase::Succeeded,
+        suspended: bij.spec.suspend,
     };
-    let cfg = SlaConfig::from_spec(&bij.spec);
-    let decision = sla::decide(&cfg, &obs);
-    let target = i32::try_from(decision.desired_workers).unwrap_or(i32::MAX);
-    // Never lower parallelism below the pods already running a shard: the Job controller would
-    // kill them. Pending pods (not started) are cheap to drop and the Job controller drops those
-    // first.
-    // While suspended the parallelism is left as it is: nothing runs, nothing to scale.
-    let desired = if view.exists && bij.spec.suspend {
-        view.parallelism
-    } else if view.exists && target < view.parallelism {
-        target.max(view.ready.min(view.parallelism))
-    } else {
-        target
-    };
+    let step = Scaler::new(SlaConfig::from_spec(&bij.spec)).step(&current, &observed);
+    let decision = &step.decision;
+    let desired = i32::try_from(step.parallelism).unwrap_or(i32::MAX);
 
     // Spec edits take effect now, with an Event.
     if let (Some(seen), Some(g)) = (old.observed_generation, generation)
@@ -676,7 +671,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
             Some(observed) => {
                 if let Some(mut patch) = job_builder::scaling_patch(bij, observed, desired) {
                     let scaled = patch["spec"].get("parallelism").and_then(serde_json::Value::as_i64);
-                    if scaled.is_some() && !decision.shard_capped {
+                    if scaled.is_some() && step.scaled {
                         patch["metadata"] = json!({ "annotations": { LAST_SCALE_ANNOTATION: now.to_string() } });
                     }
                     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
@@ -686,7 +681,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
                     if let Some(to) = scaled {
                         let to = i32::try_from(to).unwrap_or(desired);
                         ctx.metrics.scaled(&ns, &name, view.parallelism, to);
-                        if !decision.shard_capped {
+                        if step.scaled {
                             let note = format!("scaled {}→{to}: {}", view.parallelism, decision.reason);
                             publish(ctx, bij, EventType::Normal, "Scaled", note).await;
                         }
@@ -758,7 +753,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         failed: &failed,
         desired,
         deadline,
-        decision: &decision,
+        decision,
         gpu_seconds,
         manifest_uri,
         failure,

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use jiff::Timestamp;
 use sluice_api::contract::{env, exit};
-use sluice_api::job::SlaStatus;
 use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
 use super::{LocalError, LocalJob, RunOptions, committed_shards};
 use crate::context::JobCache;
 use crate::reconcile::read_progress;
-use crate::sla::{self, SlaConfig, SlaDecision, SlaObservation};
+use crate::scaler::{Observed, Scaler, ScalerState};
+use crate::sla::{SlaConfig, SlaDecision};
 use crate::status::summarize;
 
 /// How to start a worker process: a program and the arguments before the worker's own.
@@ -163,9 +163,8 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
     let max_failed = spec.retries.max_failed_shards.max(0) as usize;
 
     let pb = bar(plan.line_count, opts.progress_bar);
-    let mut desired = sla_cfg.max_workers.min(pending.len() as u32).max(1);
-    let mut last_change: Option<Timestamp> = None;
-    let mut previous_status: Option<SlaStatus> = None;
+    let scaler = Scaler::new(sla_cfg);
+    let mut state = ScalerState { parallelism: scaler.config().max_workers.min(pending.len() as u32).max(1), ..Default::default() };
     let mut next_poll = Instant::now();
     let mut cache = JobCache::default();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -238,31 +237,29 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
             let summary = summarize(&records, &BTreeMap::new(), now);
             let done = summary.succeeded + summary.failed;
             let remaining_shards = (pending.len() + running.len()) as u32;
-            let obs = SlaObservation {
+            let observed = Observed {
                 now,
                 window_start: created_at,
                 deadline,
                 total_requests: plan.line_count,
-                done_requests: done.min(plan.line_count),
+                done_requests: done,
                 per_worker_rate: summary.estimator.estimate(),
                 startup_secs: summary.estimator.startup_secs(),
                 active_workers: running.len() as u32,
-                current_desired: desired,
+                // A lower count only stops new starts here: running workers always finish.
+                running_protected: 0,
+                unschedulable_workers: 0,
                 total_shards: plan.shards.len() as u32,
                 remaining_shards,
-                unschedulable_workers: 0,
-                last_scale_change: last_change,
-                previous_status,
                 finished: false,
+                suspended: false,
             };
-            let d = sla::decide(&sla_cfg, &obs);
-            let want = d.desired_workers.clamp(1, sla_cfg.max_workers).min(remaining_shards.max(1));
-            if want != desired {
-                tracing::info!(from = desired, to = want, reason = %d.reason, "scaled local workers");
-                desired = want;
-                last_change = Some(now);
+            let step = scaler.step(&state, &observed);
+            if step.parallelism != state.parallelism {
+                tracing::info!(from = state.parallelism, to = step.parallelism, reason = %step.decision.reason, "scaled local workers");
             }
-            previous_status = Some(d.status);
+            state = step.next;
+            let d = step.decision;
             // The first projection made from observed throughput (the first ones only restate
             // the spec's prior); the prior-based one stands in until a rate is observed.
             let observed = summary.estimator.estimate().is_some();
@@ -280,13 +277,13 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 deadline.strftime("%H:%M:%S"),
                 d.status.as_str(),
                 running.len(),
-                desired
+                state.parallelism
             ));
             out.last_decision = Some(d);
         }
 
         // 3. Start workers up to the desired count (scaling down lets running ones finish).
-        while (running.len() as u32) < desired {
+        while (running.len() as u32) < state.parallelism {
             let Some(shard) = pending.pop_front() else { break };
             let attempt = failures.get(&shard).copied().unwrap_or(0) + 1;
             let child = spawn(&opts.worker, &vars, shard, attempt, &logs)?;

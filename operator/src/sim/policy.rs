@@ -1,14 +1,14 @@
-//! The controllers `sluice-sim` compares: Sluice (the real [`crate::sla::decide`] fed the way
-//! the reconciler feeds it), static concurrency, a reactive queue-length scaler (HPA/KEDA
+//! The controllers `sluice-sim` compares: Sluice (the very [`crate::scaler::Scaler`] the
+//! reconciler steps, fed as the reconciler feeds it), static concurrency, a reactive queue-length scaler (HPA/KEDA
 //! style) and the oracle's fixed count. Each only maps a [`View`] to a parallelism.
 
 use jiff::{SignedDuration, Timestamp};
 use sluice_api::BatchInferenceJobSpec;
-use sluice_api::job::SlaStatus;
 
 use super::scenario::Scenario;
 use super::world::{Controller, Decision, SCHED_DELAY_SECS, View};
-use crate::sla::{self, SlaConfig, SlaDecision, SlaObservation, ThroughputEstimator};
+use crate::scaler::{Observed, Scaler, ScalerState};
+use crate::sla::{self, SlaConfig, SlaDecision, ThroughputEstimator};
 
 /// The spec a user would write for this scenario (what the scaler's configuration comes from).
 pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Error> {
@@ -28,12 +28,10 @@ pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Erro
 /// pod once it exceeds the prior.
 #[derive(Clone, Debug)]
 pub struct Sluice {
-    cfg: SlaConfig,
+    scaler: Scaler,
     est: ThroughputEstimator,
     epoch: Timestamp,
-    current: u32,
-    last_change: Option<Timestamp>,
-    previous: Option<SlaStatus>,
+    state: ScalerState,
     /// The last decision (for tests and debugging).
     pub last: Option<SlaDecision>,
     /// With [`Sluice::traced`]: one line per decision that changed the count or the status.
@@ -44,12 +42,10 @@ impl Sluice {
     /// A scaler with this configuration.
     pub fn new(cfg: SlaConfig) -> Self {
         Self {
-            cfg,
+            scaler: Scaler::new(cfg),
             est: ThroughputEstimator::new(),
             epoch: Timestamp::UNIX_EPOCH,
-            current: 0,
-            last_change: None,
-            previous: None,
+            state: ScalerState::default(),
             last: None,
             trace: None,
         }
@@ -75,8 +71,9 @@ impl Controller for Sluice {
                 self.est.observe(rps, secs);
             }
         }
-        let startup = self.est.startup_secs().or_else(|| v.oldest_starting_secs.filter(|&e| e > self.cfg.prior_startup_secs));
-        let obs = SlaObservation {
+        let prior_startup = self.scaler.config().prior_startup_secs;
+        let startup = self.est.startup_secs().or_else(|| v.oldest_starting_secs.filter(|&e| e > prior_startup));
+        let observed = Observed {
             now: self.at(v.finished_at.unwrap_or(v.now)),
             window_start: self.at(0.0),
             deadline: self.at(v.deadline),
@@ -85,26 +82,23 @@ impl Controller for Sluice {
             per_worker_rate: self.est.estimate(),
             startup_secs: startup,
             active_workers: v.active,
-            current_desired: self.current,
+            running_protected: v.running,
+            unschedulable_workers: v.unschedulable,
             total_shards: v.total_shards,
             remaining_shards: v.remaining_shards,
-            unschedulable_workers: v.unschedulable,
-            last_scale_change: self.last_change,
-            previous_status: self.previous,
             finished: v.finished,
+            suspended: false,
         };
-        let d = sla::decide(&self.cfg, &obs);
-        if d.desired_workers != self.current && !d.shard_capped && !v.finished {
-            self.last_change = Some(obs.now);
-        }
+        let step = self.scaler.step(&self.state, &observed);
+        let d = step.decision;
         if let Some(trace) = self.trace.as_mut()
-            && (d.desired_workers != self.current || Some(d.status) != self.previous)
+            && (step.parallelism != self.state.parallelism || Some(d.status) != self.state.previous_status)
         {
             trace.push(format!(
                 "{:>9} {:>3}→{:<3} active {:>3} done {:>9}/{} {:<10} {}",
                 sla::fmt_secs(v.now),
-                self.current,
-                d.desired_workers,
+                self.state.parallelism,
+                step.parallelism,
                 v.active,
                 v.done_requests,
                 v.total_requests,
@@ -112,9 +106,8 @@ impl Controller for Sluice {
                 d.reason
             ));
         }
-        let out = Decision { parallelism: d.desired_workers, status: Some(d.status), shard_capped: d.shard_capped || v.finished };
-        self.current = d.desired_workers;
-        self.previous = Some(d.status);
+        self.state = step.next;
+        let out = Decision { parallelism: step.parallelism, status: Some(d.status), shard_capped: !step.scaled };
         self.last = Some(d);
         out
     }

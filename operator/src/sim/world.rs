@@ -59,6 +59,8 @@ pub struct View {
     pub remaining_shards: u32,
     /// Pods bound to a GPU (starting or running).
     pub active: u32,
+    /// Pods past start-up, running a shard (the Job's Ready pods).
+    pub running: u32,
     /// Pods Pending for lack of capacity for at least one step.
     pub unschedulable: u32,
     /// Seconds the longest-starting bound pod has been starting, if any is.
@@ -281,6 +283,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                 steady_from = Some(t + 900.0);
             }
             let active = pods.iter().filter(|p| p.state != PodState::Pending).count() as u32;
+            let running = pods.iter().filter(|p| p.state == PodState::Running).count() as u32;
             let unschedulable = pods.iter().filter(|p| p.state == PodState::Pending && t - p.created >= STEP_SECS).count() as u32;
             let oldest = pods
                 .iter()
@@ -296,6 +299,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                 total_shards: shards_n,
                 remaining_shards: remaining,
                 active,
+                running,
                 unschedulable,
                 oldest_starting_secs: oldest,
                 parallelism,
