@@ -1,9 +1,9 @@
 //! Start-up over TLS: the kube client and object_store's S3 client are built against `https://`
 //! endpoints in one process (rustls must find exactly one crypto provider), and the
-//! `sluice-operator` and `sluice` binaries, pointed at TLS endpoints that are not a cluster or
-//! S3, exit with a connection error instead of panicking. (`sluice-worker` over HTTPS is
-//! covered by `worker/tests/runtime_s3.rs`; `sluice-bench` opens no connection; every binary
-//! installs the provider first thing in `main`.)
+//! `sluice-operator` binary, pointed at a TLS endpoint that is not a cluster, exits with a
+//! connection error instead of panicking. (`sluice` is covered by `cli/tests/tls_startup.rs`,
+//! `sluice-worker` over HTTPS by `worker/tests/runtime_s3.rs`; `sluice-bench` opens no
+//! connection; every binary installs the provider first thing in `main`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -88,21 +88,4 @@ fn operator_against_a_tls_endpoint_that_is_not_a_cluster_exits_cleanly() {
     assert!(!status.success(), "exit status {status:?}:\n{out}");
     assert!(status.code().is_some(), "killed by a signal (a panic abort?): {status:?}\n{out}");
     assert!(out.contains("batchinferencejobs.sluice.dev"), "the error should name the CRD it waited for:\n{out}");
-}
-
-#[test]
-fn sluice_cli_against_a_tls_endpoint_that_is_not_s3_fails_cleanly() {
-    let port = closing_listener();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["status", "s3://bucket/out"])
-        .env("AWS_ENDPOINT", format!("https://127.0.0.1:{port}"))
-        .env("AWS_ACCESS_KEY_ID", "k")
-        .env("AWS_SECRET_ACCESS_KEY", "s")
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("panicked"), "sluice panicked:\n{text}");
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("s3://bucket/out/_sluice/plan.json") && text.contains("127.0.0.1"), "{text}");
 }

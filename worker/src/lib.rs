@@ -1,4 +1,6 @@
-//! Sluice worker.
+//! `sluice-worker`: what runs in a worker pod. The inference engine (candle: model load,
+//! batching scheduler, CUDA kernels), the shard runtime (read a shard's lines, generate, commit
+//! results and progress exactly once), the plan/finalize steps and `sluice-bench`.
 pub mod app;
 pub mod cli;
 pub mod commit;

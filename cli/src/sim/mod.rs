@@ -1,4 +1,4 @@
-//! `sluice-sim`: a discrete-event simulator that drives the real SLA core ([`crate::sla`])
+//! `sluice-sim`: a discrete-event simulator that drives the real SLA core ([`sluice_operator::sla`])
 //! through declarative scenarios and compares it with static, reactive and oracle baselines.
 //! It owns the scenario catalogue, the simulated cluster, the baselines and the report; it
 //! never re-implements the scaler.
@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use sluice_api::job::SlaPolicy;
 
-use crate::sla::{SlaConfig, fmt_secs};
 use policy::{Reactive, Sluice, Static, spec_for};
 use scenario::Scenario;
+use sluice_operator::sla::{SlaConfig, fmt_secs};
 use world::RunResult;
 
 /// Simulator errors.

@@ -15,11 +15,11 @@ use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
 use super::{LocalError, LocalJob, RunOptions, committed_shards};
-use crate::context::JobCache;
-use crate::reconcile::read_progress;
-use crate::scaler::{Observed, Scaler, ScalerState};
-use crate::sla::{SlaConfig, SlaDecision};
-use crate::status::summarize;
+use sluice_operator::context::JobCache;
+use sluice_operator::reconcile::read_progress;
+use sluice_operator::scaler::{Observed, Scaler, ScalerState};
+use sluice_operator::sla::{SlaConfig, SlaDecision};
+use sluice_operator::status::summarize;
 
 /// How to start a worker process: a program and the arguments before the worker's own.
 #[derive(Clone, Debug)]
@@ -80,7 +80,7 @@ fn log_dir(opts: &RunOptions, local: &LocalJob) -> PathBuf {
 }
 
 fn worker_env(local: &LocalJob, opts: &RunOptions, threads: usize) -> Result<Vec<(String, String)>, LocalError> {
-    let mut vars: Vec<(String, String)> = crate::job_builder::worker_env(&local.job)?
+    let mut vars: Vec<(String, String)> = sluice_operator::job_builder::worker_env(&local.job)?
         .into_iter()
         .filter_map(|v| v.value.map(|value| (v.name, value)))
         .filter(|(k, _)| ![env::METRICS_ADDR, env::MODEL_CACHE_DIR, env::LOG_FORMAT, env::DEVICE].contains(&k.as_str()))

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sluice_operator::local::{self, LocalError, RunOptions, WorkerCommand};
+use sluice_cli::local::{self, LocalError, RunOptions, WorkerCommand};
 use sluice_operator::storage_io::{StoreOpener, UriOpener};
 
 #[derive(Parser)]

@@ -12,10 +12,10 @@ use sluice_api::plan::ShardPlan;
 
 use super::executor::ExecOutcome;
 use super::{LOCAL_RUN_RECORD, LocalError, LocalJob, LocalRunRecord, committed_shards};
-use crate::context::JobCache;
-use crate::reconcile::read_progress;
-use crate::storage_io::{self, Location};
 use sluice_api::jobio;
+use sluice_operator::context::JobCache;
+use sluice_operator::reconcile::read_progress;
+use sluice_operator::storage_io::{self, Location};
 
 /// The end-of-run summary.
 #[derive(Serialize, Debug, Clone)]
@@ -109,11 +109,12 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
     let now = Timestamp::now();
     let records = read_progress(&local.output, plan, &mut JobCache::default(), &outcome.completed).await?;
     let failed: BTreeSet<u32> = outcome.failed.keys().copied().collect();
-    let manifest = crate::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now)
-        .await
-        .map_err(crate::error::Error::from)?;
+    let manifest =
+        sluice_operator::reconcile::build_manifest(&local.name, &local.job.spec.input.uri, &local.output, plan, &records, &failed, now)
+            .await
+            .map_err(sluice_operator::error::Error::from)?;
     // A concurrent run that finished first keeps its manifest: report what it wrote.
-    let manifest = jobio::write_manifest_once(&local.output, manifest).await.map_err(crate::error::Error::from)?;
+    let manifest = jobio::write_manifest_once(&local.output, manifest).await.map_err(sluice_operator::error::Error::from)?;
     let wall = now.duration_since(started).as_secs_f64().max(1e-3);
     let deadline = outcome.deadline;
     Ok(RunSummary {

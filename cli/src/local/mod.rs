@@ -18,9 +18,9 @@ use sluice_api::output::OutputManifest;
 use sluice_api::plan::ShardPlan;
 use sluice_api::storage::CaBundle;
 
-use crate::error::Error as OperatorError;
-use crate::storage_io::{self, Location, StorageRefs, StoreOpener, UriOpener};
 use sluice_api::storage::PutOutcome;
+use sluice_operator::error::Error as OperatorError;
+use sluice_operator::storage_io::{self, Location, StorageRefs, StoreOpener, UriOpener};
 
 pub use executor::WorkerCommand;
 pub use report::{RunSummary, print_status};
@@ -160,7 +160,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, LocalError> {
         Err(object_store::Error::NotFound { .. }) => return Err(LocalError::Input(format!("{} does not exist", local.input.uri))),
         Err(e) => return Err(LocalError::Input(format!("cannot read {}: {e}", local.input.uri))),
     }
-    let plan = crate::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
+    let plan = sluice_operator::planner::load_or_create(&local.job.spec, &local.input, &local.output).await?.plan;
     let record_loc = local.output.child(LOCAL_RUN_RECORD);
     let created_at = match storage_io::put_json_create(&record_loc, &LocalRunRecord { created_at: started }, "local run record").await? {
         PutOutcome::Created => started,

@@ -1,11 +1,11 @@
 //! `sluice-sim`: run the SLA simulator's scenarios against Sluice's real scaler and the
 //! baselines, and print a Markdown table or JSON lines. Argument parsing and printing only;
-//! the simulator lives in `sluice_operator::sim`.
+//! the simulator lives in `sluice_cli::sim`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice_operator::sim::{self, Summary, Tuning};
+use sluice_cli::sim::{self, Summary, Tuning};
 
 /// Simulate BatchInferenceJobs under Sluice's scaler and baselines.
 #[derive(Parser, Debug)]

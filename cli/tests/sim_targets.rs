@@ -3,7 +3,7 @@
 //! oracle, infeasible jobs flagged early, no flapping. Fast in a debug build.
 #![allow(clippy::expect_used)]
 
-use sluice_operator::sim::{self, Summary, scenario};
+use sluice_cli::sim::{self, Summary, scenario};
 
 fn reduced() -> Vec<sim::ScenarioReport> {
     let names: Vec<String> = scenario::REDUCED.iter().map(|s| s.to_string()).collect();

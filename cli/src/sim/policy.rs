@@ -1,4 +1,4 @@
-//! The controllers `sluice-sim` compares: Sluice (the very [`crate::scaler::Scaler`] the
+//! The controllers `sluice-sim` compares: Sluice (the very [`sluice_operator::scaler::Scaler`] the
 //! reconciler steps, fed as the reconciler feeds it), static concurrency, a reactive queue-length scaler (HPA/KEDA
 //! style) and the oracle's fixed count. Each only maps a [`View`] to a parallelism.
 
@@ -7,8 +7,8 @@ use sluice_api::BatchInferenceJobSpec;
 
 use super::scenario::Scenario;
 use super::world::{Controller, Decision, SCHED_DELAY_SECS, View};
-use crate::scaler::{Observed, Scaler, ScalerState};
-use crate::sla::{self, SlaConfig, SlaDecision, ThroughputEstimator};
+use sluice_operator::scaler::{Observed, Scaler, ScalerState};
+use sluice_operator::sla::{self, SlaConfig, SlaDecision, ThroughputEstimator};
 
 /// The spec a user would write for this scenario (what the scaler's configuration comes from).
 pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Error> {
