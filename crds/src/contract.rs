@@ -60,6 +60,29 @@ pub mod env {
     pub const FAILED_SHARDS: &str = "SLUICE_FAILED_SHARDS";
     /// The input URI as the job's spec names it, recorded in the manifest by `finalize`.
     pub const SPEC_INPUT_URI: &str = "SLUICE_SPEC_INPUT_URI";
+
+    // Tuning a worker reads with its defaults; the operator does not set them.
+
+    /// Retries of a failing storage request (default 6).
+    pub const STORAGE_MAX_RETRIES: &str = "SLUICE_STORAGE_MAX_RETRIES";
+    /// Lines per output chunk (default 64).
+    pub const CHUNK_LINES: &str = "SLUICE_CHUNK_LINES";
+    /// Commit finished lines at least this often, in seconds (default 10).
+    pub const CHUNK_SECONDS: &str = "SLUICE_CHUNK_SECONDS";
+    /// Progress record interval, in seconds (default 10).
+    pub const PROGRESS_SECONDS: &str = "SLUICE_PROGRESS_SECONDS";
+    /// Seconds from SIGTERM to exit (default 25).
+    pub const GRACE_SECONDS: &str = "SLUICE_GRACE_SECONDS";
+    /// Longest input line in bytes.
+    pub const MAX_LINE_BYTES: &str = "SLUICE_MAX_LINE_BYTES";
+    /// KV cache size on CPU, in MiB.
+    pub const KV_CACHE_MB: &str = "SLUICE_KV_CACHE_MB";
+    /// Fault injection for tests (hidden).
+    pub const INJECT_FAULTS: &str = "SLUICE_INJECT_FAULTS";
+    /// The pod's host name: the default attempt name when [`ATTEMPT`] is unset.
+    pub const HOSTNAME: &str = "HOSTNAME";
+    /// Local mode: the worker program `sluice run` starts instead of `sluice worker`.
+    pub const WORKER_BIN: &str = "SLUICE_WORKER_BIN";
 }
 
 /// Worker exit codes. The operator's pod failure policy fails an index at once on

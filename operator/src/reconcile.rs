@@ -627,6 +627,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         done_requests,
         per_worker_rate: summary.estimator.estimate(),
         startup_secs: summary.estimator.startup_secs(),
+        oldest_starting_secs: status::oldest_starting_secs(&pods, decided_at),
         active_workers: u32::try_from(view.active.max(0)).unwrap_or(0),
         // The Job controller deletes pods above the parallelism, Ready ones included.
         running_protected: u32::try_from(view.ready.max(0)).unwrap_or(0),

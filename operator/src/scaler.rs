@@ -35,8 +35,11 @@ pub struct Observed {
     pub done_requests: u64,
     /// Per-worker throughput; `None` before any progress.
     pub per_worker_rate: Option<RateEstimate>,
-    /// Measured (or, in the simulator, lower-bounded) pod start-up seconds.
+    /// Measured pod start-up seconds (creation to first request admitted).
     pub startup_secs: Option<f64>,
+    /// How long the longest-starting worker (bound, not ready) has been starting: before any
+    /// start-up is measured, a lower bound once it exceeds the prior.
+    pub oldest_starting_secs: Option<f64>,
     /// Workers running a shard or starting.
     pub active_workers: u32,
     /// Workers that lowering the parallelism would stop in the middle of a shard: the Job's
@@ -98,7 +101,9 @@ impl Scaler {
             total_requests: obs.total_requests,
             done_requests: obs.done_requests.min(obs.total_requests),
             per_worker_rate: obs.per_worker_rate,
-            startup_secs: obs.startup_secs,
+            startup_secs: obs
+                .startup_secs
+                .or_else(|| obs.oldest_starting_secs.filter(|&s| s.is_finite() && s > self.cfg.prior_startup_secs)),
             active_workers: obs.active_workers,
             current_desired: state.parallelism,
             total_shards: obs.total_shards,
@@ -149,6 +154,7 @@ mod tests {
             done_requests: 0,
             per_worker_rate: None,
             startup_secs: None,
+            oldest_starting_secs: None,
             active_workers: 0,
             running_protected: 0,
             unschedulable_workers: 0,

@@ -237,6 +237,26 @@ pub fn unschedulable_pods(pods: &[Pod]) -> u32 {
         .count() as u32
 }
 
+/// Seconds the longest-starting pod (bound to a node, not Ready, not finished) has been
+/// starting, from its `PodScheduled` transition; `None` when no pod is starting.
+pub fn oldest_starting_secs(pods: &[Pod], now: Timestamp) -> Option<f64> {
+    pods.iter()
+        .filter_map(|p| {
+            let s = p.status.as_ref()?;
+            if !matches!(s.phase.as_deref(), Some("Pending" | "Running")) {
+                return None;
+            }
+            let conditions = s.conditions.as_deref().unwrap_or_default();
+            let is_true = |t: &str| conditions.iter().find(|c| c.type_ == t).filter(|c| c.status == "True");
+            if is_true("Ready").is_some() {
+                return None;
+            }
+            let bound = is_true("PodScheduled")?.last_transition_time.as_ref()?.0;
+            Some(secs(now, bound).max(0.0))
+        })
+        .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
+}
+
 /// `12.5/s`, `0.31/s`, `1.2k/s`.
 pub fn rate_display(rps: f64) -> String {
     if rps >= 1000.0 {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::cli::{Args, LogFormat, MetricsAddr, Step};
-use crate::engine::{EngineConfig, EngineError, EngineHandle};
+use crate::engine::{EngineConfig, EngineError, EngineHandle, EngineSwitches};
 use crate::metrics::{self, WorkerMetrics};
 use crate::model_fetch;
 use crate::report::ReportClient;
@@ -116,6 +116,7 @@ async fn run(args: Args) -> i32 {
             max_num_seqs: args.max_batch_size.max(1),
             max_model_len: args.max_model_len,
             kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),
+            switches: EngineSwitches::from_env(),
             ..EngineConfig::default()
         };
         let started = std::time::Instant::now();

@@ -94,7 +94,7 @@ pub struct Args {
     #[arg(long, env = env::STORAGE_CA_FILE)]
     pub storage_ca_file: Option<PathBuf>,
     /// Retries of a failing storage request.
-    #[arg(long, env = "SLUICE_STORAGE_MAX_RETRIES", default_value_t = 6)]
+    #[arg(long, env = env::STORAGE_MAX_RETRIES, default_value_t = 6)]
     pub storage_max_retries: usize,
     /// `/metrics` and `/healthz` address, or `none`.
     #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:9090", value_parser = parse_metrics_addr)]
@@ -112,22 +112,22 @@ pub struct Args {
     #[arg(long, env = env::DEVICE, value_parser = parse_device)]
     pub device: Option<DeviceKind>,
     /// Lines per output chunk (chunk boundaries are fixed multiples of it).
-    #[arg(long, env = "SLUICE_CHUNK_LINES", default_value_t = 64)]
+    #[arg(long, env = env::CHUNK_LINES, default_value_t = 64)]
     pub chunk_lines: u64,
     /// Commit finished lines at least this often, in seconds.
-    #[arg(long, env = "SLUICE_CHUNK_SECONDS", default_value_t = 10.0)]
+    #[arg(long, env = env::CHUNK_SECONDS, default_value_t = 10.0)]
     pub chunk_seconds: f64,
     /// Progress record interval, in seconds.
-    #[arg(long, env = "SLUICE_PROGRESS_SECONDS", default_value_t = 10.0)]
+    #[arg(long, env = env::PROGRESS_SECONDS, default_value_t = 10.0)]
     pub progress_seconds: f64,
     /// Seconds from SIGTERM to exit (keep below the pod's terminationGracePeriodSeconds).
-    #[arg(long, env = "SLUICE_GRACE_SECONDS", default_value_t = 25.0)]
+    #[arg(long, env = env::GRACE_SECONDS, default_value_t = 25.0)]
     pub grace_seconds: f64,
     /// Longest input line, in bytes.
-    #[arg(long, env = "SLUICE_MAX_LINE_BYTES", default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    #[arg(long, env = env::MAX_LINE_BYTES, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
     /// KV cache size on CPU, in MiB [default: the engine's].
-    #[arg(long, env = "SLUICE_KV_CACHE_MB")]
+    #[arg(long, env = env::KV_CACHE_MB)]
     pub kv_cache_mb: Option<u64>,
     /// Where to POST reports to the operator (plan, progress, manifest) [default: none].
     #[arg(long, env = env::REPORT_URL)]
@@ -148,7 +148,7 @@ pub struct Args {
     #[arg(long, env = env::SPEC_INPUT_URI)]
     pub spec_input_uri: Option<String>,
     /// Fault injection for tests: `error_rate=0.2,delay_rate=0.1,delay_ms=20,seed=1,permanent=false`.
-    #[arg(long, env = "SLUICE_INJECT_FAULTS", hide = true)]
+    #[arg(long, env = env::INJECT_FAULTS, hide = true)]
     pub inject_faults: Option<FaultConfig>,
 }
 
@@ -235,7 +235,7 @@ impl Args {
             attempt: self
                 .attempt
                 .clone()
-                .or_else(|| std::env::var("HOSTNAME").ok())
+                .or_else(|| std::env::var(env::HOSTNAME).ok())
                 .unwrap_or_else(|| format!("pid-{}", std::process::id())),
             sampling: self.sampling.clone(),
             max_in_flight: self.max_batch_size.max(1) * 2,

@@ -94,6 +94,7 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
             block_size,
             scale,
             tensor_cores,
+            false,
             prefill,
         )
         .unwrap()

@@ -33,7 +33,7 @@ impl WorkerCommand {
     /// `cargo run --bin sluice` needs nothing else and versions cannot skew), or the program
     /// named by `SLUICE_WORKER_BIN` (e.g. a separately installed `sluice-worker`).
     pub fn discover() -> Result<Self, LocalError> {
-        if let Some(bin) = std::env::var_os("SLUICE_WORKER_BIN").filter(|b| !b.is_empty()) {
+        if let Some(bin) = std::env::var_os(env::WORKER_BIN).filter(|b| !b.is_empty()) {
             return Ok(Self { program: PathBuf::from(bin), args: vec![] });
         }
         let me = std::env::current_exe().map_err(|e| LocalError::Other(format!("cannot locate the sluice binary: {e}")))?;
@@ -245,6 +245,9 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 done_requests: done,
                 per_worker_rate: summary.estimator.estimate(),
                 startup_secs: summary.estimator.startup_secs(),
+                // A worker here is a process: its start-up is the model load, measured by the
+                // first record; no scheduler to wait for.
+                oldest_starting_secs: None,
                 active_workers: running.len() as u32,
                 // A lower count only stops new starts here: running workers always finish.
                 running_protected: 0,

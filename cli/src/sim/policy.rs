@@ -2,13 +2,17 @@
 //! reconciler steps, fed as the reconciler feeds it), static concurrency, a reactive queue-length scaler (HPA/KEDA
 //! style) and the oracle's fixed count. Each only maps a [`View`] to a parallelism.
 
+use std::collections::BTreeMap;
+
 use jiff::{SignedDuration, Timestamp};
 use sluice_api::BatchInferenceJobSpec;
+use sluice_api::progress::ShardProgress;
 
 use super::scenario::Scenario;
-use super::world::{Controller, Decision, SCHED_DELAY_SECS, View};
+use super::world::{Controller, Decision, View};
 use sluice_operator::scaler::{Observed, Scaler, ScalerState};
-use sluice_operator::sla::{self, SlaConfig, SlaDecision, ThroughputEstimator};
+use sluice_operator::sla::{self, SlaConfig, SlaDecision};
+use sluice_operator::status;
 
 /// The spec a user would write for this scenario (what the scaler's configuration comes from).
 pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Error> {
@@ -22,14 +26,15 @@ pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Erro
     }))
 }
 
-/// Sluice's own scaler, fed as the reconciler feeds it: one estimator observation per new
-/// progress interval, start-up from each attempt's first record (plus the scheduler delay the
-/// record cannot see), and, before any start-up is measured, the age of the longest-starting
-/// pod once it exceeds the prior.
+/// Sluice's own scaler, fed as the reconciler feeds it: the latest visible progress record of
+/// each shard (in the workers' own format) and the pods' creation times go through the
+/// reconciler's [`status::summarize`], and its throughput estimate, start-up time and counts,
+/// with the age of the longest-starting pod, through the one [`Scaler`].
 #[derive(Clone, Debug)]
 pub struct Sluice {
     scaler: Scaler,
-    est: ThroughputEstimator,
+    progress: BTreeMap<u32, ShardProgress>,
+    pod_created: BTreeMap<String, Timestamp>,
     epoch: Timestamp,
     state: ScalerState,
     /// The last decision (for tests and debugging).
@@ -43,7 +48,8 @@ impl Sluice {
     pub fn new(cfg: SlaConfig) -> Self {
         Self {
             scaler: Scaler::new(cfg),
-            est: ThroughputEstimator::new(),
+            progress: BTreeMap::new(),
+            pod_created: BTreeMap::new(),
             epoch: Timestamp::UNIX_EPOCH,
             state: ScalerState::default(),
             last: None,
@@ -64,23 +70,37 @@ impl Sluice {
 impl Controller for Sluice {
     fn sync(&mut self, v: &View) -> Decision {
         for r in &v.records {
-            if let Some(s) = r.startup_secs {
-                self.est.observe_startup(s + SCHED_DELAY_SECS);
-            }
-            if let Some((rps, secs)) = r.interval {
-                self.est.observe(rps, secs);
-            }
+            let attempt = format!("pod-{}", r.pod);
+            self.pod_created.insert(attempt.clone(), self.at(r.pod_created));
+            let record = ShardProgress {
+                shard: r.shard,
+                attempt,
+                lines_total: r.lines_total,
+                lines_done: r.lines_done,
+                succeeded: r.lines_done,
+                failed: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                started_at: self.at(r.started),
+                updated_at: self.at(r.written),
+                ready_at: Some(self.at(r.ready_at)),
+                requests_per_second: r.requests_per_second,
+                output_tokens_per_second: 0.0,
+                complete: r.complete,
+            };
+            self.progress.insert(r.shard, record);
         }
-        let prior_startup = self.scaler.config().prior_startup_secs;
-        let startup = self.est.startup_secs().or_else(|| v.oldest_starting_secs.filter(|&e| e > prior_startup));
+        let now = self.at(v.finished_at.unwrap_or(v.now));
+        let summary = status::summarize(&self.progress, &self.pod_created, now);
         let observed = Observed {
-            now: self.at(v.finished_at.unwrap_or(v.now)),
+            now,
             window_start: self.at(0.0),
             deadline: self.at(v.deadline),
             total_requests: v.total_requests,
             done_requests: v.done_requests,
-            per_worker_rate: self.est.estimate(),
-            startup_secs: startup,
+            per_worker_rate: summary.estimator.estimate(),
+            startup_secs: summary.estimator.startup_secs(),
+            oldest_starting_secs: v.oldest_starting_secs,
             active_workers: v.active,
             running_protected: v.running,
             unschedulable_workers: v.unschedulable,

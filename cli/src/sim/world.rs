@@ -38,6 +38,18 @@ pub struct Record {
     pub interval: Option<(f64, f64)>,
     /// On the attempt's first record: seconds from the pod's binding to ready (start-up).
     pub startup_secs: Option<f64>,
+    /// Lines in the shard.
+    pub lines_total: u64,
+    /// When the pod was created (the reconciler reads it from the pod).
+    pub pod_created: f64,
+    /// When the pod was bound to a node (the attempt's start).
+    pub started: f64,
+    /// When the attempt became ready (model loaded, first request admitted).
+    pub ready_at: f64,
+    /// Requests per second of this attempt since it became ready, as the worker reports it.
+    pub requests_per_second: f64,
+    /// The shard's final record: every line committed.
+    pub complete: bool,
 }
 
 /// What a controller sees at a sync: the reconciler's inputs.
@@ -166,6 +178,8 @@ struct Pod {
     processed: f64,
     /// Committed lines at the last record.
     last_record_lines: u64,
+    /// Committed lines of the shard when this attempt started (its own work is the rest).
+    lines_at_ready: u64,
     last_record_time: f64,
     /// Pod lifetime (since binding) at which it is preempted.
     preempt_after: f64,
@@ -382,6 +396,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                 ready_at: 0.0,
                 processed: s.committed as f64,
                 last_record_lines: s.committed,
+                lines_at_ready: s.committed,
                 last_record_time: 0.0,
                 preempt_after,
                 fail_at,
@@ -449,6 +464,12 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                         lines_done: p.last_record_lines,
                         interval: None,
                         startup_secs: Some(p.ready_at - p.bound),
+                        lines_total: sh.lines,
+                        pod_created: p.created,
+                        started: p.bound,
+                        ready_at: p.ready_at,
+                        requests_per_second: 0.0,
+                        complete: false,
                     });
                 }
             } else if p.state == PodState::Starting && kill_at < t1 {
@@ -483,6 +504,7 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                     // Progress record at the step's end: committed = whole requests done.
                     let committed = p.processed.floor() as u64;
                     let dt = t1 - p.last_record_time;
+                    let since_ready = t1 - p.ready_at;
                     records.push_back(Record {
                         written: t1,
                         shard: p.shard,
@@ -490,6 +512,16 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
                         lines_done: committed,
                         interval: (dt > 0.0).then(|| ((committed.saturating_sub(p.last_record_lines)) as f64 / dt, dt)),
                         startup_secs: None,
+                        lines_total: sh.lines,
+                        pod_created: p.created,
+                        started: p.bound,
+                        ready_at: p.ready_at,
+                        requests_per_second: if since_ready > 0.0 {
+                            committed.saturating_sub(p.lines_at_ready) as f64 / since_ready
+                        } else {
+                            0.0
+                        },
+                        complete: false,
                     });
                     p.last_record_lines = committed;
                     p.last_record_time = t1;
@@ -518,6 +550,27 @@ pub fn run(sc: &Scenario, ctl: &mut dyn Controller) -> RunResult {
             s.assigned = false;
             match why {
                 End::Complete => {
+                    // The worker's final record (visible after the read lag, like the others);
+                    // the Job's completedIndexes has the shard at once.
+                    let since_ready = at - p.ready_at;
+                    records.push_back(Record {
+                        written: at,
+                        shard: p.shard,
+                        pod: p.id,
+                        lines_done: s.lines,
+                        interval: None,
+                        startup_secs: None,
+                        lines_total: s.lines,
+                        pod_created: p.created,
+                        started: p.bound,
+                        ready_at: p.ready_at,
+                        requests_per_second: if since_ready > 0.0 {
+                            s.lines.saturating_sub(p.lines_at_ready) as f64 / since_ready
+                        } else {
+                            0.0
+                        },
+                        complete: true,
+                    });
                     s.complete = true;
                     s.committed = s.lines;
                     done_visible += s.lines.saturating_sub(s.visible_done);

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use sluice_worker::engine::{ArchConfig, DeviceKind, EngineConfig, GenerationRequest, LlmEngine, Prompt, SamplingParams};
+use sluice_worker::engine::{ArchConfig, DeviceKind, EngineConfig, EngineSwitches, GenerationRequest, LlmEngine, Prompt, SamplingParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -171,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         kv_cache_bytes: args.kv_cache_bytes,
         max_model_len: args.max_model_len,
         overlap_steps: true,
+        switches: EngineSwitches::from_env(),
     };
     let mut engine = match &args.model_dir {
         Some(dir) => LlmEngine::load(&cfg).with_context(|| format!("loading {}", dir.display()))?,

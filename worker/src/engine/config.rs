@@ -247,3 +247,117 @@ impl ArchConfig {
         inv
     }
 }
+
+/// Engine switches for experiments and debugging, all on their production default unless the
+/// environment says otherwise. [`EngineSwitches::from_env`] is the one place the engine reads
+/// the environment; the worker and `sluice-bench` call it once and pass the result in
+/// `EngineConfig::switches`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineSwitches {
+    /// Per-kernel timing table (`SLUICE_PROFILE=1`); also turns off overlapped steps.
+    pub profile: bool,
+    /// The paged-attention kernel on CUDA (`SLUICE_PAGED_ATTENTION=0` falls back to dense).
+    pub paged_attention: bool,
+    /// Tensor-core attention where the head size allows (`SLUICE_ATTN_MMA=0` turns it off).
+    pub attn_tensor_cores: bool,
+    /// Chunked tensor-core prefill attention (`SLUICE_ATTN_PREFILL=off` turns it off).
+    pub attn_prefill_chunks: bool,
+    /// Double-buffered head_dim-64 tensor-core kernel (`SLUICE_ATTN_PIPELINE=1`; off by default:
+    /// 4 % slower on an H200, docs/BENCHMARKS.md attempt 13).
+    pub attn_pipelined: bool,
+    /// Greedy argmax on the GPU (`SLUICE_DEVICE_ARGMAX=0` copies logits to the host).
+    pub device_argmax: bool,
+    /// Overlap a greedy step with scheduling the next (`SLUICE_ASYNC_STEPS=0` turns it off).
+    pub async_steps: bool,
+    /// cudarc's per-allocation event tracking (`SLUICE_CUDA_EVENT_TRACKING=1` keeps it on).
+    pub cuda_event_tracking: bool,
+}
+
+impl Default for EngineSwitches {
+    fn default() -> Self {
+        Self {
+            profile: false,
+            paged_attention: true,
+            attn_tensor_cores: true,
+            attn_prefill_chunks: true,
+            attn_pipelined: false,
+            device_argmax: true,
+            async_steps: true,
+            cuda_event_tracking: false,
+        }
+    }
+}
+
+impl EngineSwitches {
+    /// The environment variables the switches read.
+    pub const VARIABLES: [&'static str; 8] = [
+        "SLUICE_PROFILE",
+        "SLUICE_PAGED_ATTENTION",
+        "SLUICE_ATTN_MMA",
+        "SLUICE_ATTN_PREFILL",
+        "SLUICE_ATTN_PIPELINE",
+        "SLUICE_DEVICE_ARGMAX",
+        "SLUICE_ASYNC_STEPS",
+        "SLUICE_CUDA_EVENT_TRACKING",
+    ];
+
+    /// The switches from the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The switches from any variable lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+        let [profile, paged, mma, prefill, pipeline, argmax, steps, events] = Self::VARIABLES;
+        let is = |name: &str, value: &str| get(name).as_deref() == Some(value);
+        let d = Self::default();
+        Self {
+            profile: is(profile, "1"),
+            paged_attention: d.paged_attention && !is(paged, "0"),
+            attn_tensor_cores: d.attn_tensor_cores && !is(mma, "0"),
+            attn_prefill_chunks: d.attn_prefill_chunks && !is(prefill, "off"),
+            attn_pipelined: is(pipeline, "1"),
+            device_argmax: d.device_argmax && !is(argmax, "0"),
+            async_steps: d.async_steps && !is(steps, "0"),
+            cuda_event_tracking: is(events, "1"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::EngineSwitches;
+    use std::collections::HashMap;
+
+    #[test]
+    fn switches_default_on_the_production_path_and_read_each_variable() {
+        assert_eq!(EngineSwitches::from_lookup(|_| None), EngineSwitches::default());
+        let env: HashMap<&str, &str> = [
+            ("SLUICE_PROFILE", "1"),
+            ("SLUICE_PAGED_ATTENTION", "0"),
+            ("SLUICE_ATTN_MMA", "0"),
+            ("SLUICE_ATTN_PREFILL", "off"),
+            ("SLUICE_ATTN_PIPELINE", "1"),
+            ("SLUICE_DEVICE_ARGMAX", "0"),
+            ("SLUICE_ASYNC_STEPS", "0"),
+            ("SLUICE_CUDA_EVENT_TRACKING", "1"),
+        ]
+        .into_iter()
+        .collect();
+        let s = EngineSwitches::from_lookup(|k| env.get(k).map(|v| (*v).to_string()));
+        let flipped = EngineSwitches {
+            profile: true,
+            paged_attention: false,
+            attn_tensor_cores: false,
+            attn_prefill_chunks: false,
+            attn_pipelined: true,
+            device_argmax: false,
+            async_steps: false,
+            cuda_event_tracking: true,
+        };
+        assert_eq!(s, flipped);
+        // Values other than the documented ones leave the default.
+        let odd = EngineSwitches::from_lookup(|k| (k == "SLUICE_PAGED_ATTENTION").then(|| "no".to_string()));
+        assert!(odd.paged_attention);
+    }
+}

@@ -57,6 +57,7 @@ pub fn paged_attention(
     block_size: usize,
     scale: f32,
     tensor_cores: bool,
+    pipelined: bool,
     prefill: Option<Prefill<'_>>,
 ) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
@@ -74,12 +75,13 @@ pub fn paged_attention(
             max_blocks,
             scale,
             tensor_cores,
+            pipelined,
         };
         Ok(q.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores, prefill);
+        let _ = (q, k_cache, v_cache, tables, table_rows, ctx_lens, num_kv_heads, block_size, scale, tensor_cores, pipelined, prefill);
         Err(EngineError::Config("the paged attention kernel needs the `cuda` feature".into()))
     }
 }
@@ -307,14 +309,11 @@ mod imp {
         pub max_blocks: usize,
         pub scale: f32,
         pub tensor_cores: bool,
-    }
-
-    /// Whether the head_dim-64 tensor-core kernel double-buffers its tiles (`SLUICE_ATTN_PIPELINE=1`;
-    /// off by default: on an H200 it ran 4 % slower than the single-buffered kernel, which keeps
-    /// twice the warps resident — docs/BENCHMARKS.md, attempt 13).
-    fn pipelined() -> bool {
-        static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *PIPELINED.get_or_init(|| std::env::var("SLUICE_ATTN_PIPELINE").as_deref() == Ok("1"))
+        /// The head_dim-64 tensor-core kernel double-buffers its tiles
+        /// (`EngineSwitches::attn_pipelined`; off by default: on an H200 it ran 4 % slower than
+        /// the single-buffered kernel, which keeps twice the warps resident — docs/BENCHMARKS.md,
+        /// attempt 13).
+        pub pipelined: bool,
     }
 
     /// The contiguous device view of a tensor's storage.
@@ -385,7 +384,7 @@ mod imp {
                 bail!("paged-attention: prefill items start at token {first} of {n}");
             }
             let entry = match (hd, self.tensor_cores) {
-                (64, true) if pipelined() => "paged_attention_mma_pipe_bf16_hd64",
+                (64, true) if self.pipelined => "paged_attention_mma_pipe_bf16_hd64",
                 (64, true) => "paged_attention_mma_bf16_hd64",
                 (128, true) => "paged_attention_mma_bf16_hd128",
                 (16, _) => "paged_attention_bf16_hd16",

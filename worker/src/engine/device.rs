@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 
-use super::config::ArchConfig;
+use super::config::{ArchConfig, EngineSwitches};
 use super::error::EngineError;
 use super::llm_engine::EngineConfig;
 
@@ -28,7 +28,7 @@ fn activation_reserve(arch: &ArchConfig, max_batched_tokens: usize, dtype: DType
     base + (per_token * max_batched_tokens * dtype.size_in_bytes().max(2) / 2 + logits) as u64
 }
 
-pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
+pub fn make_device(kind: DeviceKind, switches: &EngineSwitches) -> Result<Device, EngineError> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda(i) => {
@@ -36,7 +36,7 @@ pub fn make_device(kind: DeviceKind) -> Result<Device, EngineError> {
                 return Err(EngineError::Config("CUDA requested but sluice-worker was built without the `cuda` feature".into()));
             }
             let device = Device::new_cuda_with_stream(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))?;
-            if std::env::var("SLUICE_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
+            if !switches.cuda_event_tracking {
                 disable_event_tracking(&device);
             }
             Ok(device)

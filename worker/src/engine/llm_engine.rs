@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::config::ArchConfig;
+use super::config::{ArchConfig, EngineSwitches};
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
 use super::kv_cache::{KvCache, blocks_for};
@@ -42,8 +42,10 @@ pub struct EngineConfig {
     /// Cap on prompt + completion length (default: the model's `max_position_embeddings`).
     pub max_model_len: Option<usize>,
     /// Let a greedy step stay in flight while the next one is scheduled and enqueued (default
-    /// true; the environment variable `SLUICE_ASYNC_STEPS=0` and `SLUICE_PROFILE=1` turn it off).
+    /// true; `switches.async_steps = false` and profiling turn it off).
     pub overlap_steps: bool,
+    /// Kernel and debugging switches (the binaries fill them from the environment).
+    pub switches: EngineSwitches,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: None,
             max_model_len: None,
             overlap_steps: true,
+            switches: EngineSwitches::default(),
         }
     }
 }
@@ -180,7 +183,7 @@ impl LlmEngine {
         let json = read_config(dir)?;
         let arch = ArchConfig::from_json(&json, &dir.join("config.json"), &name)?;
         let codec = TextCodec::load(dir, &arch.eos_token_ids)?;
-        let device = device::make_device(cfg.device)?;
+        let device = device::make_device(cfg.device, &cfg.switches)?;
         let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
         let weights = super::weights::Weights::load(dir, &device, dtype)?;
         Self::build(arch, &weights, codec, device, cfg)
@@ -189,7 +192,7 @@ impl LlmEngine {
     /// A model of `arch`'s shape with random weights (benchmarks). Without a tokenizer only
     /// `Prompt::Tokens` works and outputs have empty text.
     pub fn random(arch: ArchConfig, tokenizer: Option<Tokenizer>, cfg: &EngineConfig) -> Result<Self, EngineError> {
-        let device = device::make_device(cfg.device)?;
+        let device = device::make_device(cfg.device, &cfg.switches)?;
         let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
         let weights = super::weights::Weights::Random { std: 0.02, dtype, device: device.clone() };
         let codec = TextCodec::from_tokenizer(tokenizer, arch.eos_token_ids.clone());
@@ -208,7 +211,7 @@ impl LlmEngine {
         }
         let mut max_model_len = cfg.max_model_len.unwrap_or(arch.max_position_embeddings).min(arch.max_position_embeddings);
         let dtype: DType = weights.dtype();
-        let model = Model::new(&arch, weights, &device, max_model_len)?;
+        let model = Model::new(&arch, weights, &device, max_model_len, &cfg.switches)?;
         let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
         let num_blocks = device::kv_blocks(&arch, dtype, &device, cfg, useful)?;
         // One sequence must always fit alone, or preemption could not make progress.
@@ -238,7 +241,7 @@ impl LlmEngine {
             codec,
             max_model_len,
             arrivals: 0,
-            overlap_steps: cfg.overlap_steps && std::env::var("SLUICE_ASYNC_STEPS").as_deref() != Ok("0") && !model.profiling(),
+            overlap_steps: cfg.overlap_steps && cfg.switches.async_steps && !model.profiling(),
             model,
             ids_in_flight: HashSet::new(),
             pending: Vec::new(),

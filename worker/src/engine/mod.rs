@@ -19,7 +19,7 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Arch, ArchConfig, Llama3RopeScaling};
+pub use config::{Arch, ArchConfig, EngineSwitches, Llama3RopeScaling};
 pub use device::DeviceKind;
 pub use error::{EngineError, RequestError};
 pub use handle::{EngineHandle, ModelInfo};

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::config::ArchConfig;
+use super::config::{ArchConfig, EngineSwitches};
 use super::error::EngineError;
 use super::kv_cache::KvCache;
 use super::profile::Profiler;
@@ -173,6 +173,8 @@ pub struct Model {
     /// Steps with prefill chunks run their positions through the chunked prefill kernel
     /// (tensor cores; `SLUICE_ATTN_PREFILL=off`: one position per block).
     attn_prefill_chunks: bool,
+    /// The double-buffered head_dim-64 tensor-core kernel (`EngineSwitches::attn_pipelined`).
+    attn_pipelined: bool,
     /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
@@ -200,7 +202,13 @@ fn stacked(parts: &[Linear]) -> Result<Linear, EngineError> {
 
 impl Model {
     /// Builds the model from `weights`, with RoPE tables for positions `< max_len`.
-    pub fn new(cfg: &ArchConfig, weights: &Weights, device: &Device, max_len: usize) -> Result<Self, EngineError> {
+    pub fn new(
+        cfg: &ArchConfig,
+        weights: &Weights,
+        device: &Device,
+        max_len: usize,
+        switches: &EngineSwitches,
+    ) -> Result<Self, EngineError> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let embed = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -254,9 +262,8 @@ impl Model {
         let sin = Tensor::from_vec(sin, (max_len, half), device)?;
         let paged_attention = device.is_cuda()
             && super::cuda_ops::paged_attention_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weights.dtype())
-            && std::env::var("SLUICE_PAGED_ATTENTION").as_deref() != Ok("0");
-        let attn_tensor_cores =
-            super::cuda_ops::tensor_core_attention_supported(cfg.head_dim) && std::env::var("SLUICE_ATTN_MMA").as_deref() != Ok("0");
+            && switches.paged_attention;
+        let attn_tensor_cores = super::cuda_ops::tensor_core_attention_supported(cfg.head_dim) && switches.attn_tensor_cores;
         tracing::debug!(paged_attention, attn_tensor_cores, "attention path");
         Ok(Self {
             cfg: cfg.clone(),
@@ -271,10 +278,11 @@ impl Model {
             max_len,
             paged_attention,
             attn_tensor_cores,
-            attn_prefill_chunks: attn_tensor_cores && std::env::var("SLUICE_ATTN_PREFILL").as_deref() != Ok("off"),
-            device_argmax: device.is_cuda() && std::env::var("SLUICE_DEVICE_ARGMAX").as_deref() != Ok("0"),
+            attn_prefill_chunks: attn_tensor_cores && switches.attn_prefill_chunks,
+            attn_pipelined: attn_tensor_cores && switches.attn_pipelined,
+            device_argmax: device.is_cuda() && switches.device_argmax,
             readback: super::cuda_ops::ReadbackPool::default(),
-            profiler: std::sync::Mutex::new(Profiler::from_env(device)),
+            profiler: std::sync::Mutex::new(Profiler::new(device, switches.profile)),
         })
     }
 
@@ -702,6 +710,7 @@ impl Model {
                 cache.block_size(),
                 scale as f32,
                 self.attn_tensor_cores,
+                self.attn_pipelined,
                 prefill.as_ref().map(|p| super::cuda_ops::Prefill { items: &p.items, first: p.first }),
             )?;
             self.prof(|p| p.gpu("attn_paged"));

@@ -28,9 +28,8 @@ pub struct Profiler {
 }
 
 impl Profiler {
-    /// Enabled when `SLUICE_PROFILE=1`.
-    pub fn from_env(device: &Device) -> Self {
-        let enabled = std::env::var("SLUICE_PROFILE").as_deref() == Ok("1");
+    /// A profiler, timing only when `enabled` (`EngineSwitches::profile`).
+    pub fn new(device: &Device, enabled: bool) -> Self {
         let _ = device;
         Self {
             enabled,
