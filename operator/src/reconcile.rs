@@ -35,7 +35,7 @@ use crate::context::{Context, JobCache};
 use crate::error::{Error, Result};
 use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
-use crate::scaler::{Observed, Scaler, ScalerState};
+use crate::scaler::{Observed, Scaler};
 use crate::sla::SlaConfig;
 use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
 use crate::storage_io::{Location, StorageRefs};
@@ -614,28 +614,18 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Decide.
     let decided_at = if phase.is_terminal() { old.completion_time.as_ref().map_or(now, |t| t.0) } else { now };
     let remaining_shards = u32::try_from(total_shards - completed.len() - failed.len()).unwrap_or(u32::MAX);
-    let current = ScalerState {
-        parallelism: if view.exists { u32::try_from(view.parallelism.max(0)).unwrap_or(0) } else { 0 },
-        last_change: view.last_scale_change,
-        previous_status: old.sla_status,
-    };
+    let current = view.scaler_state(old.sla_status);
     let observed = Observed {
         now: decided_at,
         window_start: created,
         deadline,
         total_requests: plan.line_count,
-        done_requests,
-        per_worker_rate: summary.estimator.estimate(),
-        startup_secs: summary.estimator.startup_secs(),
-        oldest_starting_secs: status::oldest_starting_secs(&pods, decided_at),
-        active_workers: u32::try_from(view.active.max(0)).unwrap_or(0),
-        // The Job controller deletes pods above the parallelism, Ready ones included.
-        running_protected: u32::try_from(view.ready.max(0)).unwrap_or(0),
-        unschedulable_workers: status::unschedulable_pods(&pods),
+        progress: summary.scaler_progress(),
         total_shards: u32::try_from(total_shards).unwrap_or(u32::MAX),
         remaining_shards,
         finished: phase == JobPhase::Succeeded,
         suspended: bij.spec.suspend,
+        workers: status::cluster_workers(&view, &pods, decided_at),
     };
     let step = Scaler::new(SlaConfig::from_spec(&bij.spec)).step(&current, &observed);
     let decision = &step.decision;

@@ -20,6 +20,34 @@ pub struct ScalerState {
     pub previous_status: Option<SlaStatus>,
 }
 
+/// The workers, as each world sees them: the only part of an observation that differs in kind
+/// between a cluster (`status::cluster_workers`), local mode and the simulator.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WorkerFacts {
+    /// Workers running a shard or starting.
+    pub active: u32,
+    /// Workers that lowering the parallelism would stop in the middle of a shard: the Job's
+    /// Ready pods on a cluster (the Job controller deletes pods above the parallelism); 0 where
+    /// a lower count only stops new starts (local mode, whose workers always finish).
+    pub running_protected: u32,
+    /// Worker pods Pending for lack of capacity.
+    pub unschedulable: u32,
+    /// How long the longest-starting worker (bound, not ready) has been starting: before any
+    /// start-up is measured, a lower bound once it exceeds the prior.
+    pub oldest_starting_secs: Option<f64>,
+}
+
+/// What the progress records tell the scaler.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProgressFacts {
+    /// Requests committed (clamped to the plan by the step).
+    pub done_requests: u64,
+    /// Per-worker throughput; `None` before any progress.
+    pub per_worker_rate: Option<RateEstimate>,
+    /// Measured pod start-up seconds (creation to first request admitted).
+    pub startup_secs: Option<f64>,
+}
+
 /// One observation of the job, in any world.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
@@ -31,23 +59,8 @@ pub struct Observed {
     pub deadline: Timestamp,
     /// Requests in the plan.
     pub total_requests: u64,
-    /// Requests committed as far as the progress records tell (clamped to the plan here).
-    pub done_requests: u64,
-    /// Per-worker throughput; `None` before any progress.
-    pub per_worker_rate: Option<RateEstimate>,
-    /// Measured pod start-up seconds (creation to first request admitted).
-    pub startup_secs: Option<f64>,
-    /// How long the longest-starting worker (bound, not ready) has been starting: before any
-    /// start-up is measured, a lower bound once it exceeds the prior.
-    pub oldest_starting_secs: Option<f64>,
-    /// Workers running a shard or starting.
-    pub active_workers: u32,
-    /// Workers that lowering the parallelism would stop in the middle of a shard: the Job's
-    /// Ready pods on a cluster (the Job controller deletes pods above the parallelism); 0 where
-    /// a lower count only stops new starts (local mode, whose workers always finish).
-    pub running_protected: u32,
-    /// Worker pods Pending for lack of capacity.
-    pub unschedulable_workers: u32,
+    /// What the progress records tell (`ProgressSummary::scaler_progress` in every world).
+    pub progress: ProgressFacts,
     /// Shards in the plan.
     pub total_shards: u32,
     /// Shards not yet committed.
@@ -56,6 +69,8 @@ pub struct Observed {
     pub finished: bool,
     /// The job is suspended: the parallelism is held as it is.
     pub suspended: bool,
+    /// The workers.
+    pub workers: WorkerFacts,
 }
 
 /// The result of one step.
@@ -99,16 +114,17 @@ impl Scaler {
             window_start: obs.window_start,
             deadline: obs.deadline,
             total_requests: obs.total_requests,
-            done_requests: obs.done_requests.min(obs.total_requests),
-            per_worker_rate: obs.per_worker_rate,
+            done_requests: obs.progress.done_requests.min(obs.total_requests),
+            per_worker_rate: obs.progress.per_worker_rate,
             startup_secs: obs
+                .progress
                 .startup_secs
-                .or_else(|| obs.oldest_starting_secs.filter(|&s| s.is_finite() && s > self.cfg.prior_startup_secs)),
-            active_workers: obs.active_workers,
+                .or_else(|| obs.workers.oldest_starting_secs.filter(|&s| s.is_finite() && s > self.cfg.prior_startup_secs)),
+            active_workers: obs.workers.active,
             current_desired: state.parallelism,
             total_shards: obs.total_shards,
             remaining_shards: obs.remaining_shards,
-            unschedulable_workers: obs.unschedulable_workers,
+            unschedulable_workers: obs.workers.unschedulable,
             last_scale_change: state.last_change,
             previous_status: state.previous_status,
             finished: obs.finished,
@@ -121,7 +137,7 @@ impl Scaler {
         let parallelism = if obs.suspended && state.parallelism > 0 {
             state.parallelism
         } else if target < state.parallelism && !obs.finished {
-            target.max(obs.running_protected.min(state.parallelism))
+            target.max(obs.workers.running_protected.min(state.parallelism))
         } else {
             target
         };
@@ -151,17 +167,12 @@ mod tests {
             window_start: at(0),
             deadline: at(3600),
             total_requests: 10_000,
-            done_requests: 0,
-            per_worker_rate: None,
-            startup_secs: None,
-            oldest_starting_secs: None,
-            active_workers: 0,
-            running_protected: 0,
-            unschedulable_workers: 0,
+            progress: ProgressFacts::default(),
             total_shards: 100,
             remaining_shards: 100,
             finished: false,
             suspended: false,
+            workers: WorkerFacts::default(),
         }
     }
 
@@ -193,13 +204,15 @@ mod tests {
     fn never_lowers_below_workers_it_would_stop() {
         // Far ahead of the deadline: the core wants fewer workers than the 20 in force.
         let rate = RateEstimate { mean: 50.0, stddev: 1.0, samples: 50 };
-        let obs = Observed { per_worker_rate: Some(rate), active_workers: 20, running_protected: 12, ..observed(1200) };
+        let workers = WorkerFacts { active: 20, running_protected: 12, ..WorkerFacts::default() };
+        let obs =
+            Observed { progress: ProgressFacts { per_worker_rate: Some(rate), ..ProgressFacts::default() }, workers, ..observed(1200) };
         let state = ScalerState { parallelism: 20, last_change: Some(at(0)), previous_status: Some(SlaStatus::OnTrack) };
         let step = scaler().step(&state, &obs);
         assert!(step.decision.desired_workers < 12, "{:?}", step.decision);
         assert_eq!(step.parallelism, 12);
         // Without running workers to protect the same step goes down to the core's answer.
-        let free = scaler().step(&state, &Observed { running_protected: 0, ..obs });
+        let free = scaler().step(&state, &Observed { workers: WorkerFacts { running_protected: 0, ..workers }, ..obs });
         assert_eq!(free.parallelism, free.decision.desired_workers);
     }
 
@@ -207,14 +220,23 @@ mod tests {
     fn done_count_is_clamped_to_the_plan() {
         // Progress records counting more than the plan (a retried shard's two attempts) must
         // not look like negative work left.
-        let obs = Observed { done_requests: 12_000, remaining_shards: 3, ..observed(600) };
+        let obs = Observed {
+            progress: ProgressFacts { done_requests: 12_000, ..ProgressFacts::default() },
+            remaining_shards: 3,
+            ..observed(600)
+        };
         let step = scaler().step(&ScalerState { parallelism: 4, ..Default::default() }, &obs);
         assert!(step.parallelism >= 1 && step.parallelism <= 3, "{step:?}");
     }
 
     #[test]
     fn finishing_is_not_a_scaling_decision() {
-        let obs = Observed { finished: true, done_requests: 10_000, remaining_shards: 0, ..observed(3000) };
+        let obs = Observed {
+            finished: true,
+            progress: ProgressFacts { done_requests: 10_000, ..ProgressFacts::default() },
+            remaining_shards: 0,
+            ..observed(3000)
+        };
         let state = ScalerState { parallelism: 5, last_change: Some(at(100)), previous_status: Some(SlaStatus::OnTrack) };
         let step = scaler().step(&state, &obs);
         assert_eq!(step.parallelism, 0);

@@ -15,6 +15,8 @@ use sluice_api::job::{JobPhase, RequestCounts, ShardCounts, SlaStatus, Throughpu
 use sluice_api::plan::{PlanSummary, format_index_ranges, parse_index_ranges};
 use sluice_api::progress::ShardProgress;
 
+use crate::scaler::{ProgressFacts, ScalerState, WorkerFacts};
+
 use crate::conditions::{self, Cond};
 use crate::sla::{SlaDecision, ThroughputEstimator};
 
@@ -62,6 +64,16 @@ pub fn true_condition(job: &Job, type_: &str) -> Option<String> {
 pub const LAST_SCALE_ANNOTATION: &str = "sluice.dev/last-scale-time";
 
 impl JobView {
+    /// The scaler's memory as the cluster keeps it: the Job's parallelism (0 before the Job
+    /// exists), its last-scale annotation and the status's previous SLA status.
+    pub fn scaler_state(&self, previous_status: Option<SlaStatus>) -> ScalerState {
+        ScalerState {
+            parallelism: if self.exists { u32::try_from(self.parallelism.max(0)).unwrap_or(0) } else { 0 },
+            last_change: self.last_scale_change,
+            previous_status,
+        }
+    }
+
     pub fn from_job(job: Option<&Job>) -> Self {
         let Some(job) = job else { return Self::default() };
         let spec = job.spec.as_ref();
@@ -97,6 +109,18 @@ pub struct ProgressSummary {
     pub estimator: ThroughputEstimator,
     /// Latest record update.
     pub last_update: Option<Timestamp>,
+}
+
+impl ProgressSummary {
+    /// What the scaler takes from the records: requests committed (results plus errors), the
+    /// per-worker throughput estimate and the measured start-up.
+    pub fn scaler_progress(&self) -> ProgressFacts {
+        ProgressFacts {
+            done_requests: self.succeeded + self.failed,
+            per_worker_rate: self.estimator.estimate(),
+            startup_secs: self.estimator.startup_secs(),
+        }
+    }
 }
 
 fn secs(later: Timestamp, earlier: Timestamp) -> f64 {
@@ -255,6 +279,18 @@ pub fn oldest_starting_secs(pods: &[Pod], now: Timestamp) -> Option<f64> {
             Some(secs(now, bound).max(0.0))
         })
         .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
+}
+
+/// The workers as the cluster shows them to the scaler: the Job's active and Ready pods (the
+/// Job controller deletes pods above the parallelism, Ready ones included) and its pods'
+/// scheduling state.
+pub fn cluster_workers(view: &JobView, pods: &[Pod], now: Timestamp) -> WorkerFacts {
+    WorkerFacts {
+        active: u32::try_from(view.active.max(0)).unwrap_or(0),
+        running_protected: u32::try_from(view.ready.max(0)).unwrap_or(0),
+        unschedulable: unschedulable_pods(pods),
+        oldest_starting_secs: oldest_starting_secs(pods, now),
+    }
 }
 
 /// `12.5/s`, `0.31/s`, `1.2k/s`.

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use super::{LocalError, LocalJob, RunOptions, committed_shards};
 use sluice_operator::context::JobCache;
 use sluice_operator::reconcile::read_progress;
-use sluice_operator::scaler::{Observed, Scaler, ScalerState};
+use sluice_operator::scaler::{Observed, Scaler, ScalerState, WorkerFacts};
 use sluice_operator::sla::{SlaConfig, SlaDecision};
 use sluice_operator::status::summarize;
 
@@ -242,20 +242,12 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 window_start: created_at,
                 deadline,
                 total_requests: plan.line_count,
-                done_requests: done,
-                per_worker_rate: summary.estimator.estimate(),
-                startup_secs: summary.estimator.startup_secs(),
-                // A worker here is a process: its start-up is the model load, measured by the
-                // first record; no scheduler to wait for.
-                oldest_starting_secs: None,
-                active_workers: running.len() as u32,
-                // A lower count only stops new starts here: running workers always finish.
-                running_protected: 0,
-                unschedulable_workers: 0,
+                progress: summary.scaler_progress(),
                 total_shards: plan.shards.len() as u32,
                 remaining_shards,
                 finished: false,
                 suspended: false,
+                workers: local_workers(running.len()),
             };
             let step = scaler.step(&state, &observed);
             if step.parallelism != state.parallelism {
@@ -312,4 +304,11 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
+}
+
+/// The workers as local mode shows them to the scaler: processes, which need no scheduler
+/// (nothing unschedulable, start-up measured by the first record) and always finish their
+/// shard (a lower count only stops new starts: nothing to protect).
+pub fn local_workers(running: usize) -> WorkerFacts {
+    WorkerFacts { active: u32::try_from(running).unwrap_or(u32::MAX), running_protected: 0, unschedulable: 0, oldest_starting_secs: None }
 }

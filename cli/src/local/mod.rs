@@ -3,6 +3,7 @@
 //! under the pod environment contract. It never talks to Kubernetes.
 
 mod executor;
+pub use executor::local_workers;
 mod report;
 mod uris;
 

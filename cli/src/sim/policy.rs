@@ -10,7 +10,7 @@ use sluice_api::progress::ShardProgress;
 
 use super::scenario::Scenario;
 use super::world::{Controller, Decision, View};
-use sluice_operator::scaler::{Observed, Scaler, ScalerState};
+use sluice_operator::scaler::{Observed, ScaleStep, Scaler, ScalerState};
 use sluice_operator::sla::{self, SlaConfig, SlaDecision};
 use sluice_operator::status;
 
@@ -39,6 +39,8 @@ pub struct Sluice {
     state: ScalerState,
     /// The last decision (for tests and debugging).
     pub last: Option<SlaDecision>,
+    /// The last step, guards applied (for tests).
+    pub last_step: Option<ScaleStep>,
     /// With [`Sluice::traced`]: one line per decision that changed the count or the status.
     pub trace: Option<Vec<String>>,
 }
@@ -53,6 +55,7 @@ impl Sluice {
             epoch: Timestamp::UNIX_EPOCH,
             state: ScalerState::default(),
             last: None,
+            last_step: None,
             trace: None,
         }
     }
@@ -62,7 +65,19 @@ impl Sluice {
         Self { trace: Some(Vec::new()), ..Self::new(cfg) }
     }
 
-    fn at(&self, secs: f64) -> Timestamp {
+    /// The scaler it steps.
+    pub fn scaler(&self) -> &Scaler {
+        &self.scaler
+    }
+
+    /// The latest visible progress record of each shard and the pods' creation times: what
+    /// the reconciler would read from storage and the API server.
+    pub fn records(&self) -> (&BTreeMap<u32, ShardProgress>, &BTreeMap<String, Timestamp>) {
+        (&self.progress, &self.pod_created)
+    }
+
+    /// The simulated time `secs` after submission as a timestamp.
+    pub fn at(&self, secs: f64) -> Timestamp {
         self.epoch.checked_add(SignedDuration::from_secs_f64(secs)).unwrap_or(self.epoch)
     }
 }
@@ -97,20 +112,15 @@ impl Controller for Sluice {
             window_start: self.at(0.0),
             deadline: self.at(v.deadline),
             total_requests: v.total_requests,
-            done_requests: v.done_requests,
-            per_worker_rate: summary.estimator.estimate(),
-            startup_secs: summary.estimator.startup_secs(),
-            oldest_starting_secs: v.oldest_starting_secs,
-            active_workers: v.active,
-            running_protected: v.running,
-            unschedulable_workers: v.unschedulable,
+            progress: summary.scaler_progress(),
             total_shards: v.total_shards,
             remaining_shards: v.remaining_shards,
             finished: v.finished,
             suspended: false,
+            workers: v.workers(),
         };
         let step = self.scaler.step(&self.state, &observed);
-        let d = step.decision;
+        let d = step.decision.clone();
         if let Some(trace) = self.trace.as_mut()
             && (step.parallelism != self.state.parallelism || Some(d.status) != self.state.previous_status)
         {
@@ -127,6 +137,7 @@ impl Controller for Sluice {
             ));
         }
         self.state = step.next;
+        self.last_step = Some(step.clone());
         let out = Decision { parallelism: step.parallelism, status: Some(d.status), shard_capped: !step.scaled };
         self.last = Some(d);
         out

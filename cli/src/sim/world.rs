@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 
 use sluice_api::job::SlaStatus;
+use sluice_operator::scaler::WorkerFacts;
 
 use super::scenario::Scenario;
 
@@ -83,6 +84,19 @@ pub struct View {
     pub finished: bool,
     /// When the last shard completed, if finished.
     pub finished_at: Option<f64>,
+}
+
+impl View {
+    /// The workers as the simulated cluster shows them to the scaler (what
+    /// `status::cluster_workers` reads from the Job and its pods).
+    pub fn workers(&self) -> WorkerFacts {
+        WorkerFacts {
+            active: self.active,
+            running_protected: self.running,
+            unschedulable: self.unschedulable,
+            oldest_starting_secs: self.oldest_starting_secs,
+        }
+    }
 }
 
 /// A controller's answer at a sync.
