@@ -190,7 +190,7 @@ pub fn report_env(bij: &BatchInferenceJob, defaults: &WorkerDefaults) -> Result<
     })?;
     let uid =
         bij.uid().ok_or_else(|| Error::InvalidSpec { field: "metadata".into(), reason: "the BatchInferenceJob has no uid yet".into() })?;
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = namespace_of(bij)?;
     Ok(vec![
         env_var(env::REPORT_URL, format!("{}{}", base.trim_end_matches('/'), report_path(&ns, &bij.name_any()))),
         env_var(env::REPORT_TOKEN, uid),
@@ -512,14 +512,23 @@ pub fn plan_step_env(bij: &BatchInferenceJob) -> Vec<EnvVar> {
     v
 }
 
+/// The job's namespace. BatchInferenceJob is namespaced, so the API server always sets one; a
+/// job without one (a malformed object) is an error naming it, never the namespace `""`.
+pub fn namespace_of(bij: &BatchInferenceJob) -> Result<String> {
+    bij.namespace().filter(|ns| !ns.is_empty()).ok_or_else(|| Error::InvalidSpec {
+        field: "metadata.namespace".into(),
+        reason: format!("the BatchInferenceJob {} has no namespace", bij.name_any()),
+    })
+}
+
 /// The inputs of the finalize step: the shards that failed within the tolerance.
-pub fn finalize_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>) -> Vec<EnvVar> {
-    let ns = bij.namespace().unwrap_or_default();
-    vec![
+pub fn finalize_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>) -> Result<Vec<EnvVar>> {
+    let ns = namespace_of(bij)?;
+    Ok(vec![
         env_var(env::FAILED_SHARDS, sluice_api::plan::format_index_ranges(failed)),
         env_var(env::SPEC_INPUT_URI, bij.spec.input.uri.clone()),
         env_var(env::JOB_NAME, format!("{ns}/{}", bij.name_any())),
-    ]
+    ])
 }
 
 /// The scaling fields of an existing Job the reconciler keeps in line: `(parallelism, suspend)`.
@@ -560,6 +569,16 @@ mod tests {
 
     fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
         c.env.iter().flatten().map(|e| (e.name.clone(), e.clone())).collect()
+    }
+
+    #[test]
+    fn a_job_without_a_namespace_is_an_error_naming_it() {
+        let mut bij = load("bij-gpu.yaml");
+        assert_eq!(namespace_of(&bij).unwrap(), "research");
+        bij.metadata.namespace = None;
+        let err = namespace_of(&bij).unwrap_err().to_string();
+        assert!(err.contains("metadata.namespace") && err.contains("eval-run-42"), "{err}");
+        assert!(finalize_step_env(&bij, &BTreeSet::new()).is_err());
     }
 
     #[test]
@@ -740,7 +759,7 @@ mod tests {
         // The user's volumes (where the storage is) come along.
         let worker = desired_job(&bij, &plan(), 1, &reporting()).unwrap();
         assert_eq!(pod.volumes, worker.spec.unwrap().template.spec.unwrap().volumes);
-        let fin = step_job(&bij, &reporting(), Step::Finalize, finalize_step_env(&bij, &BTreeSet::from([1, 2, 3, 7]))).unwrap();
+        let fin = step_job(&bij, &reporting(), Step::Finalize, finalize_step_env(&bij, &BTreeSet::from([1, 2, 3, 7])).unwrap()).unwrap();
         let env = env_of(&fin.spec.unwrap().template.spec.unwrap().containers[0]);
         assert_eq!(env[env::FAILED_SHARDS].value.as_deref(), Some("1-3,7"));
         assert_eq!(step_job_name(&"x".repeat(70), Step::Finalize).len(), 63);

@@ -76,7 +76,7 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<BatchInferenceJob>>, ctx: Arc
         }
     };
     let _timer = ctx.metrics.reconcile_timer();
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(&bij)?;
     let api: Api<BatchInferenceJob> = Api::namespaced(ctx.client.clone(), &ns);
     let key = format!("{ns}/{}", bij.name_any());
     let result = finalizer(&api, FINALIZER, bij, |event| async {
@@ -97,10 +97,11 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<BatchInferenceJob>>, ctx: Arc
 /// error's own floor, e.g. a missing input, wins when longer).
 pub fn error_policy(guard: Arc<DeserializeGuard<BatchInferenceJob>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(err.metric_label());
-    let key = match &guard.0 {
-        Ok(b) => format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
-        Err(i) => format!("{}/{}", i.metadata.namespace.clone().unwrap_or_default(), i.metadata.name.clone().unwrap_or_default()),
+    let meta = match &guard.0 {
+        Ok(b) => &b.metadata,
+        Err(i) => &i.metadata,
     };
+    let key = format!("{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
     let n = ctx.note_failure(&key);
     let backoff = std::time::Duration::from_secs(10u64.saturating_mul(1u64 << n.min(5))).min(std::time::Duration::from_secs(300));
     tracing::warn!(object = %key, error = %err, attempt = n + 1, ?backoff, "reconcile failed");
@@ -127,11 +128,12 @@ async fn publish(ctx: &Context, bij: &BatchInferenceJob, type_: EventType, reaso
 
 async fn patch_status(ctx: &Context, bij: &BatchInferenceJob, status: &BatchInferenceJobStatus) -> Result<()> {
     let name = bij.name_any();
-    let api: Api<BatchInferenceJob> = Api::namespaced(ctx.client.clone(), &bij.namespace().unwrap_or_default());
+    let ns = job_builder::namespace_of(bij)?;
+    let api: Api<BatchInferenceJob> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({ "apiVersion": "sluice.dev/v1alpha1", "kind": "BatchInferenceJob", "status": status });
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map_err(Error::kube(format!("patch status of {}/{name}", bij.namespace().unwrap_or_default())))?;
+        .map_err(Error::kube(format!("patch status of {ns}/{name}")))?;
     Ok(())
 }
 
@@ -147,7 +149,7 @@ async fn read_secret(ctx: &Context, bij: &BatchInferenceJob) -> Result<BTreeMap<
     let Some(name) = bij.spec.storage.as_ref().and_then(|s| s.secret_ref.as_ref()).map(|r| r.name.clone()) else {
         return Ok(BTreeMap::new());
     };
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let secret = api.get(&name).await.map_err(Error::kube(format!("get Secret {ns}/{name} (spec.storage.secretRef)")))?;
     let mut out = BTreeMap::new();
@@ -167,7 +169,7 @@ async fn read_ca_bundle(ctx: &Context, bij: &BatchInferenceJob) -> Result<Option
     let Some(ca) = bij.spec.storage.as_ref().and_then(|s| s.ca_bundle.as_ref()) else {
         return Ok(None);
     };
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let (what, pem) = match (&ca.config_map_ref, &ca.secret_ref) {
         (Some(r), _) => {
             let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
@@ -302,7 +304,7 @@ async fn ensure_step_job(
     step: Step,
     env: Vec<k8s_openapi::api::core::v1::EnvVar>,
 ) -> Result<Option<Job>> {
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let name = job_builder::step_job_name(&bij.name_any(), step);
     if let Some(j) = jobs.get_opt(&name).await.map_err(Error::kube(format!("get Job {ns}/{name}")))? {
@@ -317,7 +319,7 @@ async fn ensure_step_job(
 
 /// Delete a step's Job (and, through the garbage collector, its pod) so that it runs again.
 async fn delete_step_job(ctx: &Context, bij: &BatchInferenceJob, step: Step) -> Result<()> {
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let name = job_builder::step_job_name(&bij.name_any(), step);
     match jobs.delete(&name, &kube::api::DeleteParams::background()).await {
@@ -381,7 +383,7 @@ async fn plan_by_pods(
         return Ok(Err(Action::requeue(STEP_POLL)));
     }
     if let Some(why) = status::true_condition(&job, "Failed") {
-        let ns = bij.namespace().unwrap_or_default();
+        let ns = job_builder::namespace_of(bij)?;
         let message = format!(
             "the planner pod failed without a report ({why}); see kubectl logs -n {ns} job/{}",
             job_builder::step_job_name(&bij.name_any(), Step::Plan)
@@ -417,11 +419,11 @@ async fn finalize_by_pods(
     if let Some((uri, counts)) = manifest {
         return Ok(Finalized::Done { uri, counts: Some(counts) });
     }
-    let Some(job) = ensure_step_job(ctx, bij, Step::Finalize, job_builder::finalize_step_env(bij, failed)).await? else {
+    let Some(job) = ensure_step_job(ctx, bij, Step::Finalize, job_builder::finalize_step_env(bij, failed)?).await? else {
         return Ok(Finalized::Pending);
     };
     if let Some(why) = status::true_condition(&job, "Failed") {
-        let ns = bij.namespace().unwrap_or_default();
+        let ns = job_builder::namespace_of(bij)?;
         return Ok(Finalized::Failed(format!(
             "every shard is committed but the finalize pod could not write the manifest ({why}); see kubectl logs -n {ns} job/{}",
             job_builder::step_job_name(&bij.name_any(), Step::Finalize)
@@ -437,7 +439,7 @@ async fn finalize_by_pods(
 
 async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let now = ctx.now();
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let name = bij.name_any();
     let uid = bij.uid().unwrap_or_default();
     let generation = bij.metadata.generation;
@@ -765,7 +767,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
 }
 
 async fn cleanup(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
-    let ns = bij.namespace().unwrap_or_default();
+    let ns = job_builder::namespace_of(bij)?;
     let name = bij.name_any();
     let note = format!("deleting: the Job and its pods are garbage-collected; the output at {} is kept", bij.spec.output.uri);
     publish(ctx, bij, EventType::Normal, "Deleting", note).await;
