@@ -92,6 +92,40 @@ pub enum Dtype {
     F32,
 }
 
+impl Dtype {
+    /// The spelling in manifests and in the worker's `SLUICE_MODEL_DTYPE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Auto => "auto",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::F32 => "f32",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+
+    /// The manifest spellings, case-insensitive, and torch's (`bfloat16`, `float16`/`half`,
+    /// `float32`/`float`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Dtype::Auto),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            "f16" | "float16" | "half" => Ok(Dtype::F16),
+            "f32" | "float32" | "float" => Ok(Dtype::F32),
+            other => Err(format!("unknown dtype {other:?} (use auto, bf16, f16 or f32)")),
+        }
+    }
+}
+
 /// The model a worker loads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

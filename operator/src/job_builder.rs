@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use sluice_api::BatchInferenceJob;
 use sluice_api::contract::{env, exit, layout};
-use sluice_api::job::{CaBundleSpec, Dtype, InputFormat};
+use sluice_api::job::{CaBundleSpec, InputFormat};
 use sluice_api::plan::PlanSummary;
 use sluice_api::report::report_path;
 
@@ -101,15 +101,6 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.to_string(), value: Some(value.into()), value_from: None }
 }
 
-fn dtype_str(d: Dtype) -> &'static str {
-    match d {
-        Dtype::Auto => "auto",
-        Dtype::Bf16 => "bf16",
-        Dtype::F16 => "f16",
-        Dtype::F32 => "f32",
-    }
-}
-
 fn format_str(f: InputFormat) -> &'static str {
     match f {
         InputFormat::Auto => "auto",
@@ -137,7 +128,7 @@ pub fn worker_env(bij: &BatchInferenceJob) -> Result<Vec<EnvVar>> {
         env_var(env::INPUT_FORMAT, format_str(spec.input.format)),
         env_var(env::OUTPUT_URI, &spec.output.uri),
         env_var(env::MODEL_URI, &spec.model.uri),
-        env_var(env::MODEL_DTYPE, dtype_str(spec.model.dtype)),
+        env_var(env::MODEL_DTYPE, spec.model.dtype.as_str()),
     ];
     if let Some(n) = spec.model.max_model_len {
         vars.push(env_var(env::MAX_MODEL_LEN, n.to_string()));

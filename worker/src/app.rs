@@ -112,7 +112,7 @@ async fn run(args: Args) -> i32 {
         let engine_cfg = EngineConfig {
             model_dir: dir,
             device: args.device(),
-            dtype: args.dtype(),
+            dtype: args.dtype,
             max_num_seqs: args.max_batch_size.max(1),
             max_model_len: args.max_model_len,
             kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),

@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use sluice_api::contract::env;
-use sluice_api::job::{InputFormat, SamplingSpec};
+use sluice_api::job::{Dtype, InputFormat, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
 use sluice_api::storage::testing::FaultConfig;
 use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
@@ -63,8 +64,8 @@ pub struct Args {
     #[arg(long, env = env::INPUT_FORMAT, default_value = "auto", value_parser = parse_format)]
     pub input_format: InputFormat,
     /// Model dtype: auto, bf16, f16 or f32.
-    #[arg(long, env = env::MODEL_DTYPE, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, env = env::MODEL_DTYPE, default_value = "auto", value_parser = Dtype::from_str)]
+    pub dtype: Dtype,
     /// Longest prompt plus completion, in tokens [default: the model's].
     #[arg(long, env = env::MAX_MODEL_LEN)]
     pub max_model_len: Option<usize>,
@@ -218,10 +219,6 @@ impl Args {
         self.model_cache_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sluice-models"))
     }
 
-    /// The engine's dtype (`None` = its default for the device).
-    pub fn dtype(&self) -> Option<String> {
-        (!self.dtype.eq_ignore_ascii_case("auto")).then(|| self.dtype.to_ascii_lowercase())
-    }
 
     /// The shard run settings for shard `shard`.
     pub fn run_config(&self, shard: u32) -> RunConfig {
@@ -254,6 +251,15 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_dtype_fails_at_the_flags_naming_the_choices() {
+        let base = ["sluice-worker", "--shard=0", "--output=s3://b/out/", "--model=/m", "--metrics-addr=none"];
+        let ok = Args::try_parse_from(base.iter().copied().chain(["--dtype=BF16"])).unwrap();
+        assert_eq!(ok.dtype, Dtype::Bf16);
+        let err = Args::try_parse_from(base.iter().copied().chain(["--dtype=bf61"])).unwrap_err().to_string();
+        assert!(err.contains("bf61") && err.contains("auto, bf16, f16 or f32"), "{err}");
+    }
 
     #[test]
     fn flags_parse_into_a_run_config() {

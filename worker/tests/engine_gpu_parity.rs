@@ -29,7 +29,7 @@ fn gpu_bf16_parity() {
         let cases = reference(name);
         let mut cfg = config(name);
         cfg.device = sluice_worker::engine::DeviceKind::Cuda(0);
-        cfg.dtype = Some("bf16".into());
+        cfg.dtype = sluice_api::job::Dtype::Bf16;
         let mut eng = engine(&cfg);
         let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), c.greedy_ids[..1].to_vec())).collect();
         let got = eng.teacher_forced_logits(&batch).unwrap();

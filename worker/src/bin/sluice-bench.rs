@@ -6,11 +6,13 @@
 //! `scripts/bench_transformers.py`, so both programs run the same token ids and lengths.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
+use sluice_api::job::Dtype;
 use sluice_worker::engine::{ArchConfig, DeviceKind, EngineConfig, EngineSwitches, GenerationRequest, LlmEngine, Prompt, SamplingParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,8 +45,8 @@ struct Args {
     #[arg(long)]
     device: Option<String>,
     /// f32, f16, bf16; default bf16 on CUDA, f32 on CPU.
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, default_value = "auto", value_parser = Dtype::from_str)]
+    dtype: Dtype,
     #[arg(long, default_value_t = 1024)]
     max_num_seqs: usize,
     #[arg(long, default_value_t = 16384)]
@@ -162,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = EngineConfig {
         model_dir: args.model_dir.clone().unwrap_or_default(),
         device: parse_device(args.device.as_deref())?,
-        dtype: args.dtype.clone(),
+        dtype: args.dtype,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         block_size: args.block_size,

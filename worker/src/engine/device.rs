@@ -5,6 +5,7 @@
 use candle_core::{DType, Device};
 
 use super::config::{ArchConfig, EngineSwitches};
+use sluice_api::job::Dtype;
 use super::error::EngineError;
 use super::llm_engine::EngineConfig;
 
@@ -61,14 +62,13 @@ fn disable_event_tracking(device: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn disable_event_tracking(_: &Device) {}
 
-/// `"f32" | "f16" | "bf16"` (also the torch spellings); default f32 on CPU, bf16 on CUDA.
-pub fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType, EngineError> {
-    match s.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("auto") | Some("") => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
-        Some("f32" | "float32" | "float") => Ok(DType::F32),
-        Some("f16" | "float16" | "half") => Ok(DType::F16),
-        Some("bf16" | "bfloat16") => Ok(DType::BF16),
-        Some(other) => Err(EngineError::Config(format!("unsupported dtype `{other}` (use f32, f16 or bf16)"))),
+/// The candle dtype for `d`: `Auto` is bf16 on CUDA, f32 on CPU.
+pub fn resolve_dtype(d: Dtype, device: &Device) -> DType {
+    match d {
+        Dtype::Auto if device.is_cuda() => DType::BF16,
+        Dtype::Auto | Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
     }
 }
 

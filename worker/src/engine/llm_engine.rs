@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::config::{ArchConfig, EngineSwitches};
+use sluice_api::job::Dtype;
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
 use super::kv_cache::{KvCache, blocks_for};
@@ -25,8 +26,8 @@ pub struct EngineConfig {
     /// Hub-layout model directory (config.json, safetensors, tokenizer files).
     pub model_dir: PathBuf,
     pub device: DeviceKind,
-    /// `"f32" | "f16" | "bf16"`; None = f32 on CPU, bf16 on CUDA.
-    pub dtype: Option<String>,
+    /// Weight precision; `Auto` = f32 on CPU, bf16 on CUDA.
+    pub dtype: Dtype,
     /// Most sequences running at once.
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass (prefill chunks + decode tokens).
@@ -53,7 +54,7 @@ impl Default for EngineConfig {
         Self {
             model_dir: PathBuf::new(),
             device: DeviceKind::Cpu,
-            dtype: None,
+            dtype: Dtype::Auto,
             max_num_seqs: 256,
             max_num_batched_tokens: 4096,
             block_size: 16,
@@ -184,7 +185,7 @@ impl LlmEngine {
         let arch = ArchConfig::from_json(&json, &dir.join("config.json"), &name)?;
         let codec = TextCodec::load(dir, &arch.eos_token_ids)?;
         let device = device::make_device(cfg.device, &cfg.switches)?;
-        let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
+        let dtype = device::resolve_dtype(cfg.dtype, &device);
         let weights = super::weights::Weights::load(dir, &device, dtype)?;
         Self::build(arch, &weights, codec, device, cfg)
     }
@@ -193,7 +194,7 @@ impl LlmEngine {
     /// `Prompt::Tokens` works and outputs have empty text.
     pub fn random(arch: ArchConfig, tokenizer: Option<Tokenizer>, cfg: &EngineConfig) -> Result<Self, EngineError> {
         let device = device::make_device(cfg.device, &cfg.switches)?;
-        let dtype = device::parse_dtype(cfg.dtype.as_deref(), &device)?;
+        let dtype = device::resolve_dtype(cfg.dtype, &device);
         let weights = super::weights::Weights::Random { std: 0.02, dtype, device: device.clone() };
         let codec = TextCodec::from_tokenizer(tokenizer, arch.eos_token_ids.clone());
         Self::build(arch, &weights, codec, device, cfg)
