@@ -252,3 +252,29 @@ fn a_zero_completion_window_is_rejected() {
         assert_eq!(errors_of(&with("/spec/sla", json!({"completionWindow": ok}))), Vec::<String>::new(), "{ok}");
     }
 }
+
+#[test]
+fn an_over_long_completion_window_is_rejected_as_the_parser_rejects_it() {
+    // The CRD's rule and `deadline::parse_duration` agree on every row.
+    for (window, ok) in [
+        ("366d", true),
+        ("8784h", true),
+        ("365d23h59m59s", true),
+        ("1.5d", true),
+        ("500ms", true),
+        ("366d1s", false),
+        ("367d", false),
+        ("8785h", false),
+        ("31622401s", false),
+        ("400d", false),
+        ("9999999h", false),
+    ] {
+        let errs = errors_of(&with("/spec/sla", json!({"completionWindow": window})));
+        let rejected = errs.iter().any(|e| e.contains("sla.completionWindow must be at most 366d"));
+        assert_eq!(!rejected, ok, "{window}: {errs:?}");
+        assert_eq!(sluice_api::deadline::parse_duration(window).is_ok(), ok, "{window}");
+    }
+    // A window too long to be a duration at all is refused by the schema.
+    let long = "1s".repeat(40);
+    assert!(!errors_of(&with("/spec/sla", json!({"completionWindow": long}))).is_empty());
+}

@@ -390,6 +390,16 @@ fn operator_on_a_real_cluster() {
     assert!(!out.status.success(), "an invalid manifest was accepted");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("set exactly one of sla.deadline or sla.completionWindow"), "{stderr}");
+    // The completion window's bounds, as `sluice validate` has them (crds/tests/crd.rs).
+    for (window, message) in [("0s", Some("must be longer than zero")), ("400d", Some("must be at most 366d")), ("366d", None)] {
+        let m = manifest("window", &host_volume, "quickstart-input.jsonl", false, window, 2, "");
+        let out = c.kubectl(&["apply", "--dry-run=server", "-n", &namespace, "-f", "-"], Some(&m));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match message {
+            Some(m) => assert!(!out.status.success() && stderr.contains(m), "completionWindow {window}: {stderr}"),
+            None => assert!(out.status.success(), "completionWindow {window} was refused: {stderr}"),
+        }
+    }
 
     // The quickstart job on a hostPath: planned by its own planner pod, the Job's shape, status,
     // columns, completion with a manifest, every custom_id once.

@@ -219,7 +219,6 @@ impl Args {
         self.model_cache_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sluice-models"))
     }
 
-
     /// The shard run settings for shard `shard`.
     pub fn run_config(&self, shard: u32) -> RunConfig {
         RunConfig {

@@ -5,9 +5,9 @@
 use candle_core::{DType, Device};
 
 use super::config::{ArchConfig, EngineSwitches};
-use sluice_api::job::Dtype;
 use super::error::EngineError;
 use super::llm_engine::EngineConfig;
+use sluice_api::job::Dtype;
 
 /// Which device the engine runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

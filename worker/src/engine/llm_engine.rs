@@ -11,7 +11,6 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::config::{ArchConfig, EngineSwitches};
-use sluice_api::job::Dtype;
 use super::device::{self, DeviceKind};
 use super::error::{EngineError, RequestError};
 use super::kv_cache::{KvCache, blocks_for};
@@ -19,6 +18,7 @@ use super::model::{LastToken, Model, PendingStep, SeqInput};
 use super::sampling::{self, SamplingParams};
 use super::scheduler::{Limits, PENDING, Scheduled, Scheduler, Sequence};
 use super::tokenizer::{Prompt, TextCodec};
+use sluice_api::job::Dtype;
 
 /// How to load and run a model.
 #[derive(Debug, Clone, PartialEq)]
