@@ -5,7 +5,8 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::job::SlaSpec;
 
-/// Parse a duration such as `24h`, `1h30m`, `90m`, `1.5h`, `2d` or `500ms`.
+/// Parse a duration such as `24h`, `1h30m`, `90m`, `1.5h`, `2d`, `1d12h` or `500ms`. Days come
+/// first and at most once (the CRD's pattern says the same), so the rest is a Go duration.
 pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -21,7 +22,11 @@ pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
         let value: f64 = rest[..num_len].parse().map_err(|_| format!("invalid duration {s:?}: bad number {:?}", &rest[..num_len]))?;
         rest = &rest[num_len..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let secs = match &rest[..unit_len] {
+        let unit = &rest[..unit_len];
+        if unit == "d" && total > 0.0 || unit == "d" && rest.len() + num_len != s.len() {
+            return Err(format!("invalid duration {s:?}: days come first and once (e.g. 1d12h)"));
+        }
+        let secs = match unit {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
@@ -69,6 +74,9 @@ mod tests {
         assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("h").is_err());
+        assert_eq!(parse_duration("1d12h").unwrap().as_secs(), 129600);
+        assert!(parse_duration("12h1d").unwrap_err().contains("days come first"));
+        assert!(parse_duration("1d1d").unwrap_err().contains("days come first"));
     }
 
     #[test]

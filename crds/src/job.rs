@@ -309,12 +309,16 @@ pub struct SlaSpec {
     pub deadline: Option<String>,
     /// Deadline relative to the job's creation, as a duration such as `24h` or `90m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"), length(max = 64))]
+    #[schemars(
+        regex(pattern = r"^(([0-9]+(\.[0-9]+)?d)([0-9]+(\.[0-9]+)?(ms|s|m|h))*|([0-9]+(\.[0-9]+)?(ms|s|m|h))+)$"),
+        length(max = 64)
+    )]
     #[x_kube(validation = Rule::new("!self.matches('^(0+(\\\\.0+)?(ms|s|m|h|d))+$')").message("sla.completionWindow must be longer than zero"))]
-    // The sum of the components in seconds (what `deadline::parse_duration` computes), so the
-    // API server and `sluice validate` refuse the same over-long windows.
+    // Days (first, at most once, as the pattern says) plus a Go duration for the rest: the same
+    // sum `deadline::parse_duration` computes, so the API server and `sluice validate` refuse
+    // the same over-long windows.
     #[x_kube(
-        validation = Rule::new("self.findAll('[0-9]+(\\\\.[0-9]+)?(ms|s|m|h|d)').map(c, c.endsWith('ms') ? double(c.substring(0, c.size() - 2)) * 0.001 : double(c.substring(0, c.size() - 1)) * (c.endsWith('d') ? 86400.0 : c.endsWith('h') ? 3600.0 : c.endsWith('m') ? 60.0 : 1.0)).sum() <= 31622400.0").message("sla.completionWindow must be at most 366d")
+        validation = Rule::new("(self.contains('d') ? double(self.split('d')[0]) * 86400.0 + (self.split('d')[1] == '' ? 0.0 : double(duration(self.split('d')[1]).getSeconds())) : double(duration(self).getSeconds())) <= 31622400.0").message("sla.completionWindow must be at most 366d")
     )]
     pub completion_window: Option<String>,
     /// Safety margin as a fraction of the window: the scaler aims for `deadline − margin × window`.
