@@ -6,7 +6,6 @@ use candle_core::{DType, Device};
 
 use super::config::{ArchConfig, EngineSwitches};
 use super::error::EngineError;
-use super::llm_engine::EngineConfig;
 use sluice_api::job::Dtype;
 
 /// Which device the engine runs on.
@@ -95,8 +94,23 @@ pub fn device_label(device: &Device) -> String {
     }
 }
 
+/// The `EngineConfig` settings that size the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvBudget {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Fraction of GPU memory the engine may use.
+    pub gpu_memory_utilization: f32,
+    /// Exact number of blocks (overrides every budget).
+    pub num_kv_blocks: Option<usize>,
+    /// KV cache size in bytes (overrides the GPU fraction).
+    pub kv_cache_bytes: Option<u64>,
+    /// Most tokens in one forward pass (the activations' reserve).
+    pub max_num_batched_tokens: usize,
+}
+
 /// Number of KV blocks to allocate, after the weights are on the device.
-pub fn kv_blocks(arch: &ArchConfig, dtype: DType, device: &Device, cfg: &EngineConfig, useful_max: usize) -> Result<usize, EngineError> {
+pub fn kv_blocks(arch: &ArchConfig, dtype: DType, device: &Device, cfg: &KvBudget, useful_max: usize) -> Result<usize, EngineError> {
     let block_size = cfg.block_size;
     let gpu_memory_utilization = cfg.gpu_memory_utilization;
     if let Some(n) = cfg.num_kv_blocks {

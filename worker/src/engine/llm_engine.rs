@@ -214,7 +214,14 @@ impl LlmEngine {
         let dtype: DType = weights.dtype();
         let model = Model::new(&arch, weights, &device, max_model_len, &cfg.switches)?;
         let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
-        let num_blocks = device::kv_blocks(&arch, dtype, &device, cfg, useful)?;
+        let budget = device::KvBudget {
+            block_size: cfg.block_size,
+            gpu_memory_utilization: cfg.gpu_memory_utilization,
+            num_kv_blocks: cfg.num_kv_blocks,
+            kv_cache_bytes: cfg.kv_cache_bytes,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+        };
+        let num_blocks = device::kv_blocks(&arch, dtype, &device, &budget, useful)?;
         // One sequence must always fit alone, or preemption could not make progress.
         let capacity = num_blocks * cfg.block_size;
         if capacity < max_model_len {
