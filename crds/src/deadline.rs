@@ -23,7 +23,7 @@ pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
         rest = &rest[num_len..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let unit = &rest[..unit_len];
-        if unit == "d" && total > 0.0 || unit == "d" && rest.len() + num_len != s.len() {
+        if unit == "d" && rest.len() + num_len != s.len() {
             return Err(format!("invalid duration {s:?}: days come first and once (e.g. 1d12h)"));
         }
         let secs = match unit {
