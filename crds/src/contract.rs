@@ -85,6 +85,112 @@ pub mod env {
     pub const WORKER_BIN: &str = "SLUICE_WORKER_BIN";
 }
 
+/// Everything the operator (for a pod) or local mode (for a process) tells a worker, as one
+/// value. [`WorkerInvocation::to_env`] is the only place the variables of [`env`] are written;
+/// the worker's flags read the same names, and a worker test parses `to_env`'s output through
+/// the worker's own argument definitions. The shard index (`JOB_COMPLETION_INDEX`, from the
+/// Job controller) and the attempt name (the pod's name, from the downward API) are the
+/// platform's, not part of this value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerInvocation {
+    /// `<namespace>/<name>` on a cluster, the job's name locally: the key of the request ids.
+    pub job_name: String,
+    /// The job's `plan.json`.
+    pub plan_uri: String,
+    /// The input object.
+    pub input_uri: String,
+    /// The input line format.
+    pub input_format: crate::job::InputFormat,
+    /// The output prefix.
+    pub output_uri: String,
+    /// The model directory.
+    pub model_uri: String,
+    /// The model's weight precision.
+    pub model_dtype: crate::job::Dtype,
+    /// Longest prompt plus completion, if the spec caps it.
+    pub max_model_len: Option<u32>,
+    /// Where object-store models are cached.
+    pub model_cache_dir: String,
+    /// Sampling defaults.
+    pub sampling: crate::job::SamplingSpec,
+    /// Most sequences in one batch.
+    pub max_batch_size: u32,
+    /// `/metrics` and `/healthz` address, or `none`.
+    pub metrics_addr: String,
+    /// `json` or `text`.
+    pub log_format: &'static str,
+    /// `spec.storage`'s endpoint, region, path style and plain-HTTP switch.
+    pub storage_endpoint: Option<String>,
+    /// Bucket region.
+    pub storage_region: Option<String>,
+    /// Path-style S3 addressing.
+    pub storage_path_style: Option<bool>,
+    /// Plain-HTTP endpoints allowed.
+    pub storage_allow_http: Option<bool>,
+    /// `cpu`, `cuda` or `cuda:N`; `None`: the worker's default.
+    pub device: Option<String>,
+}
+
+impl WorkerInvocation {
+    /// The invocation of `spec`'s workers, with the settings a pod gets (`log_format: json`, no
+    /// device override unless the job asks for no GPU); callers adjust the fields they own.
+    pub fn for_job(job_name: String, spec: &crate::BatchInferenceJobSpec, model_cache_dir: &str, metrics_addr: &str) -> Self {
+        let storage = spec.storage.as_ref();
+        Self {
+            job_name,
+            plan_uri: layout::join(&spec.output.uri, layout::PLAN),
+            input_uri: spec.input.uri.clone(),
+            input_format: spec.input.format,
+            output_uri: spec.output.uri.clone(),
+            model_uri: spec.model.uri.clone(),
+            model_dtype: spec.model.dtype,
+            max_model_len: spec.model.max_model_len,
+            model_cache_dir: model_cache_dir.to_string(),
+            sampling: spec.sampling.clone(),
+            max_batch_size: u32::try_from(spec.workers.max_batch_size.max(1)).unwrap_or(1),
+            metrics_addr: metrics_addr.to_string(),
+            log_format: "json",
+            storage_endpoint: storage.and_then(|s| s.endpoint.clone()),
+            storage_region: storage.and_then(|s| s.region.clone()),
+            storage_path_style: storage.and_then(|s| s.path_style),
+            storage_allow_http: storage.and_then(|s| s.allow_http),
+            device: (spec.workers.gpus == 0).then(|| "cpu".to_string()),
+        }
+    }
+
+    /// The environment variables of this invocation, in a stable order.
+    pub fn to_env(&self) -> Result<Vec<(&'static str, String)>, serde_json::Error> {
+        let mut vars = vec![
+            (env::JOB_NAME, self.job_name.clone()),
+            (env::PLAN_URI, self.plan_uri.clone()),
+            (env::INPUT_URI, self.input_uri.clone()),
+            (env::INPUT_FORMAT, self.input_format.as_str().to_string()),
+            (env::OUTPUT_URI, self.output_uri.clone()),
+            (env::MODEL_URI, self.model_uri.clone()),
+            (env::MODEL_DTYPE, self.model_dtype.as_str().to_string()),
+        ];
+        if let Some(n) = self.max_model_len {
+            vars.push((env::MAX_MODEL_LEN, n.to_string()));
+        }
+        vars.extend([
+            (env::MODEL_CACHE_DIR, self.model_cache_dir.clone()),
+            (env::SAMPLING, serde_json::to_string(&self.sampling)?),
+            (env::MAX_BATCH_SIZE, self.max_batch_size.to_string()),
+            (env::METRICS_ADDR, self.metrics_addr.clone()),
+            (env::LOG_FORMAT, self.log_format.to_string()),
+        ]);
+        let optional = [
+            (env::STORAGE_ENDPOINT, self.storage_endpoint.clone()),
+            (env::STORAGE_REGION, self.storage_region.clone()),
+            (env::STORAGE_PATH_STYLE, self.storage_path_style.map(|b| b.to_string())),
+            (env::STORAGE_ALLOW_HTTP, self.storage_allow_http.map(|b| b.to_string())),
+            (env::DEVICE, self.device.clone()),
+        ];
+        vars.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        Ok(vars)
+    }
+}
+
 /// Worker exit codes. The operator's pod failure policy fails an index at once on
 /// [`EXIT_PERMANENT`] and retries on anything else.
 pub mod exit {

@@ -157,6 +157,17 @@ pub enum InputFormat {
     Prompts,
 }
 
+impl InputFormat {
+    /// The spelling in manifests and in the worker's `SLUICE_INPUT_FORMAT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputFormat::Auto => "auto",
+            InputFormat::Openai => "openai",
+            InputFormat::Prompts => "prompts",
+        }
+    }
+}
+
 /// The input object.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

@@ -19,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use sluice_api::BatchInferenceJob;
-use sluice_api::contract::{env, exit, layout};
-use sluice_api::job::{CaBundleSpec, InputFormat};
+use sluice_api::contract::{WorkerInvocation, env, exit};
+use sluice_api::job::CaBundleSpec;
 use sluice_api::plan::PlanSummary;
 use sluice_api::report::report_path;
 
@@ -101,63 +101,26 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.to_string(), value: Some(value.into()), value_from: None }
 }
 
-fn format_str(f: InputFormat) -> &'static str {
-    match f {
-        InputFormat::Auto => "auto",
-        InputFormat::Openai => "openai",
-        InputFormat::Prompts => "prompts",
-    }
+/// What a worker pod of this job is told ([`WorkerInvocation::for_job`] with a pod's settings).
+pub fn worker_invocation(bij: &BatchInferenceJob) -> WorkerInvocation {
+    WorkerInvocation::for_job(bij.name_any(), &bij.spec, MODEL_CACHE_DIR, &format!("0.0.0.0:{WORKER_METRICS_PORT}"))
 }
 
-/// The worker's environment (the `sluice_api::contract::env` contract).
+/// The worker's environment: the invocation's variables, plus the attempt name from the pod's
+/// own name (downward API).
 pub fn worker_env(bij: &BatchInferenceJob) -> Result<Vec<EnvVar>> {
-    let spec = &bij.spec;
-    let sampling = serde_json::to_string(&spec.sampling).map_err(|source| Error::Serialize { what: "spec.sampling", source })?;
-    let mut vars = vec![
-        env_var(env::JOB_NAME, bij.name_any()),
-        EnvVar {
-            name: env::ATTEMPT.to_string(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
-                ..Default::default()
-            }),
-        },
-        env_var(env::PLAN_URI, layout::join(&spec.output.uri, layout::PLAN)),
-        env_var(env::INPUT_URI, &spec.input.uri),
-        env_var(env::INPUT_FORMAT, format_str(spec.input.format)),
-        env_var(env::OUTPUT_URI, &spec.output.uri),
-        env_var(env::MODEL_URI, &spec.model.uri),
-        env_var(env::MODEL_DTYPE, spec.model.dtype.as_str()),
-    ];
-    if let Some(n) = spec.model.max_model_len {
-        vars.push(env_var(env::MAX_MODEL_LEN, n.to_string()));
-    }
-    vars.extend([
-        env_var(env::MODEL_CACHE_DIR, MODEL_CACHE_DIR),
-        env_var(env::SAMPLING, sampling),
-        env_var(env::MAX_BATCH_SIZE, spec.workers.max_batch_size.to_string()),
-        env_var(env::METRICS_ADDR, format!("0.0.0.0:{WORKER_METRICS_PORT}")),
-        env_var(env::LOG_FORMAT, "json"),
-    ]);
-    if let Some(s) = &spec.storage {
-        if let Some(v) = &s.endpoint {
-            vars.push(env_var(env::STORAGE_ENDPOINT, v));
-        }
-        if let Some(v) = &s.region {
-            vars.push(env_var(env::STORAGE_REGION, v));
-        }
-        if let Some(v) = s.path_style {
-            vars.push(env_var(env::STORAGE_PATH_STYLE, v.to_string()));
-        }
-        if let Some(v) = s.allow_http {
-            vars.push(env_var(env::STORAGE_ALLOW_HTTP, v.to_string()));
-        }
-    }
-    if spec.workers.gpus == 0 {
-        vars.push(env_var(env::DEVICE, "cpu"));
-    }
-    Ok(vars)
+    let vars = worker_invocation(bij).to_env().map_err(|source| Error::Serialize { what: "spec.sampling", source })?;
+    let mut envs: Vec<EnvVar> = vars.into_iter().map(|(name, value)| env_var(name, value)).collect();
+    let attempt = EnvVar {
+        name: env::ATTEMPT.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+            ..Default::default()
+        }),
+    };
+    envs.insert(1.min(envs.len()), attempt);
+    Ok(envs)
 }
 
 /// Label naming the BatchInferenceJob on its plan and finalize Jobs and their pods (kept apart

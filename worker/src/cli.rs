@@ -251,6 +251,53 @@ impl Args {
 mod tests {
     use super::*;
 
+    /// The contract's one writer and the worker's flags agree: every variable `to_env` writes is
+    /// one the worker reads, into the field of the same meaning.
+    #[test]
+    fn the_contracts_invocation_parses_through_the_worker_flags() {
+        use clap::CommandFactory;
+        use sluice_api::contract::WorkerInvocation;
+
+        let spec: sluice_api::BatchInferenceJobSpec = serde_json::from_value(serde_json::json!({
+            "model": {"uri": "s3://models/qwen/", "dtype": "bf16", "maxModelLen": 4096},
+            "input": {"uri": "s3://b/in.jsonl", "format": "openai"},
+            "output": {"uri": "s3://b/out/"},
+            "sampling": {"maxTokens": 32, "temperature": 0.5, "seed": 3},
+            "sla": {"completionWindow": "1h"},
+            "workers": {"gpus": 0, "maxBatchSize": 48},
+            "storage": {"endpoint": "https://s3.example", "region": "eu-1", "pathStyle": false, "allowHttp": true}
+        }))
+        .unwrap();
+        let inv = WorkerInvocation::for_job("team/job".into(), &spec, "/cache", "none");
+        let cmd = Args::command();
+        let mut argv = vec!["sluice-worker".to_string(), "--shard=0".to_string()];
+        for (name, value) in inv.to_env().unwrap() {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+                .unwrap_or_else(|| panic!("the worker reads no {name}"));
+            argv.push(format!("--{}={value}", arg.get_long().unwrap()));
+        }
+        let a = Args::try_parse_from(&argv).unwrap();
+        assert_eq!(a.job_name.as_deref(), Some("team/job"));
+        assert_eq!(a.plan.as_deref(), Some("s3://b/out/_sluice/plan.json"));
+        assert_eq!(a.input.as_deref(), Some("s3://b/in.jsonl"));
+        assert_eq!(a.input_format, InputFormat::Openai);
+        assert_eq!(a.output, "s3://b/out/");
+        assert_eq!(a.model, "s3://models/qwen/");
+        assert_eq!(a.dtype, Dtype::Bf16);
+        assert_eq!(a.max_model_len, Some(4096));
+        assert_eq!(a.model_cache_dir, Some(PathBuf::from("/cache")));
+        assert_eq!(a.sampling, spec.sampling);
+        assert_eq!(a.max_batch_size, 48);
+        assert_eq!(a.metrics_addr, MetricsAddr::Disabled);
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(a.storage_endpoint.as_deref(), Some("https://s3.example"));
+        assert_eq!(a.storage_region.as_deref(), Some("eu-1"));
+        assert!(!a.storage_path_style && a.storage_allow_http);
+        assert_eq!(a.device, Some(DeviceKind::Cpu));
+    }
+
     #[test]
     fn a_bad_dtype_fails_at_the_flags_naming_the_choices() {
         let base = ["sluice-worker", "--shard=0", "--output=s3://b/out/", "--model=/m", "--metrics-addr=none"];

@@ -79,16 +79,20 @@ fn log_dir(opts: &RunOptions, local: &LocalJob) -> PathBuf {
     }
 }
 
+/// A local worker process is a pod's invocation with a process's settings: no metrics port,
+/// text logs, the chosen device, a model cache in the temp directory, its share of the cores.
 fn worker_env(local: &LocalJob, opts: &RunOptions, threads: usize) -> Result<Vec<(String, String)>, LocalError> {
-    let mut vars: Vec<(String, String)> = sluice_operator::job_builder::worker_env(&local.job)?
+    let mut invocation = sluice_operator::job_builder::worker_invocation(&local.job);
+    invocation.metrics_addr = "none".into();
+    invocation.log_format = "text";
+    invocation.device = Some(opts.device.clone().unwrap_or_else(|| "cpu".into()));
+    invocation.model_cache_dir = std::env::temp_dir().join("sluice-model-cache").display().to_string();
+    let mut vars: Vec<(String, String)> = invocation
+        .to_env()
+        .map_err(|e| LocalError::Other(format!("spec.sampling: {e}")))?
         .into_iter()
-        .filter_map(|v| v.value.map(|value| (v.name, value)))
-        .filter(|(k, _)| ![env::METRICS_ADDR, env::MODEL_CACHE_DIR, env::LOG_FORMAT, env::DEVICE].contains(&k.as_str()))
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
-    vars.push((env::METRICS_ADDR.into(), "none".into()));
-    vars.push((env::LOG_FORMAT.into(), "text".into()));
-    vars.push((env::DEVICE.into(), opts.device.clone().unwrap_or_else(|| "cpu".into())));
-    vars.push((env::MODEL_CACHE_DIR.into(), std::env::temp_dir().join("sluice-model-cache").display().to_string()));
     vars.push(("RAYON_NUM_THREADS".into(), threads.to_string()));
     Ok(vars)
 }
