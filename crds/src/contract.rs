@@ -83,6 +83,14 @@ pub mod env {
     pub const HOSTNAME: &str = "HOSTNAME";
     /// Local mode: the worker program `sluice run` starts instead of `sluice worker`.
     pub const WORKER_BIN: &str = "SLUICE_WORKER_BIN";
+
+    // What the platform sets in the operator's own pod.
+
+    /// The pod's name (downward API in the chart): the operator's Event reporter instance and
+    /// its Lease identity.
+    pub const POD_NAME: &str = "POD_NAME";
+    /// Set by the kubelet in every pod: the operator runs in a cluster.
+    pub const KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
 }
 
 /// Everything the operator (for a pod) or local mode (for a process) tells a worker, as one

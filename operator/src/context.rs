@@ -27,11 +27,18 @@ pub struct Config {
     pub requeue_running: Duration,
     /// Resync interval of a suspended or held job.
     pub requeue_idle: Duration,
+    /// This replica's pod name: the Event reporter's instance.
+    pub pod_name: Option<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { worker: WorkerDefaults::default(), requeue_running: Duration::from_secs(30), requeue_idle: Duration::from_secs(300) }
+        Self {
+            worker: WorkerDefaults::default(),
+            requeue_running: Duration::from_secs(30),
+            requeue_idle: Duration::from_secs(300),
+            pod_name: None,
+        }
     }
 }
 
@@ -79,7 +86,7 @@ impl Context {
         clock: Clock,
         leader: Arc<AtomicBool>,
     ) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: config.pod_name.clone() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,

@@ -17,6 +17,7 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Toleration;
+use sluice_api::contract::env;
 use sluice_operator::context::{Config, Context};
 use sluice_operator::job_builder::WorkerDefaults;
 use sluice_operator::lease::LeaseSettings;
@@ -74,6 +75,15 @@ struct Args {
     /// http://127.0.0.1:<port>; in cluster: none (such jobs are then refused with a message).
     #[arg(long, env = "SLUICE_OPERATOR_REPORT_URL")]
     report_url: Option<String>,
+    /// This replica's name in Events and the Lease [default: $POD_NAME, else $HOSTNAME].
+    #[arg(long, env = env::POD_NAME)]
+    pod_name: Option<String>,
+    /// The host name (the Lease identity without a pod name).
+    #[arg(long, env = env::HOSTNAME, hide = true)]
+    hostname: Option<String>,
+    /// Set in every pod: the operator runs in a cluster.
+    #[arg(long, env = env::KUBERNETES_SERVICE_HOST, hide = true)]
+    kubernetes_service_host: Option<String>,
 }
 
 #[derive(Clone)]
@@ -137,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
     let bound = listener.local_addr().context("the address --metrics-addr bound")?;
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let in_cluster = args.kubernetes_service_host.as_deref().is_some_and(|h| !h.is_empty());
     let report_url = match args.report_url.clone().filter(|u| !u.trim().is_empty()) {
         Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
         Some(u) => anyhow::bail!("--report-url {u:?} must be an http:// or https:// URL"),
@@ -151,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
         None => tracing::warn!("no --report-url: jobs whose storage only their pods can reach (file:// or PVC paths) will be refused"),
     }
     let config = Config {
+        pod_name: args.pod_name.clone(),
         worker: WorkerDefaults {
             image: args.worker_image.clone(),
             gpu_resource_name: args.gpu_resource_name.clone(),
@@ -193,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     let (gained_tx, mut gained_rx) = mpsc::unbounded_channel::<()>();
     metrics.leader.set(i64::from(!args.leader_election));
     let lease_task = if args.leader_election {
-        let identity = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "sluice-operator".into());
+        let identity = args.pod_name.clone().or_else(|| args.hostname.clone()).unwrap_or_else(|| "sluice-operator".into());
         let identity = format!("{identity}-{:08x}", rand::random::<u32>());
         let settings = LeaseSettings { name: args.lease_name.clone(), namespace: args.lease_namespace.clone(), identity };
         tracing::info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "leader election on");
