@@ -3,7 +3,7 @@
 //! preemptions, failures) and at every sync replays the same moment as the reconciler sees it
 //! on a cluster: the Job (parallelism, Ready and active pods, the last-scale annotation), its
 //! pods (Unschedulable, bound but not Ready), the status's previous SLA status, and the same
-//! progress records through `status::summarize`. The reconciler's translations
+//! job facts and progress records (`Sluice::observed`, through `status::summarize`). The reconciler's translations
 //! (`JobView::scaler_state`, `status::cluster_workers`) must give the very step the simulator
 //! took, sync after sync, with the cluster's memory kept as the reconciler keeps it.
 //! Local mode's only difference, its workers (`local_workers`), is checked at the end.
@@ -18,7 +18,7 @@ use sluice_cli::local::local_workers;
 use sluice_cli::sim::policy::{Sluice, spec_for};
 use sluice_cli::sim::scenario;
 use sluice_cli::sim::world::{self, Controller, Decision, View};
-use sluice_operator::scaler::{Observed, WorkerFacts};
+use sluice_operator::scaler::WorkerFacts;
 use sluice_operator::sla::SlaConfig;
 use sluice_operator::status::{self, JobView};
 
@@ -99,20 +99,7 @@ impl Controller for Replay {
             (Some(a), Some(b)) => assert!((a - b).abs() < 1e-3, "oldest starting {a} vs {b} at {}s", v.now),
             (a, b) => assert_eq!(a, b, "at {}s", v.now),
         }
-        let (records, pod_created) = self.sim.records();
-        let summary = status::summarize(records, pod_created, now);
-        let observed = Observed {
-            now,
-            window_start: self.sim.at(0.0),
-            deadline: self.sim.at(v.deadline),
-            total_requests: v.total_requests,
-            progress: summary.scaler_progress(),
-            total_shards: v.total_shards,
-            remaining_shards: v.remaining_shards,
-            finished: v.finished,
-            suspended: false,
-            workers,
-        };
+        let observed = self.sim.observed(v, workers);
         let cluster_step = self.sim.scaler().step(&job.scaler_state(self.cluster.sla_status), &observed);
         assert_eq!(cluster_step.parallelism, sim_step.parallelism, "parallelism at {}s", v.now);
         assert_eq!(cluster_step.scaled, sim_step.scaled, "scaled at {}s", v.now);

@@ -10,7 +10,7 @@ use sluice_api::progress::ShardProgress;
 
 use super::scenario::Scenario;
 use super::world::{Controller, Decision, View};
-use sluice_operator::scaler::{Observed, ScaleStep, Scaler, ScalerState};
+use sluice_operator::scaler::{Observed, ScaleStep, Scaler, ScalerState, WorkerFacts};
 use sluice_operator::sla::{self, SlaConfig, SlaDecision};
 use sluice_operator::status;
 
@@ -70,10 +70,24 @@ impl Sluice {
         &self.scaler
     }
 
-    /// The latest visible progress record of each shard and the pods' creation times: what
-    /// the reconciler would read from storage and the API server.
-    pub fn records(&self) -> (&BTreeMap<u32, ShardProgress>, &BTreeMap<String, Timestamp>) {
-        (&self.progress, &self.pod_created)
+    /// This sync's observation with `workers` (the simulated cluster's own, or the same moment
+    /// as another world shows it): the job's facts and `status::summarize` over the latest
+    /// visible progress record of each shard, as the reconciler reads them.
+    pub fn observed(&self, v: &View, workers: WorkerFacts) -> Observed {
+        let now = self.at(v.finished_at.unwrap_or(v.now));
+        let summary = status::summarize(&self.progress, &self.pod_created, now);
+        Observed {
+            now,
+            window_start: self.at(0.0),
+            deadline: self.at(v.deadline),
+            total_requests: v.total_requests,
+            progress: summary.scaler_progress(),
+            total_shards: v.total_shards,
+            remaining_shards: v.remaining_shards,
+            finished: v.finished,
+            suspended: false,
+            workers,
+        }
     }
 
     /// The simulated time `secs` after submission as a timestamp.
@@ -105,20 +119,7 @@ impl Controller for Sluice {
             };
             self.progress.insert(r.shard, record);
         }
-        let now = self.at(v.finished_at.unwrap_or(v.now));
-        let summary = status::summarize(&self.progress, &self.pod_created, now);
-        let observed = Observed {
-            now,
-            window_start: self.at(0.0),
-            deadline: self.at(v.deadline),
-            total_requests: v.total_requests,
-            progress: summary.scaler_progress(),
-            total_shards: v.total_shards,
-            remaining_shards: v.remaining_shards,
-            finished: v.finished,
-            suspended: false,
-            workers: v.workers(),
-        };
+        let observed = self.observed(v, v.workers());
         let step = self.scaler.step(&self.state, &observed);
         let d = step.decision.clone();
         if let Some(trace) = self.trace.as_mut()
