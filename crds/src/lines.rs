@@ -126,12 +126,17 @@ pub struct LineError {
     pub kind: LineErrorKind,
 }
 
-/// Parse one input line (without its trailing newline; a trailing `\r` is ignored).
+/// The UTF-8 byte-order mark some editors (and Windows tools) put at the start of a file.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Parse one input line (without its trailing newline; a trailing `\r` is ignored, and so is a
+/// UTF-8 byte-order mark at the start of line 1, the start of the file).
 pub fn parse_line(bytes: &[u8], line: u64, format: InputFormat, max_bytes: usize) -> Result<InputRequest, LineError> {
     let err = |custom_id: Option<String>, kind| LineError { line, custom_id, kind };
     if bytes.len() > max_bytes {
         return Err(err(None, LineErrorKind::TooLong { len: bytes.len(), max: max_bytes }));
     }
+    let bytes = if line == 1 { bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes) } else { bytes };
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| err(None, LineErrorKind::InvalidUtf8 { offset: e.valid_up_to() }))?;
     if text.trim().is_empty() {
@@ -372,6 +377,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<InputRequest, LineError> {
         parse_line(s.as_bytes(), 7, InputFormat::Auto, DEFAULT_MAX_LINE_BYTES)
+    }
+
+    #[test]
+    fn byte_order_mark_at_the_start_of_the_file_is_accepted() {
+        let text = r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"hi"}}"#;
+        let with_bom = [UTF8_BOM, text.as_bytes()].concat();
+        let r = parse_line(&with_bom, 1, InputFormat::Openai, DEFAULT_MAX_LINE_BYTES).unwrap();
+        assert_eq!(r.custom_id, "a");
+        assert_eq!(r.body, RequestBody::Completion { prompt: "hi".into() });
+        // Only the file's start may carry one: elsewhere it is not JSON.
+        let e = parse_line(&with_bom, 2, InputFormat::Openai, DEFAULT_MAX_LINE_BYTES).unwrap_err();
+        assert_eq!(e.kind.code(), "invalid_json");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sluice`: the command-line tool. `sluice run job.yaml` runs a BatchInferenceJob on this
 //! machine (local mode); `sluice status <output>` reads a job's state from its storage;
-//! `sluice validate job.yaml` checks a manifest with the CRD's rules.
+//! `sluice validate job.yaml` checks a manifest with the CRD's rules; `sluice serve --local` is the
+//! OpenAI Batch API in front of local mode.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -59,6 +60,27 @@ enum Cmd {
     },
     /// Validate a manifest with the CRD's schema and CEL rules, as the API server would.
     Validate { manifest: PathBuf },
+    /// Serve the OpenAI Batch API (Files and Batches); `--local` runs batches as local-mode jobs.
+    Serve {
+        /// Run batches on this machine (local mode), keeping files and batches under --data-dir.
+        #[arg(long)]
+        local: bool,
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// Where files, batches and their jobs are kept (survives restarts).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Server config: `models: {name: {uri, dtype, maxTokens, …}}` (default: the bundled tiny-qwen2).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// API keys file: `keys: {<sha256 of key>: tenant}`, `tenants: {tenant: limits}` (default: any key).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Write logs to this file (default: warnings only, to stderr).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
     /// Run one shard as a worker (what `sluice run` starts; same as the `sluice-worker` binary).
     #[command(disable_help_flag = true)]
     Worker {
@@ -88,6 +110,31 @@ fn init_logs(log_file: Option<&PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
+fn serve_options(
+    local: bool,
+    listen: std::net::SocketAddr,
+    data_dir: PathBuf,
+    config: Option<PathBuf>,
+    keys: Option<PathBuf>,
+) -> Result<sluice_cli::serve::ServeOptions, String> {
+    use sluice_cli::serve::config::{Auth, ServerConfig};
+    if !local {
+        return Err("only --local is available in this build: batches run as local-mode jobs on this machine".into());
+    }
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create --data-dir {}: {e}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize().map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+    let config = match config {
+        Some(p) => ServerConfig::load(&p)?,
+        None => ServerConfig::bundled(),
+    };
+    let auth = match keys {
+        Some(p) => Auth::load(&p)?,
+        None => Auth::Open,
+    };
+    let sluice_program = std::env::current_exe().map_err(|e| format!("cannot locate the sluice binary: {e}"))?;
+    Ok(sluice_cli::serve::ServeOptions { listen, data_dir, config, auth, sluice_program })
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
         eprintln!("sluice: cannot start the async runtime: {e}");
@@ -107,6 +154,31 @@ fn main() -> ExitCode {
                 Err(e) => {
                     let _ = e.print();
                     ExitCode::from(u8::try_from(sluice_api::contract::exit::USAGE).unwrap_or(2))
+                }
+            }
+        }
+        Cmd::Serve { local, listen, data_dir, config, keys, log_file } => {
+            if let Err(e) = init_logs(log_file.as_ref()) {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(2);
+            }
+            match serve_options(local, listen, data_dir, config, keys) {
+                Ok(opts) => {
+                    let rt = match runtime() {
+                        Ok(rt) => rt,
+                        Err(c) => return c,
+                    };
+                    match rt.block_on(sluice_cli::serve::serve(opts)) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("sluice serve: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("sluice serve: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

@@ -1,0 +1,184 @@
+//! The Files endpoints: upload (multipart, streamed to the data directory chunk by chunk and
+//! capped by the tenant's file size limit), list, retrieve, content and delete. Another
+//! tenant's files are "not found".
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use super::error::ApiError;
+use super::objects::{FileObject, FileRecord, ListPage, new_id, now};
+use super::{AppState, Caller};
+
+fn bad_multipart(e: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid(format!("malformed multipart/form-data body: {e}"), None, "invalid_multipart")
+}
+
+/// `POST /v1/files`: fields `purpose` (must be `batch`) and `file`.
+pub async fn upload(State(st): State<Arc<AppState>>, Caller(tenant): Caller, mut mp: Multipart) -> Result<Json<FileObject>, ApiError> {
+    let id = new_id("file-");
+    let tmp = st.tmp_path(&format!("{id}.upload"));
+    let mut purpose: Option<String> = None;
+    let mut filename: Option<String> = None;
+    let mut bytes = 0u64;
+    let received: Result<(), ApiError> = async {
+        while let Some(mut field) = mp.next_field().await.map_err(bad_multipart)? {
+            match field.name() {
+                Some("purpose") => purpose = Some(field.text().await.map_err(bad_multipart)?.trim().to_string()),
+                Some("file") => {
+                    if filename.is_some() {
+                        return Err(ApiError::invalid("send one file per upload", Some("file"), "invalid_multipart"));
+                    }
+                    filename = Some(field.file_name().unwrap_or("upload.jsonl").to_string());
+                    let mut out = tokio::fs::File::create(&tmp).await.map_err(|e| ApiError::internal(format!("cannot create {}: {e}", tmp.display())))?;
+                    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+                        bytes += chunk.len() as u64;
+                        if let Some(max) = tenant.limits.max_file_bytes
+                            && bytes > max
+                        {
+                            return Err(ApiError::too_large(format!(
+                                "the file is larger than this tenant's limit of {max} bytes (maxFileBytes of tenant {:?})",
+                                tenant.name
+                            )));
+                        }
+                        out.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("cannot write {}: {e}", tmp.display())))?;
+                    }
+                    out.flush().await.map_err(|e| ApiError::internal(format!("cannot write {}: {e}", tmp.display())))?;
+                }
+                // Other fields (OpenAI's expires_after…) are accepted and ignored.
+                _ => {}
+            }
+        }
+        match purpose.as_deref() {
+            None => return Err(ApiError::invalid("missing required parameter: 'purpose'", Some("purpose"), "missing_required_parameter")),
+            Some("batch") => {}
+            Some(p) => {
+                return Err(ApiError::invalid(
+                    format!("purpose {p:?} is not supported: this server stores files for batches only (purpose \"batch\")"),
+                    Some("purpose"),
+                    "invalid_value",
+                ));
+            }
+        }
+        if filename.is_none() {
+            return Err(ApiError::invalid("missing required parameter: 'file'", Some("file"), "missing_required_parameter"));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = received {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    let data = st.file_data(&id);
+    tokio::fs::rename(&tmp, &data).await.map_err(|e| ApiError::internal(format!("cannot move the upload to {}: {e}", data.display())))?;
+    let file = FileObject {
+        id,
+        object: "file".into(),
+        bytes,
+        created_at: now(),
+        filename: filename.unwrap_or_default(),
+        purpose: "batch".into(),
+        status: "processed".into(),
+        status_details: None,
+        expires_at: None,
+    };
+    register(&st, &tenant.name, file.clone())?;
+    Ok(Json(file))
+}
+
+/// Record a file whose data is already at `st.file_data(id)`.
+pub(crate) fn register(st: &AppState, tenant: &str, file: FileObject) -> Result<(), ApiError> {
+    let mut inner = st.lock();
+    inner.seq += 1;
+    let rec = FileRecord { tenant: tenant.to_string(), seq: inner.seq, file };
+    st.save_file(&mut inner, rec)
+}
+
+fn find(st: &AppState, tenant: &str, id: &str) -> Result<FileRecord, ApiError> {
+    st.lock().files.get(id).filter(|f| f.tenant == tenant).cloned().ok_or_else(|| ApiError::not_found("File", id))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    purpose: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+    order: Option<String>,
+}
+
+/// `GET /v1/files` (`purpose`, `limit` 1–10000, `after`, `order` asc|desc).
+pub async fn list(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Query(q): Query<ListQuery>) -> Result<Json<ListPage<FileObject>>, ApiError> {
+    let limit = q.limit.unwrap_or(10_000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be between 1 and 10000, not {limit}"), Some("limit"), "invalid_value"));
+    }
+    let asc = match q.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(o) => return Err(ApiError::invalid(format!("order must be \"asc\" or \"desc\", not {o:?}"), Some("order"), "invalid_value")),
+    };
+    let inner = st.lock();
+    let mut mine: Vec<&FileRecord> =
+        inner.files.values().filter(|f| f.tenant == tenant.name && q.purpose.as_ref().is_none_or(|p| &f.file.purpose == p)).collect();
+    mine.sort_by_key(|f| f.seq);
+    if !asc {
+        mine.reverse();
+    }
+    let start = match &q.after {
+        None => 0,
+        Some(after) => match mine.iter().position(|f| &f.file.id == after) {
+            Some(i) => i + 1,
+            None => return Err(ApiError::not_found("File", after)),
+        },
+    };
+    let rest = &mine[start.min(mine.len())..];
+    let data: Vec<FileObject> = rest.iter().take(limit).map(|f| f.file.clone()).collect();
+    Ok(Json(ListPage {
+        object: "list",
+        first_id: data.first().map(|f| f.id.clone()),
+        last_id: data.last().map(|f| f.id.clone()),
+        has_more: rest.len() > data.len(),
+        data,
+    }))
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn get_one(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<FileObject>, ApiError> {
+    Ok(Json(find(&st, &tenant.name, &id)?.file))
+}
+
+/// `GET /v1/files/{id}/content`: streamed from disk.
+pub async fn content(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let rec = find(&st, &tenant.name, &id)?;
+    let path = st.file_data(&rec.file.id);
+    let file = tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// `DELETE /v1/files/{id}`. The input of a batch still running cannot be deleted (409).
+pub async fn delete(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let rec = find(&st, &tenant.name, &id)?;
+    {
+        let mut inner = st.lock();
+        if let Some(b) = inner.batches.values().find(|b| b.batch.input_file_id == id && b.batch.status.in_flight()) {
+            return Err(ApiError::conflict(
+                format!("file {id} is the input of batch {}, which is {}; cancel it or wait for it to finish first", b.batch.id, b.batch.status.as_str()),
+                "file_in_use",
+            ));
+        }
+        let meta = st.dir.join("files").join(format!("{id}.json"));
+        std::fs::remove_file(&meta).map_err(|e| ApiError::internal(format!("cannot delete {}: {e}", meta.display())))?;
+        inner.files.remove(&id);
+    }
+    let _ = tokio::fs::remove_file(st.file_data(&rec.file.id)).await;
+    Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
+}
