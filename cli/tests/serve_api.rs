@@ -105,7 +105,19 @@ fn error_paths_tenants_and_limits() {
     assert_eq!(code, 200, "{b}");
     let id = b["id"].as_str().unwrap().to_string();
     assert_eq!(b["object"], "batch");
-    for field in ["errors", "output_file_id", "error_file_id", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "metadata"] {
+    for field in [
+        "errors",
+        "output_file_id",
+        "error_file_id",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+        "metadata",
+    ] {
         assert!(b.get(field).is_some(), "batch object lacks {field}: {b}");
     }
     assert_eq!(b["expires_at"].as_i64().unwrap() - b["created_at"].as_i64().unwrap(), 5400);

@@ -43,6 +43,12 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
     format!("cannot {what} {}: {e}", path.display())
 }
 
+/// Where the two files go: (successes, errors).
+pub type Destinations<'a> = (&'a Path, &'a Path);
+
+/// The error code and message of input lines that never ran.
+pub type Missing<'a> = (&'a str, &'a str);
+
 /// Write `ok_path` (successes) and `err_path` (errors) for the job output under `out` and its
 /// input of `total` lines; input lines with no committed line get `missing_code`.
 pub fn assemble(
@@ -50,10 +56,8 @@ pub fn assemble(
     input: &Path,
     total: u64,
     job_key: &str,
-    missing_code: &str,
-    missing_message: &str,
-    ok_path: &Path,
-    err_path: &Path,
+    (missing_code, missing_message): Missing<'_>,
+    (ok_path, err_path): Destinations<'_>,
 ) -> Result<Assembled, String> {
     let mut covered = vec![false; usize::try_from(total).unwrap_or(usize::MAX).saturating_add(1)];
     let mut ok = BufWriter::new(std::fs::File::create(ok_path).map_err(|e| io_err("create", ok_path, e))?);
@@ -104,7 +108,8 @@ pub fn assemble(
         }
         let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
         let line = if n == 1 { line.strip_prefix(UTF8_BOM).unwrap_or(line) } else { line };
-        let custom_id = serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string));
+        let custom_id =
+            serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string));
         let rec = OutputLine::failure(job_key, custom_id.as_deref(), n, missing_code, missing_message);
         let text = serde_json::to_string(&rec).map_err(|e| format!("cannot serialise an error line: {e}"))?;
         err.write_all(text.as_bytes()).and_then(|_| err.write_all(b"\n")).map_err(|e| io_err("write", err_path, e))?;
@@ -127,7 +132,8 @@ mod tests {
         std::fs::create_dir_all(out.join("errors")).unwrap();
         std::fs::create_dir_all(out.join("_sluice/shards/00000")).unwrap();
         let input = dir.path().join("in.jsonl");
-        let lines: Vec<String> = (1..=5).map(|i| format!(r#"{{"custom_id":"r{i}","url":"/v1/completions","body":{{"prompt":"x"}}}}"#)).collect();
+        let lines: Vec<String> =
+            (1..=5).map(|i| format!(r#"{{"custom_id":"r{i}","url":"/v1/completions","body":{{"prompt":"x"}}}}"#)).collect();
         std::fs::write(&input, format!("\u{feff}{}\n", lines.join("\n"))).unwrap();
         let success = |i: u64| {
             let id = format!("r{i}");
@@ -145,11 +151,12 @@ mod tests {
         };
         // Line 1 in a final file and again in a chunk (the chunk is not counted twice).
         std::fs::write(out.join("results/00000.jsonl"), format!("{}\n", success(1))).unwrap();
-        std::fs::write(out.join("_sluice/shards/00000/000000000001-000000000003.jsonl"), format!("{}\n{}\n", success(1), success(2))).unwrap();
+        std::fs::write(out.join("_sluice/shards/00000/000000000001-000000000003.jsonl"), format!("{}\n{}\n", success(1), success(2)))
+            .unwrap();
         let bad = serde_json::to_string(&OutputLine::failure("j", Some("r3"), 3, "invalid_json", "bad")).unwrap();
         std::fs::write(out.join("errors/00000.jsonl"), format!("{bad}\n")).unwrap();
         let (ok, err) = (dir.path().join("ok.jsonl"), dir.path().join("err.jsonl"));
-        let a = assemble(&out, &input, 5, "j", "batch_cancelled", "cancelled", &ok, &err).unwrap();
+        let a = assemble(&out, &input, 5, "j", ("batch_cancelled", "cancelled"), (&ok, &err)).unwrap();
         assert_eq!((a.succeeded, a.failed, a.usage.completion_tokens), (2, 3, 6));
         let ok_text = std::fs::read_to_string(&ok).unwrap();
         let err_text = std::fs::read_to_string(&err).unwrap();

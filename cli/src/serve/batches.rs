@@ -92,7 +92,11 @@ pub async fn create(State(st): State<Arc<AppState>>, Caller(tenant): Caller, bod
         ));
     }
     let window = sluice_api::deadline::parse_duration(&req.completion_window).map_err(|e| {
-        ApiError::invalid(format!("completion_window: {e}; Sluice accepts any duration such as 24h, 1h30m or 2d"), Some("completion_window"), "invalid_value")
+        ApiError::invalid(
+            format!("completion_window: {e}; Sluice accepts any duration such as 24h, 1h30m or 2d"),
+            Some("completion_window"),
+            "invalid_value",
+        )
     })?;
     if let Some(m) = &req.metadata {
         if m.len() > 16 {
@@ -129,7 +133,10 @@ pub async fn create(State(st): State<Arc<AppState>>, Caller(tenant): Caller, bod
         let n = st.lock().batches.values().filter(|b| b.tenant == tenant.name && b.batch.status.in_flight()).count();
         if n >= max as usize {
             return Err(ApiError::limit(
-                format!("tenant {:?} already has {n} batches in flight, its limit (maxBatchesInFlight {max}); wait for one to finish", tenant.name),
+                format!(
+                    "tenant {:?} already has {n} batches in flight, its limit (maxBatchesInFlight {max}); wait for one to finish",
+                    tenant.name
+                ),
                 "batch_limit_exceeded",
             ));
         }
@@ -152,7 +159,10 @@ pub async fn create(State(st): State<Arc<AppState>>, Caller(tenant): Caller, bod
     let model = match scan.models.len() {
         0 => st.config.default_model.clone().ok_or_else(|| {
             ApiError::invalid(
-                format!("the input's lines name no model and this server has no defaultModel; set body.model to one of: {}", st.config.model_names()),
+                format!(
+                    "the input's lines name no model and this server has no defaultModel; set body.model to one of: {}",
+                    st.config.model_names()
+                ),
                 Some("model"),
                 "model_not_found",
             )
@@ -182,7 +192,10 @@ pub async fn create(State(st): State<Arc<AppState>>, Caller(tenant): Caller, bod
     for (line, url) in &scan.wrong_url {
         errors.push(BatchError {
             code: "mismatched_endpoint".into(),
-            message: format!("line {line}: url {url} does not match the batch's endpoint {} ({} such lines)", req.endpoint, scan.wrong_url_count),
+            message: format!(
+                "line {line}: url {url} does not match the batch's endpoint {} ({} such lines)",
+                req.endpoint, scan.wrong_url_count
+            ),
             param: Some("url".into()),
             line: Some(*line),
         });
@@ -236,7 +249,11 @@ fn find(st: &AppState, tenant: &str, id: &str) -> Result<BatchRecord, ApiError> 
 }
 
 /// `GET /v1/batches/{id}`.
-pub async fn get_one(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<BatchObject>, ApiError> {
+pub async fn get_one(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BatchObject>, ApiError> {
     Ok(Json(find(&st, &tenant.name, &id)?.batch))
 }
 
@@ -247,7 +264,11 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/batches` (`limit` 1–100, default 20; `after`: the last id of the previous page).
-pub async fn list(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Query(q): Query<ListQuery>) -> Result<Json<ListPage<BatchObject>>, ApiError> {
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<ListPage<BatchObject>>, ApiError> {
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be between 1 and 100, not {limit}"), Some("limit"), "invalid_value"));
@@ -275,7 +296,11 @@ pub async fn list(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Query
 
 /// `POST /v1/batches/{id}/cancel`: stops new work; committed results are kept and every
 /// request that never ran goes to the error file with code `batch_cancelled`.
-pub async fn cancel(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<BatchObject>, ApiError> {
+pub async fn cancel(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BatchObject>, ApiError> {
     let rec = find(&st, &tenant.name, &id)?;
     match rec.batch.status {
         BatchStatus::Cancelling | BatchStatus::Cancelled => return Ok(Json(rec.batch)),

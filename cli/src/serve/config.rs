@@ -77,7 +77,11 @@ impl ServerConfig {
             max_batch_size: None,
             requests_per_shard: None,
         };
-        Self { models: BTreeMap::from([(BUNDLED_MODEL.to_string(), entry)]), default_model: Some(BUNDLED_MODEL.into()), workers: Default::default() }
+        Self {
+            models: BTreeMap::from([(BUNDLED_MODEL.to_string(), entry)]),
+            default_model: Some(BUNDLED_MODEL.into()),
+            workers: Default::default(),
+        }
     }
 
     /// Read `--config`, resolve relative model paths against its directory, and check that
@@ -235,7 +239,8 @@ mod tests {
     fn keys_map_to_tenants_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
-        let text = format!("keys:\n  {}: team-a\n  sha256:{}: team-b\ntenants:\n  team-a: {{maxFileBytes: 10}}\n", hash_key("ka"), hash_key("kb"));
+        let text =
+            format!("keys:\n  {}: team-a\n  sha256:{}: team-b\ntenants:\n  team-a: {{maxFileBytes: 10}}\n", hash_key("ka"), hash_key("kb"));
         std::fs::write(&path, text).unwrap();
         let auth = Auth::load(&path).unwrap();
         let a = auth.tenant(Some("Bearer ka")).unwrap();

@@ -40,7 +40,13 @@ impl ApiError {
 
     /// 404 for a route this server does not have.
     pub fn no_route(method: &str, path: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Unknown request URL: {method} {path}"), None, Some("unknown_url"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("Unknown request URL: {method} {path}"),
+            None,
+            Some("unknown_url"),
+        )
     }
 
     /// 409: the object is in a state that does not allow this.

@@ -37,7 +37,9 @@ pub async fn upload(State(st): State<Arc<AppState>>, Caller(tenant): Caller, mut
                         return Err(ApiError::invalid("send one file per upload", Some("file"), "invalid_multipart"));
                     }
                     filename = Some(field.file_name().unwrap_or("upload.jsonl").to_string());
-                    let mut out = tokio::fs::File::create(&tmp).await.map_err(|e| ApiError::internal(format!("cannot create {}: {e}", tmp.display())))?;
+                    let mut out = tokio::fs::File::create(&tmp)
+                        .await
+                        .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", tmp.display())))?;
                     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
                         bytes += chunk.len() as u64;
                         if let Some(max) = tenant.limits.max_file_bytes
@@ -115,7 +117,11 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/files` (`purpose`, `limit` 1–10000, `after`, `order` asc|desc).
-pub async fn list(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Query(q): Query<ListQuery>) -> Result<Json<ListPage<FileObject>>, ApiError> {
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<ListPage<FileObject>>, ApiError> {
     let limit = q.limit.unwrap_or(10_000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be between 1 and 10000, not {limit}"), Some("limit"), "invalid_value"));
@@ -151,7 +157,11 @@ pub async fn list(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Query
 }
 
 /// `GET /v1/files/{id}`.
-pub async fn get_one(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<FileObject>, ApiError> {
+pub async fn get_one(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<FileObject>, ApiError> {
     Ok(Json(find(&st, &tenant.name, &id)?.file))
 }
 
@@ -171,7 +181,11 @@ pub async fn delete(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Pat
         let mut inner = st.lock();
         if let Some(b) = inner.batches.values().find(|b| b.batch.input_file_id == id && b.batch.status.in_flight()) {
             return Err(ApiError::conflict(
-                format!("file {id} is the input of batch {}, which is {}; cancel it or wait for it to finish first", b.batch.id, b.batch.status.as_str()),
+                format!(
+                    "file {id} is the input of batch {}, which is {}; cancel it or wait for it to finish first",
+                    b.batch.id,
+                    b.batch.status.as_str()
+                ),
                 "file_in_use",
             ));
         }

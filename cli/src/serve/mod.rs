@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
@@ -200,8 +200,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         tracing::warn!("no --keys file: any bearer key is accepted and every caller is the one tenant \"default\"");
         eprintln!("sluice serve: WARNING: no --keys file configured: accepting any bearer key (one tenant, \"default\")");
     }
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr().map_err(|e| format!("cannot read the listening address: {e}"))?;
     // Unfinished batches of an earlier run resume (local mode resumes from committed chunks).
     let unfinished: Vec<String> =

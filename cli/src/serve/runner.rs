@@ -36,8 +36,10 @@ fn fail_without_files(b: &mut BatchRecord, message: &str) {
     b.batch.failed_at = Some(now());
     b.batch.sluice.sla_status = "Failed".into();
     b.batch.sluice.workers = 0;
-    b.batch.errors =
-        Some(BatchErrors { object: "list".into(), data: vec![BatchError { code: "batch_failed".into(), message: message.into(), param: None, line: None }] });
+    b.batch.errors = Some(BatchErrors {
+        object: "list".into(),
+        data: vec![BatchError { code: "batch_failed".into(), message: message.into(), param: None, line: None }],
+    });
 }
 
 fn job_name(id: &str) -> String {
@@ -213,7 +215,11 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
     let rec = state
         .update_batch(id, |b| {
             // A cancel that arrived as the job finished: nothing was left to cancel.
-            let outcome = if b.batch.status == BatchStatus::Cancelling && outcome == Outcome::Completed { Outcome::Cancelled } else { outcome.clone() };
+            let outcome = if b.batch.status == BatchStatus::Cancelling && outcome == Outcome::Completed {
+                Outcome::Cancelled
+            } else {
+                outcome.clone()
+            };
             if outcome == Outcome::Completed && b.batch.finalizing_at.is_none() {
                 b.batch.status = BatchStatus::Finalizing;
                 b.batch.finalizing_at = Some(now());
@@ -226,7 +232,9 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
     let (code, message) = match &outcome {
         Outcome::Completed => ("request_not_run", "the request's shard failed after its retries; see the batch's worker logs".to_string()),
         Outcome::Cancelled => ("batch_cancelled", "the batch was cancelled before this request ran".to_string()),
-        Outcome::Expired => ("batch_expired", format!("the batch's completion window ({}) ended before this request ran", b.completion_window)),
+        Outcome::Expired => {
+            ("batch_expired", format!("the batch's completion window ({}) ended before this request ran", b.completion_window))
+        }
         Outcome::Failed { message } => ("batch_failed", format!("the batch failed before this request ran: {message}")),
     };
     let (ok_id, err_id) = (new_id("file-"), new_id("file-"));
@@ -235,7 +243,7 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
     let input = state.file_data(&b.input_file_id);
     let (total, key) = (b.request_counts.total, job_name(id));
     let (okp, errp) = (ok_path.clone(), err_path.clone());
-    let a = tokio::task::spawn_blocking(move || assemble(&out, &input, total, &key, code, &message, &okp, &errp))
+    let a = tokio::task::spawn_blocking(move || assemble(&out, &input, total, &key, (code, &message), (&okp, &errp)))
         .await
         .map_err(|e| format!("the output assembly stopped: {e}"))??;
     let register_file = |fid: &str, path: &Path, kind: &str, lines: u64| -> Result<Option<String>, String> {

@@ -55,7 +55,8 @@ impl Server {
     /// One request; returns the status and the JSON body (Null when the body is not JSON).
     pub fn call(&self, method: &str, path: &str, key: Option<&str>, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
         let mut s = TcpStream::connect(&self.addr).unwrap();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", self.addr, body.len());
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", self.addr, body.len());
         if let Some(k) = key {
             head.push_str(&format!("Authorization: Bearer {k}\r\n"));
         }
@@ -103,7 +104,8 @@ impl Drop for Server {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0) ^ u64::from(std::process::id())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        ^ u64::from(std::process::id())
 }
 
 /// The SHA-256 of `key` in hex (as the keys file stores it), via the crate's own function.
