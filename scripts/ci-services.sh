@@ -8,3 +8,9 @@
 # SLUICE_TEST_S3_TLS_BUCKET).
 # shellcheck source=/dev/null
 source scripts/s3-test-server.sh
+
+# The official OpenAI Python client for the Batch API test (cli/tests/serve_openai.rs runs
+# tests/openai/test_batch_api.py against `sluice serve --local`).
+if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "3.63.0")' 2>/dev/null; then
+  python3 -m pip install -q 'openai==3.63.0'
+fi

@@ -24,6 +24,8 @@ impl Server {
             .args(["serve", "--local", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(args)
+            // Stopped workers give up unfinished requests sooner than the 25 s default.
+            .env("SLUICE_GRACE_SECONDS", "3")
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
@@ -52,11 +54,10 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// One request; returns the status and the JSON body (Null when the body is not JSON).
-    pub fn call(&self, method: &str, path: &str, key: Option<&str>, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
+    /// One HTTP/1.0 request (so the answer is never chunked); returns the status and the body.
+    pub fn raw(&self, method: &str, path: &str, key: Option<&str>, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
         let mut s = TcpStream::connect(&self.addr).unwrap();
-        let mut head =
-            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", self.addr, body.len());
+        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n", self.addr, body.len());
         if let Some(k) = key {
             head.push_str(&format!("Authorization: Bearer {k}\r\n"));
         }
@@ -71,7 +72,32 @@ impl Server {
         let text = String::from_utf8_lossy(&resp).to_string();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        (status, body.to_string())
+    }
+
+    /// One request; returns the status and the JSON body (Null when the body is not JSON).
+    pub fn call(&self, method: &str, path: &str, key: Option<&str>, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
+        let (status, text) = self.raw(method, path, key, content_type, body);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// The custom_ids of a finished batch's output and error files, and the error codes.
+    pub fn results(&self, batch: &Value, key: Option<&str>) -> (Vec<String>, Vec<String>) {
+        let (mut ids, mut codes) = (vec![], vec![]);
+        for field in ["output_file_id", "error_file_id"] {
+            let Some(id) = batch[field].as_str() else { continue };
+            let (status, text) = self.raw("GET", &format!("/v1/files/{id}/content"), key, None, b"");
+            assert_eq!(status, 200, "{text}");
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value = serde_json::from_str(line).unwrap();
+                ids.push(v["custom_id"].as_str().unwrap().to_string());
+                if let Some(c) = v["error"]["code"].as_str() {
+                    codes.push(c.to_string());
+                }
+            }
+        }
+        ids.sort();
+        (ids, codes)
     }
 
     pub fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
@@ -130,6 +156,38 @@ pub fn chat_lines(prefix: &str, n: usize, model: &str) -> String {
                 + "\n"
         })
         .collect()
+}
+
+/// Requests slow enough on the tiny model that a cancel or a short window lands mid-run.
+pub fn slow_lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("{prefix}-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "tiny-qwen2", "messages": [{"role": "user", "content": format!("hi {i}")}], "max_tokens": 400, "temperature": 1.0}})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// The sorted custom_ids `prefix-0..n`.
+pub fn expected_ids(prefix: &str, n: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    v.sort();
+    v
+}
+
+/// Poll a batch until it has `status`.
+pub fn wait_status(s: &Server, id: &str, key: Option<&str>, status: &str) -> Value {
+    for _ in 0..600 {
+        let (code, b) = s.get(&format!("/v1/batches/{id}"), key);
+        assert_eq!(code, 200, "{b}");
+        if b["status"] == status {
+            return b;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("batch {id} never reached {status}");
 }
 
 /// Poll a batch until it leaves the in-flight states.
