@@ -45,6 +45,18 @@ fn expiry_and_a_restart_mid_run_keep_every_request_exactly_once() {
     let s = Server::start(&data, &[]);
     let resumed = wait_status(&s, &id, None, "in_progress");
     assert!(resumed["in_progress_at"].is_i64());
+    // Progress shows in request_counts and the `sluice` extension.
+    let mut seen = json!(null);
+    for _ in 0..100 {
+        seen = s.get(&format!("/v1/batches/{id}"), None).1;
+        if seen["sluice"]["workers"].as_u64() >= Some(1) && seen["sluice"]["projected_completion_at"].is_i64() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(seen["sluice"]["workers"].as_u64() >= Some(1), "{seen}");
+    assert!(seen["request_counts"]["completed"].as_u64() > Some(0), "{seen}");
+    assert!(matches!(seen["sluice"]["sla_status"].as_str(), Some("OnTrack" | "AtRisk")), "{seen}");
     // The input of a running batch cannot be deleted.
     let (code, e) = s.call("DELETE", &format!("/v1/files/{fid}"), None, None, b"");
     assert_eq!((code, e["error"]["code"].as_str()), (409, Some("file_in_use")), "{e}");
@@ -56,4 +68,28 @@ fn expiry_and_a_restart_mid_run_keep_every_request_exactly_once() {
     let (ids, codes) = s.results(&done, None);
     assert_eq!(ids, expected_ids("rs", N));
     assert!(codes.iter().any(|c| c == "batch_cancelled"));
+}
+
+#[test]
+fn a_model_that_does_not_load_fails_the_batch_with_every_request_in_the_error_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{}").unwrap();
+    let config = dir.path().join("serve.yaml");
+    std::fs::write(&config, format!("models:\n  broken: {{uri: {}}}\n", broken.display())).unwrap();
+    let s = Server::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let lines = serve_support::chat_lines("br", 5, "broken");
+    let (_, f) = s.upload(None, Some("batch"), &lines);
+    let (code, b) =
+        s.post_json("/v1/batches", None, &json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "1h"}));
+    assert_eq!(code, 200, "{b}");
+    let done = wait_done(&s, b["id"].as_str().unwrap(), None);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done["failed_at"].is_i64());
+    assert_eq!(done["errors"]["data"][0]["code"], "batch_failed");
+    assert!(done["errors"]["data"][0]["message"].as_str().unwrap().contains("failed"), "{done}");
+    let (ids, codes) = s.results(&done, None);
+    assert_eq!(ids, expected_ids("br", 5));
+    assert!(codes.iter().all(|c| c == "batch_failed"), "{codes:?}");
 }

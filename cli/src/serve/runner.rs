@@ -76,8 +76,9 @@ fn manifest(state: &AppState, rec: &BatchRecord) -> Result<serde_json::Value, St
         // All the workers the server allows: a batch is done as soon as it can be.
         "sla": {"completionWindow": b.completion_window, "margin": 0.1, "policy": "Fastest"},
         "workers": {"min": 1, "max": max, "gpus": if cuda { 1 } else { 0 }, "maxBatchSize": model.max_batch_size.unwrap_or(256)},
-        // A failed shard must not fail the batch: its requests get error lines instead.
-        "retries": {"perShard": 2, "maxFailedShards": 1_000_000},
+        // A shard that fails after its retries (a model that does not load…) fails the batch:
+        // what was committed is kept and every other request gets a `batch_failed` line.
+        "retries": {"perShard": 2, "maxFailedShards": 0},
     });
     if let Some(n) = model.requests_per_shard {
         spec["sharding"] = json!({"requestsPerShard": n});
