@@ -137,6 +137,10 @@ fn error_paths_tenants_and_limits() {
     assert_error(&s.get("/v1/batches?after=batch_nope", A), 404, "not_found", "batch_nope");
     assert_error(&s.get("/v1/files?order=up", A), 400, "invalid_value", "order");
     assert_error(&s.get("/v1/models", A), 404, "unknown_url", "/v1/models");
+    assert_error(&s.get("/v1/batches?limit=many", A), 400, "invalid_request", "limit");
+    let huge = vec![b' '; 2 << 20];
+    assert_error(&s.call("POST", "/v1/batches", A, Some("application/json"), &huge), 413, "request_too_large", "");
+    assert_error(&s.call("POST", "/v1/files", A, Some("application/json"), b"{}"), 400, "invalid_request", "");
     let page = s.get("/v1/batches?limit=1", A).1;
     assert_eq!(page["data"].as_array().unwrap().len(), 1);
     assert_eq!(page["has_more"], true);

@@ -15,7 +15,9 @@ use serde_json::{Map, Value};
 use sluice_api::job::InputFormat;
 use sluice_api::lines::{DEFAULT_MAX_LINE_BYTES, LineErrorKind, parse_line};
 
-use super::error::ApiError;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+
+use super::error::{ApiError, Rejection};
 use super::objects::{BatchError, BatchErrors, BatchObject, BatchRecord, BatchStatus, ListPage, RequestCounts, SluiceFields, new_id, now};
 use super::{AppState, Caller};
 
@@ -81,7 +83,12 @@ pub(crate) fn scan(path: &std::path::Path, endpoint: &str) -> Result<Scan, Strin
 }
 
 /// `POST /v1/batches`.
-pub async fn create(State(st): State<Arc<AppState>>, Caller(tenant): Caller, body: Bytes) -> Result<Json<BatchObject>, ApiError> {
+pub async fn create(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchObject>, ApiError> {
+    let body = body.map_err(|r| ApiError::from(Rejection(r)))?;
     let req: CreateBatch = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not a valid batch request: {e}"), None, "invalid_request"))?;
     if !ENDPOINTS.contains(&req.endpoint.as_str()) {
@@ -267,8 +274,9 @@ pub struct ListQuery {
 pub async fn list(
     State(st): State<Arc<AppState>>,
     Caller(tenant): Caller,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListPage<BatchObject>>, ApiError> {
+    let Query(q) = q.map_err(|r| ApiError::from(Rejection(r)))?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be between 1 and 100, not {limit}"), Some("limit"), "invalid_value"));

@@ -71,6 +71,20 @@ impl ApiError {
     }
 }
 
+/// axum's own rejections (a body over the limit, a bad query string, a body that is not
+/// multipart) in OpenAI's shape, keeping their status.
+impl<R: axum::response::IntoResponse + std::fmt::Display> From<Rejection<R>> for ApiError {
+    fn from(Rejection(r): Rejection<R>) -> Self {
+        let message = r.to_string();
+        let status = r.into_response().status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request" };
+        Self::new(status, "invalid_request_error", message, None, Some(code))
+    }
+}
+
+/// Wraps an axum rejection for the conversion above.
+pub struct Rejection<R>(pub R);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});

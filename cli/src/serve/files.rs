@@ -13,7 +13,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use super::error::ApiError;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::QueryRejection;
+
+use super::error::{ApiError, Rejection};
 use super::objects::{FileObject, FileRecord, ListPage, new_id, now};
 use super::{AppState, Caller};
 
@@ -22,7 +25,12 @@ fn bad_multipart(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// `POST /v1/files`: fields `purpose` (must be `batch`) and `file`.
-pub async fn upload(State(st): State<Arc<AppState>>, Caller(tenant): Caller, mut mp: Multipart) -> Result<Json<FileObject>, ApiError> {
+pub async fn upload(
+    State(st): State<Arc<AppState>>,
+    Caller(tenant): Caller,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Json<FileObject>, ApiError> {
+    let mut mp = mp.map_err(|r| ApiError::from(Rejection(r)))?;
     let id = new_id("file-");
     let tmp = st.tmp_path(&format!("{id}.upload"));
     let mut purpose: Option<String> = None;
@@ -31,7 +39,16 @@ pub async fn upload(State(st): State<Arc<AppState>>, Caller(tenant): Caller, mut
     let received: Result<(), ApiError> = async {
         while let Some(mut field) = mp.next_field().await.map_err(bad_multipart)? {
             match field.name() {
-                Some("purpose") => purpose = Some(field.text().await.map_err(bad_multipart)?.trim().to_string()),
+                Some("purpose") => {
+                    let mut text = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+                        text.extend_from_slice(&chunk);
+                        if text.len() > 64 {
+                            return Err(ApiError::invalid("purpose is longer than 64 bytes", Some("purpose"), "invalid_value"));
+                        }
+                    }
+                    purpose = Some(String::from_utf8_lossy(&text).trim().to_string());
+                }
                 Some("file") => {
                     if filename.is_some() {
                         return Err(ApiError::invalid("send one file per upload", Some("file"), "invalid_multipart"));
@@ -120,8 +137,9 @@ pub struct ListQuery {
 pub async fn list(
     State(st): State<Arc<AppState>>,
     Caller(tenant): Caller,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListPage<FileObject>>, ApiError> {
+    let Query(q) = q.map_err(|r| ApiError::from(Rejection(r)))?;
     let limit = q.limit.unwrap_or(10_000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be between 1 and 10000, not {limit}"), Some("limit"), "invalid_value"));

@@ -182,7 +182,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/files", post(files::upload).get(files::list))
         .route("/v1/files/{id}", get(files::get_one).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
-        .route("/v1/batches", post(batches::create).get(batches::list))
+        // A batch request is a small JSON object; only uploads are unbounded (and streamed).
+        .route("/v1/batches", post(batches::create).layer(DefaultBodyLimit::max(1 << 20)).get(batches::list))
         .route("/v1/batches/{id}", get(batches::get_one))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/healthz", get(|| async { "ok" }))

@@ -208,7 +208,8 @@ async fn run_job(state: &Arc<AppState>, id: &str) -> Result<Option<Outcome>, Str
     }
     let err = std::fs::read_to_string(state.batch_dir(id).join("run.err")).unwrap_or_default();
     let why = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message").trim_start_matches("sluice: ").to_string();
-    Err(format!("the batch's local job exited with {exit}: {why} (logs under {})", state.batch_dir(id).display()))
+    let status = exit.code().map(|c| format!("status {c}")).unwrap_or_else(|| exit.to_string());
+    Err(format!("the batch's local job exited with {status}: {why} (logs under {})", state.batch_dir(id).display()))
 }
 
 /// Write the output and error files, register them, and set the final status.
