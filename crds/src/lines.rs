@@ -129,6 +129,12 @@ pub struct LineError {
 /// The UTF-8 byte-order mark some editors (and Windows tools) put at the start of a file.
 pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// The bytes of input line `line` (1-based, without its newline) with a UTF-8 byte-order mark
+/// dropped where it may stand: at the start of line 1, the start of the file.
+pub fn strip_bom(bytes: &[u8], line: u64) -> &[u8] {
+    if line == 1 { bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes) } else { bytes }
+}
+
 /// Parse one input line (without its trailing newline; a trailing `\r` is ignored, and so is a
 /// UTF-8 byte-order mark at the start of line 1, the start of the file).
 pub fn parse_line(bytes: &[u8], line: u64, format: InputFormat, max_bytes: usize) -> Result<InputRequest, LineError> {
@@ -136,7 +142,7 @@ pub fn parse_line(bytes: &[u8], line: u64, format: InputFormat, max_bytes: usize
     if bytes.len() > max_bytes {
         return Err(err(None, LineErrorKind::TooLong { len: bytes.len(), max: max_bytes }));
     }
-    let bytes = if line == 1 { bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes) } else { bytes };
+    let bytes = strip_bom(bytes, line);
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| err(None, LineErrorKind::InvalidUtf8 { offset: e.valid_up_to() }))?;
     if text.trim().is_empty() {

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sluice_api::lines::UTF8_BOM;
+use sluice_api::lines::strip_bom;
 use sluice_api::output::{OutputLine, Usage};
 
 /// What the two files hold.
@@ -107,7 +107,7 @@ pub fn assemble(
             continue;
         }
         let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let line = if n == 1 { line.strip_prefix(UTF8_BOM).unwrap_or(line) } else { line };
+        let line = strip_bom(line, n);
         let custom_id =
             serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string));
         let rec = OutputLine::failure(job_key, custom_id.as_deref(), n, missing_code, missing_message);
