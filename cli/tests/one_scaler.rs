@@ -18,9 +18,9 @@ use sluice_cli::local::local_workers;
 use sluice_cli::sim::policy::{Sluice, spec_for};
 use sluice_cli::sim::scenario;
 use sluice_cli::sim::world::{self, Controller, Decision, View};
-use sluice_operator::scaler::WorkerFacts;
-use sluice_operator::sla::SlaConfig;
-use sluice_operator::status::{self, JobView};
+use sluice_control::scaler::WorkerFacts;
+use sluice_control::sla::SlaConfig;
+use sluice_control::status::{self, JobView};
 
 /// What the reconciler keeps between syncs: the Job and the status.
 #[derive(Default)]

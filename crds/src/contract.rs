@@ -89,6 +89,10 @@ pub mod env {
     /// The pod's name (downward API in the chart): the operator's Event reporter instance and
     /// its Lease identity.
     pub const POD_NAME: &str = "POD_NAME";
+    /// The pod's namespace (downward API in the chart): the namespace of the operator's Lease.
+    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    /// The URL the pods of jobs whose storage only they reach report progress to.
+    pub const OPERATOR_REPORT_URL: &str = "SLUICE_OPERATOR_REPORT_URL";
     /// Set by the kubelet in every pod: the operator runs in a cluster.
     pub const KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
 }

@@ -696,6 +696,7 @@ impl LineReader {
     }
 }
 
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod testing {
     //! A fault-injecting [`ObjectStore`] wrapper for tests of retry and failure paths: a
     //! deterministic fraction of calls fails (transiently or permanently) or is delayed.

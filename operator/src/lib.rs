@@ -1,8 +1,7 @@
-//! The Sluice control plane: the SLA core and the one scaler (pure), the reconciler that runs
-//! them against Kubernetes, the Job builder, leader election, metrics and the endpoint worker
+//! The Sluice operator: the reconciler that runs the pure control core (`sluice-control`: SLA,
+//! scaler, status) against Kubernetes, the Job builder, leader election, metrics and the endpoint worker
 //! pods report progress to. No inference engine: the `sluice` CLI and local mode live in
 //! `sluice-cli`, the engine in `sluice-worker`.
-pub mod conditions;
 pub mod context;
 pub mod controller;
 pub mod error;
@@ -13,7 +12,4 @@ pub mod planner;
 pub mod rbac;
 pub mod reconcile;
 pub mod reports;
-pub mod scaler;
-pub mod sla;
-pub mod status;
 pub mod storage_io;

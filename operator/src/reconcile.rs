@@ -1,5 +1,6 @@
-//! One reconcile of a BatchInferenceJob: plan → create the Indexed Job → read progress and the
-//! Job's status → status, SLA decision, scaling patch, Events → manifest and Complete/Failed.
+//! One reconcile of a BatchInferenceJob: plan, then observe (the Job, its pods, the shards'
+//! progress) → decide ([`decide`], pure: phase, scaling step, Job change, Events) → act (apply
+//! the Job, publish, write the manifest and the status).
 //! Finalizer-wrapped (cleanup only forgets the job: owner references delete the Job, the output
 //! is never deleted). Writes only what differs from what it observed, so a resync is free.
 
@@ -21,7 +22,7 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::BatchInferenceJobStatus;
 use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
-use sluice_api::job::{JobPhase, SlaStatus, condition_types as ct};
+use sluice_api::job::{JobPhase, condition_types as ct};
 use sluice_api::jobio::{self, JobIoError};
 use sluice_api::output::ManifestCounts;
 use sluice_api::plan::PlanSummary;
@@ -30,15 +31,16 @@ use sluice_api::progress::ShardProgress;
 use sluice_api::report::PlanFailure;
 use sluice_api::storage::{CA_BUNDLE_FIELD, CaBundle, parse_ca_pem};
 
-use crate::conditions::{self, Cond};
 use crate::context::{Context, JobCache};
 use crate::error::{Error, Result};
 use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
-use crate::scaler::{Observed, Scaler};
-use crate::sla::SlaConfig;
-use crate::status::{self, JobView, LAST_SCALE_ANNOTATION, StatusInput};
 use crate::storage_io::{Location, StorageRefs};
+use sluice_control::conditions::{self, Cond};
+use sluice_control::status::{self, JobView, StatusInput};
+
+pub mod decide;
+use decide::{Decision, Facts, Finalized, JobChange, Observation};
 
 /// The finalizer the operator puts on every BatchInferenceJob.
 pub const FINALIZER: &str = "sluice.dev/cleanup";
@@ -398,16 +400,6 @@ async fn plan_by_pods(
     Ok(Err(Action::requeue(STEP_POLL)))
 }
 
-/// Where the finalize step stands.
-enum Finalized {
-    /// The manifest is written (its counts when its report arrived).
-    Done { uri: String, counts: Option<ManifestCounts> },
-    /// Its pod is still to run or running.
-    Pending,
-    /// It failed.
-    Failed(String),
-}
-
 /// Have the job's own finalize pod write the manifest (once every shard is committed).
 /// `manifest` is the finalize pod's report, if it arrived.
 async fn finalize_by_pods(
@@ -532,237 +524,160 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     };
     let plan = storage_view.summary().clone();
 
-    // Observe the Job, its pods and the workers' progress.
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let job_name = job_builder::job_name(&name);
-    let job = jobs.get_opt(&job_name).await.map_err(Error::kube(format!("get Job {ns}/{job_name}")))?;
-    let view = JobView::from_job(job.as_ref());
-    let pods: Vec<Pod> = if view.exists {
-        let selector = format!("{}={}", job_builder::JOB_LABEL, job_builder::selector_labels(&name)[job_builder::JOB_LABEL]);
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        api.list(&ListParams::default().labels(&selector)).await.map_err(Error::kube(format!("list pods of {ns}/{job_name}")))?.items
-    } else {
-        Vec::new()
-    };
-    let pod_created: BTreeMap<String, Timestamp> =
-        pods.iter().filter_map(|p| Some((p.name_any(), p.metadata.creation_timestamp.as_ref()?.0))).collect();
-    let (records, mut reported, manifest_report) = match &storage_view {
-        StorageView::Operator { plan, output, .. } => (read_progress(output, plan, &mut cache, &view.completed).await?, None, None),
-        StorageView::Pods { .. } => {
-            let reports = ctx.reports.snapshot(&key, &uid);
-            let manifest = reports.manifest.map(|(uri, counts, _usage)| (uri, counts));
-            (reports.progress, Some(old.reported.clone().unwrap_or_default()), manifest)
-        }
-    };
-    let mut summary = status::summarize(&records, &pod_created, now);
-    if let Some(totals) = reported.as_mut() {
-        status::fold_reported(totals, &mut summary, &records);
-        // After an operator restart, before the first records arrive: the last estimate.
-        if summary.estimator.estimate().is_none() && old.throughput.per_worker_requests_per_second > 0.0 {
-            summary.estimator.observe(old.throughput.per_worker_requests_per_second, 60.0);
-        }
-    }
-    let indexes = 0..plan.shards;
-    let completed: BTreeSet<u32> = view.completed.union(&summary.complete).filter(|i| indexes.contains(i)).copied().collect();
-    let failed: BTreeSet<u32> = view.failed.iter().filter(|i| indexes.contains(i) && !completed.contains(i)).copied().collect();
-    let total_shards = plan.shards as usize;
-    let max_failed = usize::try_from(bij.spec.retries.max_failed_shards.max(0)).unwrap_or(0);
-    let too_many_failed = failed.len() > max_failed;
-    let all_done = !too_many_failed && completed.len() + failed.len() == total_shards;
-    let done_requests = summary.succeeded + summary.failed;
-    if done_requests > cache.last_done || cache.last_progress_at.is_none() && done_requests > 0 {
-        cache.last_done = done_requests;
-        cache.last_progress_at = summary.last_update.or(Some(now));
-    } else if cache.last_progress_at.is_none() {
-        // No progress yet: the stall clock starts now, so a job whose workers never start
-        // (Pending pods, crash loops) still trips SluiceJobStalled.
-        cache.last_progress_at = Some(now);
-    }
+    let facts = Facts { bij, old: &old, plan: &plan, created, deadline, now };
 
+    // Observe.
+    let obs = observe(ctx, bij, &storage_view, &mut cache, &key, &uid, &old).await?;
+    let progress = decide::assess(&facts, &obs);
+    decide::note_progress(&mut cache, &progress, now);
     // Every shard is committed; a job whose storage only its pods reach also needs its
     // finalize pod to have written the manifest.
-    let finalized = match (&storage_view, all_done) {
-        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, manifest_report, &failed).await?),
+    let finalized = match (&storage_view, progress.all_done) {
+        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, obs.manifest_report.clone(), &progress.failed).await?),
         _ => None,
     };
-    let finalizing = matches!(finalized, Some(Finalized::Pending));
-    let finalize_failure = match &finalized {
-        Some(Finalized::Failed(m)) => Some(m.clone()),
-        _ => None,
-    };
-    let phase = if all_done && !finalizing && finalize_failure.is_none() {
-        JobPhase::Succeeded
-    } else if too_many_failed || finalize_failure.is_some() {
-        JobPhase::Failed
-    } else if bij.spec.suspend {
-        JobPhase::Suspended
-    } else {
-        JobPhase::Running
-    };
-    let failure = finalize_failure.or_else(|| {
-        too_many_failed.then(|| {
-            let list: Vec<String> = failed.iter().take(20).map(u32::to_string).collect();
-            let why = view.failed_condition.clone().map(|c| format!(" ({c})")).unwrap_or_default();
-            format!(
-                "{} shards failed after {} retries each (shards {}), more than retries.maxFailedShards={}{why}",
-                failed.len(),
-                bij.spec.retries.per_shard,
-                list.join(","),
-                max_failed
-            )
-        })
-    });
 
-    // Decide.
-    let decided_at = if phase.is_terminal() { old.completion_time.as_ref().map_or(now, |t| t.0) } else { now };
-    let remaining_shards = u32::try_from(total_shards - completed.len() - failed.len()).unwrap_or(u32::MAX);
-    let current = view.scaler_state(old.sla_status);
-    let observed = Observed {
-        now: decided_at,
-        window_start: created,
-        deadline,
-        total_requests: plan.line_count,
-        progress: summary.scaler_progress(),
-        total_shards: u32::try_from(total_shards).unwrap_or(u32::MAX),
-        remaining_shards,
-        finished: phase == JobPhase::Succeeded,
-        suspended: bij.spec.suspend,
-        workers: status::cluster_workers(&view, &pods, decided_at),
-    };
-    let step = Scaler::new(SlaConfig::from_spec(&bij.spec)).step(&current, &observed);
-    let decision = &step.decision;
-    let desired = i32::try_from(step.parallelism).unwrap_or(i32::MAX);
+    // Decide (pure).
+    let decision = decide::decide(&facts, &obs, &progress, finalized.as_ref(), &ctx.config.worker)?;
 
-    // Spec edits take effect now, with an Event.
-    if let (Some(seen), Some(g)) = (old.observed_generation, generation)
-        && g > seen
-        && !phase.is_terminal()
-    {
-        let w = &bij.spec.workers;
-        let note = format!(
-            "applied spec generation {g}: workers {}..{}, deadline {deadline}, margin {}, policy {:?}",
-            w.min, w.max, bij.spec.sla.margin, bij.spec.sla.policy
-        );
-        publish(ctx, bij, EventType::Normal, "SpecUpdated", note).await;
-    }
-
-    // Act on the Job.
-    let mut manifest_uri = None;
-    if total_shards > 0 && !phase.is_terminal() {
-        match &job {
-            None => {
-                let desired_job = job_builder::desired_job(bij, &plan, desired, &ctx.config.worker)?;
-                jobs.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired_job))
-                    .await
-                    .map_err(Error::kube(format!("apply Job {ns}/{job_name}")))?;
-                let note = format!(
-                    "created Job {job_name}: {total_shards} shards, parallelism {desired}{}",
-                    if bij.spec.suspend { ", suspended" } else { "" }
-                );
-                publish(ctx, bij, EventType::Normal, "JobCreated", note).await;
-            }
-            Some(observed) => {
-                if let Some(mut patch) = job_builder::scaling_patch(bij, observed, desired) {
-                    let scaled = patch["spec"].get("parallelism").and_then(serde_json::Value::as_i64);
-                    if scaled.is_some() && step.scaled {
-                        patch["metadata"] = json!({ "annotations": { LAST_SCALE_ANNOTATION: now.to_string() } });
-                    }
-                    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-                    jobs.patch(&job_name, &params, &Patch::Merge(&patch))
-                        .await
-                        .map_err(Error::kube(format!("patch Job {ns}/{job_name}")))?;
-                    if let Some(to) = scaled {
-                        let to = i32::try_from(to).unwrap_or(desired);
-                        ctx.metrics.scaled(&ns, &name, view.parallelism, to);
-                        if step.scaled {
-                            let note = format!("scaled {}→{to}: {}", view.parallelism, decision.reason);
-                            publish(ctx, bij, EventType::Normal, "Scaled", note).await;
-                        }
-                    }
-                    match patch["spec"].get("suspend").and_then(serde_json::Value::as_bool) {
-                        Some(true) => {
-                            publish(
-                                ctx,
-                                bij,
-                                EventType::Normal,
-                                "Suspended",
-                                "suspended: running workers stop after committing; no new workers start".into(),
-                            )
-                            .await
-                        }
-                        Some(false) => publish(ctx, bij, EventType::Normal, "Resumed", format!("resumed at parallelism {desired}")).await,
-                        None => {}
-                    }
-                }
-            }
-        }
-    }
-    if decision.status != old.sla_status.unwrap_or(SlaStatus::OnTrack) || old.sla_status.is_none() {
-        match (&decision.infeasible, decision.status) {
-            (Some(inf), SlaStatus::Infeasible) => publish(ctx, bij, EventType::Warning, "Infeasible", inf.suggestion.clone()).await,
-            (_, SlaStatus::AtRisk | SlaStatus::Breached) => {
-                publish(ctx, bij, EventType::Warning, decision.status.as_str(), decision.reason.clone()).await
-            }
-            _ => {}
-        }
-    }
-    if phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
-        let (uri, counts) = match (&storage_view, finalized) {
-            (StorageView::Operator { plan: full, output, .. }, _) => {
-                let manifest =
-                    build_manifest(&format!("{ns}/{name}"), &bij.spec.input.uri, output, full, &records, &failed, decided_at).await?;
-                let manifest = jobio::write_manifest_once(output, manifest).await?;
-                (output.child(layout::MANIFEST).uri, Some(manifest.requests))
-            }
-            (StorageView::Pods { .. }, Some(Finalized::Done { uri, counts })) => (uri, counts),
-            (StorageView::Pods { .. }, _) => (layout::join(&bij.spec.output.uri, layout::MANIFEST), None),
-        };
+    // Act: the Job, the Events, the manifest, the status.
+    act_on_job(ctx, bij, &decision).await?;
+    let mut summary = progress.summary.clone();
+    let manifest_uri = if decision.phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
+        let (uri, counts) = write_manifest(bij, &storage_view, finalized, &obs.records, &progress.failed, decision.decided_at).await?;
         if let Some(c) = counts {
             // The manifest's counts are the truth (read back from the committed files).
             summary.succeeded = c.succeeded;
             summary.failed = c.failed;
         }
         let note = format!(
-            "all {total_shards} shards committed ({} succeeded, {} failed); manifest at {uri}; {}",
-            summary.succeeded, summary.failed, decision.reason
+            "all {} shards committed ({} succeeded, {} failed); manifest at {uri}; {}",
+            plan.shards, summary.succeeded, summary.failed, decision.step.decision.reason
         );
         publish(ctx, bij, EventType::Normal, "Completed", note).await;
-        manifest_uri = Some(uri);
-    }
-    if phase == JobPhase::Failed && old.phase != JobPhase::Failed {
-        publish(ctx, bij, EventType::Warning, "Failed", failure.clone().unwrap_or_default()).await;
-    }
-
-    // Status.
-    let gpu_seconds = status::pod_gpu_seconds(&pods, bij.spec.workers.gpus, now);
+        Some(uri)
+    } else {
+        None
+    };
     let input_status = StatusInput {
         now,
         generation,
-        phase,
+        phase: decision.phase,
         plan: &plan,
-        job: &view,
+        job: &progress.view,
         progress: &summary,
-        completed: &completed,
-        failed: &failed,
-        desired,
+        completed: &progress.completed,
+        failed: &progress.failed,
+        desired: decision.desired,
         deadline,
-        decision,
-        gpu_seconds,
+        decision: &decision.step.decision,
+        gpu_seconds: status::pod_gpu_seconds(&obs.pods, bij.spec.workers.gpus, now),
         manifest_uri,
-        failure,
+        failure: decision.failure.clone(),
     };
     let mut new_status = status::build(&old, &input_status);
-    new_status.reported = reported;
+    new_status.reported = progress.reported.clone();
     write_status(ctx, bij, &new_status).await?;
     let last_progress = cache.last_progress_at.map(|t| t.as_millisecond() as f64 / 1000.0);
     ctx.metrics.set_job(&ns, &name, &new_status, last_progress);
     ctx.store_cache(&uid, cache);
 
-    Ok(match phase {
-        JobPhase::Running if finalizing => Action::requeue(STEP_POLL),
+    Ok(match decision.phase {
+        JobPhase::Running if decision.finalizing => Action::requeue(STEP_POLL),
         JobPhase::Running => Action::requeue(ctx.config.requeue_running),
         JobPhase::Suspended | JobPhase::Pending | JobPhase::Planning => Action::requeue(ctx.config.requeue_idle),
         JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
+    })
+}
+
+/// Read the Job, its pods and the shards' progress (from storage, or from the pods' reports).
+async fn observe(
+    ctx: &Context,
+    bij: &BatchInferenceJob,
+    storage_view: &StorageView,
+    cache: &mut JobCache,
+    key: &str,
+    uid: &str,
+    old: &BatchInferenceJobStatus,
+) -> Result<Observation> {
+    let ns = job_builder::namespace_of(bij)?;
+    let name = bij.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let job_name = job_builder::job_name(&name);
+    let job = jobs.get_opt(&job_name).await.map_err(Error::kube(format!("get Job {ns}/{job_name}")))?;
+    let pods: Vec<Pod> = if job.is_some() {
+        let selector = format!("{}={}", job_builder::JOB_LABEL, job_builder::selector_labels(&name)[job_builder::JOB_LABEL]);
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        api.list(&ListParams::default().labels(&selector)).await.map_err(Error::kube(format!("list pods of {ns}/{job_name}")))?.items
+    } else {
+        Vec::new()
+    };
+    Ok(match storage_view {
+        StorageView::Operator { plan, output, .. } => {
+            let completed = JobView::from_job(job.as_ref()).completed;
+            let records = read_progress(output, plan, cache, &completed).await?;
+            Observation { job, pods, records, reported: None, manifest_report: None }
+        }
+        StorageView::Pods { .. } => {
+            let reports = ctx.reports.snapshot(key, uid);
+            let manifest_report = reports.manifest.map(|(uri, counts, _usage)| (uri, counts));
+            Observation { job, pods, records: reports.progress, reported: Some(old.reported.clone().unwrap_or_default()), manifest_report }
+        }
+    })
+}
+
+/// Apply the decided Job change and publish its Events.
+async fn act_on_job(ctx: &Context, bij: &BatchInferenceJob, decision: &Decision) -> Result<()> {
+    let ns = job_builder::namespace_of(bij)?;
+    let name = bij.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let job_name = job_builder::job_name(&name);
+    if let Some(n) = &decision.spec_note {
+        publish(ctx, bij, n.type_, &n.reason, n.note.clone()).await;
+    }
+    let notes = match &decision.job {
+        JobChange::Keep => &[][..],
+        JobChange::Create { job, notes } => {
+            jobs.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(job.as_ref()))
+                .await
+                .map_err(Error::kube(format!("apply Job {ns}/{job_name}")))?;
+            notes
+        }
+        JobChange::Patch { patch, scaled, notes } => {
+            let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            jobs.patch(&job_name, &params, &Patch::Merge(patch)).await.map_err(Error::kube(format!("patch Job {ns}/{job_name}")))?;
+            if let Some((from, to)) = scaled {
+                ctx.metrics.scaled(&ns, &name, *from, *to);
+            }
+            notes
+        }
+    };
+    for n in notes.iter().chain(&decision.notes) {
+        publish(ctx, bij, n.type_, &n.reason, n.note.clone()).await;
+    }
+    Ok(())
+}
+
+/// Write `manifest.json` (the operator reads the storage) or take the finalize pod's; its URI
+/// and counts.
+async fn write_manifest(
+    bij: &BatchInferenceJob,
+    storage_view: &StorageView,
+    finalized: Option<Finalized>,
+    records: &BTreeMap<u32, ShardProgress>,
+    failed: &BTreeSet<u32>,
+    decided_at: Timestamp,
+) -> Result<(String, Option<ManifestCounts>)> {
+    Ok(match (storage_view, finalized) {
+        (StorageView::Operator { plan: full, output, .. }, _) => {
+            let ns = job_builder::namespace_of(bij)?;
+            let job = format!("{ns}/{}", bij.name_any());
+            let manifest = build_manifest(&job, &bij.spec.input.uri, output, full, records, failed, decided_at).await?;
+            let manifest = jobio::write_manifest_once(output, manifest).await?;
+            (output.child(layout::MANIFEST).uri, Some(manifest.requests))
+        }
+        (StorageView::Pods { .. }, Some(Finalized::Done { uri, counts })) => (uri, counts),
+        (StorageView::Pods { .. }, _) => (layout::join(&bij.spec.output.uri, layout::MANIFEST), None),
     })
 }
 

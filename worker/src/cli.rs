@@ -12,11 +12,10 @@ use clap::{Parser, ValueEnum};
 use sluice_api::contract::env;
 use sluice_api::job::{Dtype, InputFormat, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
-use sluice_api::storage::testing::FaultConfig;
 use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
 
 use crate::engine::DeviceKind;
-use crate::runtime::RunConfig;
+use crate::runtime::{FaultConfig, RunConfig};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -148,7 +147,7 @@ pub struct Args {
     /// Finalize step: the input URI as the job names it, for the manifest [default: the plan's].
     #[arg(long, env = env::SPEC_INPUT_URI)]
     pub spec_input_uri: Option<String>,
-    /// Fault injection for tests: `error_rate=0.2,delay_rate=0.1,delay_ms=20,seed=1,permanent=false`.
+    /// Fault injection for tests (builds with the `fault-injection` feature): `error_rate=0.2,delay_rate=0.1,delay_ms=20,seed=1,permanent=false`.
     #[arg(long, env = env::INJECT_FAULTS, hide = true)]
     pub inject_faults: Option<FaultConfig>,
 }

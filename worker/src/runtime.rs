@@ -12,7 +12,6 @@ use sluice_api::contract::{exit, layout};
 use sluice_api::job::{InputFormat, SamplingSpec};
 use sluice_api::output::{Completion, OutputLine, Usage};
 use sluice_api::plan::{Shard, ShardPlan};
-use sluice_api::storage::testing::{FaultConfig, FaultyStore};
 use sluice_api::storage::{Location, StorageError, StorageOptions, resolve};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -140,12 +139,34 @@ pub struct PreparedShard {
     progress: ProgressReporter,
 }
 
+/// The storage faults a test injects (`--inject-faults`): the fault-injecting store's settings.
+#[cfg(feature = "fault-injection")]
+pub use sluice_api::storage::testing::FaultConfig;
+
+/// Built without the `fault-injection` feature (release and image builds) there is nothing to
+/// inject: the type has no values, and asking for faults is an error naming the feature.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultConfig {}
+
+#[cfg(not(feature = "fault-injection"))]
+impl std::str::FromStr for FaultConfig {
+    type Err = String;
+
+    fn from_str(_: &str) -> Result<Self, String> {
+        Err("this worker is built without the fault-injection feature (a test-only feature of sluice-worker)".into())
+    }
+}
+
 fn with_faults(loc: Location, faults: &Option<FaultConfig>) -> Location {
     match faults {
+        #[cfg(feature = "fault-injection")]
         Some(f) => {
-            let store = Arc::new(FaultyStore::new(loc.store.clone(), f.clone()));
+            let store = Arc::new(sluice_api::storage::testing::FaultyStore::new(loc.store.clone(), f.clone()));
             loc.with_store(store)
         }
+        #[cfg(not(feature = "fault-injection"))]
+        Some(f) => match *f {},
         None => loc,
     }
 }
@@ -665,6 +686,14 @@ mod tests {
         assert_eq!(results.iter().map(|l| l.line.unwrap()).collect::<Vec<_>>(), (1..=37).collect::<Vec<_>>());
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn asking_a_build_without_fault_injection_for_faults_is_an_error() {
+        let err = "error_rate=1".parse::<FaultConfig>().unwrap_err();
+        assert!(err.contains("fault-injection feature"), "{err}");
+    }
+
+    #[cfg(feature = "fault-injection")]
     #[tokio::test]
     async fn transient_faults_are_survived_and_permanent_ones_fail_clearly() {
         let lines = prompts(12);

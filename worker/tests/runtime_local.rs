@@ -219,6 +219,7 @@ fn two_concurrent_attempts_of_one_shard_give_exactly_once() {
     assert_exactly_once(&job.plan, 0, &results, &errors, |_| 12);
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn transient_storage_faults_are_retried() {
     let job = LocalJob::new(prompt_lines(20), 10);
@@ -233,6 +234,7 @@ fn transient_storage_faults_are_retried() {
     }
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn permanent_failures_exit_with_the_permanent_code_and_a_clear_message() {
     let job = LocalJob::new(prompt_lines(4), 4);
@@ -283,6 +285,7 @@ fn permanent_failures_exit_with_the_permanent_code_and_a_clear_message() {
     assert!(!job.finalized(0));
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn sigterm_while_preparing_exits_at_once() {
     let job = LocalJob::new(prompt_lines(4), 4);

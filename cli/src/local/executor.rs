@@ -15,11 +15,11 @@ use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
 use super::{LocalError, LocalJob, RunOptions, committed_shards};
+use sluice_control::scaler::{Observed, Scaler, ScalerState, WorkerFacts};
+use sluice_control::sla::{SlaConfig, SlaDecision};
+use sluice_control::status::summarize;
 use sluice_operator::context::JobCache;
 use sluice_operator::reconcile::read_progress;
-use sluice_operator::scaler::{Observed, Scaler, ScalerState, WorkerFacts};
-use sluice_operator::sla::{SlaConfig, SlaDecision};
-use sluice_operator::status::summarize;
 
 /// How to start a worker process: a program and the arguments before the worker's own.
 #[derive(Clone, Debug)]

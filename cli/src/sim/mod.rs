@@ -1,4 +1,4 @@
-//! `sluice-sim`: a discrete-event simulator that drives the real SLA core ([`sluice_operator::sla`])
+//! `sluice-sim`: a discrete-event simulator that drives the real SLA core ([`sluice_control::sla`])
 //! through declarative scenarios and compares it with static, reactive and oracle baselines.
 //! It owns the scenario catalogue, the simulated cluster, the baselines and the report; it
 //! never re-implements the scaler.
@@ -14,7 +14,7 @@ use sluice_api::job::SlaPolicy;
 
 use policy::{Reactive, Sluice, Static, spec_for};
 use scenario::Scenario;
-use sluice_operator::sla::{SlaConfig, fmt_secs};
+use sluice_control::sla::{SlaConfig, fmt_secs};
 use world::RunResult;
 
 /// Simulator errors.

@@ -1,4 +1,4 @@
-//! The controllers `sluice-sim` compares: Sluice (the very [`sluice_operator::scaler::Scaler`] the
+//! The controllers `sluice-sim` compares: Sluice (the very [`sluice_control::scaler::Scaler`] the
 //! reconciler steps, fed as the reconciler feeds it), static concurrency, a reactive queue-length scaler (HPA/KEDA
 //! style) and the oracle's fixed count. Each only maps a [`View`] to a parallelism.
 
@@ -10,9 +10,9 @@ use sluice_api::progress::ShardProgress;
 
 use super::scenario::Scenario;
 use super::world::{Controller, Decision, View};
-use sluice_operator::scaler::{Observed, ScaleStep, Scaler, ScalerState, WorkerFacts};
-use sluice_operator::sla::{self, SlaConfig, SlaDecision};
-use sluice_operator::status;
+use sluice_control::scaler::{Observed, ScaleStep, Scaler, ScalerState, WorkerFacts};
+use sluice_control::sla::{self, SlaConfig, SlaDecision};
+use sluice_control::status;
 
 /// The spec a user would write for this scenario (what the scaler's configuration comes from).
 pub fn spec_for(sc: &Scenario) -> Result<BatchInferenceJobSpec, serde_json::Error> {

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 
 use sluice_api::job::SlaStatus;
-use sluice_operator::scaler::WorkerFacts;
+use sluice_control::scaler::WorkerFacts;
 
 use super::scenario::Scenario;
 

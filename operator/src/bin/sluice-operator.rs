@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value = "sluice-operator")]
     lease_name: String,
     /// Namespace of the Lease (default: $POD_NAMESPACE, else "default").
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    #[arg(long, env = env::POD_NAMESPACE, default_value = "default")]
     lease_namespace: String,
     /// Only watch this namespace (empty: all namespaces).
     #[arg(long, default_value = "")]
@@ -73,7 +73,7 @@ struct Args {
     /// reach this operator's HTTP server (the --metrics-addr port), e.g. the chart's Service
     /// http://sluice-operator.sluice-system.svc:8080. Default out of cluster:
     /// http://127.0.0.1:<port>; in cluster: none (such jobs are then refused with a message).
-    #[arg(long, env = "SLUICE_OPERATOR_REPORT_URL")]
+    #[arg(long, env = env::OPERATOR_REPORT_URL)]
     report_url: Option<String>,
     /// This replica's name in Events and the Lease [default: $POD_NAME, else $HOSTNAME].
     #[arg(long, env = env::POD_NAME)]

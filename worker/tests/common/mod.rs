@@ -116,7 +116,7 @@ pub fn worker(output_uri: &str, shard: u32) -> Command {
         env::STORAGE_CA_FILE,
         env::MODEL_CACHE_DIR,
         env::MAX_MODEL_LEN,
-        "SLUICE_INJECT_FAULTS",
+        env::INJECT_FAULTS,
     ] {
         c.env_remove(var);
     }
