@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sluice_api::BatchInferenceJobStatus;
-use sluice_api::job::ReportedTotals;
+use sluice_api::job::{CloseReason, ReportedTotals};
 use sluice_api::job::{JobPhase, RequestCounts, ShardCounts, SlaStatus, Throughput, WorkerCounts, condition_types as ct};
 use sluice_api::plan::{PlanSummary, format_index_ranges, parse_index_ranges};
 use sluice_api::progress::ShardProgress;
@@ -322,6 +322,8 @@ pub struct StatusInput<'a> {
     pub manifest_uri: Option<String>,
     /// For Failed: why.
     pub failure: Option<String>,
+    /// Why the job is being (or was) closed before every request ran.
+    pub closing: Option<CloseReason>,
 }
 
 /// Kubernetes serializes times to whole seconds; round so a stored status compares equal.
@@ -363,7 +365,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     };
     let d = i.decision;
     let completion_time = match i.phase {
-        JobPhase::Succeeded | JobPhase::Failed => old.completion_time.clone().or(Some(whole_seconds(i.now))),
+        p if p.is_terminal() => old.completion_time.clone().or(Some(whole_seconds(i.now))),
         _ => None,
     };
     let start_time = old.start_time.clone().or_else(|| i.job.start_time.map(whole_seconds));
@@ -373,12 +375,23 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     let g = i.generation;
     let planned = format!("{} requests in {} shards", i.plan.line_count, i.plan.shards);
     conditions::set(&mut conds, Cond::new(ct::ADMITTED, true, "Planned", planned), g, now);
-    let (progressing, reason, msg) = match i.phase {
-        JobPhase::Running => (true, "Running", format!("{done}/{total} requests done, {active} workers active")),
-        JobPhase::Suspended => (false, "Suspended", "spec.suspend is true".to_string()),
-        JobPhase::Succeeded => (false, "Complete", "every shard is committed".to_string()),
-        JobPhase::Failed => (false, "Failed", i.failure.clone().unwrap_or_default()),
-        JobPhase::Pending | JobPhase::Planning => (true, "Planning", "planning shards".to_string()),
+    let closed_note = |r: CloseReason| format!("committed results are kept; every request that never ran is in the error files as {}", r.code());
+    let (progressing, reason, msg) = match (i.phase, i.closing) {
+        (JobPhase::Running, Some(r @ CloseReason::Cancelled)) => {
+            (true, "Cancelling", format!("spec.cancel is set: workers stop after committing; {}", closed_note(r)))
+        }
+        (JobPhase::Running, Some(r @ CloseReason::Expired)) => (
+            true,
+            "Expiring",
+            format!("the deadline passed with sla.onDeadline Expire: workers stop after committing; {}", closed_note(r)),
+        ),
+        (JobPhase::Running, None) => (true, "Running", format!("{done}/{total} requests done, {active} workers active")),
+        (JobPhase::Suspended, _) => (false, "Suspended", "spec.suspend is true".to_string()),
+        (JobPhase::Succeeded, _) => (false, "Complete", "every shard is committed".to_string()),
+        (JobPhase::Failed, _) => (false, "Failed", i.failure.clone().unwrap_or_default()),
+        (JobPhase::Cancelled, _) => (false, "Cancelled", closed_note(CloseReason::Cancelled)),
+        (JobPhase::Expired, _) => (false, "Expired", closed_note(CloseReason::Expired)),
+        (JobPhase::Pending | JobPhase::Planning, _) => (true, "Planning", "planning shards".to_string()),
     };
     conditions::set(&mut conds, Cond::new(ct::PROGRESSING, progressing, reason, msg), g, now);
     let on_track = matches!(d.status, SlaStatus::OnTrack | SlaStatus::Met);
@@ -430,6 +443,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         gpu_seconds: (i.gpu_seconds.max(old.gpu_seconds) * 10.0).round() / 10.0,
         start_time,
         completion_time,
+        close_reason: i.closing.or(old.close_reason),
         manifest_uri: i.manifest_uri.clone().or_else(|| old.manifest_uri.clone()),
         reported: old.reported.clone(),
     }

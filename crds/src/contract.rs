@@ -60,6 +60,9 @@ pub mod env {
     pub const FAILED_SHARDS: &str = "SLUICE_FAILED_SHARDS";
     /// The input URI as the job's spec names it, recorded in the manifest by `finalize`.
     pub const SPEC_INPUT_URI: &str = "SLUICE_SPEC_INPUT_URI";
+    /// Why `sluice-worker close` closes the job: `batch_cancelled` or `batch_expired`, the code
+    /// each request that never ran gets in the error files.
+    pub const CLOSE_CODE: &str = "SLUICE_CLOSE_CODE";
 
     // Tuning a worker reads with its defaults; the operator does not set them.
 

@@ -71,6 +71,12 @@ pub struct BatchInferenceJobSpec {
     /// Pause the job: no new workers start; running workers are stopped gracefully.
     #[serde(default)]
     pub suspend: bool,
+    /// Cancel the job, for good: running workers stop after committing, every committed result
+    /// is kept, and each request that never ran is written to the error files with code
+    /// `batch_cancelled`; the job ends `Cancelled`. Cannot be undone.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self || !oldSelf").message("spec.cancel cannot be undone once set"))]
+    pub cancel: bool,
     /// Kueue LocalQueue name, passed to the Job as the `kueue.x-k8s.io/queue-name` label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_name: Option<String>,
@@ -339,6 +345,70 @@ pub struct SlaSpec {
     /// Scaling policy.
     #[serde(default)]
     pub policy: SlaPolicy,
+    /// What happens when the deadline passes with work left: `Continue` (the default) runs on
+    /// and reports the deadline `Missed`; `Expire` stops the job like a cancel, keeping every
+    /// committed result and writing each request that never ran to the error files with code
+    /// `batch_expired`; the job ends `Expired`.
+    #[serde(default)]
+    pub on_deadline: OnDeadline,
+}
+
+/// What to do when the deadline passes with work left.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum OnDeadline {
+    // Keep running until every request is done.
+    #[default]
+    Continue,
+    // Stop: keep committed results, write the rest to the error files as `batch_expired`.
+    Expire,
+}
+
+/// Why a job stopped before every request ran: the requests that never ran go to the error
+/// files with this reason's code (the OpenAI Batch API's codes).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// `spec.cancel`, or a batch cancelled through the Batch API.
+    Cancelled,
+    /// The deadline passed with `sla.onDeadline: Expire`.
+    Expired,
+}
+
+impl CloseReason {
+    /// The error code of each request that never ran.
+    pub fn code(self) -> &'static str {
+        match self {
+            CloseReason::Cancelled => "batch_cancelled",
+            CloseReason::Expired => "batch_expired",
+        }
+    }
+
+    /// The error message of each request that never ran.
+    pub fn message(self) -> &'static str {
+        match self {
+            CloseReason::Cancelled => "the job was cancelled before this request ran",
+            CloseReason::Expired => "the job's deadline passed before this request ran",
+        }
+    }
+
+    /// The phase a job closed for this reason ends in.
+    pub fn phase(self) -> JobPhase {
+        match self {
+            CloseReason::Cancelled => JobPhase::Cancelled,
+            CloseReason::Expired => JobPhase::Expired,
+        }
+    }
+}
+
+impl std::str::FromStr for CloseReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "batch_cancelled" | "cancelled" => Ok(CloseReason::Cancelled),
+            "batch_expired" | "expired" => Ok(CloseReason::Expired),
+            other => Err(format!("{other:?} is not batch_cancelled or batch_expired")),
+        }
+    }
 }
 
 fn default_margin() -> f64 {
@@ -472,6 +542,11 @@ pub enum JobPhase {
     Succeeded,
     // Too many failed shards, or a permanent error.
     Failed,
+    // Stopped by `spec.cancel`: committed results kept, the rest in the error files.
+    Cancelled,
+    // Stopped at the deadline (`sla.onDeadline: Expire`): committed results kept, the rest in
+    // the error files.
+    Expired,
 }
 
 impl JobPhase {
@@ -483,13 +558,27 @@ impl JobPhase {
             JobPhase::Suspended => "Suspended",
             JobPhase::Succeeded => "Succeeded",
             JobPhase::Failed => "Failed",
+            JobPhase::Cancelled => "Cancelled",
+            JobPhase::Expired => "Expired",
         }
     }
-    pub const ALL: [JobPhase; 6] =
-        [JobPhase::Pending, JobPhase::Planning, JobPhase::Running, JobPhase::Suspended, JobPhase::Succeeded, JobPhase::Failed];
+    pub const ALL: [JobPhase; 8] = [
+        JobPhase::Pending,
+        JobPhase::Planning,
+        JobPhase::Running,
+        JobPhase::Suspended,
+        JobPhase::Succeeded,
+        JobPhase::Failed,
+        JobPhase::Cancelled,
+        JobPhase::Expired,
+    ];
     /// Whether the job has finished for good.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobPhase::Succeeded | JobPhase::Failed)
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled | JobPhase::Expired)
+    }
+    /// Whether the job ended with its manifest written (every request in output or error files).
+    pub fn has_manifest(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Cancelled | JobPhase::Expired)
     }
 }
 
@@ -585,6 +674,10 @@ pub struct BatchInferenceJobStatus {
     /// When the job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// Set once the job is being closed before every request ran (`cancelled` by `spec.cancel`,
+    /// `expired` at the deadline with `sla.onDeadline: Expire`); kept to the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<CloseReason>,
     /// URI of `manifest.json`, set on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_uri: Option<String>,

@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use sluice_api::BatchInferenceJob;
 use sluice_api::contract::{WorkerInvocation, env, exit};
-use sluice_api::job::CaBundleSpec;
+use sluice_api::job::{CaBundleSpec, CloseReason};
 use sluice_api::plan::PlanSummary;
 use sluice_api::report::report_path;
 
@@ -380,13 +380,17 @@ pub fn desired_job(bij: &BatchInferenceJob, plan: &PlanSummary, parallelism: i32
     })
 }
 
-/// The steps a job's own pods run besides its shards when only they can reach its storage.
+/// The steps a job's own pods run besides its shards: plan and finalize when only they can reach
+/// its storage, close for every cancelled or expired job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Plan the input (`sluice-worker plan`).
     Plan,
     /// Write the manifest (`sluice-worker finalize`).
     Finalize,
+    /// Commit every request that never ran as an error, then write the manifest
+    /// (`sluice-worker close`).
+    Close,
 }
 
 impl Step {
@@ -394,6 +398,7 @@ impl Step {
         match self {
             Step::Plan => "plan",
             Step::Finalize => "finalize",
+            Step::Close => "close",
         }
     }
 }
@@ -483,6 +488,13 @@ pub fn finalize_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>) -> Res
         env_var(env::SPEC_INPUT_URI, bij.spec.input.uri.clone()),
         env_var(env::JOB_NAME, format!("{ns}/{}", bij.name_any())),
     ])
+}
+
+/// The inputs of the close step: the finalize step's, and why the job is closed.
+pub fn close_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>, reason: CloseReason) -> Result<Vec<EnvVar>> {
+    let mut v = finalize_step_env(bij, failed)?;
+    v.push(env_var(env::CLOSE_CODE, reason.code().to_string()));
+    Ok(v)
 }
 
 /// The scaling fields of an existing Job the reconciler keeps in line: `(parallelism, suspend)`.

@@ -400,25 +400,31 @@ async fn plan_by_pods(
     Ok(Err(Action::requeue(STEP_POLL)))
 }
 
-/// Have the job's own finalize pod write the manifest (once every shard is committed).
-/// `manifest` is the finalize pod's report, if it arrived.
-async fn finalize_by_pods(
+/// Have the job's own pod run `step`, which writes the manifest: finalize (every shard is
+/// committed, only the pods reach the storage) or close (a cancelled or expired job).
+/// `manifest` is the step's report, if it arrived.
+async fn manifest_step(
     ctx: &Context,
     bij: &BatchInferenceJob,
+    step: Step,
+    env: Vec<k8s_openapi::api::core::v1::EnvVar>,
     manifest: Option<(String, ManifestCounts)>,
-    failed: &BTreeSet<u32>,
 ) -> Result<Finalized> {
     if let Some((uri, counts)) = manifest {
         return Ok(Finalized::Done { uri, counts: Some(counts) });
     }
-    let Some(job) = ensure_step_job(ctx, bij, Step::Finalize, job_builder::finalize_step_env(bij, failed)?).await? else {
+    let Some(job) = ensure_step_job(ctx, bij, step, env).await? else {
         return Ok(Finalized::Pending);
     };
     if let Some(why) = status::true_condition(&job, "Failed") {
         let ns = job_builder::namespace_of(bij)?;
+        let what = match step {
+            Step::Close => "the close pod could not write the requests that never ran and the manifest",
+            _ => "every shard is committed but the finalize pod could not write the manifest",
+        };
         return Ok(Finalized::Failed(format!(
-            "every shard is committed but the finalize pod could not write the manifest ({why}); see kubectl logs -n {ns} job/{}",
-            job_builder::step_job_name(&bij.name_any(), Step::Finalize)
+            "{what} ({why}); see kubectl logs -n {ns} job/{}",
+            job_builder::step_job_name(&bij.name_any(), step)
         )));
     }
     if status::true_condition(&job, "Complete").is_some() {
@@ -531,9 +537,19 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let progress = decide::assess(&facts, &obs);
     decide::note_progress(&mut cache, &progress, now);
     // Every shard is committed; a job whose storage only its pods reach also needs its
-    // finalize pod to have written the manifest.
-    let finalized = match (&storage_view, progress.all_done) {
-        (StorageView::Pods { .. }, true) => Some(finalize_by_pods(ctx, bij, obs.manifest_report.clone(), &progress.failed).await?),
+    // finalize pod to have written the manifest. A cancelled or expired job, once its workers
+    // have stopped, needs its close pod to have written the requests that never ran and the
+    // manifest.
+    let finalized = match (decide::closing(&facts, &progress), &storage_view, progress.all_done) {
+        (Some(reason), _, _) if decide::workers_stopped(&obs) => {
+            let env = job_builder::close_step_env(bij, &progress.failed, reason)?;
+            Some(manifest_step(ctx, bij, Step::Close, env, obs.manifest_report.clone()).await?)
+        }
+        (Some(_), _, _) => Some(Finalized::Pending),
+        (None, StorageView::Pods { .. }, true) => {
+            let env = job_builder::finalize_step_env(bij, &progress.failed)?;
+            Some(manifest_step(ctx, bij, Step::Finalize, env, obs.manifest_report.clone()).await?)
+        }
         _ => None,
     };
 
@@ -543,18 +559,33 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Act: the Job, the Events, the manifest, the status.
     act_on_job(ctx, bij, &decision).await?;
     let mut summary = progress.summary.clone();
-    let manifest_uri = if decision.phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
+    let manifest_uri = if decision.phase.has_manifest() && old.phase != decision.phase {
         let (uri, counts) = write_manifest(bij, &storage_view, finalized, &obs.records, &progress.failed, decision.decided_at).await?;
         if let Some(c) = counts {
             // The manifest's counts are the truth (read back from the committed files).
             summary.succeeded = c.succeeded;
             summary.failed = c.failed;
         }
-        let note = format!(
-            "all {} shards committed ({} succeeded, {} failed); manifest at {uri}; {}",
-            plan.shards, summary.succeeded, summary.failed, decision.step.decision.reason
-        );
-        publish(ctx, bij, EventType::Normal, "Completed", note).await;
+        let (reason, note) = match decision.closing {
+            Some(r) => (
+                r.phase().as_str(),
+                format!(
+                    "{}: {} requests succeeded, {} failed or never ran (those that never ran are in the error files as {}); manifest at {uri}",
+                    r.phase().as_str().to_lowercase(),
+                    summary.succeeded,
+                    summary.failed,
+                    r.code()
+                ),
+            ),
+            None => (
+                "Completed",
+                format!(
+                    "all {} shards committed ({} succeeded, {} failed); manifest at {uri}; {}",
+                    plan.shards, summary.succeeded, summary.failed, decision.step.decision.reason
+                ),
+            ),
+        };
+        publish(ctx, bij, EventType::Normal, reason, note).await;
         Some(uri)
     } else {
         None
@@ -574,6 +605,7 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         gpu_seconds: status::pod_gpu_seconds(&obs.pods, bij.spec.workers.gpus, now),
         manifest_uri,
         failure: decision.failure.clone(),
+        closing: decision.closing,
     };
     let mut new_status = status::build(&old, &input_status);
     new_status.reported = progress.reported.clone();
@@ -583,11 +615,23 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     ctx.store_cache(&uid, cache);
 
     Ok(match decision.phase {
-        JobPhase::Running if decision.finalizing => Action::requeue(STEP_POLL),
-        JobPhase::Running => Action::requeue(ctx.config.requeue_running),
-        JobPhase::Suspended | JobPhase::Pending | JobPhase::Planning => Action::requeue(ctx.config.requeue_idle),
-        JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
+        JobPhase::Running if decision.finalizing || decision.closing.is_some() => Action::requeue(STEP_POLL),
+        JobPhase::Running | JobPhase::Suspended | JobPhase::Pending | JobPhase::Planning => {
+            let every = if decision.phase == JobPhase::Running { ctx.config.requeue_running } else { ctx.config.requeue_idle };
+            Action::requeue(until_expiry(bij, deadline, now).map_or(every, |d| d.min(every)))
+        }
+        JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled | JobPhase::Expired => Action::await_change(),
     })
+}
+
+/// For a job that expires at its deadline (`sla.onDeadline: Expire`), the time until then: the
+/// reconcile that expires it is due at the deadline, not a requeue interval later.
+fn until_expiry(bij: &BatchInferenceJob, deadline: Timestamp, now: Timestamp) -> Option<std::time::Duration> {
+    if bij.spec.sla.on_deadline != sluice_api::job::OnDeadline::Expire {
+        return None;
+    }
+    let left = deadline.duration_since(now);
+    Some(std::time::Duration::try_from(left).unwrap_or_default().max(std::time::Duration::from_secs(1)))
 }
 
 /// Read the Job, its pods and the shards' progress (from storage, or from the pods' reports).

@@ -66,6 +66,7 @@ async fn run(args: Args) -> i32 {
     let shard = match args.step {
         Step::Plan => return steps::plan(&args, report.as_ref()).await,
         Step::Finalize => return steps::finalize(&args, report.as_ref()).await,
+        Step::Close => return steps::close(&args, report.as_ref(), stop).await,
         Step::Shard => match args.shard {
             Some(s) => s,
             None => {

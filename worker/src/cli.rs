@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use sluice_api::contract::env;
-use sluice_api::job::{Dtype, InputFormat, SamplingSpec};
+use sluice_api::job::{CloseReason, Dtype, InputFormat, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
 use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
 
@@ -34,6 +34,9 @@ pub enum Step {
     Plan,
     /// Write `manifest.json` from the committed shards and report its counts.
     Finalize,
+    /// Close a cancelled or expired job: every request of every shard that never ran goes to
+    /// the error files with the close's code, then `manifest.json` is written and reported.
+    Close,
 }
 
 /// `sluice-worker`: process one shard of a BatchInferenceJob and commit its results once (or
@@ -144,6 +147,9 @@ pub struct Args {
     /// Finalize step: shards that failed within the job's tolerance (`1,3-5`).
     #[arg(long, env = env::FAILED_SHARDS)]
     pub failed_shards: Option<String>,
+    /// Close step: why the job is closed (`batch_cancelled` or `batch_expired`).
+    #[arg(long, env = env::CLOSE_CODE, value_parser = CloseReason::from_str)]
+    pub close_code: Option<CloseReason>,
     /// Finalize step: the input URI as the job names it, for the manifest [default: the plan's].
     #[arg(long, env = env::SPEC_INPUT_URI)]
     pub spec_input_uri: Option<String>,

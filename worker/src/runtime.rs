@@ -3,7 +3,6 @@
 //! shard's results and errors, and stop cleanly on request. Generic over [`Generator`].
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -162,7 +161,7 @@ fn with_faults(loc: Location, faults: &Option<FaultConfig>) -> Location {
     match faults {
         #[cfg(feature = "fault-injection")]
         Some(f) => {
-            let store = Arc::new(sluice_api::storage::testing::FaultyStore::new(loc.store.clone(), f.clone()));
+            let store = std::sync::Arc::new(sluice_api::storage::testing::FaultyStore::new(loc.store.clone(), f.clone()));
             loc.with_store(store)
         }
         #[cfg(not(feature = "fault-injection"))]
@@ -424,6 +423,11 @@ fn finish(
         ) => {
             metrics.request_done(Outcome::failed, 0, 0, None);
             Ok(OutputLine::failure(job_key, Some(&item.custom_id), item.line, e.metric_label(), &format!("line {}: {e}", item.line)))
+        }
+        // Closed before it ran: recorded with the close's own code.
+        Err(RequestError::Withdrawn(reason)) => {
+            metrics.request_done(Outcome::failed, 0, 0, None);
+            Ok(OutputLine::failure(job_key, Some(&item.custom_id), item.line, reason.code(), reason.message()))
         }
         // The engine's fault: retry the shard rather than record a failure.
         Err(source) => Err(RunError::Engine { line: item.line, source }),

@@ -1,7 +1,8 @@
-//! The two short steps a job's own pods run when only they can reach its storage:
-//! `sluice-worker plan` (plan the input once, report the plan's size) and
-//! `sluice-worker finalize` (write `manifest.json` from the shards' records, report its counts).
-//! Both run the same code the operator runs when it can reach the storage itself.
+//! The short steps a job's own pods run besides its shards: `sluice-worker plan` (plan the input
+//! once, report the plan's size) and `sluice-worker finalize` (write `manifest.json` from the
+//! shards' records, report its counts), which run the code the operator runs when it can reach
+//! the storage itself; and `sluice-worker close` (a cancelled or expired job: every request that
+//! never ran committed as an error through the shards' own commit protocol, then finalize).
 
 use jiff::Timestamp;
 use sluice_api::contract::{exit, layout};
@@ -10,8 +11,14 @@ use sluice_api::plan::{ShardPlan, parse_index_ranges};
 use sluice_api::report::{PlanFailure, PodReport};
 use sluice_api::storage::{Location, resolve};
 
+use sluice_api::job::CloseReason;
+use tokio::sync::{oneshot, watch};
+
 use crate::cli::Args;
+use crate::engine::{EngineStats, GenerationOutput, GenerationRequest, RequestError};
+use crate::metrics::WorkerMetrics;
 use crate::report::ReportClient;
+use crate::runtime::{Generator, PreparedShard, RunOutcome};
 
 /// Attempts for a step's one report (a standby operator replica answers 503).
 const FINAL_REPORT_ATTEMPTS: usize = 8;
@@ -109,4 +116,85 @@ async fn write_manifest(args: &Args) -> Result<PodReport, (bool, String)> {
     let manifest = jobio::write_manifest_once(&output, manifest).await.map_err(io)?;
     tracing::info!(succeeded = manifest.requests.succeeded, failed = manifest.requests.failed, "manifest written");
     Ok(PodReport::Manifest { uri: output.child(layout::MANIFEST).uri, requests: manifest.requests, usage: manifest.usage })
+}
+
+/// The "engine" of a closed job: every request it is given is withdrawn with the close's code,
+/// so the shard's ordinary run commits each one as an error line, exactly once.
+struct Withdraw(CloseReason);
+
+impl Generator for Withdraw {
+    fn submit(&self, _req: GenerationRequest) -> oneshot::Receiver<Result<GenerationOutput, RequestError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(RequestError::Withdrawn(self.0)));
+        rx
+    }
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
+    fn model_name(&self) -> String {
+        String::new()
+    }
+}
+
+/// Close a cancelled or expired job: each shard not yet finalized (and not among the failed
+/// ones) gets its uncommitted requests committed as `batch_cancelled`/`batch_expired` errors,
+/// then the manifest is written and reported. Run only once the job's workers have stopped:
+/// a chunk a worker still writes would race this one (the commit protocol keeps the first).
+pub async fn close(args: &Args, report: Option<&ReportClient>, stop: watch::Receiver<bool>) -> i32 {
+    let Some(reason) = args.close_code else {
+        tracing::error!("close needs the reason (--close-code or {})", sluice_api::contract::env::CLOSE_CODE);
+        return exit::USAGE;
+    };
+    let output = match open("spec.output.uri", &args.output, args) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::PERMANENT;
+        }
+    };
+    let plan_loc = match args.plan.as_deref().filter(|p| !p.is_empty()) {
+        Some(uri) => match open("plan", uri, args) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return exit::PERMANENT;
+            }
+        },
+        None => output.child(layout::PLAN),
+    };
+    let plan: ShardPlan = match jobio::read_json(&plan_loc, "shard plan").await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            tracing::error!("{}: no plan there", plan_loc.uri);
+            return exit::PERMANENT;
+        }
+        Err(e) => {
+            tracing::error!(permanent = e.is_permanent(), "{e}");
+            return if e.is_permanent() { exit::PERMANENT } else { exit::RETRYABLE };
+        }
+    };
+    let failed = parse_index_ranges(args.failed_shards.as_deref().unwrap_or(""));
+    let metrics = WorkerMetrics::new();
+    let withdraw = Withdraw(reason);
+    for shard in plan.shards.iter().map(|s| s.index).filter(|i| !failed.contains(i)) {
+        let mut cfg = args.run_config(shard);
+        cfg.report = report.cloned();
+        let outcome = match PreparedShard::prepare(cfg).await {
+            Ok(p) => p.run(&withdraw, &metrics, stop.clone()).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(RunOutcome::Complete(t)) => tracing::debug!(shard, lines = t.lines, failed = t.failed, "shard closed"),
+            Ok(other) => {
+                tracing::info!(shard, ?other, "stopped while closing; the next close goes on from the committed chunks");
+                return other.exit_code();
+            }
+            Err(e) => {
+                tracing::error!(shard, permanent = e.is_permanent(), "cannot close the shard: {e}");
+                return e.exit_code();
+            }
+        }
+    }
+    tracing::info!(code = reason.code(), shards = plan.shards.len(), "every shard closed");
+    finalize(args, report).await
 }

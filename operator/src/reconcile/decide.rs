@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use serde_json::{Value, json};
-use sluice_api::job::{JobPhase, ReportedTotals, SlaStatus};
+use sluice_api::job::{CloseReason, JobPhase, OnDeadline, ReportedTotals, SlaStatus};
 use sluice_api::output::ManifestCounts;
 use sluice_api::plan::PlanSummary;
 use sluice_api::progress::ShardProgress;
@@ -104,7 +104,41 @@ pub fn note_progress(cache: &mut JobCache, progress: &Progress, now: Timestamp) 
     }
 }
 
-/// Where the finalize step of a job whose storage only its pods reach stands.
+/// Why the job is being closed before every request ran, if it is: once closing (recorded in
+/// the status) it stays closing, even after the close step has committed every shard.
+pub fn closing(facts: &Facts, progress: &Progress) -> Option<CloseReason> {
+    let Facts { bij, old, now, deadline, .. } = *facts;
+    if let Some(r) = old.close_reason {
+        return Some(r);
+    }
+    if progress.all_done || progress.too_many_failed {
+        return None;
+    }
+    if bij.spec.cancel {
+        Some(CloseReason::Cancelled)
+    } else if bij.spec.sla.on_deadline == OnDeadline::Expire && now >= deadline {
+        Some(CloseReason::Expired)
+    } else {
+        None
+    }
+}
+
+/// Whether every worker of the job has stopped (none running, none terminating), so the close
+/// step can commit the requests that never ran without racing a worker's last chunk.
+pub fn workers_stopped(obs: &Observation) -> bool {
+    let job_idle = obs.job.as_ref().is_none_or(|j| {
+        let spec = j.spec.as_ref();
+        let stopped = spec.and_then(|s| s.suspend).unwrap_or(false) || spec.and_then(|s| s.parallelism) == Some(0);
+        stopped && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) == 0
+    });
+    let pod_done = |p: &Pod| {
+        matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    };
+    job_idle && obs.pods.iter().all(pod_done)
+}
+
+/// Where a step that writes the manifest (finalize, when only the job's pods reach its storage;
+/// close, for a cancelled or expired job) stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Finalized {
     /// The manifest is written (its counts when its report arrived).
@@ -150,6 +184,8 @@ pub struct Decision {
     pub phase: JobPhase,
     /// Why the job failed, when `phase` is Failed.
     pub failure: Option<String>,
+    /// Why the job is being (or was) closed before every request ran.
+    pub closing: Option<CloseReason>,
     /// Every shard is committed and the finalize pod is still to write the manifest.
     pub finalizing: bool,
     /// The time the SLA decision is made at: now, or the completion time of a finished job.
@@ -179,7 +215,15 @@ pub fn decide(
         Some(Finalized::Failed(m)) => Some(m.clone()),
         _ => None,
     };
-    let phase = if progress.all_done && !finalizing && finalize_failure.is_none() {
+    let closing = closing(facts, progress);
+    let phase = if let Some(reason) = closing {
+        // Closed once the close step's manifest is written; until then it runs down.
+        match finalized {
+            Some(Finalized::Done { .. }) => reason.phase(),
+            Some(Finalized::Failed(_)) => JobPhase::Failed,
+            _ => JobPhase::Running,
+        }
+    } else if progress.all_done && !finalizing && finalize_failure.is_none() {
         JobPhase::Succeeded
     } else if progress.too_many_failed || finalize_failure.is_some() {
         JobPhase::Failed
@@ -201,11 +245,11 @@ pub fn decide(
         total_shards: plan.shards,
         remaining_shards,
         finished: phase == JobPhase::Succeeded,
-        suspended: bij.spec.suspend,
+        suspended: bij.spec.suspend || closing.is_some(),
         workers: status::cluster_workers(&progress.view, &obs.pods, decided_at),
     };
     let step = Scaler::new(SlaConfig::from_spec(&bij.spec)).step(&progress.view.scaler_state(old.sla_status), &observed);
-    let desired = i32::try_from(step.parallelism).unwrap_or(i32::MAX);
+    let desired = if closing.is_some() { 0 } else { i32::try_from(step.parallelism).unwrap_or(i32::MAX) };
 
     let spec_note = match (old.observed_generation, bij.metadata.generation) {
         (Some(seen), Some(g)) if g > seen && !phase.is_terminal() => {
@@ -223,11 +267,18 @@ pub fn decide(
 
     let job = if total_shards == 0 || phase.is_terminal() {
         JobChange::Keep
+    } else if closing.is_some() {
+        close_job(bij, obs.job.as_ref())
     } else {
         job_change(facts, obs.job.as_ref(), &progress.view, &step, desired, worker)?
     };
 
     let mut notes = Vec::new();
+    if let Some(reason) = closing
+        && old.close_reason.is_none()
+    {
+        notes.push(close_note(facts, reason, progress));
+    }
     let decision = &step.decision;
     if decision.status != old.sla_status.unwrap_or(SlaStatus::OnTrack) || old.sla_status.is_none() {
         match (&decision.infeasible, decision.status) {
@@ -239,7 +290,45 @@ pub fn decide(
     if phase == JobPhase::Failed && old.phase != JobPhase::Failed {
         notes.push(Note::warning("Failed", failure.clone().unwrap_or_default()));
     }
-    Ok(Decision { phase, failure, finalizing, decided_at, step, desired, spec_note, job, notes })
+    Ok(Decision { phase, failure, closing, finalizing, decided_at, step, desired, spec_note, job, notes })
+}
+
+/// A closing job's Job: parallelism 0 and, unless Kueue owns its suspension, suspended; its
+/// running workers stop after committing and no new ones start. No Job is created for it.
+fn close_job(bij: &BatchInferenceJob, job: Option<&Job>) -> JobChange {
+    let Some(spec) = job.and_then(|j| j.spec.as_ref()) else {
+        return JobChange::Keep;
+    };
+    let kueue = bij.spec.queue_name.as_deref().is_some_and(|q| !q.is_empty());
+    let mut patch = serde_json::Map::new();
+    if spec.parallelism != Some(0) {
+        patch.insert("parallelism".into(), 0.into());
+    }
+    if !kueue && spec.suspend != Some(true) {
+        patch.insert("suspend".into(), true.into());
+    }
+    if patch.is_empty() {
+        return JobChange::Keep;
+    }
+    JobChange::Patch { patch: json!({ "spec": patch }), scaled: None, notes: Vec::new() }
+}
+
+/// The Event of a close beginning.
+fn close_note(facts: &Facts, reason: CloseReason, progress: &Progress) -> Note {
+    let left = facts.plan.line_count.saturating_sub(progress.summary.succeeded + progress.summary.failed);
+    match reason {
+        CloseReason::Cancelled => Note::normal(
+            "Cancelling",
+            format!("spec.cancel is set: workers stop after committing; the {left} requests left go to the error files as batch_cancelled"),
+        ),
+        CloseReason::Expired => Note::warning(
+            "Expiring",
+            format!(
+                "the deadline {} passed with {left} requests left and sla.onDeadline is Expire: workers stop after committing; those requests go to the error files as batch_expired",
+                facts.deadline
+            ),
+        ),
+    }
 }
 
 fn too_many_failed_message(facts: &Facts, progress: &Progress) -> String {

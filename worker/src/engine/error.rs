@@ -79,6 +79,9 @@ pub enum RequestError {
     /// The engine was shut down before the request finished.
     #[error("engine shut down")]
     Shutdown,
+    /// Not run: the job was closed (cancelled or expired) first.
+    #[error("{}", .0.message())]
+    Withdrawn(sluice_api::job::CloseReason),
 }
 
 impl RequestError {
@@ -93,6 +96,7 @@ impl RequestError {
             Self::DuplicateId(_) => "duplicate_id",
             Self::Engine(_) => "engine",
             Self::Shutdown => "shutdown",
+            Self::Withdrawn(_) => "withdrawn",
         }
     }
 }

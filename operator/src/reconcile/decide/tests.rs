@@ -218,3 +218,99 @@ fn the_stall_clock_starts_without_progress_and_moves_only_when_work_is_done() {
     note_progress(&mut cache, &p, t("2026-12-01T02:00:00Z"));
     assert_eq!(cache.last_progress_at, Some(t("2026-12-01T01:00:00Z")), "no new work: the clock stays");
 }
+
+fn pod(phase: &str) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": "eval-run-42-0-abc"}, "status": {"phase": phase}})).unwrap()
+}
+
+#[test]
+fn a_cancel_stops_the_workers_then_the_close_steps_manifest_ends_it_cancelled() {
+    let mut case = Case::new(Some(job(2, false, "0", "")));
+    case.bij.spec.cancel = true;
+    case.bij.spec.queue_name = None;
+    let (p, d) = case.decide();
+    assert_eq!(closing(&case.facts(), &p), Some(CloseReason::Cancelled));
+    assert_eq!((d.phase, d.closing), (JobPhase::Running, Some(CloseReason::Cancelled)));
+    assert_eq!(d.desired, 0, "a closing job wants no workers");
+    let JobChange::Patch { patch, scaled: None, .. } = &d.job else { panic!("expected a stop patch, got {:?}", d.job) };
+    assert_eq!(patch, &json!({"spec": {"parallelism": 0, "suspend": true}}));
+    let note = d.notes.iter().find(|n| n.reason == "Cancelling").unwrap();
+    assert!(note.note.contains("batch_cancelled"), "{}", note.note);
+
+    // Announced once: the next reconcile (closeReason recorded) is quiet, and a stopped Job is
+    // left alone.
+    case.old.close_reason = Some(CloseReason::Cancelled);
+    case.obs.job = Some(job(0, true, "0", ""));
+    let (_, d) = case.decide_with(Some(&Finalized::Pending));
+    assert!(matches!(d.job, JobChange::Keep), "{:?}", d.job);
+    assert!(!reasons(&d.notes).contains(&"Cancelling"));
+    assert_eq!(d.phase, JobPhase::Running);
+
+    // The close step committed every shard: still the close's outcome, not a success.
+    case.obs.job = Some(job(0, true, "0-2", ""));
+    let (p, d) = case.decide_with(Some(&Finalized::Done { uri: "s3://b/out/manifest.json".into(), counts: None }));
+    assert!(p.all_done);
+    assert_eq!(d.phase, JobPhase::Cancelled);
+    assert!(matches!(d.job, JobChange::Keep));
+
+    // A close pod that failed fails the job with its message.
+    let (_, d) = case.decide_with(Some(&Finalized::Failed("the close pod could not …".into())));
+    assert_eq!(d.phase, JobPhase::Failed);
+    assert_eq!(d.failure.as_deref(), Some("the close pod could not …"));
+}
+
+#[test]
+fn under_kueue_a_close_scales_to_zero_and_leaves_suspend_to_kueue() {
+    let mut case = Case::new(Some(job(2, false, "", "")));
+    case.bij.spec.cancel = true;
+    let (_, d) = case.decide();
+    let JobChange::Patch { patch, .. } = &d.job else { panic!("{:?}", d.job) };
+    assert_eq!(patch, &json!({"spec": {"parallelism": 0}}));
+}
+
+#[test]
+fn a_job_that_is_done_or_failed_is_not_closed_by_a_late_cancel() {
+    let mut case = Case::new(Some(job(2, false, "0-2", "")));
+    case.bij.spec.cancel = true;
+    let (p, d) = case.decide();
+    assert_eq!(closing(&case.facts(), &p), None);
+    assert_eq!(d.phase, JobPhase::Succeeded);
+}
+
+#[test]
+fn expire_closes_at_the_deadline_and_continue_runs_on() {
+    use sluice_api::job::OnDeadline;
+    let mut case = Case::new(Some(job(2, false, "", "")));
+    let mut facts = case.facts();
+    let late = t("2026-12-01T08:00:00Z");
+    facts.now = late;
+    let p = assess(&facts, &case.obs);
+    assert_eq!(closing(&facts, &p), None, "Continue is the default");
+    case.bij.spec.sla.on_deadline = OnDeadline::Expire;
+    let mut facts = case.facts();
+    assert_eq!(closing(&facts, &p), None, "before the deadline nothing expires");
+    facts.now = late;
+    assert_eq!(closing(&facts, &p), Some(CloseReason::Expired));
+    let d = decide(&facts, &case.obs, &p, None, &WorkerDefaults::default()).unwrap();
+    let note = d.notes.iter().find(|n| n.reason == "Expiring").unwrap();
+    assert_eq!(note.type_, EventType::Warning);
+    assert!(note.note.contains("batch_expired") && note.note.contains("2026-12-01T08:00:00Z"), "{}", note.note);
+    let d = decide(&facts, &case.obs, &p, Some(&Finalized::Done { uri: "u".into(), counts: None }), &WorkerDefaults::default()).unwrap();
+    assert_eq!(d.phase, JobPhase::Expired);
+}
+
+#[test]
+fn the_close_step_waits_until_no_worker_runs() {
+    let mut obs = Observation { job: Some(job(2, false, "", "")), ..Default::default() };
+    assert!(!workers_stopped(&obs), "a Job still at parallelism 2");
+    obs.job = Some(job(0, true, "", ""));
+    obs.pods = vec![pod("Running")];
+    assert!(!workers_stopped(&obs), "a pod still terminating");
+    obs.pods = vec![pod("Failed"), pod("Succeeded")];
+    assert!(workers_stopped(&obs));
+    let mut active = job(0, true, "", "");
+    active.status.as_mut().unwrap().active = Some(1);
+    obs.job = Some(active);
+    assert!(!workers_stopped(&obs));
+    assert!(workers_stopped(&Observation::default()), "no Job at all: nothing runs");
+}
