@@ -319,3 +319,70 @@ fn json_logs_and_a_taken_metrics_port_do_not_stop_the_shard() {
     );
     assert!(job.finalized(0));
 }
+
+#[test]
+fn close_commits_every_request_that_never_ran_with_the_close_code_and_writes_the_manifest() {
+    let mut lines = prompt_lines(300);
+    lines[250] = b"{not json".to_vec();
+    let job = LocalJob::new(lines, 200);
+    // Shard 0 is stopped part-way (some chunks committed); shard 1 never started.
+    let mut child = job.worker(0).env(env::SAMPLING, r#"{"maxTokens":48}"#).spawn().unwrap();
+    let start = Instant::now();
+    while job.chunk_files(0).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no chunk committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigterm(&child);
+    let out = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(exit::TERMINATED), "{}", stderr(&out));
+    let ran = job.progress(0).lines_done;
+    assert!(ran > 0 && ran < 200, "{ran}");
+
+    let mut close = job.worker(0);
+    close.arg("close").env_remove(env::JOB_COMPLETION_INDEX).env(env::CLOSE_CODE, "batch_cancelled").env(env::JOB_NAME, "ns/job");
+    let out = run(close);
+    assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
+    // The manifest report, printed when no operator listens.
+    let report: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(report["kind"], "manifest", "{report}");
+
+    for shard in [0, 1] {
+        let (results, errors) = job.read_shard(shard);
+        assert_exactly_once(&job.plan, shard, &results, &errors, |_| 48);
+        let cancelled = errors.iter().filter(|e| e.error.as_ref().unwrap().code == "batch_cancelled").count() as u64;
+        let lines = job.plan.shard(shard).unwrap().line_count;
+        if shard == 0 {
+            assert_eq!((results.len() as u64, cancelled), (ran, lines - ran), "what ran is kept, the rest is cancelled");
+        } else {
+            assert!(results.is_empty());
+            assert_eq!(cancelled, lines - 1, "every request of shard 1 but the malformed one");
+            assert!(errors.iter().any(|e| e.error.as_ref().unwrap().code == "invalid_json"), "a malformed line keeps its own error");
+        }
+    }
+    let manifest: sluice_api::output::OutputManifest =
+        serde_json::from_slice(&std::fs::read(job.out().join(sluice_api::contract::layout::MANIFEST)).unwrap()).unwrap();
+    assert_eq!(manifest.requests.total, 300);
+    assert_eq!(manifest.requests.succeeded, ran);
+    assert_eq!(manifest.requests.failed, 300 - ran);
+
+    // A second close (a retried pod) changes nothing.
+    let mut again = job.worker(0);
+    again.arg("close").env_remove(env::JOB_COMPLETION_INDEX).env(env::CLOSE_CODE, "batch_cancelled");
+    assert_eq!(run(again).status.code(), Some(exit::SUCCESS));
+    assert_eq!(job.read_shard(0).0.len() as u64, ran);
+}
+
+#[test]
+fn close_without_a_reason_is_a_usage_error_naming_the_variable() {
+    let job = LocalJob::new(prompt_lines(4), 4);
+    let mut close = job.worker(0);
+    close.arg("close").env_remove(env::CLOSE_CODE);
+    let out = run(close);
+    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert!(stderr(&out).contains(env::CLOSE_CODE), "{}", stderr(&out));
+    let mut bad = job.worker(0);
+    bad.arg("close").env(env::CLOSE_CODE, "batch_canceled");
+    let out = run(bad);
+    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert!(stderr(&out).contains("batch_cancelled or batch_expired"), "{}", stderr(&out));
+}
