@@ -375,16 +375,15 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     let g = i.generation;
     let planned = format!("{} requests in {} shards", i.plan.line_count, i.plan.shards);
     conditions::set(&mut conds, Cond::new(ct::ADMITTED, true, "Planned", planned), g, now);
-    let closed_note = |r: CloseReason| format!("committed results are kept; every request that never ran is in the error files as {}", r.code());
+    let closed_note =
+        |r: CloseReason| format!("committed results are kept; every request that never ran is in the error files as {}", r.code());
     let (progressing, reason, msg) = match (i.phase, i.closing) {
         (JobPhase::Running, Some(r @ CloseReason::Cancelled)) => {
             (true, "Cancelling", format!("spec.cancel is set: workers stop after committing; {}", closed_note(r)))
         }
-        (JobPhase::Running, Some(r @ CloseReason::Expired)) => (
-            true,
-            "Expiring",
-            format!("the deadline passed with sla.onDeadline Expire: workers stop after committing; {}", closed_note(r)),
-        ),
+        (JobPhase::Running, Some(r @ CloseReason::Expired)) => {
+            (true, "Expiring", format!("the deadline passed with sla.onDeadline Expire: workers stop after committing; {}", closed_note(r)))
+        }
         (JobPhase::Running, None) => (true, "Running", format!("{done}/{total} requests done, {active} workers active")),
         (JobPhase::Suspended, _) => (false, "Suspended", "spec.suspend is true".to_string()),
         (JobPhase::Succeeded, _) => (false, "Complete", "every shard is committed".to_string()),

@@ -89,6 +89,17 @@ impl Cluster {
         })
     }
 
+    fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Value {
+        self.wait(&format!("{name} to be {phase}"), timeout, || {
+            let b = self.json(&["get", "bij", name])?;
+            match b["status"]["phase"].as_str() {
+                Some(p) if p == phase => Some(b),
+                Some(p @ ("Failed" | "Succeeded")) => panic!("{name} ended {p}, not {phase}: {}", b["status"]),
+                _ => None,
+            }
+        })
+    }
+
     fn events_of(&self, name: &str) -> Vec<Value> {
         let list = self.json(&["get", "events", "--field-selector", &format!("involvedObject.name={name}")]).unwrap();
         list["items"].as_array().cloned().unwrap_or_default()
@@ -273,6 +284,20 @@ spec:
   suspend: {suspend}
 "#
     )
+}
+
+/// A closed job's output: every custom_id once across results and errors, some requests
+/// closed with `code`, and the manifest's counts adding up to the input.
+fn assert_closed(out_dir: &Path, input: &Path, code: &str) {
+    let out = OutputCheck::read(out_dir).unwrap();
+    let ids = input_ids(input).unwrap();
+    out.assert_exactly_once(&ids).unwrap();
+    let closed = out.errors.iter().filter(|e| e["error"]["code"] == code).count();
+    assert!(closed > 0, "no request was closed with {code}");
+    let m = &out.manifest["requests"];
+    assert_eq!(m["total"].as_u64(), Some(ids.len() as u64));
+    assert_eq!(m["succeeded"].as_u64().unwrap() + m["failed"].as_u64().unwrap(), ids.len() as u64, "{m}");
+    assert_eq!(m["succeeded"].as_u64(), Some(out.results.len() as u64));
 }
 
 /// `2026-12-04T15:32:42Z`-like: what the ETA and Deadline columns must show (never `<invalid>`).
@@ -539,6 +564,36 @@ fn operator_on_a_real_cluster() {
         let b = c.json(&["get", "bij", "paused"])?;
         (j["spec"]["suspend"] == false && matches!(b["status"]["phase"].as_str(), Some("Running" | "Succeeded"))).then_some(())
     });
+
+    // Cancel, on the claim (the close pod does the storage work): committed results kept, every
+    // request that never ran in the error files as batch_cancelled, each custom_id once.
+    c.apply(&manifest("cancelled", &slow_volume, "slow.jsonl", false, "30m", 2, slow_env));
+    c.wait("some committed results", Duration::from_secs(180), || {
+        let b = c.json(&["get", "bij", "cancelled"])?;
+        (b["status"]["requests"]["succeeded"].as_u64()? > 0).then_some(())
+    });
+    c.ok(&["patch", "bij", "cancelled", "-n", &namespace, "--type=merge", "-p", r#"{"spec":{"cancel":true}}"#], None);
+    let undo = c.kubectl(&["patch", "bij", "cancelled", "-n", &namespace, "--type=merge", "-p", r#"{"spec":{"cancel":false}}"#], None);
+    let undo_err = String::from_utf8_lossy(&undo.stderr);
+    assert!(!undo.status.success() && undo_err.contains("spec.cancel cannot be undone"), "undoing a cancel: {undo_err}");
+    let b = c.wait_phase("cancelled", "Cancelled", timeout);
+    assert_eq!(b["status"]["closeReason"], "cancelled");
+    assert_closed(&slow_dir.join("out/cancelled"), &slow_dir.join("slow.jsonl"), "batch_cancelled");
+    let reasons: Vec<String> = c.events_of("cancelled").iter().filter_map(|e| e["reason"].as_str().map(str::to_string)).collect();
+    for r in ["Cancelling", "Cancelled"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event: {reasons:?}");
+    }
+    assert_eq!(c.row("cancelled")[1], "Cancelled");
+
+    // Expiry, on the hostPath (the operator reads the storage): a window far too short for
+    // one worker, with sla.onDeadline: Expire.
+    let expiring = manifest("expiring", &host_volume, "slow.jsonl", false, "40s", 1, slow_env)
+        .replace("margin: 0.1}", "margin: 0.1, onDeadline: Expire}");
+    c.apply(&expiring);
+    let b = c.wait_phase("expiring", "Expired", timeout);
+    assert_eq!(b["status"]["closeReason"], "expired");
+    assert_closed(&host_dir.join("out/expiring"), &host_dir.join("slow.jsonl"), "batch_expired");
+    assert!(c.events_of("expiring").iter().any(|e| e["reason"] == "Expiring" && e["type"] == "Warning"));
 
     // Deleting the job deletes its Jobs (owner references), never the output.
     c.ok(&["delete", "bij", "paused", "-n", &namespace, "--wait=true", "--timeout=120s"], None);

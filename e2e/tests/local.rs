@@ -251,3 +251,48 @@ fn status_of_a_prefix_without_a_job_says_so() {
     let o = sluice(&["validate", repo_root().join("manifests/examples/openai-24h-s3.yaml").to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_cancelled_job_writes_every_request_as_batch_cancelled_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 20, 10, 4, 4);
+    let text_of = std::fs::read_to_string(&job).unwrap().replace("  sla:", "  cancel: true\n  sla:");
+    std::fs::write(&job, text_of).unwrap();
+    let o = sluice(&["run", job.to_str().unwrap(), "--json", "--poll-seconds", "0.1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = summary(&o);
+    assert_eq!(s["status"], "Cancelled", "{s}");
+    let check = OutputCheck::read(&dir.path().join("out")).unwrap();
+    check.assert_exactly_once(&input_ids(&dir.path().join("in.jsonl")).unwrap()).unwrap();
+    assert!(check.results.is_empty());
+    assert!(check.errors.iter().all(|e| e["error"]["code"] == "batch_cancelled"), "{:?}", check.errors.first());
+    assert_eq!((s["requests_succeeded"].as_u64(), s["requests_failed"].as_u64()), (Some(0), Some(20)));
+}
+
+#[test]
+fn a_job_past_its_deadline_with_on_deadline_expire_ends_expired_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 64, 32, 48, 1);
+    let text_of = std::fs::read_to_string(&job).unwrap().replace("completionWindow: 1h}", "completionWindow: 2s, onDeadline: Expire}");
+    std::fs::write(&job, text_of).unwrap();
+    let o = Command::new(binary("sluice").unwrap())
+        .env("SLUICE_CHUNK_LINES", "4")
+        .env("RUST_LOG", "warn")
+        .args(["run", job.to_str().unwrap(), "--json", "--max-workers", "1", "--poll-seconds", "0.1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let s = summary(&o);
+    assert_eq!(s["status"], "Expired", "{s}");
+    assert_eq!(s["deadline_met"], false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sla.onDeadline is Expire"), "{}", text(&o));
+    let check = OutputCheck::read(&dir.path().join("out")).unwrap();
+    check.assert_exactly_once(&input_ids(&dir.path().join("in.jsonl")).unwrap()).unwrap();
+    let expired = check.errors.iter().filter(|e| e["error"]["code"] == "batch_expired").count();
+    assert!(expired > 0, "nothing was left to expire: {s}");
+    assert_eq!(check.results.len() + expired, 64);
+    // A rerun reports the closed job as it is.
+    let o = sluice(&["run", job.to_str().unwrap(), "--json"]);
+    assert_eq!(summary(&o)["status"], "AlreadyComplete");
+}

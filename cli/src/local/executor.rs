@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use jiff::Timestamp;
 use sluice_api::contract::{env, exit};
+use sluice_api::job::{CloseReason, OnDeadline};
 use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
@@ -54,6 +55,9 @@ pub struct ExecOutcome {
     pub first_projection_observed: bool,
     pub last_decision: Option<SlaDecision>,
     pub deadline: Option<Timestamp>,
+    /// Set when the job was closed before every request ran (`spec.cancel`, or the deadline
+    /// with `sla.onDeadline: Expire`); its close step wrote the manifest.
+    pub closed: Option<CloseReason>,
 }
 
 struct Running {
@@ -117,7 +121,55 @@ fn spawn(cmd: &WorkerCommand, vars: &[(String, String)], shard: u32, attempt: u3
     c.spawn().map_err(|source| LocalError::Spawn { program, source })
 }
 
+/// Stop every running worker gracefully (SIGTERM: each commits what it finished), killing one
+/// that has not exited after 30 s.
+async fn stop_all(running: &mut HashMap<u32, Running>) {
+    for r in running.values() {
+        terminate(&r.child);
+    }
+    for (_, mut r) in running.drain() {
+        if tokio::time::timeout(Duration::from_secs(30), r.child.wait()).await.is_err() {
+            let _ = r.child.kill().await;
+        }
+    }
+}
+
+/// Run the worker's close step (as the operator's close pod does): every request that never ran
+/// is committed as an error with `reason`'s code, then the manifest is written.
+async fn close(
+    cmd: &WorkerCommand,
+    vars: &[(String, String)],
+    failed: &BTreeMap<u32, String>,
+    logs: &std::path::Path,
+    reason: CloseReason,
+) -> Result<(), LocalError> {
+    let mut vars = vars.to_vec();
+    vars.push((env::CLOSE_CODE.into(), reason.code().into()));
+    let failed: BTreeSet<u32> = failed.keys().copied().collect();
+    vars.push((env::FAILED_SHARDS.into(), sluice_api::plan::format_index_ranges(&failed)));
+    let mut step = WorkerCommand { program: cmd.program.clone(), args: cmd.args.clone() };
+    step.args.push("close".into());
+    let mut child = spawn(&step, &vars, CLOSE_STEP, 1, logs)?;
+    let status = child.wait().await.map_err(|source| LocalError::Spawn { program: cmd.program.display().to_string(), source })?;
+    if status.code() == Some(exit::SUCCESS) {
+        return Ok(());
+    }
+    let log = log_path(logs, CLOSE_STEP, 1);
+    Err(LocalError::JobFailed(format!(
+        "the close step exited with {:?}{}; log: {} (run again to resume it)",
+        status.code(),
+        last_error(&log).unwrap_or_default(),
+        log.display()
+    )))
+}
+
+/// The close step's stand-in shard index: its log is `close.log`.
+const CLOSE_STEP: u32 = u32::MAX;
+
 fn log_path(logs: &std::path::Path, shard: u32, attempt: u32) -> PathBuf {
+    if shard == CLOSE_STEP {
+        return logs.join("close.log");
+    }
     logs.join(format!("shard-{shard:05}-attempt-{attempt}.log"))
 }
 
@@ -232,6 +284,28 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
             pb.finish_and_clear();
             return Ok(out);
         }
+        // Cancelled, or expired at the deadline: stop, then close what never ran.
+        let reason = if spec.cancel {
+            Some(CloseReason::Cancelled)
+        } else {
+            (spec.sla.on_deadline == OnDeadline::Expire && Timestamp::now() >= deadline).then_some(CloseReason::Expired)
+        };
+        if let Some(reason) = reason {
+            pb.finish_and_clear();
+            eprintln!(
+                "{}: stopping {} worker(s); every request that never ran goes to the error files as {}",
+                match reason {
+                    CloseReason::Cancelled => "spec.cancel is set".to_string(),
+                    CloseReason::Expired => format!("the deadline {deadline} passed with work left and sla.onDeadline is Expire"),
+                },
+                running.len(),
+                reason.code()
+            );
+            stop_all(&mut running).await;
+            close(&opts.worker, &vars, &out.failed, &logs, reason).await?;
+            out.closed = Some(reason);
+            return Ok(out);
+        }
 
         // 2. Observe progress and ask the SLA core how many workers to run.
         if Instant::now() >= next_poll {
@@ -295,14 +369,7 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
             _ = &mut ctrl_c => {
                 pb.finish_and_clear();
                 eprintln!("stopping {} worker(s) gracefully…", running.len());
-                for r in running.values() {
-                    terminate(&r.child);
-                }
-                for (_, mut r) in running.drain() {
-                    if tokio::time::timeout(Duration::from_secs(30), r.child.wait()).await.is_err() {
-                        let _ = r.child.kill().await;
-                    }
-                }
+                stop_all(&mut running).await;
                 return Err(LocalError::Interrupted);
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}

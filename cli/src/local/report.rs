@@ -119,7 +119,11 @@ pub async fn finish(local: &LocalJob, plan: &ShardPlan, outcome: ExecOutcome, st
     let deadline = outcome.deadline;
     Ok(RunSummary {
         job: local.name.clone(),
-        status: if outcome.failed.is_empty() { "Succeeded" } else { "SucceededWithFailedShards" },
+        status: match outcome.closed {
+            Some(r) => r.phase().as_str(),
+            None if outcome.failed.is_empty() => "Succeeded",
+            None => "SucceededWithFailedShards",
+        },
         output_uri: local.output.uri.clone(),
         manifest_uri: local.output.child(layout::MANIFEST).uri,
         requests_total: manifest.requests.total,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use sluice_api::job::CloseReason;
 use sluice_api::progress::ShardProgress;
 use tokio::process::{Child, Command};
 
@@ -233,9 +234,9 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
     let b = &rec.batch;
     let (code, message) = match &outcome {
         Outcome::Completed => ("request_not_run", "the request's shard failed after its retries; see the batch's worker logs".to_string()),
-        Outcome::Cancelled => ("batch_cancelled", "the batch was cancelled before this request ran".to_string()),
+        Outcome::Cancelled => (CloseReason::Cancelled.code(), "the batch was cancelled before this request ran".to_string()),
         Outcome::Expired => {
-            ("batch_expired", format!("the batch's completion window ({}) ended before this request ran", b.completion_window))
+            (CloseReason::Expired.code(), format!("the batch's completion window ({}) ended before this request ran", b.completion_window))
         }
         Outcome::Failed { message } => ("batch_failed", format!("the batch failed before this request ran: {message}")),
     };

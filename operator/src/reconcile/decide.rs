@@ -131,9 +131,7 @@ pub fn workers_stopped(obs: &Observation) -> bool {
         let stopped = spec.and_then(|s| s.suspend).unwrap_or(false) || spec.and_then(|s| s.parallelism) == Some(0);
         stopped && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) == 0
     });
-    let pod_done = |p: &Pod| {
-        matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-    };
+    let pod_done = |p: &Pod| matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
     job_idle && obs.pods.iter().all(pod_done)
 }
 
