@@ -82,12 +82,29 @@ mod tests {
     #[test]
     fn resolves_deadline() {
         let created: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let sla = SlaSpec { deadline: None, completion_window: Some("2h".into()), margin: 0.1, policy: Default::default() };
+        let sla = SlaSpec {
+            deadline: None,
+            completion_window: Some("2h".into()),
+            margin: 0.1,
+            policy: Default::default(),
+            on_deadline: Default::default(),
+        };
         assert_eq!(effective_deadline(&sla, created).unwrap().to_string(), "2026-01-01T02:00:00Z");
-        let sla =
-            SlaSpec { deadline: Some("2026-01-02T00:00:00Z".into()), completion_window: None, margin: 0.1, policy: Default::default() };
+        let sla = SlaSpec {
+            deadline: Some("2026-01-02T00:00:00Z".into()),
+            completion_window: None,
+            margin: 0.1,
+            policy: Default::default(),
+            on_deadline: Default::default(),
+        };
         assert_eq!(effective_deadline(&sla, created).unwrap().to_string(), "2026-01-02T00:00:00Z");
-        let bad = SlaSpec { deadline: Some("tomorrow".into()), completion_window: None, margin: 0.1, policy: Default::default() };
+        let bad = SlaSpec {
+            deadline: Some("tomorrow".into()),
+            completion_window: None,
+            margin: 0.1,
+            policy: Default::default(),
+            on_deadline: Default::default(),
+        };
         assert!(effective_deadline(&bad, created).unwrap_err().contains("spec.sla.deadline"));
     }
 }

@@ -272,7 +272,8 @@ fn a_cancelled_job_writes_every_request_as_batch_cancelled_and_runs_nothing() {
 #[test]
 fn a_job_past_its_deadline_with_on_deadline_expire_ends_expired_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), 64, 32, 48, 1);
+    // About 15 s of work at one worker (one sequence at a time), against a 2 s window.
+    let job = write_job(dir.path(), 480, 120, 48, 1);
     let text_of = std::fs::read_to_string(&job).unwrap().replace("completionWindow: 1h}", "completionWindow: 2s, onDeadline: Expire}");
     std::fs::write(&job, text_of).unwrap();
     let o = Command::new(binary("sluice").unwrap())
@@ -291,7 +292,7 @@ fn a_job_past_its_deadline_with_on_deadline_expire_ends_expired_with_nothing_los
     check.assert_exactly_once(&input_ids(&dir.path().join("in.jsonl")).unwrap()).unwrap();
     let expired = check.errors.iter().filter(|e| e["error"]["code"] == "batch_expired").count();
     assert!(expired > 0, "nothing was left to expire: {s}");
-    assert_eq!(check.results.len() + expired, 64);
+    assert_eq!(check.results.len() + expired, 480);
     // A rerun reports the closed job as it is.
     let o = sluice(&["run", job.to_str().unwrap(), "--json"]);
     assert_eq!(summary(&o)["status"], "AlreadyComplete");

@@ -814,3 +814,84 @@ async fn when_every_shard_is_committed_a_finalize_pod_writes_the_manifest_then_t
     assert_eq!((status["requests"]["succeeded"].as_i64(), status["requests"]["failed"].as_i64()), (Some(4), Some(1)));
     assert!(h.get_json::<Value>("data/out/manifest.json").await.is_none(), "the operator wrote the manifest itself");
 }
+
+/// Cancel: the Job is stopped (parallelism 0, suspended) with one `Cancelling` Event; once no
+/// worker runs, the close Job is applied; once it has completed, the manifest is read back and
+/// the job ends `Cancelled` with a `Cancelled` Event, never to be reconciled again.
+#[tokio::test]
+async fn cancel_stops_the_job_runs_the_close_step_and_ends_cancelled() {
+    let h = Harness::new(at(10));
+    seed_input(&h, 5).await;
+    let (_, applied, status) = first_reconcile(&h).await;
+    seed_progress(&h, &progress(0, 2, 2, true, 20, 60, 0.1)).await;
+    let h = Harness { store: h.store.clone(), now: at(90), report_url: None };
+
+    // 1. The cancel arrives while a worker runs.
+    let mut cancelled = bij(json!({"cancel": true}), Some(status));
+    cancelled["metadata"]["generation"] = json!(2);
+    let job = job_from_apply(&applied, json!({"active": 1, "succeeded": 1, "completedIndexes": "0"}));
+    let running_pod = json!({"metadata": {"name": "quickstart-1-abcde", "namespace": "default"}, "status": {"phase": "Running"}});
+    let cluster = Cluster { bij: cancelled.clone(), job: Some(job.clone()), pods: vec![running_pod], ..Default::default() };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+    assert_eq!(lines(&calls), [get(JOB_PATH), get(PODS_PATH), event(), patch(JOB_PATH), event(), patch(STATUS_PATH)], "{calls:#?}");
+    assert_eq!(calls[3].body, json!({"spec": {"parallelism": 0, "suspend": true}}));
+    assert_eq!(reasons(&calls), ["SpecUpdated", "Cancelling"]);
+    let status = last_status(&calls);
+    assert_eq!((status["phase"].as_str(), status["closeReason"].as_str()), (Some("Running"), Some("cancelled")));
+    assert_eq!(condition(&status, "Progressing")["reason"], "Cancelling");
+
+    // 2. The Job is stopped and its pods have ended: the close Job is created.
+    let mut stopped = job.clone();
+    stopped["spec"]["parallelism"] = json!(0);
+    stopped["spec"]["suspend"] = json!(true);
+    stopped["status"] = json!({"active": 0, "succeeded": 1, "completedIndexes": "0"});
+    let mut closing = cancelled.clone();
+    closing["status"] = status.clone();
+    let ended_pod = json!({"metadata": {"name": "quickstart-1-abcde", "namespace": "default"}, "status": {"phase": "Failed"}});
+    let cluster = Cluster { bij: closing.clone(), job: Some(stopped.clone()), pods: vec![ended_pod.clone()], ..Default::default() };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+    let close_path = format!("{JOBS_PREFIX}quickstart-close");
+    assert_eq!(lines(&calls)[..4], [get(JOB_PATH), get(PODS_PATH), get(&close_path), patch(&close_path)], "{calls:#?}");
+    let close = &calls[3].body;
+    let container = &close["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"], json!(["close"]));
+    let env: Vec<(&str, &str)> =
+        container["env"].as_array().unwrap().iter().filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?))).collect();
+    assert!(env.contains(&("SLUICE_CLOSE_CODE", "batch_cancelled")), "{env:?}");
+    assert!(env.contains(&("SLUICE_JOB_NAME", "default/quickstart")), "{env:?}");
+    assert!(reasons(&calls).is_empty(), "the close was announced once, in step 1");
+    if calls.iter().any(|c| c.path == STATUS_PATH) {
+        let s = last_status(&calls);
+        assert_eq!((s["phase"].as_str(), s["closeReason"].as_str()), (Some("Running"), Some("cancelled")));
+    }
+
+    // 3. The close Job completed (it wrote the manifest): Cancelled.
+    let manifest = OutputManifest {
+        job: "default/quickstart".into(),
+        input_uri: "mem://data/in.jsonl".into(),
+        output_uri: "mem://data/out".into(),
+        completed_at: "2026-03-01T12:01:40Z".into(),
+        requests: sluice_api::output::ManifestCounts { total: 5, succeeded: 2, failed: 3 },
+        usage: sluice_api::output::Usage::new(40, 20),
+        shards: vec![],
+    };
+    h.put("data/out/manifest.json", serde_json::to_vec(&manifest).unwrap()).await;
+    let mut done_close = close.clone();
+    done_close["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+    let step_jobs = std::collections::BTreeMap::from([("quickstart-close".to_string(), done_close)]);
+    let cluster = Cluster { bij: closing, job: Some(stopped), pods: vec![ended_pod], step_jobs };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(lines(&calls), [get(JOB_PATH), get(PODS_PATH), get(&close_path), event(), patch(STATUS_PATH)], "{calls:#?}");
+    assert_eq!(reasons(&calls), ["Cancelled"]);
+    let note = calls[3].body["note"].as_str().unwrap();
+    assert!(note.contains("2 requests succeeded, 3 failed or never ran") && note.contains("batch_cancelled"), "{note}");
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Cancelled");
+    assert_eq!(status["manifestUri"], "mem://data/out/manifest.json");
+    assert_eq!((status["requests"]["succeeded"].as_u64(), status["requests"]["failed"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(condition(&status, "Progressing")["reason"], "Cancelled");
+    assert!(status["completionTime"].is_string());
+}

@@ -326,7 +326,7 @@ fn close_commits_every_request_that_never_ran_with_the_close_code_and_writes_the
     lines[250] = b"{not json".to_vec();
     let job = LocalJob::new(lines, 200);
     // Shard 0 is stopped part-way (some chunks committed); shard 1 never started.
-    let mut child = job.worker(0).env(env::SAMPLING, r#"{"maxTokens":48}"#).spawn().unwrap();
+    let child = job.worker(0).env(env::SAMPLING, r#"{"maxTokens":48}"#).spawn().unwrap();
     let start = Instant::now();
     while job.chunk_files(0).is_empty() {
         assert!(start.elapsed() < Duration::from_secs(60), "no chunk committed");
