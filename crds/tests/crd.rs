@@ -283,3 +283,32 @@ fn an_over_long_completion_window_is_rejected_as_the_parser_rejects_it() {
     let long = "1s".repeat(40);
     assert!(!errors_of(&with("/spec/sla", json!({"completionWindow": long}))).is_empty());
 }
+
+#[test]
+fn cancel_is_one_way_and_on_deadline_takes_only_its_two_values() {
+    let mut o = base();
+    o["spec"]["sla"]["onDeadline"] = json!("Expire");
+    o["spec"]["cancel"] = json!(true);
+    assert_eq!(errors_of(&o), Vec::<String>::new());
+    for bad in ["expire", "Stop", ""] {
+        let mut o = base();
+        o["spec"]["sla"]["onDeadline"] = json!(bad);
+        assert!(errors_of(&o).iter().any(|e| e.starts_with("spec.sla.onDeadline")), "{bad:?}: {:?}", errors_of(&o));
+    }
+    let mut o = base();
+    o["spec"]["cancel"] = json!("yes");
+    assert!(errors_of(&o).iter().any(|e| e.starts_with("spec.cancel")), "{:?}", errors_of(&o));
+    // Setting cancel back is refused (a transition rule); setting it is an allowed edit.
+    let old = base();
+    let mut cancelled = base();
+    cancelled["spec"]["cancel"] = json!(true);
+    assert!(validate_object(&cancelled, Some(&old)).is_ok());
+    let mut undone = cancelled.clone();
+    undone["spec"]["cancel"] = json!(false);
+    let errs = validate_object(&undone, Some(&cancelled)).unwrap_err();
+    assert!(errs.iter().any(|e| e.message.contains("spec.cancel cannot be undone once set")), "{errs:?}");
+    // The defaults: not cancelled, Continue.
+    let job: sluice_api::BatchInferenceJob = serde_json::from_value(base()).unwrap();
+    assert!(!job.spec.cancel);
+    assert_eq!(job.spec.sla.on_deadline, sluice_api::job::OnDeadline::Continue);
+}
