@@ -63,6 +63,10 @@ pub mod env {
     /// Why `sluice-worker close` closes the job: `batch_cancelled` or `batch_expired`, the code
     /// each request that never ran gets in the error files.
     pub const CLOSE_CODE: &str = "SLUICE_CLOSE_CODE";
+    /// The shards `sluice-worker close` closes (`1,3-5`): the failed ones, when a job that
+    /// succeeded with failed shards gives their requests `shard_failed` lines. Unset: every
+    /// shard not in `SLUICE_FAILED_SHARDS`.
+    pub const CLOSE_SHARDS: &str = "SLUICE_CLOSE_SHARDS";
 
     // Tuning a worker reads with its defaults; the operator does not set them.
 

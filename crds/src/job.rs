@@ -375,20 +375,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    /// The error code of each request that never ran.
-    pub fn code(self) -> &'static str {
+    /// What each request that never ran gets in the error files.
+    pub fn not_run(self) -> NotRun {
         match self {
-            CloseReason::Cancelled => "batch_cancelled",
-            CloseReason::Expired => "batch_expired",
+            CloseReason::Cancelled => NotRun::Cancelled,
+            CloseReason::Expired => NotRun::Expired,
         }
     }
 
-    /// The error message of each request that never ran.
-    pub fn message(self) -> &'static str {
-        match self {
-            CloseReason::Cancelled => "the job was cancelled before this request ran",
-            CloseReason::Expired => "the job's deadline passed before this request ran",
-        }
+    /// The error code of each request that never ran.
+    pub fn code(self) -> &'static str {
+        self.not_run().code()
     }
 
     /// The phase a job closed for this reason ends in.
@@ -400,13 +397,46 @@ impl CloseReason {
     }
 }
 
-impl std::str::FromStr for CloseReason {
+/// Why a request whose line is valid has no result: the error code and message its line gets
+/// in the error files, so that every request of the input is in exactly one of the two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotRun {
+    /// The job was cancelled first.
+    Cancelled,
+    /// The deadline passed first (`sla.onDeadline: Expire`).
+    Expired,
+    /// Its shard failed after its retries (within `retries.maxFailedShards`).
+    ShardFailed,
+}
+
+impl NotRun {
+    pub fn code(self) -> &'static str {
+        match self {
+            NotRun::Cancelled => "batch_cancelled",
+            NotRun::Expired => "batch_expired",
+            NotRun::ShardFailed => "shard_failed",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            NotRun::Cancelled => "the job was cancelled before this request ran",
+            NotRun::Expired => "the job's deadline passed before this request ran",
+            NotRun::ShardFailed => {
+                "this request's shard failed after its retries (retries.perShard); the job's Events and worker logs say why"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for NotRun {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "batch_cancelled" | "cancelled" => Ok(CloseReason::Cancelled),
-            "batch_expired" | "expired" => Ok(CloseReason::Expired),
-            other => Err(format!("{other:?} is not batch_cancelled or batch_expired")),
+            "batch_cancelled" => Ok(NotRun::Cancelled),
+            "batch_expired" => Ok(NotRun::Expired),
+            "shard_failed" => Ok(NotRun::ShardFailed),
+            other => Err(format!("{other:?} is not batch_cancelled, batch_expired or shard_failed")),
         }
     }
 }

@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use sluice_api::BatchInferenceJob;
 use sluice_api::contract::{WorkerInvocation, env, exit};
-use sluice_api::job::{CaBundleSpec, CloseReason};
+use sluice_api::job::{CaBundleSpec, NotRun};
 use sluice_api::plan::PlanSummary;
 use sluice_api::report::report_path;
 
@@ -490,10 +490,19 @@ pub fn finalize_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>) -> Res
     ])
 }
 
-/// The inputs of the close step: the finalize step's, and why the job is closed.
-pub fn close_step_env(bij: &BatchInferenceJob, failed: &BTreeSet<u32>, reason: CloseReason) -> Result<Vec<EnvVar>> {
+/// The inputs of the close step: the finalize step's, the code of the requests that never ran,
+/// and which shards to close (`None`: every shard not in `failed`).
+pub fn close_step_env(
+    bij: &BatchInferenceJob,
+    failed: &BTreeSet<u32>,
+    code: NotRun,
+    shards: Option<&BTreeSet<u32>>,
+) -> Result<Vec<EnvVar>> {
     let mut v = finalize_step_env(bij, failed)?;
-    v.push(env_var(env::CLOSE_CODE, reason.code().to_string()));
+    v.push(env_var(env::CLOSE_CODE, code.code().to_string()));
+    if let Some(s) = shards {
+        v.push(env_var(env::CLOSE_SHARDS, sluice_api::plan::format_index_ranges(s)));
+    }
     Ok(v)
 }
 

@@ -22,7 +22,7 @@ use sluice_api::BatchInferenceJob;
 use sluice_api::BatchInferenceJobStatus;
 use sluice_api::contract::layout;
 use sluice_api::deadline::effective_deadline;
-use sluice_api::job::{JobPhase, condition_types as ct};
+use sluice_api::job::{JobPhase, NotRun, condition_types as ct};
 use sluice_api::jobio::{self, JobIoError};
 use sluice_api::output::ManifestCounts;
 use sluice_api::plan::PlanSummary;
@@ -539,13 +539,17 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     // Every shard is committed; a job whose storage only its pods reach also needs its
     // finalize pod to have written the manifest. A cancelled or expired job, once its workers
     // have stopped, needs its close pod to have written the requests that never ran and the
-    // manifest.
+    // manifest; so does a job done with failed shards (their requests as `shard_failed`).
     let finalized = match (decide::closing(&facts, &progress), &storage_view, progress.all_done) {
         (Some(reason), _, _) if decide::workers_stopped(&obs) => {
-            let env = job_builder::close_step_env(bij, &progress.failed, reason)?;
+            let env = job_builder::close_step_env(bij, &progress.failed, reason.not_run(), None)?;
             Some(manifest_step(ctx, bij, Step::Close, env, obs.manifest_report.clone()).await?)
         }
         (Some(_), _, _) => Some(Finalized::Pending),
+        (None, _, true) if !progress.failed.is_empty() => {
+            let env = job_builder::close_step_env(bij, &BTreeSet::new(), NotRun::ShardFailed, Some(&progress.failed))?;
+            Some(manifest_step(ctx, bij, Step::Close, env, obs.manifest_report.clone()).await?)
+        }
         (None, StorageView::Pods { .. }, true) => {
             let env = job_builder::finalize_step_env(bij, &progress.failed)?;
             Some(manifest_step(ctx, bij, Step::Finalize, env, obs.manifest_report.clone()).await?)

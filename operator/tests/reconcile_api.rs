@@ -895,3 +895,55 @@ async fn cancel_stops_the_job_runs_the_close_step_and_ends_cancelled() {
     assert_eq!(condition(&status, "Progressing")["reason"], "Cancelled");
     assert!(status["completionTime"].is_string());
 }
+
+/// Done with a failed shard within `retries.maxFailedShards`: the close Job gives that shard's
+/// requests `shard_failed` lines (and writes the manifest) before the job succeeds.
+#[tokio::test]
+async fn a_job_done_with_a_failed_shard_closes_it_before_it_succeeds() {
+    let h = Harness::new(at(10));
+    seed_input(&h, 5).await;
+    let (_, applied, status) = first_reconcile(&h).await;
+    for (i, n) in [(0u32, 2u64), (1, 2)] {
+        seed_progress(&h, &progress(i, n, n, true, 20, 200 + i64::from(i), 0.1)).await;
+    }
+    let h = Harness { store: h.store.clone(), now: at(240), report_url: None };
+    let spec = json!({"retries": {"maxFailedShards": 1}});
+    let job = job_from_apply(&applied, json!({"active": 0, "succeeded": 2, "failed": 3, "completedIndexes": "0-1", "failedIndexes": "2"}));
+    let cluster = Cluster { bij: bij(spec.clone(), Some(status.clone())), job: Some(job.clone()), ..Default::default() };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+    let close_path = format!("{JOBS_PREFIX}quickstart-close");
+    let apply = calls.iter().find(|c| c.path == close_path && c.method == "PATCH").expect("the close Job");
+    let env: Vec<(String, String)> = apply.body["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect();
+    for want in [("SLUICE_CLOSE_CODE", "shard_failed"), ("SLUICE_CLOSE_SHARDS", "2"), ("SLUICE_FAILED_SHARDS", "")] {
+        assert!(env.iter().any(|(k, v)| k == want.0 && v == want.1), "{want:?} not in {env:?}");
+    }
+    assert_ne!(last_status(&calls)["phase"], "Succeeded", "not before the close pod is done");
+
+    // The close pod wrote the manifest: Succeeded, with its counts.
+    let manifest = OutputManifest {
+        job: "default/quickstart".into(),
+        input_uri: "mem://data/in.jsonl".into(),
+        output_uri: "mem://data/out".into(),
+        completed_at: "2026-03-01T12:04:00Z".into(),
+        requests: sluice_api::output::ManifestCounts { total: 5, succeeded: 4, failed: 1 },
+        usage: sluice_api::output::Usage::new(80, 40),
+        shards: vec![],
+    };
+    h.put("data/out/manifest.json", serde_json::to_vec(&manifest).unwrap()).await;
+    let mut done_close = apply.body.clone();
+    done_close["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+    let step_jobs = std::collections::BTreeMap::from([("quickstart-close".to_string(), done_close)]);
+    let cluster = Cluster { bij: bij(spec, Some(status)), job: Some(job), step_jobs, ..Default::default() };
+    let (result, calls) = h.run(cluster).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(reasons(&calls), ["Completed"]);
+    let status = last_status(&calls);
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!((status["requests"]["succeeded"].as_u64(), status["requests"]["failed"].as_u64()), (Some(4), Some(1)));
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use sluice_api::contract::env;
-use sluice_api::job::{CloseReason, Dtype, InputFormat, SamplingSpec};
+use sluice_api::job::{Dtype, InputFormat, NotRun, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
 use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
 
@@ -147,9 +147,13 @@ pub struct Args {
     /// Finalize step: shards that failed within the job's tolerance (`1,3-5`).
     #[arg(long, env = env::FAILED_SHARDS)]
     pub failed_shards: Option<String>,
-    /// Close step: why the job is closed (`batch_cancelled` or `batch_expired`).
-    #[arg(long, env = env::CLOSE_CODE, value_parser = CloseReason::from_str)]
-    pub close_code: Option<CloseReason>,
+    /// Close step: the code of each request that never ran (`batch_cancelled`,
+    /// `batch_expired` or `shard_failed`).
+    #[arg(long, env = env::CLOSE_CODE, value_parser = NotRun::from_str)]
+    pub close_code: Option<NotRun>,
+    /// Close step: the shards to close (`1,3-5`) [default: every shard not among the failed ones].
+    #[arg(long, env = env::CLOSE_SHARDS)]
+    pub close_shards: Option<String>,
     /// Finalize step: the input URI as the job names it, for the manifest [default: the plan's].
     #[arg(long, env = env::SPEC_INPUT_URI)]
     pub spec_input_uri: Option<String>,

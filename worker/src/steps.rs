@@ -11,7 +11,7 @@ use sluice_api::plan::{ShardPlan, parse_index_ranges};
 use sluice_api::report::{PlanFailure, PodReport};
 use sluice_api::storage::{Location, resolve};
 
-use sluice_api::job::CloseReason;
+use sluice_api::job::NotRun;
 use tokio::sync::{oneshot, watch};
 
 use crate::cli::Args;
@@ -120,7 +120,7 @@ async fn write_manifest(args: &Args) -> Result<PodReport, (bool, String)> {
 
 /// The "engine" of a closed job: every request it is given is withdrawn with the close's code,
 /// so the shard's ordinary run commits each one as an error line, exactly once.
-struct Withdraw(CloseReason);
+struct Withdraw(NotRun);
 
 impl Generator for Withdraw {
     fn submit(&self, _req: GenerationRequest) -> oneshot::Receiver<Result<GenerationOutput, RequestError>> {
@@ -136,10 +136,12 @@ impl Generator for Withdraw {
     }
 }
 
-/// Close a cancelled or expired job: each shard not yet finalized (and not among the failed
-/// ones) gets its uncommitted requests committed as `batch_cancelled`/`batch_expired` errors,
-/// then the manifest is written and reported. Run only once the job's workers have stopped:
-/// a chunk a worker still writes would race this one (the commit protocol keeps the first).
+/// Close a job's shards: each one chosen (`--close-shards`, else every shard not among the
+/// failed ones) and not yet finalized gets its uncommitted requests committed as errors with
+/// the close's code (`batch_cancelled`/`batch_expired` for a cancelled or expired job,
+/// `shard_failed` for the failed shards of a job that succeeded without them), then the
+/// manifest is written and reported. Run only once the job's workers have stopped: a chunk a
+/// worker still writes would race this one (the commit protocol keeps the first).
 pub async fn close(args: &Args, report: Option<&ReportClient>, stop: watch::Receiver<bool>) -> i32 {
     let Some(reason) = args.close_code else {
         tracing::error!("close needs the reason (--close-code or {})", sluice_api::contract::env::CLOSE_CODE);
@@ -174,9 +176,11 @@ pub async fn close(args: &Args, report: Option<&ReportClient>, stop: watch::Rece
         }
     };
     let failed = parse_index_ranges(args.failed_shards.as_deref().unwrap_or(""));
+    let only = args.close_shards.as_deref().map(parse_index_ranges);
     let metrics = WorkerMetrics::new();
     let withdraw = Withdraw(reason);
-    for shard in plan.shards.iter().map(|s| s.index).filter(|i| !failed.contains(i)) {
+    let chosen = |i: &u32| only.as_ref().map_or(!failed.contains(i), |o| o.contains(i));
+    for shard in plan.shards.iter().map(|s| s.index).filter(chosen) {
         let mut cfg = args.run_config(shard);
         cfg.report = report.cloned();
         let outcome = match PreparedShard::prepare(cfg).await {

@@ -384,5 +384,26 @@ fn close_without_a_reason_is_a_usage_error_naming_the_variable() {
     bad.arg("close").env(env::CLOSE_CODE, "batch_canceled");
     let out = run(bad);
     assert_eq!(out.status.code(), Some(exit::USAGE));
-    assert!(stderr(&out).contains("batch_cancelled or batch_expired"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("batch_cancelled, batch_expired or shard_failed"), "{}", stderr(&out));
+}
+
+#[test]
+fn close_of_the_failed_shards_gives_their_requests_shard_failed_lines() {
+    let job = LocalJob::new(prompt_lines(12), 4);
+    for shard in [0, 2] {
+        let out = run(job.worker(shard));
+        assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
+    }
+    let mut close = job.worker(0);
+    close.arg("close").env_remove(env::JOB_COMPLETION_INDEX).env(env::CLOSE_CODE, "shard_failed").env(env::CLOSE_SHARDS, "1");
+    let out = run(close);
+    assert_eq!(out.status.code(), Some(exit::SUCCESS), "{}", stderr(&out));
+    let (results, errors) = job.read_shard(1);
+    assert!(results.is_empty());
+    assert_exactly_once(&job.plan, 1, &results, &errors, |_| 4);
+    assert!(errors.iter().all(|e| e.error.as_ref().unwrap().code == "shard_failed"), "{errors:?}");
+    let manifest: sluice_api::output::OutputManifest =
+        serde_json::from_slice(&std::fs::read(job.out().join(sluice_api::contract::layout::MANIFEST)).unwrap()).unwrap();
+    assert_eq!((manifest.requests.total, manifest.requests.succeeded, manifest.requests.failed), (12, 8, 4));
+    assert_eq!(manifest.shards.len(), 3, "every shard has its files");
 }

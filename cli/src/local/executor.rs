@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use jiff::Timestamp;
 use sluice_api::contract::{env, exit};
-use sluice_api::job::{CloseReason, OnDeadline};
+use sluice_api::job::{CloseReason, NotRun, OnDeadline};
 use sluice_api::plan::ShardPlan;
 use tokio::process::{Child, Command};
 
@@ -139,14 +139,17 @@ async fn stop_all(running: &mut HashMap<u32, Running>) {
 async fn close(
     cmd: &WorkerCommand,
     vars: &[(String, String)],
-    failed: &BTreeMap<u32, String>,
+    failed: &BTreeSet<u32>,
     logs: &std::path::Path,
-    reason: CloseReason,
+    reason: NotRun,
+    shards: Option<&BTreeSet<u32>>,
 ) -> Result<(), LocalError> {
     let mut vars = vars.to_vec();
     vars.push((env::CLOSE_CODE.into(), reason.code().into()));
-    let failed: BTreeSet<u32> = failed.keys().copied().collect();
-    vars.push((env::FAILED_SHARDS.into(), sluice_api::plan::format_index_ranges(&failed)));
+    if let Some(s) = shards {
+        vars.push((env::CLOSE_SHARDS.into(), sluice_api::plan::format_index_ranges(s)));
+    }
+    vars.push((env::FAILED_SHARDS.into(), sluice_api::plan::format_index_ranges(failed)));
     let mut step = WorkerCommand { program: cmd.program.clone(), args: cmd.args.clone() };
     step.args.push("close".into());
     let mut child = spawn(&step, &vars, CLOSE_STEP, 1, logs)?;
@@ -282,6 +285,12 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
         }
         if pending.is_empty() && running.is_empty() {
             pb.finish_and_clear();
+            if !out.failed.is_empty() {
+                // Done without the failed shards: their requests get `shard_failed` lines, so
+                // every request is in the output or the error files.
+                let failed: BTreeSet<u32> = out.failed.keys().copied().collect();
+                close(&opts.worker, &vars, &BTreeSet::new(), &logs, NotRun::ShardFailed, Some(&failed)).await?;
+            }
             return Ok(out);
         }
         // Cancelled, or expired at the deadline: stop, then close what never ran.
@@ -302,7 +311,8 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 reason.code()
             );
             stop_all(&mut running).await;
-            close(&opts.worker, &vars, &out.failed, &logs, reason).await?;
+            let failed: BTreeSet<u32> = out.failed.keys().copied().collect();
+            close(&opts.worker, &vars, &failed, &logs, reason.not_run(), None).await?;
             out.closed = Some(reason);
             return Ok(out);
         }

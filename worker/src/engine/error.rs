@@ -81,7 +81,7 @@ pub enum RequestError {
     Shutdown,
     /// Not run: the job was closed (cancelled or expired) first.
     #[error("{}", .0.message())]
-    Withdrawn(sluice_api::job::CloseReason),
+    Withdrawn(sluice_api::job::NotRun),
 }
 
 impl RequestError {
