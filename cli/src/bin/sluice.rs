@@ -60,17 +60,22 @@ enum Cmd {
     },
     /// Validate a manifest with the CRD's schema and CEL rules, as the API server would.
     Validate { manifest: PathBuf },
-    /// Serve the OpenAI Batch API (Files and Batches); `--local` runs batches as local-mode jobs.
+    /// Serve the OpenAI Batch API (Files and Batches): `--local` runs batches as local-mode jobs,
+    /// `--cluster` as BatchInferenceJobs in each tenant's namespace.
     Serve {
         /// Run batches on this machine (local mode), keeping files and batches under --data-dir.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cluster")]
         local: bool,
+        /// Run each batch as a BatchInferenceJob in its tenant's namespace (kubeconfig or
+        /// in-cluster credentials); files under the config's `cluster.storageUri`.
+        #[arg(long)]
+        cluster: bool,
         /// Address to listen on (port 0 picks a free port; the address is printed).
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: std::net::SocketAddr,
-        /// Where files, batches and their jobs are kept (survives restarts).
+        /// Where files, batches and their jobs are kept (survives restarts); `--local` only.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         /// Server config: `models: {name: {uri, dtype, maxTokens, …}}` (default: the bundled tiny-qwen2).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -111,18 +116,14 @@ fn init_logs(log_file: Option<&PathBuf>) -> Result<(), String> {
 }
 
 fn serve_options(
-    local: bool,
+    mode: (bool, bool),
     listen: std::net::SocketAddr,
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     config: Option<PathBuf>,
     keys: Option<PathBuf>,
 ) -> Result<sluice_cli::serve::ServeOptions, String> {
+    use sluice_cli::serve::Mode;
     use sluice_cli::serve::config::{Auth, ServerConfig};
-    if !local {
-        return Err("only --local is available in this build: batches run as local-mode jobs on this machine".into());
-    }
-    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create --data-dir {}: {e}", data_dir.display()))?;
-    let data_dir = data_dir.canonicalize().map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
     let config = match config {
         Some(p) => ServerConfig::load(&p)?,
         None => ServerConfig::bundled(),
@@ -131,8 +132,25 @@ fn serve_options(
         Some(p) => Auth::load(&p)?,
         None => Auth::Open,
     };
-    let sluice_program = std::env::current_exe().map_err(|e| format!("cannot locate the sluice binary: {e}"))?;
-    Ok(sluice_cli::serve::ServeOptions { listen, data_dir, config, auth, sluice_program })
+    let mode = match (mode, data_dir) {
+        ((true, _), Some(data_dir)) => {
+            std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create --data-dir {}: {e}", data_dir.display()))?;
+            let data_dir = data_dir.canonicalize().map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+            let sluice_program = std::env::current_exe().map_err(|e| format!("cannot locate the sluice binary: {e}"))?;
+            Mode::Local { data_dir, sluice_program }
+        }
+        ((true, _), None) => return Err("--local needs --data-dir DIR (where files and batches are kept)".into()),
+        ((false, true), None) => {
+            if config.cluster.is_none() {
+                return Err("--cluster needs --config with a `cluster:` section (storageUri, storage, workers); see docs/api.md".into());
+            }
+            auth.check_namespaces()?;
+            Mode::Cluster
+        }
+        ((false, true), Some(_)) => return Err("--data-dir is for --local; on a cluster files live under cluster.storageUri".into()),
+        ((false, false), _) => return Err("say where batches run: --local (this machine) or --cluster (BatchInferenceJobs)".into()),
+    };
+    Ok(sluice_cli::serve::ServeOptions { listen, config, auth, mode })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -157,12 +175,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Serve { local, listen, data_dir, config, keys, log_file } => {
+        Cmd::Serve { local, cluster, listen, data_dir, config, keys, log_file } => {
             if let Err(e) = init_logs(log_file.as_ref()) {
                 eprintln!("sluice: {e}");
                 return ExitCode::from(2);
             }
-            match serve_options(local, listen, data_dir, config, keys) {
+            match serve_options((local, cluster), listen, data_dir, config, keys) {
                 Ok(opts) => {
                     let rt = match runtime() {
                         Ok(rt) => rt,

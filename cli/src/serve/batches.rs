@@ -1,10 +1,8 @@
 //! The Batches endpoints: create (checks the request, the tenant's limits and the input file's
-//! lines and model, then starts the batch's local job), retrieve, list (newest first, `limit`
-//! and `after`) and cancel. Another tenant's batches are "not found".
+//! lines and model, then hands the batch to the mode's backend), retrieve, list (newest first,
+//! `limit` and `after`) and cancel. Another tenant's batches are "not found".
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
@@ -14,11 +12,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sluice_api::job::InputFormat;
 use sluice_api::lines::{DEFAULT_MAX_LINE_BYTES, LineErrorKind, parse_line};
+use sluice_api::storage::{Location, StorageError};
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 
 use super::error::{ApiError, Rejection};
-use super::objects::{BatchError, BatchErrors, BatchObject, BatchRecord, BatchStatus, ListPage, RequestCounts, SluiceFields, new_id, now};
+use super::objects::{BatchError, BatchErrors, BatchObject, BatchStatus, ListPage, RequestCounts, SluiceFields, new_id, now};
 use super::{AppState, Caller};
 
 #[derive(Deserialize)]
@@ -43,21 +42,14 @@ pub(crate) struct Scan {
     pub wrong_url_count: u64,
 }
 
-/// One streaming pass over the input: line count (as the planner counts), models, URLs.
-pub(crate) fn scan(path: &std::path::Path, endpoint: &str) -> Result<Scan, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+/// One streaming pass over the input in storage: line count (as the planner counts), models, URLs.
+pub(crate) async fn scan(input: &Location, endpoint: &str) -> Result<Scan, StorageError> {
+    let size = input.head().await?.size;
+    let mut lines = input.lines(0..size, DEFAULT_MAX_LINE_BYTES).await?;
     let mut s = Scan::default();
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
+    while let Some(line) = lines.next_line().await? {
         s.lines += 1;
-        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        match parse_line(line, s.lines, InputFormat::Openai, DEFAULT_MAX_LINE_BYTES) {
+        match parse_line(&line.bytes, s.lines, InputFormat::Openai, DEFAULT_MAX_LINE_BYTES) {
             Ok(req) => {
                 if let Some(m) = req.model {
                     s.models.insert(m);
@@ -122,13 +114,7 @@ pub async fn create(
             }
         }
     }
-    let input = st
-        .lock()
-        .files
-        .get(&req.input_file_id)
-        .filter(|f| f.tenant == tenant.name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found("File", &req.input_file_id))?;
+    let input = st.files.get(&tenant.name, &req.input_file_id).await?;
     if input.file.purpose != "batch" {
         return Err(ApiError::invalid(
             format!("file {} has purpose {:?}; a batch's input must be uploaded with purpose \"batch\"", input.file.id, input.file.purpose),
@@ -137,7 +123,7 @@ pub async fn create(
         ));
     }
     if let Some(max) = tenant.limits.max_batches_in_flight {
-        let n = st.lock().batches.values().filter(|b| b.tenant == tenant.name && b.batch.status.in_flight()).count();
+        let n = st.backend.list(&st, &tenant).await?.iter().filter(|b| b.status.in_flight()).count();
         if n >= max as usize {
             return Err(ApiError::limit(
                 format!(
@@ -148,12 +134,9 @@ pub async fn create(
             ));
         }
     }
-    let path: PathBuf = st.file_data(&input.file.id);
-    let endpoint = req.endpoint.clone();
-    let scan = tokio::task::spawn_blocking(move || scan(&path, &endpoint))
+    let scan = scan(&st.files.data(&tenant.name, &input.file.id), &req.endpoint)
         .await
-        .map_err(|e| ApiError::internal(format!("the input scan stopped: {e}")))?
-        .map_err(ApiError::internal)?;
+        .map_err(|e| ApiError::internal(format!("cannot read the input file {}: {e}", input.file.id)))?;
     if let Some(max) = tenant.limits.max_requests_per_batch
         && scan.lines > max
     {
@@ -239,20 +222,7 @@ pub async fn create(
             completion_window_seconds: window.as_secs(),
         },
     };
-    {
-        let mut inner = st.lock();
-        inner.seq += 1;
-        let rec = BatchRecord { tenant: tenant.name.clone(), seq: inner.seq, outcome: None, batch: batch.clone() };
-        st.save_batch(&mut inner, rec)?;
-    }
-    if !failed {
-        st.start_runner(batch.id.clone());
-    }
-    Ok(Json(batch))
-}
-
-fn find(st: &AppState, tenant: &str, id: &str) -> Result<BatchRecord, ApiError> {
-    st.lock().batches.get(id).filter(|b| b.tenant == tenant).cloned().ok_or_else(|| ApiError::not_found("Batch", id))
+    Ok(Json(st.backend.create(&st, &tenant, batch).await?))
 }
 
 /// `GET /v1/batches/{id}`.
@@ -261,7 +231,7 @@ pub async fn get_one(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
-    Ok(Json(find(&st, &tenant.name, &id)?.batch))
+    Ok(Json(st.backend.get(&st, &tenant, &id).await?))
 }
 
 #[derive(Deserialize)]
@@ -281,18 +251,16 @@ pub async fn list(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be between 1 and 100, not {limit}"), Some("limit"), "invalid_value"));
     }
-    let inner = st.lock();
-    let mut mine: Vec<&BatchRecord> = inner.batches.values().filter(|b| b.tenant == tenant.name).collect();
-    mine.sort_by_key(|b| std::cmp::Reverse(b.seq));
+    let mine = st.backend.list(&st, &tenant).await?;
     let start = match &q.after {
         None => 0,
-        Some(after) => match mine.iter().position(|b| &b.batch.id == after) {
+        Some(after) => match mine.iter().position(|b| &b.id == after) {
             Some(i) => i + 1,
             None => return Err(ApiError::not_found("Batch", after)),
         },
     };
     let rest = &mine[start.min(mine.len())..];
-    let data: Vec<BatchObject> = rest.iter().take(limit).map(|b| b.batch.clone()).collect();
+    let data: Vec<BatchObject> = rest.iter().take(limit).cloned().collect();
     Ok(Json(ListPage {
         object: "list",
         first_id: data.first().map(|b| b.id.clone()),
@@ -309,18 +277,13 @@ pub async fn cancel(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
-    let rec = find(&st, &tenant.name, &id)?;
-    match rec.batch.status {
-        BatchStatus::Cancelling | BatchStatus::Cancelled => return Ok(Json(rec.batch)),
+    let batch = st.backend.get(&st, &tenant, &id).await?;
+    match batch.status {
+        BatchStatus::Cancelling | BatchStatus::Cancelled => return Ok(Json(batch)),
         BatchStatus::Validating | BatchStatus::InProgress => {}
         s => {
             return Err(ApiError::conflict(format!("cannot cancel batch {id}: its status is {}", s.as_str()), "batch_not_cancellable"));
         }
     }
-    let rec = st.update_batch(&id, |b| {
-        b.batch.status = BatchStatus::Cancelling;
-        b.batch.cancelling_at = Some(now());
-    })?;
-    st.cancel_handle(&id).notify_one();
-    Ok(Json(rec.batch))
+    Ok(Json(st.backend.cancel(&tenant, &batch).await?))
 }

@@ -1,12 +1,14 @@
 //! The server's configuration files: `--config` (which models the API serves, as model
-//! directories with worker defaults) and `--keys` (API keys, stored as SHA-256 hashes, mapped
-//! to tenants with per-tenant limits), and resolving a request's bearer key to its tenant.
+//! directories with worker defaults, and on a cluster where files live and what each job gets)
+//! and `--keys` (API keys, stored as SHA-256 hashes, mapped to tenants with per-tenant limits),
+//! and resolving a request's bearer key to its tenant.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use sluice_api::job::{StorageSpec, WorkersSpec};
 
 use super::error::ApiError;
 use crate::local::resolve_uri;
@@ -23,9 +25,31 @@ pub struct ServerConfig {
     /// The model of lines that name none (OpenAI requires one; Sluice lets the server choose).
     #[serde(default)]
     pub default_model: Option<String>,
-    /// Local workers of every batch.
+    /// Local workers of every batch (`--local`).
     #[serde(default)]
     pub workers: WorkerDefaults,
+    /// Where a cluster server keeps files and what each batch's BatchInferenceJob gets (`--cluster`).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `cluster:` of `--config`: a batch is a BatchInferenceJob in its tenant's namespace.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The API's storage root: tenant `t`'s files under `<storageUri>/t/files/` and the output
+    /// of its batches under `<storageUri>/t/batches/<batch>/`. Workers read and write there, so
+    /// it must be a store they reach (`s3://…`, or `file://` on a volume they mount).
+    pub storage_uri: String,
+    /// `spec.storage` of every job (endpoint, region, pathStyle, allowHttp, secretRef, caBundle;
+    /// the Secret must exist in each tenant's namespace). The server reaches the same store with
+    /// these settings and its own credentials (`AWS_ACCESS_KEY_ID`… in its environment).
+    #[serde(default)]
+    pub storage: Option<StorageSpec>,
+    /// `spec.workers` of every job (min, max, gpus, image, resources, podTemplate…); `max`
+    /// defaults to 4.
+    #[serde(default)]
+    pub workers: Option<WorkersSpec>,
 }
 
 /// One model the server serves.
@@ -81,11 +105,13 @@ impl ServerConfig {
             models: BTreeMap::from([(BUNDLED_MODEL.to_string(), entry)]),
             default_model: Some(BUNDLED_MODEL.into()),
             workers: Default::default(),
+            cluster: None,
         }
     }
 
     /// Read `--config`, resolve relative model paths against its directory, and check that
-    /// local model directories exist, so a typo fails at start-up.
+    /// local model directories exist, so a typo fails at start-up (on a cluster the model
+    /// directories are the workers' to read: `file://` there is a path inside their pods).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the server config {}: {e}", path.display()))?;
         let mut cfg: ServerConfig = serde_yaml::from_str(&text).map_err(|e| format!("server config {}: {e}", path.display()))?;
@@ -93,7 +119,18 @@ impl ServerConfig {
         if cfg.models.is_empty() {
             return Err(format!("server config {}: models: name at least one model", path.display()));
         }
+        let cluster = cfg.cluster.is_some();
         for (name, m) in cfg.models.iter_mut() {
+            if cluster {
+                if !m.uri.contains("://") {
+                    return Err(format!(
+                        "server config {}: models.{name}.uri {:?}: on a cluster name the model as the workers see it (file:///path in their pods, s3://…)",
+                        path.display(),
+                        m.uri
+                    ));
+                }
+                continue;
+            }
             m.uri = resolve_uri(&m.uri, &base);
             check_model_dir(&m.uri).map_err(|e| format!("server config {}: models.{name}.uri: {e}", path.display()))?;
             if let Some(d) = &m.dtype
@@ -111,6 +148,20 @@ impl ServerConfig {
             && !matches!(dev.as_str(), "cpu" | "cuda")
         {
             return Err(format!("server config {}: workers.device {dev:?}: expected cpu or cuda", path.display()));
+        }
+        if let Some(c) = &cfg.cluster {
+            if !c.storage_uri.contains("://") {
+                return Err(format!(
+                    "server config {}: cluster.storageUri {:?}: expected s3://bucket/prefix, gs://…, az://… or file:///path",
+                    path.display(),
+                    c.storage_uri
+                ));
+            }
+            if let Some(w) = &c.workers
+                && (w.min < 0 || w.max < 1 || w.min > w.max)
+            {
+                return Err(format!("server config {}: cluster.workers: need 0 <= min <= max and max >= 1", path.display()));
+            }
         }
         Ok(cfg)
     }
@@ -200,12 +251,39 @@ impl Auth {
             if tenant.is_empty() {
                 return Err(format!("keys file {}: key {hash:?} maps to an empty tenant name", path.display()));
             }
+            if tenant.contains('/') || tenant == "." || tenant == ".." {
+                return Err(format!(
+                    "keys file {}: tenant {tenant:?}: a tenant name may not contain '/' or be '.' or '..'",
+                    path.display()
+                ));
+            }
             hashes.insert(h, tenant);
         }
         if hashes.is_empty() {
             return Err(format!("keys file {}: keys: list at least one key hash", path.display()));
         }
         Ok(Auth::Keys { hashes, limits: file.tenants })
+    }
+
+    /// On a cluster each tenant is a namespace: its name must be one.
+    pub fn check_namespaces(&self) -> Result<(), String> {
+        let names: Vec<&str> = match self {
+            Auth::Open => vec![OPEN_TENANT],
+            Auth::Keys { hashes, .. } => hashes.values().map(String::as_str).collect(),
+        };
+        for n in names {
+            let ok = !n.is_empty()
+                && n.len() <= 63
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !n.starts_with('-')
+                && !n.ends_with('-');
+            if !ok {
+                return Err(format!(
+                    "keys file: tenant {n:?} is not a namespace name (lower-case letters, digits and '-', at most 63): on a cluster a tenant is its namespace"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The tenant of a request's `Authorization` header value.

@@ -1,23 +1,22 @@
-//! The Files endpoints: upload (multipart, streamed to the data directory chunk by chunk and
-//! capped by the tenant's file size limit), list, retrieve, content and delete. Another
-//! tenant's files are "not found".
+//! The Files endpoints: upload (multipart, streamed to storage chunk by chunk and capped by the
+//! tenant's file size limit), list, retrieve, content and delete. Another tenant's files are
+//! "not found".
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::QueryRejection;
 
 use super::error::{ApiError, Rejection};
 use super::objects::{FileObject, FileRecord, ListPage, new_id, now};
+use super::store::Upload;
 use super::{AppState, Caller};
 
 fn bad_multipart(e: impl std::fmt::Display) -> ApiError {
@@ -32,10 +31,9 @@ pub async fn upload(
 ) -> Result<Json<FileObject>, ApiError> {
     let mut mp = mp.map_err(|r| ApiError::from(Rejection(r)))?;
     let id = new_id("file-");
-    let tmp = st.tmp_path(&format!("{id}.upload"));
     let mut purpose: Option<String> = None;
     let mut filename: Option<String> = None;
-    let mut bytes = 0u64;
+    let mut upload: Option<Upload> = None;
     let received: Result<(), ApiError> = async {
         while let Some(mut field) = mp.next_field().await.map_err(bad_multipart)? {
             match field.name() {
@@ -54,22 +52,18 @@ pub async fn upload(
                         return Err(ApiError::invalid("send one file per upload", Some("file"), "invalid_multipart"));
                     }
                     filename = Some(field.file_name().unwrap_or("upload.jsonl").to_string());
-                    let mut out = tokio::fs::File::create(&tmp)
-                        .await
-                        .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", tmp.display())))?;
+                    let out = upload.insert(st.files.upload(&tenant.name, &id).await?);
                     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
-                        bytes += chunk.len() as u64;
                         if let Some(max) = tenant.limits.max_file_bytes
-                            && bytes > max
+                            && out.bytes + chunk.len() as u64 > max
                         {
                             return Err(ApiError::too_large(format!(
                                 "the file is larger than this tenant's limit of {max} bytes (maxFileBytes of tenant {:?})",
                                 tenant.name
                             )));
                         }
-                        out.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("cannot write {}: {e}", tmp.display())))?;
+                        out.write(&chunk).await?;
                     }
-                    out.flush().await.map_err(|e| ApiError::internal(format!("cannot write {}: {e}", tmp.display())))?;
                 }
                 // Other fields (OpenAI's expires_after…) are accepted and ignored.
                 _ => {}
@@ -92,12 +86,17 @@ pub async fn upload(
         Ok(())
     }
     .await;
-    if let Err(e) = received {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
-    let data = st.file_data(&id);
-    tokio::fs::rename(&tmp, &data).await.map_err(|e| ApiError::internal(format!("cannot move the upload to {}: {e}", data.display())))?;
+    let upload = match (received, upload) {
+        (Ok(()), Some(u)) => u,
+        (Ok(()), None) => return Err(ApiError::internal("an upload with a file field has no data object")),
+        (Err(e), u) => {
+            if let Some(u) = u {
+                u.abort().await;
+            }
+            return Err(e);
+        }
+    };
+    let bytes = upload.finish().await?;
     let file = FileObject {
         id,
         object: "file".into(),
@@ -109,20 +108,8 @@ pub async fn upload(
         status_details: None,
         expires_at: None,
     };
-    register(&st, &tenant.name, file.clone())?;
+    st.files.save(&FileRecord { tenant: tenant.name.clone(), parts: Vec::new(), file: file.clone() }).await?;
     Ok(Json(file))
-}
-
-/// Record a file whose data is already at `st.file_data(id)`.
-pub(crate) fn register(st: &AppState, tenant: &str, file: FileObject) -> Result<(), ApiError> {
-    let mut inner = st.lock();
-    inner.seq += 1;
-    let rec = FileRecord { tenant: tenant.to_string(), seq: inner.seq, file };
-    st.save_file(&mut inner, rec)
-}
-
-fn find(st: &AppState, tenant: &str, id: &str) -> Result<FileRecord, ApiError> {
-    st.lock().files.get(id).filter(|f| f.tenant == tenant).cloned().ok_or_else(|| ApiError::not_found("File", id))
 }
 
 #[derive(Deserialize)]
@@ -149,10 +136,8 @@ pub async fn list(
         Some("asc") => true,
         Some(o) => return Err(ApiError::invalid(format!("order must be \"asc\" or \"desc\", not {o:?}"), Some("order"), "invalid_value")),
     };
-    let inner = st.lock();
-    let mut mine: Vec<&FileRecord> =
-        inner.files.values().filter(|f| f.tenant == tenant.name && q.purpose.as_ref().is_none_or(|p| &f.file.purpose == p)).collect();
-    mine.sort_by_key(|f| f.seq);
+    let all = st.files.list(&tenant.name).await?;
+    let mut mine: Vec<&FileRecord> = all.iter().filter(|f| q.purpose.as_ref().is_none_or(|p| &f.file.purpose == p)).collect();
     if !asc {
         mine.reverse();
     }
@@ -180,37 +165,26 @@ pub async fn get_one(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<FileObject>, ApiError> {
-    Ok(Json(find(&st, &tenant.name, &id)?.file))
+    Ok(Json(st.files.get(&tenant.name, &id).await?.file))
 }
 
-/// `GET /v1/files/{id}/content`: streamed from disk.
+/// `GET /v1/files/{id}/content`: streamed from storage.
 pub async fn content(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let rec = find(&st, &tenant.name, &id)?;
-    let path = st.file_data(&rec.file.id);
-    let file = tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let rec = st.files.get(&tenant.name, &id).await?;
+    let body = st.files.content(&rec).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
 /// `DELETE /v1/files/{id}`. The input of a batch still running cannot be deleted (409).
 pub async fn delete(State(st): State<Arc<AppState>>, Caller(tenant): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let rec = find(&st, &tenant.name, &id)?;
-    {
-        let mut inner = st.lock();
-        if let Some(b) = inner.batches.values().find(|b| b.batch.input_file_id == id && b.batch.status.in_flight()) {
-            return Err(ApiError::conflict(
-                format!(
-                    "file {id} is the input of batch {}, which is {}; cancel it or wait for it to finish first",
-                    b.batch.id,
-                    b.batch.status.as_str()
-                ),
-                "file_in_use",
-            ));
-        }
-        let meta = st.dir.join("files").join(format!("{id}.json"));
-        std::fs::remove_file(&meta).map_err(|e| ApiError::internal(format!("cannot delete {}: {e}", meta.display())))?;
-        inner.files.remove(&id);
+    let rec = st.files.get(&tenant.name, &id).await?;
+    let batches = st.backend.list(&st, &tenant).await?;
+    if let Some(b) = batches.iter().find(|b| b.input_file_id == id && b.status.in_flight()) {
+        return Err(ApiError::conflict(
+            format!("file {id} is the input of batch {}, which is {}; cancel it or wait for it to finish first", b.id, b.status.as_str()),
+            "file_in_use",
+        ));
     }
-    let _ = tokio::fs::remove_file(st.file_data(&rec.file.id)).await;
+    st.files.delete(&rec).await?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }

@@ -1,6 +1,6 @@
 //! The API's objects as OpenAI documents them (the file object, the batch object with every
-//! field, list pages) plus the records kept under the data directory, which add the owning
-//! tenant and a sequence number for stable newest-first pagination.
+//! field, list pages) plus the records the server keeps, which add the owning tenant. Ids sort
+//! in creation order (a time prefix), which is what pagination orders by.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -20,11 +20,15 @@ pub struct FileObject {
     pub expires_at: Option<i64>,
 }
 
-/// A file as stored: the object plus its tenant.
+/// A file as stored: the object plus its tenant and where its bytes are.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct FileRecord {
     pub tenant: String,
-    pub seq: u64,
+    /// Objects (relative to the tenant's prefix) whose concatenation is the file's content: a
+    /// batch's output on a cluster is its job's committed `results/` (or `errors/`) files, not a
+    /// copy. Empty: the content is the file's own data object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<String>,
     #[serde(flatten)]
     pub file: FileObject,
 }
@@ -147,11 +151,10 @@ pub enum Outcome {
     Failed { message: String },
 }
 
-/// A batch as stored.
+/// A batch as stored by the local server.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct BatchRecord {
     pub tenant: String,
-    pub seq: u64,
     #[serde(default)]
     pub outcome: Option<Outcome>,
     #[serde(flatten)]
@@ -168,11 +171,19 @@ pub struct ListPage<T> {
     pub has_more: bool,
 }
 
-/// A new id: `prefix` and 24 random hex digits.
+/// A new id: `prefix`, the time in microseconds (14 hex digits, so ids sort in creation
+/// order) and 10 random hex digits.
 pub fn new_id(prefix: &str) -> String {
-    let a: u64 = rand::random();
-    let b: u32 = rand::random();
-    format!("{prefix}{a:016x}{b:08x}")
+    let micros = jiff::Timestamp::now().as_microsecond().max(0);
+    let r: u64 = rand::random::<u64>() & 0xff_ffff_ffff;
+    format!("{prefix}{micros:014x}{r:010x}")
+}
+
+/// Whether `id` can be an id this server made with `prefix` (checked before an id from a URL
+/// becomes part of a storage path).
+pub fn is_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix)
+        .is_some_and(|rest| !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// Unix seconds now.

@@ -13,14 +13,14 @@ use sluice_api::job::CloseReason;
 use sluice_api::progress::ShardProgress;
 use tokio::process::{Child, Command};
 
-use super::AppState;
 use super::assemble::assemble;
-use super::files::register;
-use super::objects::{BatchError, BatchErrors, BatchRecord, BatchStatus, BatchUsage, FileObject, Outcome, new_id, now};
+use super::job::{JobPlacement, job_name, job_spec};
+use super::local_batches::LocalBatches;
+use super::objects::{BatchError, BatchErrors, BatchRecord, BatchStatus, BatchUsage, FileObject, FileRecord, Outcome, new_id, now};
 
 /// Drive batch `id` until it is finished, or until the server stops (then it resumes at the
 /// next start).
-pub async fn drive(state: Arc<AppState>, id: String) {
+pub async fn drive(state: Arc<LocalBatches>, id: String) {
     let outcome = match run_job(&state, &id).await {
         Ok(Some(o)) => o,
         Ok(None) => return,
@@ -28,7 +28,7 @@ pub async fn drive(state: Arc<AppState>, id: String) {
     };
     if let Err(e) = finish(&state, &id, outcome).await {
         tracing::error!(batch = %id, "cannot finish the batch: {e}");
-        let _ = state.update_batch(&id, |b| fail_without_files(b, &format!("cannot write the batch's output files: {e}")));
+        let _ = state.update(&id, |b| fail_without_files(b, &format!("cannot write the batch's output files: {e}")));
     }
 }
 
@@ -43,8 +43,9 @@ fn fail_without_files(b: &mut BatchRecord, message: &str) {
     });
 }
 
-fn job_name(id: &str) -> String {
-    id.replace('_', "-").to_ascii_lowercase()
+/// The local path of a `file://` location of the server's own store.
+fn local_path(loc: &sluice_api::storage::Location) -> std::path::PathBuf {
+    std::path::PathBuf::from(loc.uri.strip_prefix("file://").unwrap_or(&loc.uri))
 }
 
 fn file_uri(p: &Path) -> String {
@@ -52,42 +53,29 @@ fn file_uri(p: &Path) -> String {
 }
 
 /// The BatchInferenceJob manifest of a batch (JSON, which is YAML).
-fn manifest(state: &AppState, rec: &BatchRecord) -> Result<serde_json::Value, String> {
+fn manifest(state: &LocalBatches, rec: &BatchRecord) -> Result<serde_json::Value, String> {
     let b = &rec.batch;
     let model = state.config.models.get(&b.model).ok_or_else(|| format!("the model {:?} is no longer in the server config", b.model))?;
     let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     let cuda = state.config.workers.device.as_deref() == Some("cuda");
     let max = state.config.workers.max.unwrap_or(if cuda { 1 } else { cores }).max(1);
-    let mut model_spec = json!({"uri": model.uri, "dtype": model.dtype.clone().unwrap_or_else(|| "auto".into())});
-    if let Some(n) = model.max_model_len {
-        model_spec["maxModelLen"] = json!(n);
-    }
-    let mut sampling = json!({});
-    if let Some(n) = model.max_tokens {
-        sampling["maxTokens"] = json!(n);
-    }
-    if let Some(t) = model.temperature {
-        sampling["temperature"] = json!(t);
-    }
-    let mut spec = json!({
-        "model": model_spec,
-        "input": {"uri": file_uri(&state.file_data(&b.input_file_id)), "format": "openai"},
-        "output": {"uri": file_uri(&state.batch_dir(&b.id).join("out"))},
-        "sampling": sampling,
-        // All the workers the server allows: a batch is done as soon as it can be.
-        "sla": {"completionWindow": b.completion_window, "margin": 0.1, "policy": "Fastest"},
-        "workers": {"min": 1, "max": max, "gpus": if cuda { 1 } else { 0 }, "maxBatchSize": model.max_batch_size.unwrap_or(256)},
-        // A shard that fails after its retries (a model that does not load…) fails the batch:
-        // what was committed is kept and every other request gets a `batch_failed` line.
-        "retries": {"perShard": 2, "maxFailedShards": 0},
-    });
-    if let Some(n) = model.requests_per_shard {
-        spec["sharding"] = json!({"requestsPerShard": n});
-    }
+    let input = state.files.data(&rec.tenant, &b.input_file_id);
+    let output = file_uri(&state.batch_dir(&b.id).join("out"));
+    let spec = job_spec(
+        model,
+        b,
+        JobPlacement {
+            input_uri: &input.uri,
+            output_uri: &output,
+            workers: json!({"min": 1, "max": max, "gpus": if cuda { 1 } else { 0 }, "maxBatchSize": 256}),
+            storage: None,
+            expire_at_deadline: false,
+        },
+    );
     Ok(json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BatchInferenceJob", "metadata": {"name": job_name(&b.id)}, "spec": spec}))
 }
 
-fn spawn_job(state: &AppState, rec: &BatchRecord) -> Result<Child, String> {
+fn spawn_job(state: &LocalBatches, rec: &BatchRecord) -> Result<Child, String> {
     let dir = state.batch_dir(&rec.batch.id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("job.yaml");
@@ -136,10 +124,10 @@ fn progress(out: &Path) -> (u64, u64, u32) {
     (ok, failed, workers)
 }
 
-fn refresh(state: &AppState, id: &str) {
+fn refresh(state: &LocalBatches, id: &str) {
     let out = state.batch_dir(id).join("out");
     let (ok, failed, workers) = progress(&out);
-    let _ = state.update_batch(id, |b| {
+    let _ = state.update(id, |b| {
         let t = now();
         let c = &mut b.batch.request_counts;
         c.completed = ok.min(c.total);
@@ -158,8 +146,8 @@ fn refresh(state: &AppState, id: &str) {
 }
 
 /// Run (or resume) the batch's job. `None`: the server is stopping and the job is left to resume.
-async fn run_job(state: &Arc<AppState>, id: &str) -> Result<Option<Outcome>, String> {
-    let rec = state.lock().batches.get(id).cloned().ok_or_else(|| format!("batch {id} vanished"))?;
+async fn run_job(state: &Arc<LocalBatches>, id: &str) -> Result<Option<Outcome>, String> {
+    let rec = state.record(id).ok_or_else(|| format!("batch {id} vanished"))?;
     if let Some(o) = rec.outcome {
         return Ok(Some(o));
     }
@@ -171,7 +159,7 @@ async fn run_job(state: &Arc<AppState>, id: &str) -> Result<Option<Outcome>, Str
         return Ok(Some(Outcome::Expired));
     }
     let rec = state
-        .update_batch(id, |b| {
+        .update(id, |b| {
             if b.batch.status == BatchStatus::Validating {
                 b.batch.status = BatchStatus::InProgress;
                 b.batch.in_progress_at = Some(now());
@@ -214,9 +202,9 @@ async fn run_job(state: &Arc<AppState>, id: &str) -> Result<Option<Outcome>, Str
 }
 
 /// Write the output and error files, register them, and set the final status.
-async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(), String> {
+async fn finish(state: &Arc<LocalBatches>, id: &str, outcome: Outcome) -> Result<(), String> {
     let rec = state
-        .update_batch(id, |b| {
+        .update(id, |b| {
             // A cancel that arrived as the job finished: nothing was left to cancel.
             let outcome = if b.batch.status == BatchStatus::Cancelling && outcome == Outcome::Completed {
                 Outcome::Cancelled
@@ -241,15 +229,15 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
         Outcome::Failed { message } => ("batch_failed", format!("the batch failed before this request ran: {message}")),
     };
     let (ok_id, err_id) = (new_id("file-"), new_id("file-"));
-    let (ok_path, err_path) = (state.file_data(&ok_id), state.file_data(&err_id));
+    let (ok_path, err_path) = (local_path(&state.files.data(&rec.tenant, &ok_id)), local_path(&state.files.data(&rec.tenant, &err_id)));
     let out = state.batch_dir(id).join("out");
-    let input = state.file_data(&b.input_file_id);
+    let input = local_path(&state.files.data(&rec.tenant, &b.input_file_id));
     let (total, key) = (b.request_counts.total, job_name(id));
     let (okp, errp) = (ok_path.clone(), err_path.clone());
     let a = tokio::task::spawn_blocking(move || assemble(&out, &input, total, &key, (code, &message), (&okp, &errp)))
         .await
         .map_err(|e| format!("the output assembly stopped: {e}"))??;
-    let register_file = |fid: &str, path: &Path, kind: &str, lines: u64| -> Result<Option<String>, String> {
+    let register_file = async |fid: &str, path: &Path, kind: &str, lines: u64| -> Result<Option<String>, String> {
         if lines == 0 {
             let _ = std::fs::remove_file(path);
             return Ok(None);
@@ -266,13 +254,13 @@ async fn finish(state: &Arc<AppState>, id: &str, outcome: Outcome) -> Result<(),
             status_details: None,
             expires_at: None,
         };
-        register(state, &rec.tenant, file).map_err(|e| e.message)?;
+        state.files.save(&FileRecord { tenant: rec.tenant.clone(), parts: Vec::new(), file }).await.map_err(|e| e.message)?;
         Ok(Some(fid.to_string()))
     };
-    let output_file_id = register_file(&ok_id, &ok_path, "output", a.succeeded)?;
-    let error_file_id = register_file(&err_id, &err_path, "error", a.failed)?;
+    let output_file_id = register_file(&ok_id, &ok_path, "output", a.succeeded).await?;
+    let error_file_id = register_file(&err_id, &err_path, "error", a.failed).await?;
     state
-        .update_batch(id, |b| {
+        .update(id, |b| {
             let t = now();
             let o = &mut b.batch;
             o.output_file_id = output_file_id;
