@@ -8,7 +8,9 @@
 //! the same job on a PersistentVolumeClaim mounted only inside the pods (the operator cannot see
 //! it); a slow job with a tight deadline that scales up and down, survives a worker pod deleted
 //! mid-shard and the leader being SIGKILLed and restarted (no second Job, every custom_id exactly
-//! once, the rate shown again within one sync); suspend/resume; deletion.
+//! once, the rate shown again within one sync); suspend/resume; cancel; expiry; deletion; and
+//! the Batch API: `sluice serve --cluster` as its own ServiceAccount with the chart's rules,
+//! driven by the official `openai` Python client (tests/openai/test_batch_api.py).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
@@ -326,23 +328,28 @@ fn check_columns(row: &[String]) {
 /// A kubeconfig for a ServiceAccount in the test namespace bound (cluster-wide, as the chart
 /// does without a watch namespace) to a ClusterRole made of `operator/rbac.json`.
 fn service_account_kubeconfig(c: &Cluster, dir: &Path) -> PathBuf {
-    let ns = &c.namespace;
     let rules: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("operator/rbac.json")).unwrap()).unwrap();
+    account_kubeconfig(c, dir, "sluice-operator", &rules)
+}
+
+/// A kubeconfig with the token of ServiceAccount `name`, bound cluster-wide to exactly `rules`.
+fn account_kubeconfig(c: &Cluster, dir: &Path, name: &str, rules: &Value) -> PathBuf {
+    let ns = &c.namespace;
     let objects = serde_json::json!({
         "apiVersion": "v1",
         "kind": "List",
         "items": [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sluice-operator", "namespace": ns}},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": format!("{ns}-sluice-operator")}, "rules": rules},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": format!("{ns}-sluice-operator")},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{ns}-sluice-operator")},
-             "subjects": [{"kind": "ServiceAccount", "name": "sluice-operator", "namespace": ns}]},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": format!("{ns}-{name}")}, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": format!("{ns}-{name}")},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{ns}-{name}")},
+             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]},
         ]
     });
     c.apply(&objects.to_string());
-    let token = c.ok(&["create", "token", "sluice-operator", "-n", ns, "--duration=2h"], None).trim().to_string();
+    let token = c.ok(&["create", "token", name, "-n", ns, "--duration=2h"], None).trim().to_string();
     let server = c.ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"], None);
-    let path = dir.join("operator.kubeconfig");
+    let path = dir.join(format!("{name}.kubeconfig"));
     std::fs::write(
         &path,
         format!(
@@ -352,6 +359,118 @@ fn service_account_kubeconfig(c: &Cluster, dir: &Path) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+/// The `sluice` binary (`SLUICE_E2E_SLUICE_BIN`, or the one built beside this test).
+fn sluice_binary() -> PathBuf {
+    match std::env::var("SLUICE_E2E_SLUICE_BIN") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => sluice_e2e::binary("sluice").expect("build it: cargo build -p sluice-cli --bin sluice"),
+    }
+}
+
+/// The Batch API on the cluster: `sluice serve --cluster` with the chart's ClusterRole (create,
+/// get, list, patch BatchInferenceJobs, nothing else), tenant A the suite's namespace and tenant
+/// B another, files and outputs on a hostPath; the official `openai` client's flow (upload,
+/// complete, pagination, cancel with every custom_id once, isolation, a bad key) passes, each
+/// batch is a BatchInferenceJob `kubectl get bij` lists, and a batch whose window ends expires
+/// with every request once.
+fn batch_api_case(c: &Cluster, host_dir: &Path, worker_image: &str) {
+    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED the Batch API case: python3 cannot import openai (pip install openai)");
+        return;
+    }
+    let ns = &c.namespace;
+    let rules = serde_json::json!([{"apiGroups": ["sluice.dev"], "resources": ["batchinferencejobs"], "verbs": ["get", "list", "create", "patch"]}]);
+    let kubeconfig = account_kubeconfig(c, host_dir, "sluice-api", &rules);
+    let root = host_dir.join("api");
+    std::fs::create_dir_all(&root).unwrap();
+    open_up(&root);
+    let config = host_dir.join("api-config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "models:\n  tiny-qwen2: {{uri: \"file://{d}/models/tiny-qwen2\", maxTokens: 8}}\ndefaultModel: tiny-qwen2\ncluster:\n  storageUri: \"file://{r}\"\n  \
+             workers:\n    max: 2\n    gpus: 0\n    maxBatchSize: 8\n    image: {worker_image}\n    podTemplate:\n      spec:\n        \
+             volumes: [{{name: d, hostPath: {{path: {d}, type: Directory}}}}]\n        containers: [{{name: worker, volumeMounts: [{{name: d, mountPath: {d}}}]}}]\n",
+            d = host_dir.display(),
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    let keys = host_dir.join("api-keys.yaml");
+    let hash = |k: &str| {
+        let out = Command::new("sh").args(["-c", &format!("printf %s {k} | sha256sum")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    std::fs::write(&keys, format!("keys:\n  {}: {ns}\n  {}: {ns}-b\n", hash("sk-tenant-a"), hash("sk-tenant-b"))).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(host_dir.join("serve.log")).unwrap();
+    let mut server = Command::new(sluice_binary())
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .args(["serve", "--cluster", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&config)
+        .arg("--keys")
+        .arg(&keys)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting sluice serve");
+    c.wait("the Batch API to listen", Duration::from_secs(30), || http_get(port, "/healthz").filter(|b| b.contains("ok")).map(|_| ()));
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/openai/test_batch_api.py"))
+        .env("SLUICE_BASE_URL", &base)
+        .env("SLUICE_KEY_A", "sk-tenant-a")
+        .env("SLUICE_KEY_B", "sk-tenant-b")
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let serve_log = || std::fs::read_to_string(host_dir.join("serve.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "the openai client flow failed:\n{}\n--- serve log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        serve_log()
+    );
+    // Every batch is a BatchInferenceJob of tenant A's namespace, labelled as the API's.
+    let jobs = c.json(&["get", "bij", "-l", "sluice.dev/batch-api=true"]).unwrap();
+    let phases: Vec<&str> = jobs["items"].as_array().unwrap().iter().filter_map(|j| j["status"]["phase"].as_str()).collect();
+    assert!(phases.contains(&"Succeeded") && phases.contains(&"Cancelled"), "{phases:?}");
+    // Expiry through the API: the window ends, the job is Expired, each request once.
+    let script = r#"
+import io, json, os, sys, time
+from openai import OpenAI
+a = OpenAI(base_url=os.environ["SLUICE_BASE_URL"], api_key="sk-tenant-a", max_retries=0)
+n = 1500
+text = "".join(json.dumps({"custom_id": f"e-{i}", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny-qwen2",
+       "messages": [{"role": "user", "content": f"x {i}"}], "max_tokens": 400, "temperature": 1.0}}) + "
+" for i in range(n))
+f = a.files.create(file=("e.jsonl", io.BytesIO(text.encode())), purpose="batch")
+b = a.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="15s")
+end = time.time() + 300
+while b.status not in ("completed", "expired", "failed", "cancelled"):
+    assert time.time() < end, b.status
+    time.sleep(1)
+    b = a.batches.retrieve(b.id)
+assert b.status == "expired" and b.expired_at, (b.status, b.errors)
+ids, codes = [], set()
+for fid in (b.output_file_id, b.error_file_id):
+    for l in (a.files.content(fid).text.splitlines() if fid else []):
+        r = json.loads(l)
+        ids.append(r["custom_id"])
+        codes.add((r.get("error") or {}).get("code"))
+assert sorted(ids) == sorted(f"e-{i}" for i in range(n)), len(ids)
+assert "batch_expired" in codes, codes
+print("expired:", b.request_counts)
+"#;
+    let out = Command::new("python3").args(["-c", script]).env("SLUICE_BASE_URL", &base).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "the expiry flow failed:\n{}\n--- serve log ---\n{}", String::from_utf8_lossy(&out.stderr), serve_log());
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 #[test]
@@ -594,6 +713,8 @@ fn operator_on_a_real_cluster() {
     assert_eq!(b["status"]["closeReason"], "expired");
     assert_closed(&host_dir.join("out/expiring"), &host_dir.join("slow.jsonl"), "batch_expired");
     assert!(c.events_of("expiring").iter().any(|e| e["reason"] == "Expiring" && e["type"] == "Warning"));
+
+    batch_api_case(&c, &host_dir, &worker_image);
 
     // Deleting the job deletes its Jobs (owner references), never the output.
     c.ok(&["delete", "bij", "paused", "-n", &namespace, "--wait=true", "--timeout=120s"], None);
