@@ -34,6 +34,28 @@ VARIANTS: dict[str, dict] = {
         },
     },
     "all-on-namespaced": {**render.ALL_ON, "watchNamespace": "team-a"},
+    # The Batch API server with the keys in a Secret of your own, a ServiceAccount of your own,
+    # an Ingress for any host, and every pod setting.
+    "api-byo": {"api": {
+        **render.API_ON,
+        "image": {"repository": "registry.example/sluice",
+                  "digest": "sha256:" + "ab" * 32},
+        "keys": {"existingSecret": "my-api-keys"},
+        "serviceAccount": {"create": False, "name": "api-byo"},
+        "env": [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+                {"name": "RUST_LOG", "value": "info"}],
+        "envFrom": [],
+        "service": {"type": "NodePort", "port": 80, "annotations": {"example.com/a": "b"}},
+        "ingress": {"enabled": True, "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "0"},
+                    "hosts": [{"paths": [{"path": "/v1", "pathType": "Prefix"}]}]},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "api", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [
+                {"key": "node-role.kubernetes.io/infra", "operator": "Exists"}]}}]}},
+        "podLabels": {"team": "ml"},
+        "podAnnotations": {"example.com/scrape": "false"},
+    }},
     "no-crd-no-rbac": {"crds": {"install": False, "keep": True}, "rbac": {"create": False},
                        "serviceAccount": {"create": False, "name": "byo"}},
 }

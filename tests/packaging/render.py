@@ -31,6 +31,36 @@ CRD_CHART_COPY = CHART / "files" / "crds" / "batchinferencejob.yaml"
 RBAC_SOURCE = ROOT / "operator" / "rbac.json"
 RBAC_CHART_COPY = CHART / "files" / "rbac.json"
 
+# The Batch API server (api.enabled) with what it needs to render: a model, the storage root,
+# and key hashes (of "sk-sluice-team-a" and "sk-sluice-team-b").
+API_ON: dict[str, Any] = {
+    "enabled": True,
+    "config": {
+        "models": {"qwen2.5-7b": {"uri": "s3://models/qwen2.5-7b", "dtype": "bf16",
+                                  "maxTokens": 512}},
+        "defaultModel": "qwen2.5-7b",
+        "cluster": {
+            "storageUri": "s3://sluice-api/files",
+            "storage": {"region": "us-east-1", "secretRef": {"name": "sluice-s3"}},
+            "workers": {"min": 0, "max": 4, "gpus": 1},
+        },
+    },
+    "keys": {
+        "hashes": {
+            "5ce9244d9b905cf859416529990327abdf2efeee337d8bc1ff21e0905917cc59": "team-a",
+            "2d7c03c7b310b58e8656aa36a6b27f4a6678e47474ad892ee39e4177abfb817f": "team-b",
+        },
+        "tenants": {"team-a": {"maxFileBytes": 209715200, "maxBatchesInFlight": 10}},
+    },
+    "envFrom": [{"secretRef": {"name": "sluice-api-s3"}}],
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "hosts": [{"host": "batch.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        "tls": [{"hosts": ["batch.example.com"], "secretName": "batch-example-tls"}],
+    },
+}
+
 # Values that turn every optional object on (used by tests and for the alerts file); the
 # PodDisruptionBudget needs more than one replica.
 ALL_ON: dict[str, Any] = {
@@ -39,6 +69,7 @@ ALL_ON: dict[str, Any] = {
     "dashboard": {"enabled": True},
     "networkPolicy": {"enabled": True},
     "podDisruptionBudget": {"enabled": True},
+    "api": API_ON,
 }
 
 # Helm's install order (pkg/release/util/kind_sorter.go); unknown kinds go last.

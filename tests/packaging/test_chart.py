@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 
@@ -12,6 +13,12 @@ import yaml
 
 import render
 from conftest import VARIANTS, by_kind
+
+def _component(objs: list[dict], component: str) -> list[dict]:
+    """The objects labelled app.kubernetes.io/component=<component> (operator, api)."""
+    return [o for o in objs
+            if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
+
 
 # The chart's kubeVersion floor, and the newest release kubernetes-validate knows.
 KUBE_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
@@ -39,6 +46,13 @@ def test_helm_lint_strict(variant: str, kube_version: str) -> None:
     ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
     ({"podDisruptionBudget": {"maxUnavailable": "0%"}}, "maxUnavailable"),
     ({"affinity": {"podAntiaffinity": {}}}, "podAntiaffinity"),
+    ({"api": {"enable": True}}, "enable"),
+    ({"api": {"config": {"workers": {"max": 2}}}}, "workers"),
+    ({"api": {"config": {"cluster": {"storageURI": "s3://b"}}}}, "storageURI"),
+    ({"api": {"config": {"models": {"m": {"uri": "s3://m", "dtype": "fp8"}}}}}, "dtype"),
+    ({"api": {"keys": {"hashes": {"sk-plaintext-key": "team-a"}}}}, "sk-plaintext-key"),
+    ({"api": {"keys": {"hashes": {"a" * 64: "Team_A"}}}}, "Team_A"),
+    ({"api": {"ingress": {"hosts": [{"host": "x", "paths": [{"path": "v1"}]}]}}}, "path"),
 ])
 def test_values_schema_rejects(values: dict, message: str) -> None:
     with helm.Chart.load(str(render.CHART)) as chart:
@@ -103,11 +117,14 @@ def test_schema_validation_is_not_vacuous(rendered) -> None:
 
 def test_custom_kinds_are_well_formed(rendered) -> None:
     docs = rendered["all-on"]
-    (service,) = by_kind(docs, "Service")
+    (service,) = _component(by_kind(docs, "Service"), "operator")
     (monitor,) = by_kind(docs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
+    # The operator's metrics Service only: not the API server's.
+    (api_service,) = _component(by_kind(docs, "Service"), "api")
+    assert not selector.items() <= api_service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [render.NAMESPACE]
     port_names = {p["name"] for p in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
@@ -305,7 +322,7 @@ def test_report_url_is_the_metrics_service_that_workers_may_reach(rendered) -> N
 
 
 def test_worker_defaults_reach_the_operator(rendered) -> None:
-    (deployment,) = by_kind(rendered["all-on"], "Deployment")
+    (deployment,) = _component(by_kind(rendered["all-on"], "Deployment"), "operator")
     args = _args(deployment)
     assert deployment["spec"]["replicas"] == 2
     assert args["--worker-image"] == "registry.example/sluice-worker:dev"
@@ -320,7 +337,7 @@ def test_worker_defaults_reach_the_operator(rendered) -> None:
 def test_toggles(rendered) -> None:
     kinds = lambda v: sorted(d.kind for d in rendered[v])  # noqa: E731
     for kind in ("ServiceMonitor", "PrometheusRule", "NetworkPolicy", "PodDisruptionBudget",
-                 "ConfigMap"):
+                 "ConfigMap", "Secret", "Ingress"):
         assert kind not in kinds("default")
         assert kind in kinds("all-on")
     assert "CustomResourceDefinition" in kinds("default")
@@ -328,7 +345,8 @@ def test_toggles(rendered) -> None:
     assert not {"ClusterRole", "Role", "ServiceAccount"} & set(kinds("no-crd-no-rbac"))
     (deployment,) = by_kind(rendered["no-crd-no-rbac"], "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "byo"
-    (dashboard,) = by_kind(rendered["all-on"], "ConfigMap")
+    (dashboard,) = [c for c in by_kind(rendered["all-on"], "ConfigMap")
+                    if c["metadata"]["name"].endswith("-dashboard")]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
@@ -551,3 +569,241 @@ def test_install_yaml_is_the_default_render() -> None:
     kinds = [d["kind"] for d in docs]
     assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
     assert kinds[0] == "Namespace"
+
+
+# --- Batch API server (api.enabled) ---------------------------------------------------------
+
+API_SOURCES = ("api-config.yaml", "api-deployment.yaml", "api-ingress.yaml", "api-keys.yaml",
+               "api-rbac.yaml", "api-service.yaml")
+
+
+def _api_docs(docs: list[render.Doc]) -> list[render.Doc]:
+    return [d for d in docs if d.source.rsplit("/", 1)[-1] in API_SOURCES]
+
+
+def _api_values(**overrides: object) -> dict:
+    api = copy.deepcopy(render.API_ON)
+    api.update(overrides)
+    return {"api": api}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_api_renders_only_when_enabled(rendered) -> None:
+    for variant in ("default", "ha", "namespaced", "no-crd-no-rbac"):
+        assert not _api_docs(rendered[variant]), variant
+        assert not _component(by_kind(rendered[variant], "Deployment"), "api"), variant
+    # Everything else set, but not enabled: nothing.
+    off = render.render({"api": {**copy.deepcopy(render.API_ON), "enabled": False}})
+    assert not _api_docs(off)
+    assert [d.obj for d in off] == [d.obj for d in render.render()]
+    kinds = sorted(d.kind for d in _api_docs(rendered["all-on"]))
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Ingress",
+                     "Secret", "Service", "ServiceAccount"]
+    for doc in _api_docs(rendered["all-on"]):
+        assert doc.obj["metadata"]["labels"]["app.kubernetes.io/component"] == "api", doc
+
+
+def _api_deployment(docs: list[render.Doc]) -> dict:
+    (deployment,) = _component(by_kind(docs, "Deployment"), "api")
+    return deployment
+
+
+def test_api_deployment_runs_sluice_serve_cluster(rendered) -> None:
+    docs = rendered["all-on"]
+    deployment = _api_deployment(docs)
+    assert deployment["metadata"]["name"] == "sluice-api"
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/sluice-dev/sluice:0.1.0"
+    assert container["args"] == ["serve", "--cluster", "--listen=0.0.0.0:8000",
+                                 "--config=/etc/sluice/api/config.yaml",
+                                 "--keys=/etc/sluice/api-keys/keys.yaml"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    assert container["envFrom"] == [{"secretRef": {"name": "sluice-api-s3"}}]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                      "limits": {"cpu": "2", "memory": "1Gi"}}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {"/tmp", "/etc/sluice/api", "/etc/sluice/api-keys"}
+    assert mounts["/etc/sluice/api"]["readOnly"] and mounts["/etc/sluice/api-keys"]["readOnly"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    # The mounted files are the ConfigMap's and the Secret's, under the names the args read.
+    (config_map,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "sluice-api-config"]
+    (secret,) = by_kind(docs, "Secret")
+    config_volume = volumes[mounts["/etc/sluice/api"]["name"]]["configMap"]
+    assert config_volume == {"name": config_map["metadata"]["name"],
+                             "items": [{"key": "config.yaml", "path": "config.yaml"}]}
+    keys_volume = volumes[mounts["/etc/sluice/api-keys"]["name"]]["secret"]
+    assert keys_volume["secretName"] == secret["metadata"]["name"]
+    assert keys_volume["items"] == [{"key": "keys.yaml", "path": "keys.yaml"}]
+    # Readable by the pod's group (fsGroup), not by others.
+    assert keys_volume["defaultMode"] == 0o440
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == render.API_ON["config"]
+    keys_yaml = base64.b64decode(secret["data"]["keys.yaml"]).decode()
+    assert yaml.safe_load(keys_yaml) == {"keys": render.API_ON["keys"]["hashes"],
+                                         "tenants": render.API_ON["keys"]["tenants"]}
+    assert "sk-sluice" not in keys_yaml, "the Secret holds hashes, never a key"
+    # Its own ServiceAccount, with a token (in-cluster credentials).
+    (sa,) = _component(by_kind(docs, "ServiceAccount"), "api")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == "sluice-api"
+    assert pod["automountServiceAccountToken"] is True
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert {"checksum/config", "checksum/keys"} <= set(annotations)
+
+
+def test_api_checksums_roll_the_pods_on_a_change() -> None:
+    def checksums(values: dict) -> tuple[str, str]:
+        ann = _api_deployment(render.render(values))["spec"]["template"]["metadata"]["annotations"]
+        return ann["checksum/config"], ann["checksum/keys"]
+
+    base = checksums(_api_values())
+    config = copy.deepcopy(render.API_ON["config"])
+    config["models"]["qwen2.5-7b"]["maxTokens"] = 1024
+    changed_config = checksums(_api_values(config=config))
+    assert changed_config[0] != base[0] and changed_config[1] == base[1]
+    keys = copy.deepcopy(render.API_ON["keys"])
+    keys["hashes"]["c" * 64] = "team-c"
+    changed_keys = checksums(_api_values(keys=keys))
+    assert changed_keys[0] == base[0] and changed_keys[1] != base[1]
+    assert checksums(_api_values()) == base
+
+
+def test_api_existing_keys_secret() -> None:
+    docs = render.render(_api_values(keys={"existingSecret": "my-api-keys"}))
+    assert not by_kind(docs, "Secret"), "the chart renders no keys Secret of its own"
+    pod = _api_deployment(docs)["spec"]["template"]["spec"]
+    (keys,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert keys["secretName"] == "my-api-keys"
+    assert keys["items"] == [{"key": "keys.yaml", "path": "keys.yaml"}]
+
+
+def test_api_pods_and_operator_selectors_are_disjoint(rendered) -> None:
+    docs = rendered["all-on"]
+    api = _api_deployment(docs)
+    (operator,) = _component(by_kind(docs, "Deployment"), "operator")
+    api_pod = api["spec"]["template"]["metadata"]["labels"]
+    operator_pod = operator["spec"]["template"]["metadata"]["labels"]
+    assert _selects(api["spec"]["selector"]["matchLabels"], api_pod)
+    assert not _selects(api["spec"]["selector"]["matchLabels"], operator_pod)
+    operator_selectors = [
+        operator["spec"]["selector"]["matchLabels"],
+        *(s["spec"]["selector"] for s in _component(by_kind(docs, "Service"), "operator")),
+        *(p["spec"]["selector"]["matchLabels"] for p in by_kind(docs, "PodDisruptionBudget")),
+        *(n["spec"]["podSelector"]["matchLabels"] for n in by_kind(docs, "NetworkPolicy")),
+        *(m["spec"]["selector"]["matchLabels"] for m in by_kind(docs, "ServiceMonitor")),
+    ]
+    assert len(operator_selectors) == 5
+    for selector in operator_selectors:
+        assert _selects(selector, operator_pod), selector
+        assert not _selects(selector, api_pod), f"{selector} selects the API pods"
+    (api_service,) = _component(by_kind(docs, "Service"), "api")
+    assert _selects(api_service["spec"]["selector"], api_pod)
+    assert not _selects(api_service["spec"]["selector"], operator_pod)
+    assert api_service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http",
+                                             "protocol": "TCP"}]
+
+
+def test_api_cluster_role_is_exactly_batchinferencejobs(rendered) -> None:
+    for variant in ("all-on", "all-on-namespaced"):
+        docs = rendered[variant]
+        (role,) = _component(by_kind(docs, "ClusterRole"), "api")
+        assert role["rules"] == [{"apiGroups": ["sluice.dev"], "resources": ["batchinferencejobs"],
+                                  "verbs": ["get", "list", "create", "patch"]}]
+        assert _rule_set(role["rules"]) == {("sluice.dev", "batchinferencejobs", v)
+                                            for v in ("get", "list", "create", "patch")}
+        (binding,) = _component(by_kind(docs, "ClusterRoleBinding"), "api")
+        (sa,) = _component(by_kind(docs, "ServiceAccount"), "api")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                      "kind": "ClusterRole", "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                        "namespace": render.NAMESPACE}]
+        # The operator's own RBAC is untouched: its ClusterRole is not the API's.
+        assert role["metadata"]["name"] != "sluice-operator"
+        if variant == "all-on":
+            (operator_role,) = [r for r in by_kind(docs, "ClusterRole")
+                                if r["metadata"]["name"] == "sluice-operator"]
+            assert operator_role["rules"] == _expected_rules()
+    no_rbac = render.render({**_api_values(), "rbac": {"create": False}})
+    assert not by_kind(no_rbac, "ClusterRole") and not by_kind(no_rbac, "ClusterRoleBinding")
+    byo = render.render(_api_values(serviceAccount={"create": False, "name": "api-byo"}))
+    assert not _component(by_kind(byo, "ServiceAccount"), "api")
+    assert _api_deployment(byo)["spec"]["template"]["spec"]["serviceAccountName"] == "api-byo"
+    (binding,) = _component(by_kind(byo, "ClusterRoleBinding"), "api")
+    assert binding["subjects"][0]["name"] == "api-byo"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda api: api["config"]["cluster"].pop("storageUri"), "api.config.cluster.storageUri"),
+    (lambda api: api["config"].pop("cluster"), "api.config.cluster.storageUri"),
+    (lambda api: api["config"].pop("models"), "api.config.models"),
+    (lambda api: api.pop("config"), "api.config.models"),
+    (lambda api: api.pop("keys"), "the server would accept any key"),
+    (lambda api: api["keys"].update(hashes={}), "the server would accept any key"),
+    (lambda api: api["ingress"].update(hosts=[]), "api.ingress.hosts"),
+])
+def test_api_render_fails_without_what_it_needs(change, message: str) -> None:
+    api = copy.deepcopy(render.API_ON)
+    change(api)
+    with helm.Chart.load(str(render.CHART)) as chart:
+        with pytest.raises(helm.HelmError) as err:
+            chart.render({"api": api}, name=render.RELEASE, namespace=render.NAMESPACE)
+    assert message in str(err.value)
+
+
+def test_api_ingress_routes_to_the_api_service(rendered) -> None:
+    docs = rendered["all-on"]
+    (ingress,) = by_kind(docs, "Ingress")
+    (service,) = _component(by_kind(docs, "Service"), "api")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["batch.example.com"],
+                                       "secretName": "batch-example-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "batch.example.com"
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/" and path["pathType"] == "Prefix"
+    assert path["backend"] == {"service": {"name": service["metadata"]["name"],
+                                           "port": {"name": "http"}}}
+    assert "http" in {p["name"] for p in service["spec"]["ports"]}
+    # Off unless asked for; a host may be left out (any host), pathType defaults to Prefix.
+    assert not by_kind(render.render(_api_values(ingress={"enabled": False})), "Ingress")
+    (any_host,) = by_kind(render.render(_api_values(
+        ingress={"enabled": True, "hosts": [{"paths": [{"path": "/v1"}]}]})), "Ingress")
+    (rule,) = any_host["spec"]["rules"]
+    assert "host" not in rule and "ingressClassName" not in any_host["spec"]
+    assert rule["http"]["paths"][0]["pathType"] == "Prefix"
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(any_host, kube_version, strict=True)
+
+
+def test_api_pod_settings(rendered) -> None:
+    docs = rendered["api-byo"]
+    deployment = _api_deployment(docs)
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/sluice@sha256:" + "ab" * 32
+    assert [e["name"] for e in container["env"]] == ["AWS_ACCESS_KEY_ID", "RUST_LOG"]
+    assert "envFrom" not in container
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in pod["affinity"]
+    assert template["metadata"]["labels"]["team"] == "ml"
+    assert template["metadata"]["annotations"]["example.com/scrape"] == "false"
+    assert pod["serviceAccountName"] == "api-byo"
+    (service,) = _component(by_kind(docs, "Service"), "api")
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["ports"][0]["port"] == 80
+    assert service["metadata"]["annotations"] == {"example.com/a": "b"}
+    # Same security settings as the operator's pod.
+    (operator,) = _component(by_kind(docs, "Deployment"), "operator")
+    operator_pod = operator["spec"]["template"]["spec"]
+    assert pod["securityContext"] == operator_pod["securityContext"]
+    assert container["securityContext"] == operator_pod["containers"][0]["securityContext"]

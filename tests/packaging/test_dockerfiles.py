@@ -22,6 +22,8 @@ ROOT = render.ROOT
 DOCKERFILES = {
     "Dockerfile.operator": {"package": "sluice-operator", "bin": "sluice-operator",
                             "final": r"^gcr\.io/distroless/static(-debian\d+)?:nonroot$|^scratch$"},
+    "Dockerfile.serve": {"package": "sluice-cli", "bin": "sluice",
+                         "final": r"^gcr\.io/distroless/static(-debian\d+)?:nonroot$|^scratch$"},
     "Dockerfile.worker": {"package": "sluice-worker", "bin": "sluice-worker",
                           "final": r"^(docker\.io/)?nvidia/cuda:\$\{CUDA_VERSION\}-runtime-",
                           "features": {"cuda"}},
@@ -173,6 +175,25 @@ def test_operator_image_matches_the_chart() -> None:
     assert int(uid) == values["podSecurityContext"]["runAsUser"]
     assert re.search(rf"^EXPOSE {values['metrics']['port']}$", text, re.M)
     assert "unknown-linux-musl" in text, "the operator binary must be static"
+
+
+def test_serve_image_matches_the_chart() -> None:
+    """Dockerfile.serve is the image of the chart's Batch API server (api.*)."""
+    values = yaml.safe_load((render.CHART / "values.yaml").read_text())
+    text = (ROOT / "Dockerfile.serve").read_text()
+    uid = re.search(r"^USER (\d+)", text, re.M).group(1)
+    assert int(uid) == values["podSecurityContext"]["runAsUser"]
+    (deployment,) = [d.obj for d in render.render(render.ALL_ON)
+                     if d.kind == "Deployment" and d.name.endswith("-api")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (port,) = container["ports"]
+    assert re.search(rf"^EXPOSE {port['containerPort']}$", text, re.M)
+    assert f"--listen=0.0.0.0:{port['containerPort']}" in container["args"]
+    # The chart passes the subcommand: the entrypoint is the bare binary.
+    assert container["args"][:2] == ["serve", "--cluster"]
+    assert values["api"]["image"]["repository"].rsplit("/", 1)[-1] == "sluice"
+    assert 'org.opencontainers.image.title="sluice"' in text
+    assert "unknown-linux-musl" in text, "the sluice binary must be static"
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))

@@ -251,5 +251,6 @@ def test_dashboard_queries_use_only_real_metrics() -> None:
 def test_dashboard_configmap_carries_the_file(request) -> None:
     from conftest import by_kind
     docs = request.getfixturevalue("rendered")["all-on"]
-    (cm,) = by_kind(docs, "ConfigMap")
+    (cm,) = [c for c in by_kind(docs, "ConfigMap")
+             if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert json.loads(cm["data"]["sluice.json"]) == dashboard()

@@ -77,3 +77,40 @@ default; an empty one removes it.
 {{- toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* The Batch API server (api.enabled): names, labels, and the checks of its values. */}}
+{{- define "sluice.apiName" -}}
+{{- printf "%s-api" (include "sluice.fullname" .) }}
+{{- end }}
+
+{{- define "sluice.apiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "sluice.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{- define "sluice.apiServiceAccountName" -}}
+{{- if .Values.api.serviceAccount.create }}
+{{- default (include "sluice.apiName" .) .Values.api.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.api.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sluice.apiKeysSecretName" -}}
+{{- default (printf "%s-keys" (include "sluice.apiName" .)) .Values.api.keys.existingSecret }}
+{{- end }}
+
+{{/* Fail the render when the server could not start, or would start open to anyone. */}}
+{{- define "sluice.apiValidate" -}}
+{{- $config := .Values.api.config }}
+{{- if not $config.models }}
+{{- fail "api.enabled=true needs api.config.models: name at least one model the Batch API serves (name -> {uri: s3://...})" }}
+{{- end }}
+{{- if not (dig "cluster" "storageUri" "" $config) }}
+{{- fail "api.enabled=true needs api.config.cluster.storageUri: where the Batch API keeps each tenant's files (s3://bucket/prefix)" }}
+{{- end }}
+{{- if and (not .Values.api.keys.existingSecret) (not .Values.api.keys.hashes) }}
+{{- fail "api.enabled=true needs api.keys.hashes or api.keys.existingSecret: without API keys the server would accept any key" }}
+{{- end }}
+{{- end }}
