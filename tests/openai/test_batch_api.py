@@ -4,7 +4,8 @@ Run by cli/tests/serve_openai.rs against a server it starts with two tenants; by
 SLUICE_BASE_URL=http://127.0.0.1:8000/v1 SLUICE_KEY_A=... SLUICE_KEY_B=... python3 tests/openai/test_batch_api.py
 Checks: upload, create, poll to completed, every custom_id once across output and error files
 (input starts with a UTF-8 BOM), list pagination, cancel mid-run with nothing lost, tenant
-isolation (404), a bad key (AuthenticationError), an unknown model (BadRequestError).
+isolation (404), a bad key (AuthenticationError), an unknown model (BadRequestError), and a
+batch whose completion window ends first: expired, every custom_id once (batch_expired).
 """
 
 import json
@@ -127,6 +128,19 @@ def test_cancel():
     return f, done
 
 
+def test_expiry():
+    n = 1500
+    f = upload(A, lines("late", n, 400, temperature=1.0), "late.jsonl")
+    batch = A.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="15s")
+    done = wait(A, batch.id, ("expired",), 240)
+    assert done.expired_at and done.expires_at == done.created_at + 15, done
+    check_each_once(A, done, [f"late-{i}" for i in range(n)])
+    expired = [r for r in records(A, done) if r["error"] and r["error"]["code"] == "batch_expired"]
+    assert expired, "every request ran inside 15 s: make the batch slower"
+    assert done.request_counts.completed + done.request_counts.failed == n
+    return f, done
+
+
 def test_other_tenant_sees_nothing(files, batches):
     assert B.batches.list().data == []
     assert B.files.list().data == []
@@ -169,7 +183,9 @@ def main():
     print("pagination: ok")
     f2, b2 = test_cancel()
     print(f"cancel: ok ({b2.request_counts.completed} completed, {b2.request_counts.failed} failed or cancelled)")
-    test_other_tenant_sees_nothing([f1, f2], [b1, b2])
+    f3, b3 = test_expiry()
+    print(f"expiry: ok ({b3.request_counts.completed} completed, {b3.request_counts.failed} failed or expired)")
+    test_other_tenant_sees_nothing([f1, f2, f3], [b1, b2, b3])
     print("tenant isolation: ok")
     test_bad_key_and_unknown_model()
     print("bad key, unknown model: ok")
