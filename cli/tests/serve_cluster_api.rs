@@ -143,7 +143,7 @@ fn harness() -> Harness {
         limits: BTreeMap::new(),
     };
     let files = FileStore::new(resolve(&storage_uri, &StorageOptions::default()).unwrap());
-    let backend = Backend::Cluster(ClusterBatches::new(client, &config).unwrap());
+    let backend = Backend::Cluster(Box::new(ClusterBatches::new(client, &config).unwrap()));
     let state = Arc::new(AppState { config, auth, files, backend });
     Harness { app: router(state), fake, root, _dir: dir }
 }

@@ -406,17 +406,19 @@ fn batch_api_case(c: &Cluster, host_dir: &Path, worker_image: &str) {
     std::fs::write(&keys, format!("keys:\n  {}: {ns}\n  {}: {ns}-b\n", hash("sk-tenant-a"), hash("sk-tenant-b"))).unwrap();
     let port = free_port();
     let log = std::fs::File::create(host_dir.join("serve.log")).unwrap();
-    let mut server = Command::new(sluice_binary())
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["serve", "--cluster", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(&config)
-        .arg("--keys")
-        .arg(&keys)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting sluice serve");
+    let _server = KillOnDrop(
+        Command::new(sluice_binary())
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["serve", "--cluster", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .arg("--keys")
+            .arg(&keys)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting sluice serve"),
+    );
     c.wait("the Batch API to listen", Duration::from_secs(30), || http_get(port, "/healthz").filter(|b| b.contains("ok")).map(|_| ()));
     let base = format!("http://127.0.0.1:{port}/v1");
     let out = Command::new("python3")
@@ -440,8 +442,16 @@ fn batch_api_case(c: &Cluster, host_dir: &Path, worker_image: &str) {
     for phase in ["Succeeded", "Cancelled", "Expired"] {
         assert!(phases.contains(&phase), "no {phase} job among {phases:?}");
     }
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process killed when the case ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

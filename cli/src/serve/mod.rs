@@ -56,7 +56,7 @@ pub struct ServeOptions {
 /// Where a server's batches are.
 pub enum Backend {
     Local(Arc<LocalBatches>),
-    Cluster(ClusterBatches),
+    Cluster(Box<ClusterBatches>),
 }
 
 impl Backend {
@@ -153,7 +153,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             let batches = ClusterBatches::new(client, &opts.config)?;
             let files = FileStore::new(batches.storage_root()?);
             let place = format!("cluster, storage {}", batches.storage_uri());
-            (files, Backend::Cluster(batches), place)
+            (files, Backend::Cluster(Box::new(batches)), place)
         }
     };
     let state = Arc::new(AppState { config: opts.config.clone(), auth: opts.auth.clone(), files, backend });
