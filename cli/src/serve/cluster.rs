@@ -419,7 +419,7 @@ mod tests {
         serde_json::from_value(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "BatchInferenceJob",
             "metadata": {"name": "batch-0001", "annotations": {CANCELLING_AT_ANNOTATION: "150"}},
-            "spec": {"model": {"uri": "file:///m"}, "input": {"uri": "file:///i"}, "output": {"uri": "file:///o"}, "cancel": cancel},
+            "spec": {"model": {"uri": "file:///m"}, "input": {"uri": "file:///i"}, "output": {"uri": "file:///o"}, "sla": {"completionWindow": "1h"}, "cancel": cancel},
             "status": {"phase": phase, "requests": {"total": 10, "succeeded": 4, "failed": 1}, "startTime": "1970-01-01T00:02:00Z",
                        "workers": {"desired": 2, "active": 2}, "slaStatus": "OnTrack"}
         }))
