@@ -97,3 +97,33 @@ fn cli_table_and_check() {
     assert!(text.contains("| impossible-deadline | sluice | no |"), "{text}");
     assert!(text.contains("infeasible flagged early 1/1"), "{text}");
 }
+
+/// The fleet simulator's targets (issue 17) over every fleet scenario, driving the real
+/// `sluice_control::fleet::plan`: the budget never exceeded, every deadline the fleet oracle
+/// meets met, no more misses than the oracle, GPU-hours within 1.05x of the oracle's on the
+/// mean, every infeasible job flagged early.
+#[test]
+fn the_fleet_scheduler_meets_the_fleet_targets() {
+    use sluice_cli::sim::fleet;
+    let reports = fleet::run_all();
+    let s = fleet::FleetSummary::of(&reports);
+    let table = fleet::table(&reports);
+    assert!(reports.len() >= 15 && s.infeasible_total >= 2, "{s:?}");
+    assert_eq!(s.budget_exceeded, 0, "{s:?}\n{table}");
+    assert_eq!(s.feasible_met, s.feasible_total, "{s:?}\n{table}");
+    assert!(s.missed_vs_oracle <= 0, "{s:?}\n{table}");
+    assert!(s.mean_gpu_hours_vs_oracle <= 1.05, "{s:?}\n{table}");
+    assert_eq!(s.infeasible_flagged_early, s.infeasible_total, "{s:?}\n{table}");
+    let json: serde_json::Value = serde_json::from_str(&s.to_json()).expect("the summary line is JSON");
+    for key in [
+        "budget_exceeded",
+        "feasible_met",
+        "feasible_total",
+        "missed_vs_oracle",
+        "mean_gpu_hours_vs_oracle",
+        "infeasible_flagged_early",
+        "infeasible_total",
+    ] {
+        assert!(json["summary"].get(key).is_some(), "the summary line lacks {key}: {json}");
+    }
+}

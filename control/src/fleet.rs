@@ -37,11 +37,13 @@ pub struct FleetJob {
     pub gpus_per_worker: u32,
     pub min_workers: u32,
     pub max_workers: u32,
-    /// Workers now (running or starting).
+    /// Workers now (running or starting), not counting those already given back.
     pub current_workers: u32,
-    /// Workers in the middle of a shard: lowering the job below them would kill work, so they
-    /// are given back only as their shards finish.
+    /// Of those, workers in the middle of a shard: a plan below them gives them back only as
+    /// their shards finish, so until then they still hold their GPUs.
     pub protected_workers: u32,
+    /// Workers given back that are finishing their shard: they hold GPUs whatever the plan.
+    pub releasing_workers: u32,
     /// Shards not yet committed: more workers than this is waste.
     pub remaining_shards: u32,
 }
@@ -167,10 +169,11 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
     });
     let gpw = |j: &FleetJob| j.gpus_per_worker.max(1);
     // GPUs the protected workers of each job hold whatever the plan says.
-    let mut reserved: u32 = jobs.iter().map(|j| j.protected_workers * gpw(j)).sum();
+    let held_floor = |j: &FleetJob| (j.protected_workers + j.releasing_workers) * gpw(j);
+    let mut reserved: u32 = jobs.iter().map(held_floor).sum();
     let mut reserved_ns: BTreeMap<&str, u32> = BTreeMap::new();
     for j in jobs {
-        *reserved_ns.entry(j.namespace.as_str()).or_default() += j.protected_workers * gpw(j);
+        *reserved_ns.entry(j.namespace.as_str()).or_default() += held_floor(j);
     }
     let mut used: u32 = 0;
     let mut used_ns: BTreeMap<&str, u32> = BTreeMap::new();
@@ -178,7 +181,7 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
     let mut starve_floor: BTreeMap<usize, u32> = BTreeMap::new();
     for &i in &order {
         let j = &jobs[i];
-        if starving(j) && j.protected_workers == 0 {
+        if starving(j) && j.protected_workers == 0 && j.releasing_workers == 0 {
             let g = gpw(j);
             let ns_free = budget.per_namespace.get(&j.namespace).map_or(u32::MAX, |cap| {
                 cap.saturating_sub(
@@ -199,12 +202,14 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
         let j = &jobs[i];
         let g = gpw(j);
         let r = rate(j);
-        let own_reserved = j.protected_workers * g;
+        let own_reserved = held_floor(j);
         reserved -= own_reserved;
         if let Some(v) = reserved_ns.get_mut(j.namespace.as_str()) {
             *v -= own_reserved;
         }
-        let floor = j.protected_workers.max(starve_floor.get(&i).copied().unwrap_or(0));
+        // The plan may go below the protected workers (they leave as their shards finish); only
+        // a starving job's one worker is a floor.
+        let floor = starve_floor.get(&i).copied().unwrap_or(0);
         let already = starve_floor.get(&i).copied().unwrap_or(0) * g;
         used -= already;
         if let Some(v) = used_ns.get_mut(j.namespace.as_str()) {
@@ -216,20 +221,21 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
                 used_ns.get(j.namespace.as_str()).copied().unwrap_or(0) + reserved_ns.get(j.namespace.as_str()).copied().unwrap_or(0),
             )
         });
-        let free_workers = free_total.min(free_ns) / g;
+        // The job's own releasing workers hold GPUs it cannot reuse.
+        let free_workers = free_total.min(free_ns).saturating_sub(j.releasing_workers * g) / g;
         let hi = usable_max(j);
         if j.remaining_requests <= 0.0 {
             grants[i] = Some(Grant {
                 key: j.key.clone(),
-                workers: floor.min(j.protected_workers),
+                workers: 0,
                 projected_finish: Some(now),
                 gpu_hours: 0.0,
                 why: Why::Done,
                 lent: Vec::new(),
                 message: "done".into(),
             });
-            used += j.protected_workers * g;
-            *used_ns.entry(j.namespace.as_str()).or_default() += j.protected_workers * g;
+            used += held_floor(j);
+            *used_ns.entry(j.namespace.as_str()).or_default() += held_floor(j);
             continue;
         }
         let want_now = need(j, now, r, cfg.safety_secs);
@@ -259,12 +265,12 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
                     }
                 }
                 match reachable {
-                    Some((_, fin)) => (have.min(hi), Why::Waiting { gpus_short: (n - have.min(n)) * g, reachable_at: fin }),
-                    None => (have.min(hi), Why::Infeasible { earliest_finish: None, gpus_needed: Some(n * g) }),
+                    Some((_, fin)) => (have.min(hi).max(floor), Why::Waiting { gpus_short: (n - have.min(n)) * g, reachable_at: fin }),
+                    None => (have.min(hi).max(floor), Why::Infeasible { earliest_finish: None, gpus_needed: Some(n * g) }),
                 }
             }
             None => {
-                let w = free_workers.max(floor).min(hi);
+                let w = free_workers.min(hi).max(floor);
                 let earliest = finish_at(j, hi, now, r);
                 (w, Why::Infeasible { earliest_finish: Some(earliest), gpus_needed: None })
             }
@@ -279,8 +285,16 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
         {
             releases.push((f, workers * g));
         }
-        used += workers * g;
-        *used_ns.entry(j.namespace.as_str()).or_default() += workers * g;
+        // Protected workers above the plan, and releasing ones, free their GPUs as their shards
+        // end: about half a shard from now.
+        let shard_secs = j.remaining_requests / f64::from(j.remaining_shards.max(1)) / r;
+        let surplus = j.protected_workers.saturating_sub(workers) + j.releasing_workers;
+        if surplus > 0 {
+            releases.push((now + shard_secs / 2.0, surplus * g));
+        }
+        let held = (workers.max(j.protected_workers) + j.releasing_workers) * g;
+        used += held;
+        *used_ns.entry(j.namespace.as_str()).or_default() += held;
         let message = match &why {
             Why::OnTrack => format!(
                 "{workers} workers; projected {} against deadline {} (slack {})",
@@ -391,6 +405,7 @@ mod tests {
             max_workers: 8,
             current_workers: current,
             protected_workers: protected,
+            releasing_workers: 0,
             remaining_shards: 100,
         }
     }

@@ -14,6 +14,9 @@ struct Args {
     /// Run every scenario.
     #[arg(long, conflicts_with = "scenario")]
     all: bool,
+    /// The fleet scenarios: many jobs against one GPU budget (with --all).
+    #[arg(long)]
+    fleet: bool,
     /// Run this scenario (repeatable).
     #[arg(long, value_name = "NAME")]
     scenario: Vec<String>,
@@ -37,12 +40,40 @@ struct Args {
     knob: Vec<(String, f64)>,
 }
 
+/// `--fleet`: every fleet scenario under every policy, then the summary.
+fn fleet(args: &Args) -> ExitCode {
+    use sluice_cli::sim::fleet;
+    if args.list {
+        for s in fleet::scenarios() {
+            println!("{:<22} {}", s.name, s.about);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let reports = fleet::run_all();
+    let summary = fleet::FleetSummary::of(&reports);
+    if args.json {
+        for r in &reports {
+            for run in &r.runs {
+                println!("{}", fleet::run_json(r, run));
+            }
+        }
+    } else {
+        print!("{}", fleet::table(&reports));
+        println!();
+    }
+    println!("{}", summary.to_json());
+    ExitCode::SUCCESS
+}
+
 fn parse_knob(s: &str) -> Result<(String, f64), String> {
     Tuning::parse_knob(s).map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if args.fleet {
+        return Ok(fleet(&args));
+    }
     if args.list {
         for s in sim::scenario::all() {
             println!("{:<26} {}", s.name, s.about);

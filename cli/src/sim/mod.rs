@@ -3,6 +3,7 @@
 //! It owns the scenario catalogue, the simulated cluster, the baselines and the report; it
 //! never re-implements the scaler.
 
+pub mod fleet;
 pub mod policy;
 pub mod scenario;
 pub mod world;
