@@ -186,4 +186,31 @@ fn bad_server_configuration_fails_at_start_up() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--local"));
+    // --cluster: a config without `cluster:`, a tenant that is not a namespace name, a
+    // relative model path, --data-dir; each fails before anything is contacted.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-qwen2");
+    let local_cfg = dir.path().join("local.yaml");
+    std::fs::write(&local_cfg, format!("models:\n  m: {{uri: {model}}}\n")).unwrap();
+    let (code, err) = run(&["--cluster", "--config", local_cfg.to_str().unwrap()]);
+    assert_eq!((code, err.contains("`cluster:` section")), (Some(2), true), "{err}");
+    let cluster_cfg = dir.path().join("cluster.yaml");
+    std::fs::write(&cluster_cfg, "models:\n  m: {uri: \"s3://models/m\"}\ncluster:\n  storageUri: \"s3://bucket/api\"\n").unwrap();
+    let keys = dir.path().join("ns-keys.yaml");
+    std::fs::write(&keys, format!("keys:\n  {}: Team_A\n", "a".repeat(64))).unwrap();
+    let (code, err) = run(&["--cluster", "--config", cluster_cfg.to_str().unwrap(), "--keys", keys.to_str().unwrap()]);
+    assert_eq!((code, err.contains("tenant \"Team_A\" is not a namespace name")), (Some(2), true), "{err}");
+    let relative = dir.path().join("relative.yaml");
+    std::fs::write(&relative, "models:\n  m: {uri: models/m}\ncluster:\n  storageUri: \"s3://bucket/api\"\n").unwrap();
+    let (code, err) = run(&["--cluster", "--config", relative.to_str().unwrap()]);
+    assert_eq!((code, err.contains("models.m.uri")), (Some(2), true), "{err}");
+    let (code, err) = run(&["--cluster", "--config", cluster_cfg.to_str().unwrap(), "--data-dir", "/tmp/x"]);
+    assert_eq!((code, err.contains("--data-dir is for --local")), (Some(2), true), "{err}");
 }

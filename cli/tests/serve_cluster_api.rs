@@ -73,7 +73,21 @@ async fn api_server(mut handle: Handle, fake: Arc<Mutex<Fake>>) {
         f.calls.push(Call { method: method.clone(), path: path.clone(), query, body: body.clone() });
         let rest = path.strip_prefix(JOBS).unwrap_or_else(|| panic!("a request outside BatchInferenceJobs: {method} {path}"));
         let parts: Vec<&str> = rest.split('/').collect();
+        let status = |code: u16, reason: &str, message: &str| {
+            respond(
+                StatusCode::from_u16(code).unwrap(),
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
+            )
+        };
         let resp = match (method.as_str(), parts.as_slice()) {
+            // Tenants whose namespace answers with an error.
+            ("POST", ["ghost", "batchinferencejobs"]) => status(404, "NotFound", "namespaces \"ghost\" not found"),
+            ("POST", ["locked", "batchinferencejobs"]) => {
+                status(403, "Forbidden", "batchinferencejobs.sluice.dev is forbidden: User cannot create resource")
+            }
+            ("POST", ["strict", "batchinferencejobs"]) => {
+                status(422, "Invalid", "BatchInferenceJob.sluice.dev \"x\" is invalid: spec.workers: Invalid value")
+            }
             ("POST", [ns, "batchinferencejobs"]) => {
                 let mut job = body.clone();
                 job["metadata"]["creationTimestamp"] = json!("2026-12-06T12:00:00Z");
@@ -139,7 +153,13 @@ fn harness() -> Harness {
         cluster: Some(ClusterConfig { storage_uri: storage_uri.clone(), storage: None, workers: None }),
     };
     let auth = Auth::Keys {
-        hashes: BTreeMap::from([(hash_key("ka"), "team-a".to_string()), (hash_key("kb"), "team-b".to_string())]),
+        hashes: BTreeMap::from([
+            (hash_key("ka"), "team-a".to_string()),
+            (hash_key("kb"), "team-b".to_string()),
+            (hash_key("kg"), "ghost".to_string()),
+            (hash_key("kl"), "locked".to_string()),
+            (hash_key("ks"), "strict".to_string()),
+        ]),
         limits: BTreeMap::new(),
     };
     let files = FileStore::new(resolve(&storage_uri, &StorageOptions::default()).unwrap());
@@ -377,4 +397,32 @@ async fn cancel_sets_spec_cancel_and_a_running_batchs_input_cannot_be_deleted() 
     // Another tenant cannot cancel it.
     let (status, _) = h.json("POST", &format!("/v1/batches/{id}/cancel"), "kb", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn errors_of_the_api_server_are_clear_and_leave_nothing_behind() {
+    let h = harness();
+    for (key, status, code, words) in [
+        ("kg", StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "namespace \"ghost\""),
+        ("kl", StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "RBAC"),
+        ("ks", StatusCode::BAD_REQUEST, "invalid_job", "refused the batch's job"),
+    ] {
+        let file = h.upload(key, &lines(1)).await;
+        let (got, err) = h
+            .json(
+                "POST",
+                "/v1/batches",
+                key,
+                Some(json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "1h"})),
+            )
+            .await;
+        assert_eq!(got, status, "{key}: {err}");
+        assert_eq!(err["error"]["code"], code, "{err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{key}: {message}");
+        // Nothing was created: the tenant lists no batch, and its file is still there.
+        let (_, files) = h.json("GET", "/v1/files", key, None).await;
+        assert_eq!(files["data"].as_array().unwrap().len(), 1);
+    }
+    assert!(h.fake.lock().unwrap().jobs.is_empty());
 }
