@@ -426,6 +426,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         conditions::remove(&mut conds, ct::FAILED);
     }
 
+    let closed = matches!(i.phase, JobPhase::Cancelled | JobPhase::Expired);
     BatchInferenceJobStatus {
         phase: i.phase,
         observed_generation: g,
@@ -435,10 +436,16 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         shards,
         workers,
         throughput,
-        projected_completion_time: d.projected_completion.map(whole_seconds),
+        // A job stopped by a cancel or at its deadline has no projection, and no SLA verdict for
+        // a cancel (the user stopped it); one stopped at its deadline missed it.
+        projected_completion_time: if closed { None } else { d.projected_completion.map(whole_seconds) },
         deadline: Some(whole_seconds(i.deadline)),
         slack_seconds: d.slack_secs.filter(|s| s.is_finite()).map(|s| s.round() as i64),
-        sla_status: Some(d.status),
+        sla_status: match i.phase {
+            JobPhase::Cancelled => None,
+            JobPhase::Expired => Some(SlaStatus::Missed),
+            _ => Some(d.status),
+        },
         gpu_seconds: (i.gpu_seconds.max(old.gpu_seconds) * 10.0).round() / 10.0,
         start_time,
         completion_time,

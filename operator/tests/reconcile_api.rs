@@ -894,6 +894,9 @@ async fn cancel_stops_the_job_runs_the_close_step_and_ends_cancelled() {
     assert_eq!((status["requests"]["succeeded"].as_u64(), status["requests"]["failed"].as_u64()), (Some(2), Some(3)));
     assert_eq!(condition(&status, "Progressing")["reason"], "Cancelled");
     assert!(status["completionTime"].is_string());
+    // A cancelled job has no SLA verdict and no projection (`kubectl get bij` shows neither).
+    assert!(status.get("slaStatus").is_none_or(Value::is_null), "{status}");
+    assert!(status.get("projectedCompletionTime").is_none_or(Value::is_null), "{status}");
 }
 
 /// Done with a failed shard within `retries.maxFailedShards`: the close Job gives that shard's
