@@ -60,6 +60,17 @@ enum Cmd {
     },
     /// Validate a manifest with the CRD's schema and CEL rules, as the API server would.
     Validate { manifest: PathBuf },
+    /// Quote a job before it starts: projected finish and GPU-hours within a GPU budget, and
+    /// whether its deadline is feasible (exit status 1 when it is not).
+    Quote {
+        manifest: PathBuf,
+        /// GPUs the job may use (default: workers.max workers' worth).
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the OpenAI Batch API (Files and Batches): `--local` runs batches as local-mode jobs,
     /// `--cluster` as BatchInferenceJobs in each tenant's namespace.
     Serve {
@@ -196,6 +207,26 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("sluice serve: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Quote { manifest, gpus, json } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            match rt.block_on(sluice_cli::quote::quote(&manifest, jiff::Timestamp::now(), gpus)) {
+                Ok(q) => {
+                    if json {
+                        println!("{}", q.json());
+                    } else {
+                        print!("{}", q.text());
+                    }
+                    if q.quote.feasible { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(e) => {
+                    eprintln!("sluice quote: {e}");
                     ExitCode::from(2)
                 }
             }
