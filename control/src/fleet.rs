@@ -150,6 +150,14 @@ fn fmt_hours(secs: f64) -> String {
     crate::sla::fmt_secs(secs.max(0.0))
 }
 
+/// GPUs left to namespace `ns` under its cap (unbounded without one).
+fn ns_room(budget: &Budget, ns: &str, used: &BTreeMap<&str, u32>, reserved: &BTreeMap<&str, u32>) -> u32 {
+    budget
+        .per_namespace
+        .get(ns)
+        .map_or(u32::MAX, |cap| cap.saturating_sub(used.get(ns).copied().unwrap_or(0) + reserved.get(ns).copied().unwrap_or(0)))
+}
+
 /// Plan every job's workers at time `now`.
 pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> Vec<Grant> {
     let rate = |j: &FleetJob| planning_rate(&j.rate, cfg.pessimism_k);
@@ -183,11 +191,7 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
         let j = &jobs[i];
         if starving(j) && j.protected_workers == 0 && j.releasing_workers == 0 {
             let g = gpw(j);
-            let ns_free = budget.per_namespace.get(&j.namespace).map_or(u32::MAX, |cap| {
-                cap.saturating_sub(
-                    used_ns.get(j.namespace.as_str()).copied().unwrap_or(0) + reserved_ns.get(j.namespace.as_str()).copied().unwrap_or(0),
-                )
-            });
+            let ns_free = ns_room(budget, &j.namespace, &used_ns, &reserved_ns);
             if budget.gpus.saturating_sub(used + reserved) >= g && ns_free >= g {
                 used += g;
                 *used_ns.entry(j.namespace.as_str()).or_default() += g;
@@ -216,11 +220,7 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
             *v -= already;
         }
         let free_total = budget.gpus.saturating_sub(used + reserved);
-        let free_ns = budget.per_namespace.get(&j.namespace).map_or(u32::MAX, |cap| {
-            cap.saturating_sub(
-                used_ns.get(j.namespace.as_str()).copied().unwrap_or(0) + reserved_ns.get(j.namespace.as_str()).copied().unwrap_or(0),
-            )
-        });
+        let free_ns = ns_room(budget, &j.namespace, &used_ns, &reserved_ns);
         // The job's own releasing workers hold GPUs it cannot reuse.
         let free_workers = free_total.min(free_ns).saturating_sub(j.releasing_workers * g) / g;
         let hi = usable_max(j);

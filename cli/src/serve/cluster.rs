@@ -23,7 +23,7 @@ use super::config::{ClusterConfig, ServerConfig};
 use super::error::ApiError;
 use super::job::{JobPlacement, job_name, job_spec};
 use super::objects::{BatchError, BatchErrors, BatchObject, BatchStatus, BatchUsage, FileObject, FileRecord, now};
-use super::store::FileStore;
+use super::store::{FileStore, storage};
 
 /// Label on every job the API created; lists select on it.
 pub const BATCH_LABEL: &str = "sluice.dev/batch-api";
@@ -52,22 +52,17 @@ fn kube_err(action: &str, e: kube::Error) -> ApiError {
     ApiError::internal(format!("Kubernetes API: cannot {action}: {e}"))
 }
 
-fn storage_err(e: StorageError) -> ApiError {
-    ApiError::internal(format!("storage: {e}"))
-}
-
 /// The batches of a cluster server.
 pub struct ClusterBatches {
     client: kube::Client,
     config: ClusterConfig,
-    server: ServerConfig,
 }
 
 impl ClusterBatches {
     /// Needs the config's `cluster:` section.
     pub fn new(client: kube::Client, server: &ServerConfig) -> Result<Self, String> {
         let config = server.cluster.clone().ok_or("--cluster needs a `cluster:` section in --config (storageUri, storage, workers)")?;
-        Ok(Self { client, config, server: server.clone() })
+        Ok(Self { client, config })
     }
 
     pub fn storage_uri(&self) -> &str {
@@ -86,8 +81,8 @@ impl ClusterBatches {
     }
 
     /// The job of batch `b` of tenant `namespace`.
-    fn job(&self, files: &FileStore, namespace: &str, b: &BatchObject) -> Result<BatchInferenceJob, ApiError> {
-        let model = self.server.models.get(&b.model).ok_or_else(|| ApiError::internal(format!("model {:?} vanished", b.model)))?;
+    fn job(&self, server: &ServerConfig, files: &FileStore, namespace: &str, b: &BatchObject) -> Result<BatchInferenceJob, ApiError> {
+        let model = server.models.get(&b.model).ok_or_else(|| ApiError::internal(format!("model {:?} vanished", b.model)))?;
         let input = files.data(namespace, &b.input_file_id);
         let output = output_prefix(files, namespace, &b.id);
         let mut workers = self.config.workers.clone().unwrap_or(WorkersSpec { max: 4, ..WorkersSpec::default() });
@@ -116,7 +111,7 @@ impl ClusterBatches {
     /// Create the batch's job (a batch that failed validation is recorded as a job too, so that
     /// it lists; it is created suspended and never runs).
     pub(crate) async fn create(&self, st: &AppState, namespace: &str, b: BatchObject) -> Result<BatchObject, ApiError> {
-        let mut job = self.job(&st.files, namespace, &b)?;
+        let mut job = self.job(&st.config, &st.files, namespace, &b)?;
         if b.status == BatchStatus::Failed {
             job.spec.suspend = true;
         }
@@ -204,7 +199,7 @@ impl ClusterBatches {
                     .map_err(|e| ApiError::internal(format!("{}: not a job manifest: {e}", out.child(layout::MANIFEST).uri)))?,
             ),
             Err(StorageError::NotFound { .. }) => None,
-            Err(e) => return Err(storage_err(e)),
+            Err(e) => return Err(storage(e)),
         };
         let status = job.status.clone().unwrap_or_default();
         let (mut results, mut errors, mut f) = (Vec::new(), Vec::new(), Finalized { finalizing_at: now(), ..Finalized::default() });
@@ -223,7 +218,7 @@ impl ClusterBatches {
             None => {
                 for (dir, into) in [("results", &mut results), ("errors", &mut errors)] {
                     let prefix = out.child(dir);
-                    for meta in prefix.list().await.map_err(storage_err)? {
+                    for meta in prefix.list().await.map_err(storage)? {
                         let uri = prefix.uri_of(&meta.location);
                         if let Some(name) = uri.rsplit('/').next() {
                             into.push(rel(&format!("{dir}/{name}")));
@@ -242,7 +237,7 @@ impl ClusterBatches {
                 match root.child(&p).head().await {
                     Ok(m) if m.size > 0 => kept.push(p),
                     Ok(_) | Err(StorageError::NotFound { .. }) => {}
-                    Err(e) => return Err(storage_err(e)),
+                    Err(e) => return Err(storage(e)),
                 }
             }
             Ok(kept)

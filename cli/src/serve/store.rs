@@ -16,7 +16,8 @@ const UPLOAD_PART_BYTES: usize = 8 << 20;
 /// Parts of one upload in flight at once: with the part being filled, the memory one upload holds.
 const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
 
-fn storage(e: StorageError) -> ApiError {
+/// A storage failure as the API's 500, naming what failed.
+pub(crate) fn storage(e: StorageError) -> ApiError {
     ApiError::internal(format!("storage: {e}"))
 }
 
