@@ -114,6 +114,9 @@ fn the_fleet_scheduler_meets_the_fleet_targets() {
     assert!(s.missed_vs_oracle <= 0, "{s:?}\n{table}");
     assert!(s.mean_gpu_hours_vs_oracle <= 1.05, "{s:?}\n{table}");
     assert_eq!(s.infeasible_flagged_early, s.infeasible_total, "{s:?}\n{table}");
+    // Every quote of a job whose model ran before is within 20 % of its actual run time.
+    assert!(s.quotes_total >= 20, "{s:?}");
+    assert_eq!(s.quotes_within_20pct, s.quotes_total, "{s:?}");
     let json: serde_json::Value = serde_json::from_str(&s.to_json()).expect("the summary line is JSON");
     for key in [
         "budget_exceeded",

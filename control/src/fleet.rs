@@ -370,11 +370,48 @@ pub struct Quote {
     pub feasible: bool,
 }
 
-/// Quote `job` (not yet running) at `now` beside `fleet`.
+/// Run `j` forward as the scheduler will run it, re-planning its workers every step (the fewest
+/// that still make the deadline, at most `cap`): a job ahead of plan sheds workers and finishes
+/// nearer its deadline than the first plan's projection says. Its finish and GPU-hours.
+pub fn run_forward(j: &FleetJob, now: f64, cap: u32, rate: f64, safety: f64) -> (f64, f64) {
+    let cap = cap.max(1);
+    let window = (j.deadline - now).max(600.0);
+    let dt = (window / 400.0).clamp(5.0, 600.0);
+    let mut ready_at: Vec<f64> = vec![now; j.current_workers.min(cap) as usize];
+    let (mut t, mut left, mut gpu_secs) = (now, j.remaining_requests, 0.0);
+    let gpw = f64::from(j.gpus_per_worker.max(1));
+    while left > 0.0 && t < now + 20.0 * window {
+        let mut view = j.clone();
+        view.remaining_requests = left;
+        view.current_workers = ready_at.len() as u32;
+        let w = need(&view, t, rate, safety).unwrap_or(cap).clamp(1, cap) as usize;
+        if w > ready_at.len() {
+            ready_at.resize(w, t + j.startup_secs);
+        } else {
+            // The latest to start go first.
+            ready_at.sort_by(f64::total_cmp);
+            ready_at.truncate(w);
+        }
+        let work: f64 = ready_at.iter().map(|&r| rate * (t + dt - r.max(t)).max(0.0)).sum();
+        gpu_secs += ready_at.len() as f64 * dt * gpw;
+        if work >= left {
+            let frac = left / work;
+            gpu_secs -= ready_at.len() as f64 * dt * gpw * (1.0 - frac);
+            return (t + dt * frac, gpu_secs / 3600.0);
+        }
+        left -= work;
+        t += dt;
+    }
+    (t, gpu_secs / 3600.0)
+}
+
+/// Quote `job` (not yet running) at `now` beside `fleet`: the plan's grant, with a reachable
+/// job's finish and GPU-hours from [`run_forward`] at the rate's mean (what it will most likely
+/// do, not the plan's pessimistic bound).
 pub fn quote(now: f64, fleet: &[FleetJob], job: &FleetJob, budget: &Budget, cfg: &FleetConfig) -> Quote {
     let mut all = fleet.to_vec();
     all.push(job.clone());
-    let grant = plan(now, &all, budget, cfg).into_iter().find(|g| g.key == job.key).unwrap_or(Grant {
+    let mut grant = plan(now, &all, budget, cfg).into_iter().find(|g| g.key == job.key).unwrap_or(Grant {
         key: job.key.clone(),
         workers: 0,
         projected_finish: None,
@@ -383,6 +420,17 @@ pub fn quote(now: f64, fleet: &[FleetJob], job: &FleetJob, budget: &Budget, cfg:
         lent: Vec::new(),
         message: "not planned".into(),
     });
+    if grant.why == Why::OnTrack && grant.workers > 0 {
+        let (finish, hours) = run_forward(
+            job,
+            now,
+            grant.workers.max(need(job, now, job.rate.mean, cfg.safety_secs).unwrap_or(0)),
+            job.rate.mean.max(1e-9),
+            cfg.safety_secs,
+        );
+        grant.projected_finish = Some(finish);
+        grant.gpu_hours = hours;
+    }
     Quote { feasible: grant.feasible(), grant }
 }
 

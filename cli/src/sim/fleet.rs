@@ -701,6 +701,16 @@ pub fn run_json(r: &FleetReport, run: &FleetRun) -> String {
         "gpu_hours": (run.gpu_hours * 100.0).round() / 100.0,
         "budget_exceeded": run.budget_exceeded,
         "missed": run.jobs.iter().filter(|j| !j.met).map(|j| j.name).collect::<Vec<_>>(),
+        "quotes": run.jobs.iter().filter_map(|j| {
+            let (q, f) = (j.quoted_finish?, j.finished_at?);
+            let actual = f - j.arrive;
+            Some(json!({
+                "job": j.name,
+                "quoted_secs": (q - j.arrive).round(),
+                "actual_secs": actual.round(),
+                "error_pct": (((q - j.arrive) - actual) / actual.max(1e-9) * 1000.0).round() / 10.0,
+            }))
+        }).collect::<Vec<_>>(),
     })
     .to_string()
 }
