@@ -202,7 +202,9 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
     // When GPUs held by jobs planned so far come free: (time, gpus).
     let mut releases: Vec<(f64, u32)> = Vec::new();
     let mut grants: Vec<Option<Grant>> = vec![None; jobs.len()];
-    for &i in &order {
+    // Half a shard: when a worker mid-shard that the plan gives back frees its GPUs.
+    let half_shard = |j: &FleetJob| j.remaining_requests / f64::from(j.remaining_shards.max(1)) / rate(j) / 2.0;
+    for (pos, &i) in order.iter().enumerate() {
         let j = &jobs[i];
         let g = gpw(j);
         let r = rate(j);
@@ -244,7 +246,9 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
             Some(n) => {
                 // Not now: does the job still make it when GPUs ahead of it come free?
                 let have = free_workers.max(floor);
+                // GPUs held by jobs after this one in the order come to it as their shards end.
                 let mut rel = releases.clone();
+                rel.extend(order[pos + 1..].iter().map(|&k| (now + half_shard(&jobs[k]), held_floor(&jobs[k]))).filter(|r| r.1 > 0));
                 rel.sort_by(|a, b| a.0.total_cmp(&b.0));
                 let mut pool = free_total.min(free_ns);
                 let mut reachable = None;
@@ -287,10 +291,9 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
         }
         // Protected workers above the plan, and releasing ones, free their GPUs as their shards
         // end: about half a shard from now.
-        let shard_secs = j.remaining_requests / f64::from(j.remaining_shards.max(1)) / r;
         let surplus = j.protected_workers.saturating_sub(workers) + j.releasing_workers;
         if surplus > 0 {
-            releases.push((now + shard_secs / 2.0, surplus * g));
+            releases.push((now + half_shard(j), surplus * g));
         }
         let held = (workers.max(j.protected_workers) + j.releasing_workers) * g;
         used += held;
@@ -303,7 +306,7 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
                 fmt_hours(j.deadline - finish.unwrap_or(now))
             ),
             Why::Waiting { gpus_short, reachable_at } => format!(
-                "waiting for {gpus_short} GPUs held by jobs with earlier deadlines; deadline still reachable at {} (projected {})",
+                "waiting for {gpus_short} GPUs held by other jobs (given back as their shards finish, or held by jobs with earlier deadlines); deadline {} still reachable (projected {})",
                 hhmm(j.deadline),
                 hhmm(*reachable_at)
             ),

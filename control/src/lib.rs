@@ -5,6 +5,7 @@
 //! no object storage, no clock of its own, no engine; callers observe, this decides, they act.
 pub mod conditions;
 pub mod fleet;
+pub mod fleet_view;
 pub mod scaler;
 pub mod sla;
 pub mod status;

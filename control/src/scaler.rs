@@ -71,6 +71,9 @@ pub struct Observed {
     pub suspended: bool,
     /// The workers.
     pub workers: WorkerFacts,
+    /// The most workers the fleet scheduler grants under a GPU budget (none without one): the
+    /// step never goes above it, except to keep workers mid-shard until their shard is done.
+    pub fleet_cap: Option<u32>,
 }
 
 /// The result of one step.
@@ -134,6 +137,9 @@ impl Scaler {
         if !obs.finished && obs.remaining_shards > 0 {
             target = target.clamp(1, obs.remaining_shards.max(1));
         }
+        if let Some(cap) = obs.fleet_cap {
+            target = target.min(cap);
+        }
         let parallelism = if obs.suspended && state.parallelism > 0 {
             state.parallelism
         } else if target < state.parallelism && !obs.finished {
@@ -173,6 +179,7 @@ mod tests {
             finished: false,
             suspended: false,
             workers: WorkerFacts::default(),
+            fleet_cap: None,
         }
     }
 
@@ -214,6 +221,21 @@ mod tests {
         // Without running workers to protect the same step goes down to the core's answer.
         let free = scaler().step(&state, &Observed { workers: WorkerFacts { running_protected: 0, ..workers }, ..obs });
         assert_eq!(free.parallelism, free.decision.desired_workers);
+    }
+
+    #[test]
+    fn the_fleet_cap_bounds_the_step_but_never_stops_a_shard() {
+        let workers = WorkerFacts { active: 6, running_protected: 4, ..WorkerFacts::default() };
+        let state = ScalerState { parallelism: 6, last_change: Some(at(0)), previous_status: Some(SlaStatus::OnTrack) };
+        // Behind the deadline the job alone would want more; the fleet grants 2.
+        let obs = Observed { fleet_cap: Some(2), workers, ..observed(3000) };
+        let step = scaler().step(&state, &obs);
+        assert_eq!(step.parallelism, 4, "the 4 workers mid-shard finish their shards first");
+        let step = scaler().step(&state, &Observed { workers: WorkerFacts { running_protected: 0, ..workers }, ..obs.clone() });
+        assert_eq!(step.parallelism, 2);
+        // A job waiting for GPUs gets none, even with work left.
+        let step = scaler().step(&ScalerState::default(), &Observed { fleet_cap: Some(0), ..observed(0) });
+        assert_eq!(step.parallelism, 0);
     }
 
     #[test]

@@ -452,6 +452,7 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
         close_reason: i.closing.or(old.close_reason),
         manifest_uri: i.manifest_uri.clone().or_else(|| old.manifest_uri.clone()),
         reported: old.reported.clone(),
+        fleet: old.fleet.clone(),
     }
 }
 

@@ -715,6 +715,48 @@ pub struct BatchInferenceJobStatus {
     /// report the operator has counted, kept here so an operator restart loses none of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported: Option<ReportedTotals>,
+    /// Under a GpuBudget: the fleet scheduler's grant (workers, why) and the admission quote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// The fleet scheduler's view of one job under a GpuBudget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetStatus {
+    /// The GpuBudget that covers the job.
+    pub budget: String,
+    /// Workers the plan grants now (workers finishing a shard they were asked to give back keep
+    /// running until it is committed).
+    pub workers: i32,
+    /// GPUs those workers hold.
+    pub gpus: i32,
+    /// `OnTrack`, `Waiting`, `Lent`, `Infeasible` or `Done`.
+    pub reason: String,
+    /// Why, in a sentence: "waiting for 3 GPUs held by other jobs; …", "lent 2 workers to …".
+    pub message: String,
+    /// The quote made when the job was admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<AdmissionQuote>,
+}
+
+/// A job's projection before it started, against the fleet as it was.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionQuote {
+    /// When it was made.
+    pub quoted_at: Option<Time>,
+    /// Projected finish (none when the deadline cannot be met).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projected_completion_time: Option<Time>,
+    /// Projected GPU-hours.
+    pub gpu_hours: f64,
+    /// Whether the deadline is reachable inside the budget.
+    pub feasible: bool,
+    /// What the throughput rests on: a learned profile (which, from how many jobs) or the prior.
+    pub basis: String,
+    /// The quote in a sentence, with what would make an infeasible deadline feasible.
+    pub message: String,
 }
 
 /// Totals of the shards whose final progress report was counted.

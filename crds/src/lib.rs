@@ -2,6 +2,7 @@
 //! `BatchInferenceJob` CRD types, the shard plan, progress records, input and output line
 //! formats, the worker invocation contract, and manifest validation with the CRD's own rules.
 
+pub mod budget;
 pub mod contract;
 pub mod deadline;
 pub mod job;
@@ -19,4 +20,5 @@ pub mod storage;
 pub mod tls;
 pub mod validate;
 
+pub use budget::{GpuBudget, GpuBudgetSpec, GpuBudgetStatus};
 pub use job::{BatchInferenceJob, BatchInferenceJobSpec, BatchInferenceJobStatus};

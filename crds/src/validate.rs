@@ -25,6 +25,12 @@ pub fn crd_yaml() -> Result<String, String> {
     Ok(format!("{CRD_HEADER}{yaml}"))
 }
 
+/// The GpuBudget CRD as YAML, exactly as checked in at `crds/gpubudget.yaml`.
+pub fn gpubudget_crd_yaml() -> Result<String, String> {
+    let yaml = serde_yaml::to_string(&crate::budget::GpuBudget::crd()).map_err(|e| format!("serializing the GpuBudget CRD: {e}"))?;
+    Ok(format!("{}{yaml}", CRD_HEADER.replace("--bin crdgen`", "--bin crdgen -- gpubudget`")))
+}
+
 /// The `openAPIV3Schema` of the served version.
 pub fn openapi_schema() -> Result<Value, String> {
     let crd = serde_json::to_value(crd()).map_err(|e| e.to_string())?;

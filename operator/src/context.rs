@@ -4,14 +4,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::Client;
+use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use sluice_api::plan::{PlanSummary, ShardPlan};
 use sluice_api::progress::ShardProgress;
+use sluice_api::{BatchInferenceJob, GpuBudget};
 
 use crate::job_builder::{FIELD_MANAGER, WorkerDefaults};
 use crate::metrics::Metrics;
@@ -29,6 +32,8 @@ pub struct Config {
     pub requeue_idle: Duration,
     /// This replica's pod name: the Event reporter's instance.
     pub pod_name: Option<String>,
+    /// The operator's namespace: where the learned throughput profiles are kept.
+    pub operator_namespace: String,
 }
 
 impl Default for Config {
@@ -38,6 +43,7 @@ impl Default for Config {
             requeue_running: Duration::from_secs(30),
             requeue_idle: Duration::from_secs(300),
             pod_name: None,
+            operator_namespace: "default".into(),
         }
     }
 }
@@ -73,6 +79,16 @@ pub struct Context {
     pub reports: Arc<ReportHub>,
     cache: Mutex<HashMap<String, JobCache>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Held while one job is planned against its GpuBudget and its parallelism applied, so that
+    /// two reconciles never hand out the same GPUs.
+    pub fleet_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The parallelism this replica last applied to each budgeted job (`namespace/name`).
+    applied: Mutex<HashMap<String, u32>>,
+    /// The controller's cache of every BatchInferenceJob, once it runs (the fleet reads the
+    /// other jobs from it; without it, from a LIST).
+    jobs: OnceLock<Store<DeserializeGuard<BatchInferenceJob>>>,
+    /// The GpuBudgets, watched (`controller::run` sets it; without it no job is budgeted).
+    budgets: OnceLock<Store<GpuBudget>>,
 }
 
 impl Context {
@@ -98,6 +114,10 @@ impl Context {
             leader,
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            fleet_lock: Arc::new(tokio::sync::Mutex::new(())),
+            applied: Mutex::new(HashMap::new()),
+            jobs: OnceLock::new(),
+            budgets: OnceLock::new(),
         }
     }
 
@@ -139,6 +159,43 @@ impl Context {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(key);
         }
+    }
+
+    /// The parallelism last applied to budgeted job `key`.
+    pub fn applied(&self, key: &str) -> Option<u32> {
+        self.applied.lock().ok().and_then(|a| a.get(key).copied())
+    }
+
+    /// Record (or, with `None`, forget) the parallelism applied to budgeted job `key`.
+    pub fn set_applied(&self, key: &str, parallelism: Option<u32>) {
+        if let Ok(mut a) = self.applied.lock() {
+            match parallelism {
+                Some(p) => a.insert(key.to_string(), p),
+                None => a.remove(key),
+            };
+        }
+    }
+
+    /// Share the controller's cache of BatchInferenceJobs (set once).
+    pub fn set_job_store(&self, store: Store<DeserializeGuard<BatchInferenceJob>>) {
+        let _ = self.jobs.set(store);
+    }
+
+    /// The controller's cache of BatchInferenceJobs, once it is ready.
+    pub fn job_store(&self) -> Option<&Store<DeserializeGuard<BatchInferenceJob>>> {
+        self.jobs.get()
+    }
+
+    /// Share a watched cache of GpuBudgets (set once).
+    pub fn set_budget_store(&self, store: Store<GpuBudget>) {
+        let _ = self.budgets.set(store);
+    }
+
+    /// Every GpuBudget, sorted by name (none before the watch runs).
+    pub fn budgets(&self) -> Vec<GpuBudget> {
+        let mut all: Vec<GpuBudget> = self.budgets.get().map(|s| s.state().iter().map(|b| (**b).clone()).collect()).unwrap_or_default();
+        all.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        all
     }
 
     /// Forget job `uid`.

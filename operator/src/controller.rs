@@ -13,9 +13,9 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, CustomResourceExt};
-use sluice_api::BatchInferenceJob;
+use sluice_api::{BatchInferenceJob, GpuBudget};
 
 use crate::context::Context;
 use crate::reconcile::{error_policy, log_results, reconcile};
@@ -61,7 +61,21 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client)),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
-    let stream = Controller::new(bijs, watcher::Config::default().any_semantic())
+    let controller = Controller::new(bijs, watcher::Config::default().any_semantic());
+    ctx.set_job_store(controller.store());
+    // The GpuBudgets, cluster-scoped, in a cache the fleet reads (none while the CRD is absent:
+    // the watch backs off and retries).
+    let (budgets, writer) = reflector::store::<GpuBudget>();
+    ctx.set_budget_store(budgets);
+    let watch = reflector(writer, watcher(Api::<GpuBudget>::all(ctx.client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::debug!(error = %e, "watching GpuBudgets (is the GpuBudget CRD installed?)");
+            }
+        });
+    tokio::spawn(watch);
+    let stream = controller
         .owns(jobs, owned)
         .reconcile_all_on(leadership_gained)
         .graceful_shutdown_on(shutdown)

@@ -5,6 +5,7 @@
 pub mod context;
 pub mod controller;
 pub mod error;
+pub mod fleet;
 pub mod job_builder;
 pub mod lease;
 pub mod metrics;

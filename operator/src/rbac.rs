@@ -24,8 +24,12 @@ pub const RULES: &[Rule] = &[
     Rule { api_group: "", resource: "pods", verbs: &["get", "list", "watch"] },
     // the job's storage credentials (spec.storage.secretRef) and a CA bundle kept in a Secret.
     Rule { api_group: "", resource: "secrets", verbs: &["get"] },
-    // a CA bundle kept in a ConfigMap (spec.storage.caBundle.configMapRef).
-    Rule { api_group: "", resource: "configmaps", verbs: &["get"] },
+    // a CA bundle kept in a ConfigMap (spec.storage.caBundle.configMapRef); the learned
+    // throughput profiles (sluice-throughput-profiles in the operator's namespace): create, patch.
+    Rule { api_group: "", resource: "configmaps", verbs: &["get", "create", "patch"] },
+    // the fleet's GPU budgets: read to plan, status written with what the jobs hold.
+    Rule { api_group: "sluice.dev", resource: "gpubudgets", verbs: &["get", "list", "watch"] },
+    Rule { api_group: "sluice.dev", resource: "gpubudgets/status", verbs: &["get", "patch"] },
     // Events for decisions (the recorder creates, then patches a series).
     Rule { api_group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
     // leader election (kube-lease-manager).

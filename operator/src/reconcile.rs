@@ -33,10 +33,12 @@ use sluice_api::storage::{CA_BUNDLE_FIELD, CaBundle, parse_ca_pem};
 
 use crate::context::{Context, JobCache};
 use crate::error::{Error, Result};
+use crate::fleet;
 use crate::job_builder::{self, FIELD_MANAGER, Step};
 use crate::planner;
 use crate::storage_io::{Location, StorageRefs};
 use sluice_control::conditions::{self, Cond};
+use sluice_control::fleet_view::JobFacts;
 use sluice_control::status::{self, JobView, StatusInput};
 
 pub mod decide;
@@ -530,12 +532,25 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     };
     let plan = storage_view.summary().clone();
 
-    let facts = Facts { bij, old: &old, plan: &plan, created, deadline, now };
+    let facts = Facts { bij, old: &old, plan: &plan, created, deadline, now, fleet_cap: None, prior_rps: None };
 
     // Observe.
     let obs = observe(ctx, bij, &storage_view, &mut cache, &key, &uid, &old).await?;
     let progress = decide::assess(&facts, &obs);
     decide::note_progress(&mut cache, &progress, now);
+    // Under a GpuBudget: this job's grant in the fleet plan caps its parallelism. The fleet lock
+    // is held until the parallelism is applied.
+    let fleet_plan = if decide::closing(&facts, &progress).is_none() && !bij.spec.suspend && !progress.all_done {
+        fleet::plan_job(ctx, bij, &own_fleet_facts(&plan, &progress), now).await?
+    } else {
+        ctx.set_applied(&key, None);
+        None
+    };
+    let facts = Facts {
+        fleet_cap: fleet_plan.as_ref().map(|p| p.grant.workers),
+        prior_rps: fleet_plan.as_ref().and_then(|p| p.profile_rps),
+        ..facts
+    };
     // Every shard is committed; a job whose storage only its pods reach also needs its
     // finalize pod to have written the manifest. A cancelled or expired job, once its workers
     // have stopped, needs its close pod to have written the requests that never ran and the
@@ -613,7 +628,19 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     };
     let mut new_status = status::build(&old, &input_status);
     new_status.reported = progress.reported.clone();
+    if let Some(p) = &fleet_plan {
+        new_status.fleet = Some(p.status.clone());
+        for (type_, reason, note) in &p.events {
+            publish(ctx, bij, *type_, reason, note.clone()).await;
+        }
+    }
     write_status(ctx, bij, &new_status).await?;
+    if let Some(p) = fleet_plan {
+        p.applied(ctx, bij, u32::try_from(decision.desired).unwrap_or(0), decision.phase.is_terminal(), now).await;
+    }
+    if decision.phase == JobPhase::Succeeded && old.phase != JobPhase::Succeeded {
+        fleet::learn(ctx, bij, &new_status, progress.summary.estimator.startup_secs(), now).await;
+    }
     let last_progress = cache.last_progress_at.map(|t| t.as_millisecond() as f64 / 1000.0);
     ctx.metrics.set_job(&ns, &name, &new_status, last_progress);
     ctx.store_cache(&uid, cache);
@@ -626,6 +653,23 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
         }
         JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled | JobPhase::Expired => Action::await_change(),
     })
+}
+
+/// The reconciling job's own facts for the fleet plan: its workers may all be planned away (the
+/// scaler keeps those mid-shard until their shard is committed).
+fn own_fleet_facts(plan: &PlanSummary, progress: &decide::Progress) -> JobFacts {
+    let done = progress.summary.succeeded + progress.summary.failed;
+    let finished = (progress.completed.len() + progress.failed.len()) as u32;
+    JobFacts {
+        total_requests: plan.line_count,
+        done_requests: done,
+        total_shards: plan.shards,
+        remaining_shards: plan.shards.saturating_sub(finished),
+        measured: progress.summary.estimator.estimate(),
+        startup_secs: progress.summary.estimator.startup_secs(),
+        current_workers: u32::try_from(progress.view.parallelism).unwrap_or(0),
+        protected_workers: 0,
+    }
 }
 
 /// For a job that expires at its deadline (`sla.onDeadline: Expire`), the time until then: the

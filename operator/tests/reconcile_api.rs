@@ -47,6 +47,8 @@ struct Cluster {
     pods: Vec<Value>,
     /// The plan and finalize Jobs of a job whose storage only its pods reach, by name.
     step_jobs: std::collections::BTreeMap<String, Value>,
+    /// Other BatchInferenceJobs in the cluster (listed by the fleet under a GpuBudget).
+    others: Vec<Value>,
 }
 
 /// One request the reconciler made.
@@ -108,6 +110,19 @@ async fn api_server(mut handle: Handle, cluster: Cluster) -> Vec<Call> {
                 merge(&mut job, &body);
                 respond(StatusCode::OK, &job)
             }
+            ("GET", "/apis/sluice.dev/v1alpha1/batchinferencejobs") => {
+                let items: Vec<Value> = std::iter::once(cluster.bij.clone()).chain(cluster.others.iter().cloned()).collect();
+                respond(
+                    StatusCode::OK,
+                    &json!({"kind": "BatchInferenceJobList", "apiVersion": "sluice.dev/v1alpha1", "metadata": {}, "items": items}),
+                )
+            }
+            ("PATCH", p) if p.starts_with("/apis/sluice.dev/v1alpha1/gpubudgets/") => {
+                let mut b =
+                    json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "GpuBudget", "metadata": {"name": "fleet"}, "spec": {"gpus": 2}});
+                b["status"] = body["status"].clone();
+                respond(StatusCode::OK, &b)
+            }
             ("PATCH", p) if p.ends_with("/status") => {
                 let mut bij = cluster.bij.clone();
                 bij["status"] = body["status"].clone();
@@ -119,6 +134,7 @@ async fn api_server(mut handle: Handle, cluster: Cluster) -> Vec<Call> {
                 Some(cm) => respond(StatusCode::OK, &cm),
                 None => not_found("configmaps"),
             },
+            ("POST", "/api/v1/namespaces/default/configmaps") => respond(StatusCode::CREATED, &body),
             (m, p) => panic!("unexpected request {m} {p}"),
         };
         send.send_response(resp);
@@ -245,7 +261,11 @@ fn event() -> String {
 }
 
 fn reasons(calls: &[Call]) -> Vec<String> {
-    calls.iter().filter(|c| c.method == "POST").map(|c| c.body["reason"].as_str().unwrap_or("").to_string()).collect()
+    calls
+        .iter()
+        .filter(|c| c.method == "POST" && c.path == EVENTS_PATH)
+        .map(|c| c.body["reason"].as_str().unwrap_or("").to_string())
+        .collect()
 }
 
 fn last_status(calls: &[Call]) -> Value {
@@ -412,6 +432,58 @@ async fn slow_progress_scales_up_with_an_event() {
     assert_eq!(status["throughput"]["perWorkerRequestsPerSecond"], 0.5);
 }
 
+/// Under a GpuBudget of 2 GPUs with another job holding 1, the job that alone would scale up
+/// gets 1 worker, says why in `status.fleet` and an Event, and the budget's status counts both.
+#[tokio::test]
+async fn a_gpu_budget_caps_the_scale_up_and_says_why() {
+    let h = Harness::new(at(300));
+    seed_input(&h, 600).await;
+    let spec = json!({"sharding": {"requestsPerShard": 200}});
+    let applied = {
+        let cluster = Cluster { bij: bij(spec.clone(), None), ..Default::default() };
+        let h0 = Harness { store: h.store.clone(), now: at(5), report_url: None };
+        let (result, calls) = h0.run(cluster).await;
+        result.unwrap();
+        calls.iter().find(|c| c.path == JOB_PATH && c.method == "PATCH").unwrap().body.clone()
+    };
+    let mut job = job_from_apply(&applied, json!({"active": 1, "ready": 1}));
+    job["spec"]["parallelism"] = json!(1);
+    seed_progress(&h, &progress(0, 200, 30, false, 220, 295, 0.5)).await;
+    let status = json!({"phase": "Running", "observedGeneration": 1, "slaStatus": "OnTrack", "requests": {"total": 600, "succeeded": 0, "failed": 0}});
+    let mut other = bij(
+        json!({"sla": {"completionWindow": "24h"}}),
+        Some(json!({
+            "phase": "Running", "requests": {"total": 100, "succeeded": 0, "failed": 0},
+            "shards": {"total": 10, "completed": 0, "failed": 0, "active": 1}, "workers": {"desired": 1, "active": 1},
+        })),
+    );
+    other["metadata"]["name"] = json!("nightly");
+    let cluster = Cluster { bij: bij(spec, Some(status)), job: Some(job), others: vec![other], ..Default::default() };
+    let (ctx, handle) = h.context_for_run();
+    let (budgets, mut writer) = kube::runtime::reflector::store::<sluice_api::GpuBudget>();
+    let budget: sluice_api::GpuBudget = serde_json::from_value(
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "GpuBudget", "metadata": {"name": "fleet"}, "spec": {"gpus": 2}}),
+    )
+    .unwrap();
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(budget));
+    ctx.set_budget_store(budgets);
+    let (result, calls) = h.run_with((ctx, handle), cluster).await;
+    result.unwrap();
+    // No scale-up past the budget: 1 held by the other job, 1 here.
+    assert!(calls.iter().all(|c| !(c.path == JOB_PATH && c.method == "PATCH")), "{calls:#?}");
+    let status = last_status(&calls);
+    assert_eq!(status["workers"]["desired"], 1);
+    let fleet = &status["fleet"];
+    assert_eq!((fleet["budget"].as_str(), fleet["workers"].as_i64()), (Some("fleet"), Some(1)), "{fleet}");
+    assert!(matches!(fleet["reason"].as_str(), Some("Waiting" | "Infeasible")), "{fleet}");
+    assert!(!fleet["message"].as_str().unwrap().is_empty(), "{fleet}");
+    assert!(fleet["quote"]["basis"].as_str().unwrap().starts_with("measured"), "{fleet}");
+    assert!(reasons(&calls).iter().any(|r| r == "FleetWaiting" || r == "FleetInfeasible"), "{:?}", reasons(&calls));
+    let budget_status = calls.iter().find(|c| c.path == "/apis/sluice.dev/v1alpha1/gpubudgets/fleet/status").expect("the budget's status");
+    assert_eq!(budget_status.body["status"]["heldGpus"], 2);
+    assert_eq!(budget_status.body["status"]["jobs"], 2);
+}
+
 #[tokio::test]
 async fn all_shards_committed_writes_the_manifest_and_completes() {
     let h = Harness::new(at(10));
@@ -425,8 +497,21 @@ async fn all_shards_committed_writes_the_manifest_and_completes() {
     let cluster = Cluster { bij: bij(json!({}), Some(status)), job: Some(job), pods: vec![], ..Default::default() };
     let (result, calls) = h.run(cluster.clone()).await;
     assert_eq!(result.unwrap(), Action::await_change());
-    assert_eq!(lines(&calls), [get(JOB_PATH), get(PODS_PATH), event(), patch(STATUS_PATH)], "{calls:#?}");
+    // The finished job's throughput is learned into its model's profile (a ConfigMap made here).
+    let profiles = format!("{CONFIGMAPS_PATH}sluice-throughput-profiles");
+    assert_eq!(
+        lines(&calls),
+        [get(JOB_PATH), get(PODS_PATH), event(), patch(STATUS_PATH), get(&profiles), "POST /api/v1/namespaces/default/configmaps".into()],
+        "{calls:#?}"
+    );
     assert_eq!(reasons(&calls), ["Completed"]);
+    let cm = &calls[5].body;
+    assert_eq!(cm["metadata"]["name"], "sluice-throughput-profiles");
+    let (key, value) = cm["data"].as_object().unwrap().iter().next().unwrap();
+    assert!(key.starts_with("tiny.cpu."), "{key}");
+    let learned: sluice_api::budget::ThroughputProfile = serde_json::from_str(value.as_str().unwrap()).unwrap();
+    assert_eq!((learned.model.as_str(), learned.jobs), ("mem://models/tiny", 1));
+    assert!(learned.per_worker_requests_per_second > 0.0, "{learned:?}");
     let manifest: OutputManifest = h.get_json("data/out/manifest.json").await.expect("manifest.json");
     assert_eq!((manifest.requests.total, manifest.requests.succeeded, manifest.requests.failed), (5, 5, 0));
     assert_eq!(manifest.shards.len(), 3);
@@ -881,7 +966,7 @@ async fn cancel_stops_the_job_runs_the_close_step_and_ends_cancelled() {
     let mut done_close = close.clone();
     done_close["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
     let step_jobs = std::collections::BTreeMap::from([("quickstart-close".to_string(), done_close)]);
-    let cluster = Cluster { bij: closing, job: Some(stopped), pods: vec![ended_pod], step_jobs };
+    let cluster = Cluster { bij: closing, job: Some(stopped), pods: vec![ended_pod], step_jobs, ..Default::default() };
     let (result, calls) = h.run(cluster).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(lines(&calls), [get(JOB_PATH), get(PODS_PATH), get(&close_path), event(), patch(STATUS_PATH)], "{calls:#?}");

@@ -2,7 +2,7 @@
 
 Owns: rendering charts/sluice (Helm v4 through helm-python-sdk, offline), the order and shape
 of manifests/install.yaml and deploy/prometheus/sluice-alerts.yaml, and syncing the chart's
-copies of crds/batchinferencejob.yaml and operator/rbac.json. It never edits the sources.
+copies of crds/batchinferencejob.yaml, crds/gpubudget.yaml and operator/rbac.json. It never edits the sources.
 
     python tests/packaging/render.py --write   # regenerate (scripts/render-install.sh)
     python tests/packaging/render.py --check   # exit 1 when anything generated is stale
@@ -28,6 +28,8 @@ INSTALL_YAML = ROOT / "manifests" / "install.yaml"
 ALERTS_YAML = ROOT / "deploy" / "prometheus" / "sluice-alerts.yaml"
 CRD_SOURCE = ROOT / "crds" / "batchinferencejob.yaml"
 CRD_CHART_COPY = CHART / "files" / "crds" / "batchinferencejob.yaml"
+GPUBUDGET_CRD_SOURCE = ROOT / "crds" / "gpubudget.yaml"
+GPUBUDGET_CRD_CHART_COPY = CHART / "files" / "crds" / "gpubudget.yaml"
 RBAC_SOURCE = ROOT / "operator" / "rbac.json"
 RBAC_CHART_COPY = CHART / "files" / "rbac.json"
 
@@ -184,6 +186,8 @@ def generated() -> dict[Path, str]:
     out: dict[Path, str] = {RBAC_CHART_COPY: RBAC_SOURCE.read_text()}
     if CRD_SOURCE.exists():
         out[CRD_CHART_COPY] = CRD_SOURCE.read_text()
+    if GPUBUDGET_CRD_SOURCE.exists():
+        out[GPUBUDGET_CRD_CHART_COPY] = GPUBUDGET_CRD_SOURCE.read_text()
     # Render after the copies are known: the install manifest embeds them.
     return out
 

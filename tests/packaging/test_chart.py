@@ -465,16 +465,17 @@ def test_pod_anti_affinity_is_overridable() -> None:
 
 # --- CRD ------------------------------------------------------------------------------------
 
-def test_crd_is_the_generated_file_verbatim(rendered) -> None:
-    source = render.CRD_SOURCE if render.CRD_SOURCE.exists() else render.CRD_CHART_COPY
+@pytest.mark.parametrize("source,short", [(render.CRD_SOURCE, "bij"), (render.GPUBUDGET_CRD_SOURCE, "gpub")])
+def test_crd_is_the_generated_file_verbatim(rendered, source, short) -> None:
     expected = yaml.safe_load(source.read_text())
-    (crd,) = by_kind(rendered["default"], "CustomResourceDefinition")
-    crd = copy.deepcopy(crd)
+    crds = {c["metadata"]["name"]: c for c in by_kind(rendered["default"], "CustomResourceDefinition")}
+    assert len(crds) == 2, sorted(crds)
+    crd = copy.deepcopy(crds[expected["metadata"]["name"]])
     assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert crd["metadata"].pop("labels")["app.kubernetes.io/part-of"] == "sluice"
     assert crd == expected
     assert crd["spec"]["group"] == "sluice.dev"
-    assert crd["spec"]["names"]["shortNames"] == ["bij"]
+    assert crd["spec"]["names"]["shortNames"] == [short]
     assert "sluice" in crd["spec"]["names"]["categories"]
 
 
@@ -485,6 +486,8 @@ def test_crd_chart_copy_matches_generated_file() -> None:
     assert render.CRD_CHART_COPY.read_text() == render.CRD_SOURCE.read_text(), (
         "charts/sluice/files/crds/batchinferencejob.yaml drifted from crds/batchinferencejob.yaml;"
         " run scripts/render-install.sh")
+    assert render.GPUBUDGET_CRD_CHART_COPY.read_text() == render.GPUBUDGET_CRD_SOURCE.read_text(), (
+        "charts/sluice/files/crds/gpubudget.yaml drifted from crds/gpubudget.yaml; run scripts/render-install.sh")
 
 
 # --- RBAC -----------------------------------------------------------------------------------

@@ -336,6 +336,7 @@ pub async fn execute(opts: &RunOptions, local: &LocalJob, plan: &ShardPlan, crea
                 finished: false,
                 suspended: false,
                 workers: local_workers(running.len()),
+                fleet_cap: None,
             };
             let step = scaler.step(&state, &observed);
             if step.parallelism != state.parallelism {

@@ -87,6 +87,7 @@ impl Sluice {
             finished: v.finished,
             suspended: false,
             workers,
+            fleet_cap: None,
         }
     }
 

@@ -162,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = Config {
         pod_name: args.pod_name.clone(),
+        operator_namespace: args.lease_namespace.clone(),
         worker: WorkerDefaults {
             image: args.worker_image.clone(),
             gpu_resource_name: args.gpu_resource_name.clone(),

@@ -50,6 +50,10 @@ pub struct Facts<'a> {
     pub created: Timestamp,
     pub deadline: Timestamp,
     pub now: Timestamp,
+    /// Under a GpuBudget: the workers the fleet scheduler grants.
+    pub fleet_cap: Option<u32>,
+    /// The model's learned per-worker rate, when a finished job left one: the scaler's prior.
+    pub prior_rps: Option<f64>,
 }
 
 /// Where the shards stand: counts folded from the records (and reports) and the Job's indexes.
@@ -206,7 +210,7 @@ pub fn decide(
     finalized: Option<&Finalized>,
     worker: &WorkerDefaults,
 ) -> Result<Decision> {
-    let Facts { bij, old, plan, created, deadline, now } = *facts;
+    let Facts { bij, old, plan, created, deadline, now, fleet_cap, prior_rps } = *facts;
     let total_shards = plan.shards as usize;
     let finalizing = matches!(finalized, Some(Finalized::Pending));
     let finalize_failure = match finalized {
@@ -245,8 +249,13 @@ pub fn decide(
         finished: phase == JobPhase::Succeeded,
         suspended: bij.spec.suspend || closing.is_some(),
         workers: status::cluster_workers(&progress.view, &obs.pods, decided_at),
+        fleet_cap,
     };
-    let step = Scaler::new(SlaConfig::from_spec(&bij.spec)).step(&progress.view.scaler_state(old.sla_status), &observed);
+    let mut sla = SlaConfig::from_spec(&bij.spec);
+    if let Some(rps) = prior_rps.filter(|r| r.is_finite() && *r > 0.0) {
+        sla.prior_per_worker_rps = rps;
+    }
+    let step = Scaler::new(sla).step(&progress.view.scaler_state(old.sla_status), &observed);
     let desired = if closing.is_some() { 0 } else { i32::try_from(step.parallelism).unwrap_or(i32::MAX) };
 
     let spec_note = match (old.observed_generation, bij.metadata.generation) {

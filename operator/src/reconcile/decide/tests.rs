@@ -51,6 +51,8 @@ impl Case {
             created: t("2026-12-01T00:00:00Z"),
             deadline: t("2026-12-01T08:00:00Z"),
             now: t("2026-12-01T01:00:00Z"),
+            fleet_cap: None,
+            prior_rps: None,
         }
     }
 
