@@ -23,7 +23,10 @@ fn the_quickstart_is_quoted_feasible() {
     assert!(v["projected_finish"].is_string() && v["gpu_hours"].as_f64().unwrap() > 0.0, "{v}");
     let (code, text, _) = quote(&[QUICKSTART]);
     assert_eq!(code, Some(0));
-    assert!(text.contains("feasible:") && text.contains("projected finish") && text.contains("throughput prior"), "{text}");
+    assert!(
+        text.contains("feasible:") && text.contains("projected finish") && text.contains("based on: prior") && text.contains("accuracy:"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub struct FleetJob {
     pub releasing_workers: u32,
     /// Shards not yet committed: more workers than this is waste.
     pub remaining_shards: u32,
+    /// It was lending workers at the previous plan: it goes on saying so (to whom) while it gets
+    /// fewer than it would with the budget to itself.
+    pub lending: bool,
 }
 
 /// Tuning of the fleet scheduler.
@@ -334,32 +337,46 @@ pub fn plan(now: f64, jobs: &[FleetJob], budget: &Budget, cfg: &FleetConfig) -> 
         });
     }
     let mut grants: Vec<Grant> = grants.into_iter().flatten().collect();
-    // Who gave up workers to whom: jobs cut below what they run now lend to jobs ahead of them
-    // that grew.
-    let gained: Vec<(String, u32)> = order
+    // Who gave up workers to whom. A job granted fewer than it runs lends the difference to the
+    // jobs ahead of it in the order that hold workers (the ones that grew first); having lent, it
+    // goes on lending what it would take with the budget to itself while they hold it.
+    let granted = |i: usize| grants.iter().find(|x| x.key == jobs[i].key).map_or(0, |g| g.workers);
+    let ahead_of = |pos: usize| -> Vec<(String, u32)> {
+        let mut ahead: Vec<(bool, String, u32)> = order[..pos]
+            .iter()
+            .filter(|&&k| granted(k) > 0)
+            .map(|&k| (granted(k) <= jobs[k].current_workers, jobs[k].key.clone(), granted(k)))
+            .collect();
+        ahead.sort_by_key(|a| a.0);
+        ahead.into_iter().map(|(_, k, n)| (k, n)).collect()
+    };
+    let lenders: Vec<(usize, Vec<(String, u32)>)> = order
         .iter()
-        .filter_map(|&i| {
-            let g = grants.iter().find(|x| x.key == jobs[i].key)?;
-            (g.workers > jobs[i].current_workers).then(|| (g.key.clone(), g.workers - jobs[i].current_workers))
-        })
+        .enumerate()
+        .filter(|(_, i)| jobs[**i].remaining_requests > 0.0)
+        .map(|(pos, &i)| (i, ahead_of(pos)))
+        .filter(|(_, ahead)| !ahead.is_empty())
         .collect();
-    for j in jobs {
+    for (i, ahead) in lenders {
+        let j = &jobs[i];
         let Some(g) = grants.iter_mut().find(|x| x.key == j.key) else { continue };
-        if g.workers < j.current_workers && !gained.is_empty() {
-            let mut left = j.current_workers - g.workers;
-            for (to, n) in &gained {
-                if left == 0 {
-                    break;
-                }
-                let k = left.min(*n);
-                g.lent.push((to.clone(), k));
-                left -= k;
-            }
-            let slack = g.projected_finish.map(|f| j.deadline - f);
-            let to: Vec<String> = g.lent.iter().map(|(k, n)| format!("{n} workers to {k}")).collect();
-            g.message =
-                format!("lent {} (slack {}); {}", to.join(", "), slack.map(fmt_hours).unwrap_or_else(|| "unknown".into()), g.message);
+        let alone = need(j, now, rate(j), cfg.safety_secs).unwrap_or_else(|| usable_max(j));
+        let still = if j.lending { alone.saturating_sub(g.workers) } else { 0 };
+        let mut left = j.current_workers.saturating_sub(g.workers).max(still);
+        if left == 0 {
+            continue;
         }
+        for (to, n) in &ahead {
+            if left == 0 {
+                break;
+            }
+            let k = left.min(*n);
+            g.lent.push((to.clone(), k));
+            left -= k;
+        }
+        let slack = g.projected_finish.map(|f| j.deadline - f);
+        let to: Vec<String> = g.lent.iter().map(|(k, n)| format!("{n} workers to {k}")).collect();
+        g.message = format!("lent {} (slack {}); {}", to.join(", "), slack.map(fmt_hours).unwrap_or_else(|| "unknown".into()), g.message);
     }
     grants.sort_by(|a, b| a.key.cmp(&b.key));
     grants
@@ -458,6 +475,7 @@ mod tests {
             protected_workers: protected,
             releasing_workers: 0,
             remaining_shards: 100,
+            lending: false,
         }
     }
 
@@ -489,6 +507,20 @@ mod tests {
         assert_eq!(s.workers, 1, "the slack job keeps its protected worker only");
         assert_eq!(s.lent, [("a/tight".to_string(), 3)]);
         assert!(s.message.starts_with("lent 3 workers to a/tight"), "{}", s.message);
+    }
+
+    #[test]
+    fn a_job_that_lent_goes_on_saying_so_while_it_runs_fewer_than_it_would_alone() {
+        // The slack job is down to 1 (tight holds 4); alone it would take 2.
+        let tight = job("a/tight", 1000.0, 3000.0, 4, 4);
+        let mut slack = job("b/slack", 2000.0, 3000.0, 1, 1);
+        let budget = Budget { gpus: 5, ..Budget::default() };
+        let g = plan(0.0, &[tight.clone(), slack.clone()], &budget, &cfg());
+        assert!(by(&g, "b/slack").lent.is_empty(), "it never ran more than it has: {g:?}");
+        slack.lending = true;
+        let g = plan(0.0, &[tight, slack], &budget, &cfg());
+        let s = by(&g, "b/slack");
+        assert_eq!(s.lent, [("a/tight".to_string(), 1)], "{g:?}");
     }
 
     #[test]

@@ -149,8 +149,33 @@ pub fn fleet_job(
         protected_workers: facts.protected_workers,
         releasing_workers: 0,
         remaining_shards: facts.remaining_shards,
+        lending: st.and_then(|s| s.fleet.as_ref()).is_some_and(|f| f.reason == "Lent"),
     };
     Some((job, basis))
+}
+
+/// A job that holds `workers` but has nothing the plan can use yet (its status not planned, or
+/// read before its latest write): it only holds GPUs, which nobody else may take.
+pub fn holder(bij: &BatchInferenceJob, workers: u32) -> FleetJob {
+    let ns = bij.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    FleetJob {
+        key: format!("{ns}/{}", bij.metadata.name.clone().unwrap_or_default()),
+        namespace: ns,
+        priority: 0,
+        arrived: 0.0,
+        deadline: 0.0,
+        remaining_requests: 0.0,
+        rate: RateEstimate { mean: 1.0, stddev: 0.0, samples: 1 },
+        startup_secs: 0.0,
+        gpus_per_worker: bij.spec.workers.gpus.max(1) as u32,
+        min_workers: 0,
+        max_workers: workers,
+        current_workers: workers,
+        protected_workers: workers,
+        releasing_workers: 0,
+        remaining_shards: 0,
+        lending: false,
+    }
 }
 
 #[cfg(test)]

@@ -456,6 +456,27 @@ pub fn build(old: &BatchInferenceJobStatus, i: &StatusInput<'_>) -> BatchInferen
     }
 }
 
+/// Whether `new` differs from `old` only in what moves with the clock while nothing happens:
+/// the windowed rates, the projection and slack, GPU-seconds, condition messages, and the fleet's
+/// message. Such a status need not be rewritten at every reconcile.
+pub fn only_time_moved(old: &BatchInferenceJobStatus, new: &BatchInferenceJobStatus) -> bool {
+    let calm = |s: &BatchInferenceJobStatus| {
+        let mut s = s.clone();
+        s.throughput = Default::default();
+        s.projected_completion_time = None;
+        s.slack_seconds = None;
+        s.gpu_seconds = 0.0;
+        for c in &mut s.conditions {
+            c.message.clear();
+        }
+        if let Some(f) = s.fleet.as_mut() {
+            f.message.clear();
+        }
+        s
+    };
+    calm(old) == calm(new)
+}
+
 /// `now` plus whole seconds (saturating at the far future).
 pub fn plus_secs(now: Timestamp, s: i64) -> Timestamp {
     now.checked_add(SignedDuration::from_secs(s)).unwrap_or(Timestamp::MAX)

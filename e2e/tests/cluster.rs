@@ -10,7 +10,8 @@
 //! mid-shard and the leader being SIGKILLed and restarted (no second Job, every custom_id exactly
 //! once, the rate shown again within one sync); suspend/resume; cancel; expiry; deletion; and
 //! the Batch API: `sluice serve --cluster` as its own ServiceAccount with the chart's rules,
-//! driven by the official `openai` Python client (tests/openai/test_batch_api.py).
+//! driven by the official `openai` Python client (tests/openai/test_batch_api.py); and the fleet:
+//! three jobs against one GpuBudget smaller than their sum, read through `kubectl sluice`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
@@ -454,6 +455,161 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The `kubectl-sluice` plugin binary (`SLUICE_E2E_KUBECTL_SLUICE_BIN`, or the one built here).
+fn kubectl_sluice_binary() -> PathBuf {
+    match std::env::var("SLUICE_E2E_KUBECTL_SLUICE_BIN") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => sluice_e2e::binary("kubectl-sluice").expect("build it: cargo build -p sluice-cli --bin kubectl-sluice"),
+    }
+}
+
+/// `kubectl sluice ARGS` in the suite's namespace: exit status and stdout + stderr.
+fn plugin(c: &Cluster, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(kubectl_sluice_binary())
+        .env("KUBECONFIG", &c.kubeconfig)
+        .args(["-n", &c.namespace])
+        .args(args)
+        .output()
+        .expect("running kubectl-sluice");
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Three jobs against a GpuBudget of 3 that their workers' sum exceeds (CPU workers count one
+/// each): a slack job holding all 3, then a high-priority tight job needing 2 and a third
+/// needing 1. The tight one gets its 2 from the slack one as the slack one's shards finish (no
+/// running shard killed), the third waits, the parallelism of the three never adds up past 3,
+/// all three complete, `kubectl sluice status` says why at each step, and the finished jobs
+/// leave a throughput profile that the next quote uses. Returns what the plugin printed.
+fn fleet_case(c: &Cluster, volume: &str, dir: &Path, env: &str, timeout: Duration) -> String {
+    let ns = &c.namespace;
+    // Only this case's jobs ask for the GPU type `ns` under the label below; the node has it.
+    let node = c.ok(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"], None);
+    c.ok(&["label", "node", node.trim(), &format!("sluice.dev/e2e-gpu-type={ns}"), "--overwrite"], None);
+    c.apply(&format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: GpuBudget\nmetadata: {{name: {ns}}}\nspec: {{gpus: 3, gpuType: {ns}, gpuTypeLabel: sluice.dev/e2e-gpu-type}}\n"
+    ));
+    let job = |name: &str, input: &str, window: &str, min: u32, max: u32, priority: i32| {
+        manifest(name, volume, input, false, window, max, env)
+            .replace("    min: 1\n", &format!("    min: {min}\n    nodeSelector: {{sluice.dev/e2e-gpu-type: {ns}}}\n"))
+            .replace(&format!("  name: {name}\n"), &format!("  name: {name}\n  annotations: {{sluice.dev/priority: \"{priority}\"}}\n"))
+    };
+    let parallelism = |name: &str| c.json(&["get", "job", name]).and_then(|j| j["spec"]["parallelism"].as_i64()).unwrap_or(0);
+    c.apply(&job("fleet-slack", "slow.jsonl", "20m", 3, 3, 0));
+    c.wait("the slack job to run 3 ready workers", Duration::from_secs(180), || {
+        (c.json(&["get", "job", "fleet-slack"])?["status"]["ready"].as_i64()? >= 3).then_some(())
+    });
+    c.apply(&job("fleet-tight", "quickstart-input.jsonl", "15m", 2, 2, 10));
+    c.apply(&job("fleet-third", "quickstart-input.jsonl", "30m", 1, 1, 0));
+    let mut seen_lent = None;
+    let mut seen_waiting = None;
+    let mut seen: std::collections::BTreeSet<String> = Default::default();
+    let mut tight_peak = 0;
+    let mut peak_sum = 0;
+    let names = ["fleet-slack", "fleet-tight", "fleet-third"];
+    c.wait("the three fleet jobs to succeed", timeout, || {
+        // One LIST: one consistent snapshot of the three Jobs (reading them one by one could
+        // catch the slack one before it gave a worker back and the tight one after it took it).
+        let jobs = c.json(&["get", "jobs"])?;
+        let sum: i64 = jobs["items"]
+            .as_array()?
+            .iter()
+            .filter(|j| j["metadata"]["name"].as_str().is_some_and(|n| names.contains(&n)))
+            // A complete Job keeps its parallelism but runs no pods.
+            .filter(|j| {
+                !j["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|c| c["type"] == "Complete" && c["status"] == "True"))
+            })
+            .filter_map(|j| j["spec"]["parallelism"].as_i64())
+            .sum();
+        peak_sum = peak_sum.max(sum);
+        let each: Vec<String> = jobs["items"]
+            .as_array()?
+            .iter()
+            .map(|j| format!("{}={} (ready {})", j["metadata"]["name"], j["spec"]["parallelism"], j["status"]["ready"]))
+            .collect();
+        assert!(sum <= 3, "the three Jobs' parallelism adds up to {sum}, past the budget of 3: {each:?}");
+        let slack = c.json(&["get", "bij", "fleet-slack"])?;
+        let tight_p = parallelism("fleet-tight");
+        if slack["status"]["phase"] == "Running" {
+            tight_peak = tight_peak.max(tight_p);
+        }
+        seen.insert(format!("slack: {} / {}", slack["status"]["fleet"]["reason"], slack["status"]["fleet"]["message"]));
+        if seen_lent.is_none() && slack["status"]["fleet"]["reason"] == "Lent" {
+            seen_lent = Some((plugin(c, &["status"]).1, plugin(c, &["status", "fleet-slack"]).1));
+        }
+        let third = c.json(&["get", "bij", "fleet-third"])?;
+        seen.insert(format!("third: {} / {}", third["status"]["fleet"]["reason"], third["status"]["fleet"]["message"]));
+        if seen_waiting.is_none() && third["status"]["fleet"]["reason"] == "Waiting" {
+            seen_waiting = Some(plugin(c, &["status", "fleet-third"]).1);
+        }
+        let budget = c.json(&["get", "gpubudget", ns])?;
+        assert!(budget["status"]["heldGpus"].as_i64().unwrap_or(0) <= 3, "{}", budget["status"]);
+        let phases: Vec<Value> =
+            names.iter().map(|n| c.json(&["get", "bij", n]).map(|b| b["status"]["phase"].clone()).unwrap_or(Value::Null)).collect();
+        if let Some(i) = phases.iter().position(|p| p == "Failed") {
+            panic!("{} failed", names[i]);
+        }
+        phases.iter().all(|p| p == "Succeeded").then_some(())
+    });
+    let (fleet_text, slack_text) =
+        seen_lent.unwrap_or_else(|| panic!("the slack job never lent workers (status.fleet.reason Lent); seen: {seen:#?}"));
+    assert!(slack_text.contains("lent 2 workers to") && slack_text.contains("fleet-tight"), "{slack_text}");
+    assert!(fleet_text.contains("fleet-tight") && fleet_text.contains("fleet-third") && fleet_text.contains("BUDGET"), "{fleet_text}");
+    let waiting_text =
+        seen_waiting.unwrap_or_else(|| panic!("the third job never waited for GPUs (status.fleet.reason Waiting); seen: {seen:#?}"));
+    assert!(waiting_text.contains("waiting for"), "{waiting_text}");
+    assert_eq!(tight_peak, 2, "the tight job never got its 2 workers while the slack job ran");
+    // No running shard was killed: not one pod of the three failed.
+    for n in names {
+        let pods = c.json(&["get", "pods", "-l", &format!("sluice.dev/job={n}")]).unwrap();
+        let failed: Vec<&str> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Failed")
+            .filter_map(|p| p["metadata"]["name"].as_str())
+            .collect();
+        assert!(failed.is_empty(), "{n}: pods failed: {failed:?}");
+        let input = if n == "fleet-slack" { "slow.jsonl" } else { "quickstart-input.jsonl" };
+        let out = OutputCheck::read(&dir.join(format!("out/{n}"))).unwrap();
+        out.assert_exactly_once(&input_ids(&dir.join(input)).unwrap()).unwrap();
+    }
+    let reasons = |n: &str| -> Vec<String> { c.events_of(n).iter().filter_map(|e| e["reason"].as_str().map(str::to_string)).collect() };
+    assert!(reasons("fleet-slack").iter().any(|r| r == "FleetLent"), "{:?}", reasons("fleet-slack"));
+    assert!(reasons("fleet-third").iter().any(|r| r == "FleetWaiting"), "{:?}", reasons("fleet-third"));
+    assert!(reasons("fleet-tight").iter().any(|r| r == "Quoted" || r == "InfeasibleAtAdmission"), "{:?}", reasons("fleet-tight"));
+    // The finished jobs' throughput is the model's profile now; the next quote rests on it.
+    let profiles = c.json(&["get", "configmap", "sluice-throughput-profiles"]).expect("the throughput profiles ConfigMap");
+    assert!(profiles["data"].as_object().unwrap().keys().any(|k| k.starts_with("tiny-qwen2.cpu.")), "{profiles}");
+    let next = job("fleet-next", "quickstart-input.jsonl", "30m", 1, 1, 0)
+        .replace("file:///data/quickstart-input.jsonl", &format!("file://{}", dir.join("quickstart-input.jsonl").display()))
+        .replace("  name: fleet-next\n", &format!("  name: fleet-next\n  namespace: {ns}\n"));
+    let next_path = dir.join("fleet-next.yaml");
+    std::fs::write(&next_path, next).unwrap();
+    let (code, quote) = plugin(c, &["quote", &next_path.to_string_lossy(), &format!("--operator-namespace={ns}")]);
+    assert_eq!(code, Some(0), "{quote}");
+    assert!(
+        quote.contains(&format!("against: GpuBudget {ns} (3 GPUs)")) && quote.contains("based on: learned profile tiny-qwen2.cpu."),
+        "{quote}"
+    );
+    let (_, results) = plugin(c, &["results", "fleet-tight"]);
+    assert!(results.contains("240 succeeded") || results.contains("succeeded, 0 failed, of 240"), "{results}");
+    // Suspend, resume and cancel through the plugin; a finished job cannot be cancelled.
+    let (code, out) = plugin(c, &["cancel", "fleet-tight"]);
+    assert!(code == Some(1) && out.contains("already finished"), "{out}");
+    c.apply(&manifest("fleet-plugin", volume, "quickstart-input.jsonl", true, "30m", 1, env));
+    for (cmd, field, want) in [("resume", "suspend", false), ("suspend", "suspend", true), ("cancel", "cancel", true)] {
+        let (code, out) = plugin(c, &[cmd, "fleet-plugin"]);
+        assert_eq!(code, Some(0), "{cmd}: {out}");
+        let b = c.json(&["get", "bij", "fleet-plugin"]).unwrap();
+        assert_eq!(b["spec"][field], want, "{cmd}");
+    }
+    c.wait_phase("fleet-plugin", "Cancelled", timeout);
+    let (code, out) = plugin(c, &["status", "no-such-job"]);
+    assert!(code == Some(1) && out.contains("not found"), "{out}");
+    eprintln!("fleet case: peak parallelism of the three {peak_sum} (budget 3)");
+    format!("{fleet_text}\n{slack_text}\n{waiting_text}\n{quote}")
+}
+
 #[test]
 fn operator_on_a_real_cluster() {
     let Ok(kubeconfig) = std::env::var("SLUICE_E2E_KUBECONFIG") else {
@@ -480,7 +636,8 @@ fn operator_on_a_real_cluster() {
 
     // CRD, namespace, a claim bound to a volume, two operator replicas behind a balancer.
     c.ok(&["apply", "--server-side", "-f", &repo_root().join("crds/batchinferencejob.yaml").to_string_lossy()], None);
-    c.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/batchinferencejobs.sluice.dev"], None);
+    c.ok(&["apply", "--server-side", "-f", &repo_root().join("crds/gpubudget.yaml").to_string_lossy()], None);
+    c.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/batchinferencejobs.sluice.dev", "crd/gpubudgets.sluice.dev"], None);
     c.ok(&["create", "namespace", &namespace], None);
     if claim_dir.is_some() {
         let pv = format!(
@@ -507,6 +664,17 @@ fn operator_on_a_real_cluster() {
     ];
     c.wait("one operator replica to lead", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
     eprintln!("operators on {p1} and {p2}, reports through {report_url}, logs at {}", logs.display());
+
+    // The fleet: three jobs against one GPU budget (SLUICE_E2E_ONLY=fleet runs only this case).
+    let slow_env = r#"{name: SLUICE_CHUNK_LINES, value: "4"}, {name: SLUICE_PROGRESS_SECONDS, value: "5"},
+              {name: SLUICE_INJECT_FAULTS, value: "delay_rate=1,delay_ms=150,error_rate=0,seed=1"}"#;
+    let fleet_out = fleet_case(&c, &host_volume, &host_dir, slow_env, timeout);
+    std::fs::write(host_dir.join("fleet-plugin-output.txt"), &fleet_out).unwrap();
+    eprintln!("kubectl sluice during the fleet case:\n{fleet_out}");
+    if std::env::var("SLUICE_E2E_ONLY").as_deref() == Ok("fleet") {
+        eprintln!("fleet case passed in namespace {namespace} (SLUICE_E2E_ONLY=fleet: the other cases skipped)");
+        return;
+    }
 
     // An invalid manifest is rejected by the API server with the CEL message.
     let invalid = manifest("invalid", &host_volume, "quickstart-input.jsonl", false, "10m", 2, "")
@@ -570,8 +738,6 @@ fn operator_on_a_real_cluster() {
         Some(d) => ("persistentVolumeClaim: {claimName: shared-data}".to_string(), d.clone()),
         None => (host_volume.clone(), host_dir.clone()),
     };
-    let slow_env = r#"{name: SLUICE_CHUNK_LINES, value: "4"}, {name: SLUICE_PROGRESS_SECONDS, value: "5"},
-              {name: SLUICE_INJECT_FAULTS, value: "delay_rate=1,delay_ms=150,error_rate=0,seed=1"}"#;
     c.apply(&manifest("slow", &slow_volume, "slow.jsonl", false, "2m", 4, slow_env));
     let slow_job_uid = c.wait("the slow Job", Duration::from_secs(120), || {
         c.json(&["get", "job", "slow"]).and_then(|j| j["metadata"]["uid"].as_str().map(str::to_string))

@@ -61,6 +61,8 @@ pub struct JobCache {
     /// Finished requests at the last sync, and when that number last grew.
     pub last_done: u64,
     pub last_progress_at: Option<Timestamp>,
+    /// When this replica last wrote the status (see `status::only_time_moved`).
+    pub last_status_write: Option<Timestamp>,
 }
 
 /// The clock: `Timestamp::now` in the binary, a fixed time in tests.
@@ -89,6 +91,9 @@ pub struct Context {
     jobs: OnceLock<Store<DeserializeGuard<BatchInferenceJob>>>,
     /// The GpuBudgets, watched (`controller::run` sets it; without it no job is budgeted).
     budgets: OnceLock<Store<GpuBudget>>,
+    /// Asks the controller to reconcile every job now (set by `controller::run`): a budgeted job
+    /// that gives GPUs back wakes the others instead of leaving them to their resync.
+    wakeups: OnceLock<futures::channel::mpsc::UnboundedSender<()>>,
 }
 
 impl Context {
@@ -118,6 +123,7 @@ impl Context {
             applied: Mutex::new(HashMap::new()),
             jobs: OnceLock::new(),
             budgets: OnceLock::new(),
+            wakeups: OnceLock::new(),
         }
     }
 
@@ -196,6 +202,18 @@ impl Context {
         let mut all: Vec<GpuBudget> = self.budgets.get().map(|s| s.state().iter().map(|b| (**b).clone()).collect()).unwrap_or_default();
         all.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         all
+    }
+
+    /// Where [`Context::wake`] sends (set once).
+    pub fn set_wakeups(&self, tx: futures::channel::mpsc::UnboundedSender<()>) {
+        let _ = self.wakeups.set(tx);
+    }
+
+    /// Reconcile every job soon (nothing without a controller).
+    pub fn wake_all(&self) {
+        if let Some(tx) = self.wakeups.get() {
+            let _ = tx.unbounded_send(());
+        }
     }
 
     /// Forget job `uid`.

@@ -75,9 +75,11 @@ pub async fn run(
             }
         });
     tokio::spawn(watch);
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    ctx.set_wakeups(wake_tx);
     let stream = controller
         .owns(jobs, owned)
-        .reconcile_all_on(leadership_gained)
+        .reconcile_all_on(futures::stream::select(leadership_gained, wake_rx))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .boxed();

@@ -198,7 +198,11 @@ fn others_of(
                 return None;
             }
             let facts = JobFacts::from_status(j, ctx.applied(&key));
-            fleet_view::fleet_job(j, &facts, profile_of(profiles, j), now).map(|(f, _)| f)
+            match fleet_view::fleet_job(j, &facts, profile_of(profiles, j), now) {
+                Some((f, _)) => Some(f),
+                // Holding workers with nothing to plan (yet): its GPUs still count.
+                None => ctx.applied(&key).filter(|w| *w > 0).map(|w| fleet_view::holder(j, w)),
+            }
         })
         .collect()
 }
@@ -232,7 +236,17 @@ impl FleetPlan {
     pub async fn applied(self, ctx: &Context, bij: &BatchInferenceJob, parallelism: u32, terminal: bool, now: Timestamp) {
         let ns = bij.namespace().unwrap_or_default();
         let key = format!("{ns}/{}", bij.name_any());
+        let before = ctx.applied(&key).or(u32::try_from(bij.status.as_ref().map_or(0, |s| s.workers.desired)).ok());
+        let held: Vec<String> = self.others.iter().map(|(k, _, _, w)| format!("{k}={}", ctx.applied(k).unwrap_or(*w))).collect();
+        tracing::info!(
+            job = %key, budget = %self.budget.name_any(), parallelism, grant = self.grant.workers, reason = %self.status.reason,
+            others = %held.join(","), message = %self.status.message, "fleet plan applied"
+        );
         ctx.set_applied(&key, (!terminal).then_some(parallelism));
+        // GPUs given back: the budget's other jobs may take them now, not at their next resync.
+        if (before.is_some_and(|b| parallelism < b) || terminal) && !self.others.is_empty() {
+            ctx.wake_all();
+        }
         let gpw = bij.spec.workers.gpus.max(1) as u32;
         let mut held_ns: BTreeMap<String, i32> = BTreeMap::new();
         let mut jobs = 0;
@@ -346,6 +360,7 @@ mod tests {
             protected_workers: protected,
             releasing_workers: 0,
             remaining_shards: 100,
+            lending: false,
         }
     }
 

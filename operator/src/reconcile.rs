@@ -270,6 +270,9 @@ pub async fn read_progress(
 /// Build `manifest.json` from the final progress records (or the shard files).
 pub use sluice_api::jobio::build_manifest;
 
+/// How often a status whose only changes are the clock's (rates, projection) is rewritten.
+const STATUS_REFRESH: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
+
 /// How often a job whose pods plan or finalize is looked at while they run.
 const STEP_POLL: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -543,6 +546,10 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
     let fleet_plan = if decide::closing(&facts, &progress).is_none() && !bij.spec.suspend && !progress.all_done {
         fleet::plan_job(ctx, bij, &own_fleet_facts(&plan, &progress), now).await?
     } else {
+        // Done, closing or suspended: its GPUs go back to the budget's other jobs now.
+        if ctx.applied(&key).is_some_and(|p| p > 0) {
+            ctx.wake_all();
+        }
         ctx.set_applied(&key, None);
         None
     };
@@ -634,7 +641,15 @@ async fn apply(bij: &BatchInferenceJob, ctx: &Context) -> Result<Action> {
             publish(ctx, bij, *type_, reason, note.clone()).await;
         }
     }
-    write_status(ctx, bij, &new_status).await?;
+    // A status write is itself a watch event that triggers a reconcile, and the windowed rates
+    // and the projection move with the clock: writes that only those moved are spaced out, or a
+    // running job would reconcile itself in a loop.
+    let only_clock = status::only_time_moved(&old, &new_status);
+    let recent = cache.last_status_write.is_some_and(|t| now.duration_since(t) < STATUS_REFRESH);
+    if !(only_clock && recent) && bij.status.as_ref() != Some(&new_status) {
+        write_status(ctx, bij, &new_status).await?;
+        cache.last_status_write = Some(now);
+    }
     if let Some(p) = fleet_plan {
         p.applied(ctx, bij, u32::try_from(decision.desired).unwrap_or(0), decision.phase.is_terminal(), now).await;
     }

@@ -216,7 +216,7 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(c) => return c,
             };
-            match rt.block_on(sluice_cli::quote::quote(&manifest, jiff::Timestamp::now(), gpus)) {
+            match rt.block_on(sluice_cli::quote::quote(&manifest, jiff::Timestamp::now(), sluice_cli::quote::Against::Local { gpus })) {
                 Ok(q) => {
                     if json {
                         println!("{}", q.json());

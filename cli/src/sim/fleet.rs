@@ -373,6 +373,7 @@ impl JobState {
             protected_workers: ready,
             releasing_workers: leaving,
             remaining_shards: ((self.spec.requests - self.done) / self.spec.shard).ceil().max(0.0) as u32,
+            lending: false,
         }
     }
 }
