@@ -115,6 +115,9 @@ impl Drop for Cluster {
         let _ = self.kubectl(&["delete", "pv", &format!("{}-shared-data", self.namespace), "--wait=false"], None);
         let rbac = format!("{}-sluice-operator", self.namespace);
         let _ = self.kubectl(&["delete", "clusterrole,clusterrolebinding", &rbac, "--ignore-not-found"], None);
+        // The fleet case's cluster-scoped budget and node label.
+        let _ = self.kubectl(&["delete", "gpubudget", &self.namespace, "--ignore-not-found"], None);
+        let _ = self.kubectl(&["label", "nodes", "--all", "sluice.dev/e2e-gpu-type-"], None);
     }
 }
 

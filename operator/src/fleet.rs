@@ -136,7 +136,7 @@ pub fn plan_fleet(
             let basis = basis.describe(own.rate.mean);
             let message = match q.grant.projected_finish {
                 Some(f) if q.feasible => format!(
-                    "quoted at admission: projected finish {} ({:.1} GPU-hours) against the deadline; from {basis}",
+                    "quoted at admission: projected finish {} ({:.2} GPU-hours) against the deadline; from {basis}",
                     time_of(f).map(|t| t.0.to_string()).unwrap_or_default(),
                     q.grant.gpu_hours
                 ),
