@@ -239,7 +239,7 @@ mod tests {
         serde_json::from_value(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "BatchInferenceJob",
             "metadata": {"name": "nightly", "namespace": "ml"},
-            "spec": {"model": {"uri": "s3://m/qwen"}, "input": {"uri": "s3://b/in.jsonl"}, "output": {"uri": "s3://b/out"}},
+            "spec": {"model": {"uri": "s3://m/qwen"}, "input": {"uri": "s3://b/in.jsonl"}, "output": {"uri": "s3://b/out"}, "sla": {"completionWindow": "24h"}},
             "status": status,
         }))
         .unwrap()
@@ -287,7 +287,7 @@ mod tests {
         assert!(text.contains("290 succeeded, 10 failed, of 1000"), "{text}");
         assert!(text.contains("results: s3://b/out/results/") && text.contains("not written yet"), "{text}");
         let v = results_json(&job(
-            json!({"phase": "Succeeded", "manifestUri": "s3://b/out/manifest.json", "requests": {"total": 5, "succeeded": 5, "failed": 0}}),
+            json!({"phase": "Succeeded", "manifestUri": "s3://b/out/manifest.json", "requests": {"total": 5, "succeeded": 5, "failed": 0}, "shards": {"total": 1, "completed": 1, "failed": 0, "active": 0}}),
         ));
         assert_eq!((v["complete"].as_bool(), v["manifest"].as_str()), (Some(true), Some("s3://b/out/manifest.json")));
     }

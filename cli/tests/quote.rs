@@ -49,3 +49,23 @@ fn an_impossible_window_is_flagged_with_what_would_make_it() {
     assert_eq!(code, Some(2));
     assert!(err.contains("spec"), "{err}");
 }
+
+#[test]
+fn a_cluster_quote_without_a_reachable_cluster_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["quote", QUICKSTART, "--cluster"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("sluice quote: list GpuBudgets: ") || err.contains("cannot reach"), "{err}");
+}

@@ -64,9 +64,17 @@ enum Cmd {
     /// whether its deadline is feasible (exit status 1 when it is not).
     Quote {
         manifest: PathBuf,
-        /// GPUs the job may use (default: workers.max workers' worth).
+        /// GPUs the job may use (default: workers.max workers' worth, or with --cluster the
+        /// budget's).
         #[arg(long)]
         gpus: Option<u32>,
+        /// Quote against the cluster of the kubeconfig: the GpuBudget that would cover the job,
+        /// the jobs it runs, the model's learned profile (as `kubectl sluice quote`).
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: the operator's namespace (where the learned profiles are).
+        #[arg(long, default_value = "sluice-system")]
+        operator_namespace: String,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -211,12 +219,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Quote { manifest, gpus, json } => {
+        Cmd::Quote { manifest, gpus, cluster, operator_namespace, json } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(c) => return c,
             };
-            match rt.block_on(sluice_cli::quote::quote(&manifest, jiff::Timestamp::now(), sluice_cli::quote::Against::Local { gpus })) {
+            let quoted = rt.block_on(async {
+                let against = if cluster {
+                    let client = kube::Client::try_default()
+                        .await
+                        .map_err(|e| format!("cannot reach the Kubernetes API server (kubeconfig or in-cluster): {e}"))?;
+                    sluice_cli::quote::Against::Cluster { client, operator_namespace, gpus }
+                } else {
+                    sluice_cli::quote::Against::Local { gpus }
+                };
+                sluice_cli::quote::quote(&manifest, jiff::Timestamp::now(), against).await
+            });
+            match quoted {
                 Ok(q) => {
                     if json {
                         println!("{}", q.json());
