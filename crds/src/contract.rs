@@ -84,6 +84,8 @@ pub mod env {
     pub const MAX_LINE_BYTES: &str = "SLUICE_MAX_LINE_BYTES";
     /// KV cache size on CPU, in MiB.
     pub const KV_CACHE_MB: &str = "SLUICE_KV_CACHE_MB";
+    /// `true`/`false`: share the KV blocks of identical prompt prefixes (worker default true).
+    pub const PREFIX_CACHING: &str = "SLUICE_PREFIX_CACHING";
     /// Fault injection for tests (hidden).
     pub const INJECT_FAULTS: &str = "SLUICE_INJECT_FAULTS";
     /// The pod's host name: the default attempt name when [`ATTEMPT`] is unset.

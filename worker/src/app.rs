@@ -117,6 +117,7 @@ async fn run(args: Args) -> i32 {
             max_num_seqs: args.max_batch_size.max(1),
             max_model_len: args.max_model_len,
             kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),
+            prefix_caching: args.prefix_caching,
             switches: EngineSwitches::from_env(),
             ..EngineConfig::default()
         };

@@ -132,6 +132,10 @@ pub struct Args {
     /// KV cache size on CPU, in MiB [default: the engine's].
     #[arg(long, env = env::KV_CACHE_MB)]
     pub kv_cache_mb: Option<u64>,
+    /// Share the KV blocks of identical prompt prefixes between requests (content-hashed full
+    /// blocks; the shard's requests are queued so that shared prefixes run together).
+    #[arg(long, env = env::PREFIX_CACHING, default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     /// Where to POST reports to the operator (plan, progress, manifest) [default: none].
     #[arg(long, env = env::REPORT_URL)]
     pub report_url: Option<String>,

@@ -43,6 +43,10 @@ pub struct WorkerMetrics {
     kv_blocks_total: Gauge,
     time_per_output_token: Histogram,
     chunks_committed: Counter,
+    prefix_cache_hit_tokens: Counter,
+    /// The engine's cumulative hit count at the last `engine_stats` (the counter moves by the
+    /// difference).
+    prefix_hits_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Default for WorkerMetrics {
@@ -62,6 +66,7 @@ impl WorkerMetrics {
         let kv_blocks_total = Gauge::default();
         let time_per_output_token = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let chunks_committed = Counter::default();
+        let prefix_cache_hit_tokens = Counter::default();
         registry.register("requests", "Requests finished", requests.clone());
         registry.register("prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
         registry.register("completion_tokens", "Tokens generated", completion_tokens.clone());
@@ -70,6 +75,11 @@ impl WorkerMetrics {
         registry.register("kv_blocks_total", "KV cache blocks available", kv_blocks_total.clone());
         registry.register("time_per_output_token_seconds", "Decode step time per generated token", time_per_output_token.clone());
         registry.register("chunks_committed", "Output chunks committed", chunks_committed.clone());
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of being computed",
+            prefix_cache_hit_tokens.clone(),
+        );
         Self {
             registry,
             requests,
@@ -80,6 +90,8 @@ impl WorkerMetrics {
             kv_blocks_total,
             time_per_output_token,
             chunks_committed,
+            prefix_cache_hit_tokens,
+            prefix_hits_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -103,6 +115,8 @@ impl WorkerMetrics {
         self.batch_occupancy.set(s.running as i64);
         self.kv_blocks_used.set(s.kv_blocks_used as i64);
         self.kv_blocks_total.set(s.kv_blocks_total as i64);
+        let seen = self.prefix_hits_seen.swap(s.prefix_cache_hit_tokens, std::sync::atomic::Ordering::Relaxed);
+        self.prefix_cache_hit_tokens.inc_by(s.prefix_cache_hit_tokens.saturating_sub(seen));
     }
 
     /// The text exposition.
@@ -153,10 +167,17 @@ mod tests {
         m.request_done(Outcome::succeeded, 3, 2, Some(0.01));
         m.request_done(Outcome::failed, 0, 0, None);
         m.chunk_committed();
-        m.engine_stats(&EngineStats { running: 2, kv_blocks_used: 5, kv_blocks_total: 9, ..Default::default() });
+        m.engine_stats(&EngineStats {
+            running: 2,
+            kv_blocks_used: 5,
+            kv_blocks_total: 9,
+            prefix_cache_hit_tokens: 30,
+            ..Default::default()
+        });
+        m.engine_stats(&EngineStats { prefix_cache_hit_tokens: 42, ..Default::default() });
         let text = m.encode();
         let documented = documented_names();
-        assert_eq!(documented.len(), 8, "{documented:?}");
+        assert_eq!(documented.len(), 9, "{documented:?}");
         for name in &documented {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))
@@ -171,7 +192,8 @@ mod tests {
             assert!(documented.iter().any(|d| d == name || d.strip_suffix("_total") == Some(name)), "{name} is not documented");
         }
         assert!(text.contains("sluice_worker_requests_total{outcome=\"succeeded\"} 1"), "{text}");
-        assert!(text.contains("sluice_worker_kv_blocks_used 5"));
+        assert!(text.contains("sluice_worker_kv_blocks_used 0"));
+        assert!(text.contains("sluice_worker_prefix_cache_hit_tokens_total 42"), "the counter follows the engine's total: {text}");
     }
 
     #[tokio::test]

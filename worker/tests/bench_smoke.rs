@@ -50,6 +50,10 @@ fn tiny_cpu_run_prints_the_fields() {
         "tpot_p99_ms",
         "ttft_mean_ms",
         "peak_kv_blocks",
+        "prefix_caching",
+        "prefix_cache_hit_rate",
+        "preemptions",
+        "steps",
     ];
     want.sort_unstable();
     assert_eq!(keys, want);
@@ -73,6 +77,43 @@ fn tiny_cpu_run_prints_the_fields() {
     // 3 running sequences of at most 18 tokens in 16-token blocks: 2 blocks each.
     let peak = v["peak_kv_blocks"].as_u64().unwrap();
     assert!((1..=6).contains(&peak), "peak_kv_blocks {peak}");
+}
+
+#[test]
+fn shared_prefix_workload_hits_the_cache_only_when_it_is_on() {
+    let run = |switch: &str| {
+        let out = bench(&[
+            "--model",
+            "tiny-qwen2",
+            "--device",
+            "cpu",
+            "--workload",
+            "shared-prefix",
+            "--requests",
+            "6",
+            "--shared-len",
+            "48",
+            "--input-len",
+            "5",
+            "--output-len",
+            "3",
+            "--prefix-caching",
+            switch,
+        ]);
+        assert!(out.status.success(), "sluice-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let on = run("on");
+    assert_eq!(on["input_len"], "48+5");
+    assert_eq!(on["prefix_caching"], true);
+    // 5 of 6 requests find the 3 shared blocks: 5 * 48 of 6 * 53 prompt tokens.
+    let rate = on["prefix_cache_hit_rate"].as_f64().unwrap();
+    assert!((rate - 240.0 / 318.0).abs() < 1e-9, "hit rate {rate}");
+    let off = run("off");
+    assert_eq!(off["prefix_cache_hit_rate"], 0.0);
+    let bad = bench(&["--model", "tiny-qwen2", "--device", "cpu", "--prefix-caching", "maybe"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--prefix-caching"));
 }
 
 #[test]

@@ -122,6 +122,12 @@ fn random_weights_engine_runs() {
     let mut eng = LlmEngine::random(arch, None, &cfg).unwrap();
     let out = eng.generate(vec![request(1, Prompt::Tokens(vec![1, 2, 3]), greedy(5))]).unwrap().remove(0).1.unwrap();
     assert_eq!(out.completion_tokens, 5);
-    assert!(ArchConfig::preset("qwen2.5-0.5b").is_some());
-    assert!(ArchConfig::preset("llama-3.2-1b").is_some());
+    for name in ArchConfig::PRESETS {
+        let a = ArchConfig::preset(name).unwrap_or_else(|| panic!("preset {name}"));
+        assert_eq!(a.head_dim * a.num_heads, a.hidden_size, "{name}");
+    }
+    let l8 = ArchConfig::preset("llama-3.1-8b").unwrap();
+    assert_eq!((l8.num_layers, l8.num_kv_heads, l8.intermediate_size, l8.tie_word_embeddings), (32, 8, 14_336, false));
+    assert!(ArchConfig::preset("qwen2.5-7b").unwrap().qkv_bias);
+    assert!(ArchConfig::preset("gpt-5").is_none());
 }

@@ -21,13 +21,17 @@ enum Workload {
     Fixed,
     /// nano-vllm's benchmark: 256 sequences, input and output lengths uniform in 100..=1024.
     NanoVllm,
+    /// `--requests` requests whose prompts start with the same `--shared-len` tokens (a system
+    /// prompt) followed by `--input-len` tokens of their own; `--output-len` out.
+    SharedPrefix,
 }
 
 /// Offline throughput benchmark of the sluice engine (one JSON line on stdout).
 #[derive(Debug, Parser)]
 #[command(name = "sluice-bench")]
 struct Args {
-    /// Built-in architecture with random weights: qwen2.5-0.5b, llama-3.2-1b, tiny-qwen2.
+    /// Built-in architecture with random weights: qwen2.5-0.5b, llama-3.2-1b, llama-3.1-8b,
+    /// qwen2.5-7b, mistral-7b, tiny-qwen2.
     #[arg(long, default_value = "qwen2.5-0.5b", conflicts_with = "model_dir")]
     model: String,
     /// Hub-layout model directory to load instead of a random-weight preset.
@@ -41,6 +45,12 @@ struct Args {
     input_len: usize,
     #[arg(long, default_value_t = 512)]
     output_len: usize,
+    /// Prompt tokens every request shares (`--workload shared-prefix`).
+    #[arg(long, default_value_t = 1024)]
+    shared_len: usize,
+    /// Share the KV blocks of identical prompt prefixes (`on`/`off`).
+    #[arg(long, default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
     /// `cpu`, `cuda` or `cuda:N`; default cuda when built with the `cuda` feature.
     #[arg(long)]
     device: Option<String>,
@@ -70,6 +80,14 @@ struct Args {
     warmup_requests: usize,
 }
 
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
 /// splitmix64, the generator `scripts/bench_transformers.py` mirrors.
 struct SplitMix64(u64);
 
@@ -92,20 +110,26 @@ impl SplitMix64 {
 fn workload(args: &Args, vocab: usize) -> Vec<(Vec<u32>, usize)> {
     let mut rng = SplitMix64(args.seed);
     let id_range = vocab.min(10_000) as u64;
-    let (n, lens): (usize, Option<(usize, usize)>) = match args.workload {
-        Workload::Fixed => (args.requests, None),
-        Workload::NanoVllm => (256, Some((100, 1024))),
-    };
-    (0..n)
-        .map(|_| {
-            let (inp, out) = match lens {
-                None => (args.input_len, args.output_len),
-                Some((lo, hi)) => (rng.uniform(lo, hi), rng.uniform(lo, hi)),
-            };
-            let ids = (0..inp).map(|_| (rng.next_u64() % id_range) as u32).collect();
-            (ids, out)
-        })
-        .collect()
+    let ids = |n: usize, rng: &mut SplitMix64| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % id_range) as u32).collect() };
+    match args.workload {
+        Workload::Fixed => (0..args.requests).map(|_| (ids(args.input_len, &mut rng), args.output_len)).collect(),
+        Workload::NanoVllm => (0..256)
+            .map(|_| {
+                let (inp, out) = (rng.uniform(100, 1024), rng.uniform(100, 1024));
+                (ids(inp, &mut rng), out)
+            })
+            .collect(),
+        Workload::SharedPrefix => {
+            let shared = ids(args.shared_len, &mut rng);
+            (0..args.requests)
+                .map(|_| {
+                    let mut p = shared.clone();
+                    p.extend(ids(args.input_len, &mut rng));
+                    (p, args.output_len)
+                })
+                .collect()
+        }
+    }
 }
 
 fn request(id: u64, ids: Vec<u32>, out: usize, temperature: f32) -> GenerationRequest {
@@ -155,8 +179,14 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if args.workload == Workload::Fixed && (args.requests == 0 || args.input_len == 0) {
-        bail!("--requests and --input-len must be positive");
+    if args.workload != Workload::NanoVllm && args.requests == 0 {
+        bail!("--requests must be positive");
+    }
+    if args.workload == Workload::Fixed && args.input_len == 0 {
+        bail!("--input-len must be positive");
+    }
+    if args.workload == Workload::SharedPrefix && args.shared_len + args.input_len == 0 {
+        bail!("--shared-len and --input-len must not both be 0");
     }
     if args.output_len == 0 {
         bail!("--output-len must be positive");
@@ -173,13 +203,14 @@ fn main() -> anyhow::Result<()> {
         kv_cache_bytes: args.kv_cache_bytes,
         max_model_len: args.max_model_len,
         overlap_steps: true,
+        prefix_caching: args.prefix_caching,
         switches: EngineSwitches::from_env(),
     };
     let mut engine = match &args.model_dir {
         Some(dir) => LlmEngine::load(&cfg).with_context(|| format!("loading {}", dir.display()))?,
         None => {
             let arch = ArchConfig::preset(&args.model)
-                .with_context(|| format!("--model {}: unknown preset (qwen2.5-0.5b, llama-3.2-1b, tiny-qwen2)", args.model))?;
+                .with_context(|| format!("--model {}: unknown preset ({})", args.model, ArchConfig::PRESETS.join(", ")))?;
             LlmEngine::random(arch, None, &cfg).context("building the random-weight model")?
         }
     };
@@ -227,7 +258,10 @@ fn main() -> anyhow::Result<()> {
     let (input_len, output_len) = match args.workload {
         Workload::Fixed => (json!(args.input_len), json!(args.output_len)),
         Workload::NanoVllm => (json!("100-1024"), json!("100-1024")),
+        Workload::SharedPrefix => (json!(format!("{}+{}", args.shared_len, args.input_len)), json!(args.output_len)),
     };
+    let queried = after.prefix_cache_query_tokens - before.prefix_cache_query_tokens;
+    let hit = after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens;
     let line = json!({
         "device": engine.device_label(),
         "dtype": format!("{:?}", engine.dtype()).to_lowercase(),
@@ -243,6 +277,10 @@ fn main() -> anyhow::Result<()> {
         "tpot_p99_ms": percentile(&mut tpot, 99.0),
         "ttft_mean_ms": mean(&ttft),
         "peak_kv_blocks": after.peak_kv_blocks,
+        "prefix_caching": args.prefix_caching,
+        "prefix_cache_hit_rate": if queried == 0 { 0.0 } else { hit as f64 / queried as f64 },
+        "preemptions": after.preemptions - before.preemptions,
+        "steps": after.steps - before.steps,
     });
     eprintln!(
         "sluice-bench: {} steps, {} preemptions, {} KV blocks of {} tokens, {:.3} ms/step",

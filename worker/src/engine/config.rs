@@ -179,7 +179,11 @@ impl ArchConfig {
         })
     }
 
-    /// Built-in shapes for random-weight benchmarks: `qwen2.5-0.5b`, `llama-3.2-1b`,
+    /// The names `preset` knows.
+    pub const PRESETS: [&'static str; 6] = ["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "tiny-qwen2"];
+
+    /// Built-in shapes for random-weight benchmarks (`PRESETS`): the published configs of
+    /// Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-7B and Mistral-7B-v0.3, and
     /// `tiny-qwen2` (the test model's shape).
     pub fn preset(name: &str) -> Option<Self> {
         let base = |arch, vocab, hidden, inter, layers, heads, kv, maxpos, tie, theta: f32| Self {
@@ -212,6 +216,24 @@ impl ArchConfig {
                     high_freq_factor: 4.0,
                     original_max_position_embeddings: 8192,
                 });
+                Some(c)
+            }
+            "llama-3.1-8b" => {
+                let mut c = base(Arch::Llama, 128_256, 4096, 14_336, 32, 32, 8, 131_072, false, 500_000.0);
+                c.rms_norm_eps = 1e-5;
+                c.rope_scaling = Some(Llama3RopeScaling {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                });
+                Some(c)
+            }
+            "qwen2.5-7b" => Some(base(Arch::Qwen2, 152_064, 3584, 18_944, 28, 28, 4, 32_768, false, 1_000_000.0)),
+            "mistral-7b" => {
+                // Mistral-7B-v0.3: the Llama block, a 32,768-token vocabulary, no sliding window.
+                let mut c = base(Arch::Mistral, 32_768, 4096, 14_336, 32, 32, 8, 32_768, false, 1_000_000.0);
+                c.rms_norm_eps = 1e-5;
                 Some(c)
             }
             "tiny-qwen2" => Some(base(Arch::Qwen2, 768, 64, 176, 2, 4, 2, 4096, true, 1_000_000.0)),

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     /// Let a greedy step stay in flight while the next one is scheduled and enqueued (default
     /// true; `switches.async_steps = false` and profiling turn it off).
     pub overlap_steps: bool,
+    /// Share the K/V of identical full prompt blocks between requests (default true).
+    pub prefix_caching: bool,
     /// Kernel and debugging switches (the binaries fill them from the environment).
     pub switches: EngineSwitches,
 }
@@ -63,6 +65,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: None,
             max_model_len: None,
             overlap_steps: true,
+            prefix_caching: true,
             switches: EngineSwitches::default(),
         }
     }
@@ -132,6 +135,12 @@ pub struct EngineStats {
     pub max_step_tokens: usize,
     /// Steps enqueued while the previous step was still in flight (`overlap_steps`).
     pub overlapped_steps: u64,
+    /// Tokens of admitted sequences and how many of them came from the prefix cache.
+    pub prefix_cache_query_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    /// Blocks registered in the prefix cache now, and cached blocks evicted so far.
+    pub prefix_cache_blocks: usize,
+    pub prefix_cache_evictions: u64,
 }
 
 /// Result of one request, as `step` returns it.
@@ -238,7 +247,12 @@ impl LlmEngine {
             "engine ready"
         );
         let sched = Scheduler::new(
-            Limits { max_num_seqs: cfg.max_num_seqs, max_num_batched_tokens: cfg.max_num_batched_tokens, block_size: cfg.block_size },
+            Limits {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                block_size: cfg.block_size,
+                prefix_caching: cfg.prefix_caching,
+            },
             num_blocks,
         );
         let stats = EngineStats { kv_blocks_total: num_blocks, block_size: cfg.block_size, ..EngineStats::default() };
@@ -332,6 +346,8 @@ impl LlmEngine {
                     params: r.params,
                     num_computed: 0,
                     blocks: Vec::new(),
+                    hashes: Vec::new(),
+                    cached_blocks: 0,
                     rng,
                     arrived,
                     first_token: None,
@@ -375,6 +391,10 @@ impl LlmEngine {
         s.waiting = self.sched.waiting.len();
         s.kv_blocks_used = self.sched.allocator.num_used();
         s.preemptions = self.sched.preemptions;
+        s.prefix_cache_query_tokens = self.sched.prefix_query_tokens;
+        s.prefix_cache_hit_tokens = self.sched.prefix_hit_tokens;
+        s.prefix_cache_blocks = self.sched.allocator.num_cached();
+        s.prefix_cache_evictions = self.sched.allocator.counters.evictions;
         s
     }
 
@@ -389,6 +409,7 @@ impl LlmEngine {
         for seq in self.sched.waiting.drain(..) {
             out.push((seq.id, Err(RequestError::Engine(reason.to_string()))));
         }
+        self.sched.allocator.clear_cache();
         self.stats.requests_failed += out.iter().filter(|(_, r)| r.is_err()).count() as u64;
         self.ids_in_flight.clear();
         out
@@ -518,7 +539,7 @@ impl LlmEngine {
             if let Some(i) = self.sched.waiting.iter().position(|s| s.id == id)
                 && let Some(mut seq) = self.sched.waiting.remove(i)
             {
-                self.sched.allocator.release(&mut seq.blocks);
+                self.sched.release_blocks(&mut seq);
                 ended.push((seq, reason, text));
             }
         }
