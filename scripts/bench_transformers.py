@@ -21,7 +21,7 @@ import time
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 MASK = (1 << 64) - 1
 
@@ -58,6 +58,26 @@ def preset(name):
             rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         )
+    if name == "llama-3.1-8b":
+        return LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+            tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        )
+    if name == "qwen2.5-7b":
+        return Qwen2Config(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+            tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        )
+    if name == "mistral-7b":
+        return MistralConfig(
+            vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+            tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None,
+        )
     raise SystemExit(f"unknown preset {name}")
 
 
@@ -71,7 +91,9 @@ def sync():
     torch.cuda.synchronize()
 
 
-def run_batch(model, prompts, new_tokens, cache):
+def run_batch(model, prompts, new_tokens, cache, max_time=None):
+    """Seconds of one `generate` over `prompts`, and the tokens it produced per row (fewer than
+    `new_tokens` only when `max_time` stopped it)."""
     ids = torch.tensor(prompts, device="cuda:0")
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -79,6 +101,8 @@ def run_batch(model, prompts, new_tokens, cache):
     )
     if cache == "static":
         kwargs["cache_implementation"] = "static"
+    if max_time is not None:
+        kwargs["max_time"] = max_time
     sync()
     t = time.perf_counter()
     with torch.inference_mode():
@@ -86,9 +110,9 @@ def run_batch(model, prompts, new_tokens, cache):
     sync()
     dt = time.perf_counter() - t
     produced = out.shape[1] - ids.shape[1]
-    if produced != new_tokens:
+    if produced != new_tokens and max_time is None:
         raise SystemExit(f"generate produced {produced} tokens, expected {new_tokens}")
-    return dt
+    return dt, produced
 
 
 def main():
@@ -103,6 +127,9 @@ def main():
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-time", type=float, default=None,
+                    help="stop each timed generate after this many seconds (transformers' "
+                         "max_time); the line then counts the tokens produced by then")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -124,24 +151,28 @@ def main():
                     cfg.vocab_size)
     # Warm-up: kernels, cuBLAS handles (and compilation) out of the timings.
     run_batch(model, [p for p, _ in work[:2]], 4, args.cache)
+    stopped = None
 
     best = None
     for b in sizes:
         try:
-            ttft = run_batch(model, [p for p, _ in work[:b]], 1, args.cache)
-            times = []
+            ttft, _ = run_batch(model, [p for p, _ in work[:b]], 1, args.cache)
+            times, produced = [], []
             for k in range(args.batches):
                 batch = [p for p, _ in work[k * b:(k + 1) * b]]
-                times.append(run_batch(model, batch, args.output_len, args.cache))
+                dt, got = run_batch(model, batch, args.output_len, args.cache, args.max_time)
+                times.append(dt)
+                produced.append(got)
         except torch.OutOfMemoryError:
             print(f"batch {b}: out of memory", file=sys.stderr)
             torch.cuda.empty_cache()
             continue
         wall = sum(times)
         n = b * args.batches
-        out_tokens = n * args.output_len
+        out_tokens = b * sum(produced)
         per_batch = wall / args.batches
-        tpot = (per_batch - ttft) / max(args.output_len - 1, 1)
+        per_row = sum(produced) / args.batches
+        tpot = (per_batch - ttft) / max(per_row - 1, 1)
         blocks = n * -(-(args.input_len + args.output_len) // 16) // args.batches
         line = {
             "device": device,
@@ -153,12 +184,18 @@ def main():
             "wall_s": wall,
             "requests_per_s": n / wall,
             "output_tokens_per_s": out_tokens / wall,
-            "total_tokens_per_s": n * (args.input_len + args.output_len) / wall,
+            "total_tokens_per_s": (n * args.input_len + out_tokens) / wall,
             "tpot_mean_ms": tpot * 1e3,
             "tpot_p99_ms": tpot * 1e3,
             "ttft_mean_ms": ttft * 1e3,
             "peak_kv_blocks": blocks,
         }
+        if min(produced) < args.output_len:
+            # Stopped by --max-time: the rate of the first tokens, an upper bound on a full
+            # run's (later tokens attend over longer contexts and cost more); no request finished.
+            line["requests_per_s"] = 0.0
+            line["stopped_after_tokens"] = min(produced)
+            line["max_time_s"] = args.max_time
         print(f"batch {b}: " + json.dumps(line), file=sys.stderr)
         if best is None or line["output_tokens_per_s"] > best["output_tokens_per_s"]:
             best = line

@@ -96,6 +96,10 @@ pub enum Dtype {
     Bf16,
     F16,
     F32,
+    // The projections' weights in FP8 E4M3 with one scale per output channel (bf16 weights are
+    // quantized at load; FP8 checkpoints load with their scales), activations quantized per
+    // token for each projection; the rest in bf16. Needs compute capability 8.9+ on a GPU.
+    Fp8,
 }
 
 impl Dtype {
@@ -106,6 +110,7 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
             Dtype::F32 => "f32",
+            Dtype::Fp8 => "fp8",
         }
     }
 }
@@ -127,7 +132,8 @@ impl std::str::FromStr for Dtype {
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
             "f16" | "float16" | "half" => Ok(Dtype::F16),
             "f32" | "float32" | "float" => Ok(Dtype::F32),
-            other => Err(format!("unknown dtype {other:?} (use auto, bf16, f16 or f32)")),
+            "fp8" | "f8" | "e4m3" | "float8_e4m3fn" => Ok(Dtype::Fp8),
+            other => Err(format!("unknown dtype {other:?} (use auto, bf16, f16, f32 or fp8)")),
         }
     }
 }

@@ -2,9 +2,11 @@
 // launched from worker/src/engine/cuda_ops.rs): paged attention for every new token of a step
 // (decode tokens and prefill chunks alike, each query over its own causal context), the fused
 // QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, and the greedy argmax
-// over vocabulary rows, and the resolution of placeholder token ids from the step in flight.
+// over vocabulary rows, the resolution of placeholder token ids from the step in flight, and the
+// per-row E4M3 quantization of FP8 projections' weights and activations.
 // bf16 in and out, f32 arithmetic.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 #define THREADS 128  // threads per attention block
@@ -885,4 +887,29 @@ extern "C" __global__ void resolve_tokens_u32(const uint32_t* __restrict__ ids, 
         t = r < (uint32_t)prev_rows ? prev[r] : 0u;  // the host checks the rows; never read out of bounds
     }
     out[i] = t;
+}
+
+// FP8 projections: each row of x (bf16 [rows, cols]) scaled by s = max(amax(row), 1e-12) / 448
+// and rounded to E4M3 (nearest even, saturating), q = x / s; s goes to scale_out[row]. One
+// block per row. The host side (cuda_ops::Fp8Gemm) multiplies the FP8 GEMM's result by the
+// row scales of both operands; the CPU path (engine/fp8.rs) emulates the same rounding.
+#define QUANT_THREADS 256
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+quant_rows_e4m3(const __nv_bfloat16* __restrict__ x, __nv_fp8_storage_t* __restrict__ q,
+                float* __restrict__ scale_out, int cols) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    const __nv_bfloat16* row = x + base;
+    float m = 0.f;
+    for (int c = threadIdx.x; c < cols; c += QUANT_THREADS) m = fmaxf(m, fabsf(__bfloat162float(row[c])));
+    __shared__ float part[QUANT_THREADS / 32];
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
+    __syncthreads();
+    float amax = 0.f;
+#pragma unroll
+    for (int w = 0; w < QUANT_THREADS / 32; ++w) amax = fmaxf(amax, part[w]);
+    const float s = fmaxf(amax, 1e-12f) / 448.f;
+    if (threadIdx.x == 0) scale_out[blockIdx.x] = s;
+    for (int c = threadIdx.x; c < cols; c += QUANT_THREADS)
+        q[base + c] = __nv_cvt_float_to_fp8(__bfloat162float(row[c]) / s, __NV_SATFINITE, __NV_E4M3);
 }

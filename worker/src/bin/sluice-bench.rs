@@ -54,7 +54,7 @@ struct Args {
     /// `cpu`, `cuda` or `cuda:N`; default cuda when built with the `cuda` feature.
     #[arg(long)]
     device: Option<String>,
-    /// f32, f16, bf16; default bf16 on CUDA, f32 on CPU.
+    /// f32, f16, bf16, fp8 (E4M3 projections); default bf16 on CUDA, f32 on CPU.
     #[arg(long, default_value = "auto", value_parser = Dtype::from_str)]
     dtype: Dtype,
     #[arg(long, default_value_t = 1024)]
@@ -264,7 +264,7 @@ fn main() -> anyhow::Result<()> {
     let hit = after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens;
     let line = json!({
         "device": engine.device_label(),
-        "dtype": format!("{:?}", engine.dtype()).to_lowercase(),
+        "dtype": engine.dtype_label(),
         "model": engine.model_name(),
         "requests": n,
         "input_len": input_len,

@@ -2,7 +2,8 @@
 //! compiled to PTX by `build.rs` with the `cuda` feature): paged attention over the KV cache for
 //! decode and prefill tokens alike, the fused QKV epilogue (bias + RoPE + KV write), residual
 //! add + RMSNorm, SwiGLU, the greedy argmax over logits rows, and the placeholder-token
-//! resolution and pinned asynchronous id read-back that let the host run one step ahead.
+//! resolution and pinned asynchronous id read-back that let the host run one step ahead, and the
+//! FP8 projection (per-row E4M3 quantization and cuBLASLt's FP8 GEMM with outer-vector scales).
 //! Without the `cuda` feature nothing here runs: `paged_attention_supported` is always false.
 
 use candle_core::{DType, Tensor};
@@ -282,12 +283,75 @@ impl IdsCopy {
     }
 }
 
+/// cuBLASLt state for FP8 projections on one CUDA device (handle, workspace, and a plan per GEMM
+/// shape). Shared by every `fp8::Fp8Linear` of a model.
+pub struct Fp8Gemm {
+    #[cfg(feature = "cuda")]
+    inner: imp::Fp8Gemm,
+}
+
+impl Fp8Gemm {
+    /// For `device` (CUDA, compute capability 8.9 or newer: FP8 tensor cores).
+    pub fn new(device: &candle_core::Device) -> Result<Self, EngineError> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Self { inner: imp::Fp8Gemm::new(device)? })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
+        }
+    }
+}
+
+/// The rows of `x` (bf16 `[rows, cols]` on CUDA) in E4M3, each scaled by its absolute maximum /
+/// 448: `(q: F8E4M3 [rows, cols], scales: f32 [rows])`, `x ≈ q * scales`.
+pub fn quantize_rows_e4m3(x: &Tensor) -> Result<(Tensor, Tensor), EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let (rows, _) = x.dims2()?;
+        let scales = Tensor::zeros(rows, DType::F32, x.device())?;
+        let q = x.contiguous()?.apply_op1_no_bwd(&imp::QuantRows { scales: scales.clone() })?;
+        Ok((q, scales))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        Err(EngineError::Config("E4M3 quantization on the GPU needs the `cuda` feature".into()))
+    }
+}
+
+/// `x · dequant(w)^T` for bf16 `x: [m, k]` and an E4M3 weight `w: [n, k]` with per-row scales
+/// `w_scales: f32 [n]`: `x` is quantized per row on the fly and the product runs on FP8 tensor
+/// cores, `y[i, j] = (q_x[i] · q_w[j]) * s_x[i] * s_w[j]` accumulated in f32, bf16 out.
+pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone() };
+        Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w, w_scales, gemm);
+        Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod imp {
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg, result};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use candle_core::cuda_backend::cudarc::cublaslt as lt;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaEvent, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg, result,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
+    use float8::F8E4M3;
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -803,6 +867,272 @@ mod imp {
                 f.push(self.entry);
             }
             ids.ok_or_else(|| candle_core::Error::Msg("id read-back: buffer shorter than the copy".into()))
+        }
+    }
+
+    /// Must match QUANT_THREADS in the kernel.
+    const QUANT_THREADS: u32 = 256;
+
+    /// Quantizes the rows of x into E4M3 and writes their scales into `scales` (f32 [rows]).
+    pub(super) struct QuantRows {
+        pub scales: Tensor,
+    }
+
+    /// Launches `quant_rows_e4m3` over `x` ([rows, cols] bf16) into `q` and `scales`.
+    fn launch_quant(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        x: &CudaView<'_, bf16>,
+        q: &mut CudaSlice<F8E4M3>,
+        scales: &CudaView<'_, f32>,
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let func = dev.get_or_load_custom_func("quant_rows_e4m3", "sluice_kernels", PTX)?;
+        let cfg = LaunchConfig { grid_dim: (as_u32(rows, "rows")?, 1, 1), block_dim: (QUANT_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cols_ = as_i32(cols, "columns")?;
+        let mut builder = func.builder();
+        builder.arg(x);
+        builder.arg(q);
+        builder.arg(scales);
+        builder.arg(&cols_);
+        // SAFETY: argument types and order match `quant_rows_e4m3` (E4M3 values are one byte);
+        // x is rows * cols contiguous bf16, q rows * cols bytes, scales rows f32.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    impl CustomOp1 for QuantRows {
+        fn name(&self) -> &'static str {
+            "quant-rows-e4m3"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("quant-rows-e4m3 runs on CUDA only (engine/fp8.rs emulates it on the CPU)")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (rows, cols) = xl.shape().dims2()?;
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "x")?;
+            let (ss, sl) = self.scales.storage_and_layout();
+            let Storage::Cuda(ss) = &*ss else { bail!("quant-rows-e4m3: scales must be on the GPU") };
+            if sl.shape().dims1()? != rows {
+                bail!("quant-rows-e4m3: {} scales for {rows} rows", sl.shape().elem_count());
+            }
+            let sv = view::<f32>(ss, sl, "scales")?;
+            // SAFETY: the kernel writes every element.
+            let mut q = unsafe { dev.alloc::<F8E4M3>(rows * cols)? };
+            launch_quant(&dev, &xv, &mut q, &sv, rows, cols)?;
+            Ok((CudaStorage::wrap_cuda_slice(q, dev), Shape::from((rows, cols))))
+        }
+    }
+
+    /// One cuBLASLt matmul description for a GEMM shape `(m, n, k)`, with its chosen algorithm.
+    struct Plan {
+        desc: lt::sys::cublasLtMatmulDesc_t,
+        a: lt::sys::cublasLtMatrixLayout_t,
+        b: lt::sys::cublasLtMatrixLayout_t,
+        d: lt::sys::cublasLtMatrixLayout_t,
+        algo: lt::sys::cublasLtMatmulAlgo_t,
+    }
+
+    pub(super) struct Fp8Gemm {
+        handle: lt::sys::cublasLtHandle_t,
+        workspace: CudaSlice<u8>,
+        plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    }
+
+    // SAFETY: the handle and descriptors are plain cuBLASLt objects with no thread affinity; every
+    // use goes through `plans`' lock (the descriptors' scale pointers are set under it).
+    unsafe impl Send for Fp8Gemm {}
+    // SAFETY: as for Send: all mutation happens under the mutex.
+    unsafe impl Sync for Fp8Gemm {}
+
+    /// Workspace for cuBLASLt's FP8 kernels (NVIDIA's recommendation for Hopper).
+    const WORKSPACE_BYTES: usize = 32 << 20;
+
+    fn lt_err(what: &str, e: lt::result::CublasError) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+    }
+
+    fn set_desc<T>(desc: lt::sys::cublasLtMatmulDesc_t, attr: lt::sys::cublasLtMatmulDescAttributes_t, v: &T) -> candle_core::Result<()> {
+        // SAFETY: `desc` is live; `v` points to a value of the size the attribute takes.
+        unsafe { lt::result::set_matmul_desc_attribute(desc, attr, (v as *const T).cast(), std::mem::size_of::<T>()) }
+            .map_err(|e| lt_err("set matmul attribute", e))
+    }
+
+    impl Fp8Gemm {
+        pub(super) fn new(device: &candle_core::Device) -> Result<Self, crate::engine::error::EngineError> {
+            use crate::engine::error::EngineError;
+            let candle_core::Device::Cuda(dev) = device else {
+                return Err(EngineError::Config("dtype fp8 needs a CUDA device".into()));
+            };
+            let stream = dev.cuda_stream();
+            let cap = |a| stream.context().attribute(a).map_err(|e| EngineError::Config(format!("CUDA device attribute: {e:?}")));
+            let major = cap(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+            let minor = cap(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+            if (major, minor) < (8, 9) {
+                return Err(EngineError::Config(format!(
+                    "dtype fp8 needs FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, H100, H200); this GPU has {major}.{minor}: use bf16"
+                )));
+            }
+            let handle = lt::result::create_handle().map_err(|e| EngineError::Config(format!("cuBLASLt handle: {e:?}")))?;
+            let workspace = dev.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
+            Ok(Self { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        }
+
+        fn plan(&self, m: usize, n: usize, k: usize) -> candle_core::Result<Plan> {
+            use lt::sys::cublasLtMatmulDescAttributes_t as A;
+            let desc = lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::sys::cudaDataType::CUDA_R_32F)
+                .map_err(|e| lt_err("matmul description", e))?;
+            // Column-major view: D[n, m] = op(A)[n, k] · B[k, m] with A = the [n, k] row-major
+            // weight transposed (TN, the layout FP8 needs) and B = the [m, k] row-major activations.
+            set_desc(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_TRANSA,
+                &(candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32),
+            )?;
+            set_desc(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_TRANSB,
+                &(candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32),
+            )?;
+            let outer = lt::sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+            let layout = |t, rows: usize, cols: usize, ld: usize| {
+                lt::result::create_matrix_layout(t, rows as u64, cols as u64, ld as i64).map_err(|e| lt_err("matrix layout", e))
+            };
+            let a = layout(lt::sys::cudaDataType::CUDA_R_8F_E4M3, k, n, k)?;
+            let b = layout(lt::sys::cudaDataType::CUDA_R_8F_E4M3, k, m, k)?;
+            let d = layout(lt::sys::cudaDataType::CUDA_R_16BF, n, m, n)?;
+            let pref = lt::result::create_matmul_pref().map_err(|e| lt_err("matmul preference", e))?;
+            let ws = WORKSPACE_BYTES as u64;
+            // SAFETY: `pref` is live; the attribute takes a u64.
+            unsafe {
+                lt::result::set_matmul_pref_attribute(
+                    pref,
+                    lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| lt_err("workspace preference", e))?;
+            // SAFETY: every object is live; the preference is destroyed once the heuristic ran.
+            let found = unsafe { lt::result::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref) };
+            // SAFETY: `pref` is live and not used again.
+            unsafe {
+                let _ = lt::result::destroy_matmul_pref(pref);
+            }
+            let algo = found.map_err(|e| lt_err(&format!("no FP8 GEMM algorithm for m={m} n={n} k={k}"), e))?.algo;
+            Ok(Plan { desc, a, b, d, algo })
+        }
+    }
+
+    impl Drop for Fp8Gemm {
+        fn drop(&mut self) {
+            let plans = self.plans.get_mut().map(std::mem::take).unwrap_or_default();
+            // SAFETY: the objects were created by this value and are not used after this.
+            unsafe {
+                for p in plans.into_values() {
+                    let _ = lt::result::destroy_matrix_layout(p.a);
+                    let _ = lt::result::destroy_matrix_layout(p.b);
+                    let _ = lt::result::destroy_matrix_layout(p.d);
+                    let _ = lt::result::destroy_matmul_desc(p.desc);
+                }
+                let _ = lt::result::destroy_handle(self.handle);
+            }
+        }
+    }
+
+    pub(super) struct Fp8Matmul {
+        pub w: Tensor,
+        pub w_scales: Tensor,
+        pub gemm: std::sync::Arc<super::Fp8Gemm>,
+    }
+
+    impl CustomOp1 for Fp8Matmul {
+        fn name(&self) -> &'static str {
+            "fp8-matmul"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("fp8-matmul runs on CUDA only (engine/fp8.rs emulates it on the CPU)")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (m, k) = xl.shape().dims2()?;
+            let (ws, wl) = self.w.storage_and_layout();
+            let (ss, sl) = self.w_scales.storage_and_layout();
+            let (Storage::Cuda(ws), Storage::Cuda(ss)) = (&*ws, &*ss) else { bail!("fp8-matmul: weight and scales must be on the GPU") };
+            let (n, wk) = wl.shape().dims2()?;
+            if wk != k || sl.shape().dims1()? != n {
+                bail!("fp8-matmul: x [{m}, {k}] against weight {:?} with {} scales", wl.shape(), sl.shape().elem_count());
+            }
+            if !k.is_multiple_of(16) || !n.is_multiple_of(16) {
+                bail!("fp8-matmul: FP8 GEMM dimensions must be multiples of 16 (n={n}, k={k})");
+            }
+            let dev = x.device.clone();
+            // SAFETY: the GEMM writes every element.
+            let mut y = unsafe { dev.alloc::<bf16>(m * n)? };
+            if m == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))));
+            }
+            let xv = view::<bf16>(x, xl, "x")?;
+            let wv = view::<F8E4M3>(ws, wl, "weight")?;
+            let sv = view::<f32>(ss, sl, "weight scales")?;
+            // SAFETY: both are written by the quantization kernel before the GEMM reads them.
+            let mut xq = unsafe { dev.alloc::<F8E4M3>(m * k)? };
+            let xs = dev.alloc_zeros::<f32>(m)?;
+            launch_quant(&dev, &xv, &mut xq, &xs.slice(..), m, k)?;
+            let stream = dev.cuda_stream();
+            let gemm = &self.gemm.inner;
+            let mut plans = gemm.plans.lock().map_err(|_| candle_core::Error::Msg("fp8-matmul: plan cache poisoned".into()))?;
+            let plan = match plans.entry((m, n, k)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(gemm.plan(m, n, k)?),
+            };
+            let (w_ptr, _w_read) = wv.device_ptr(&stream);
+            let (ws_ptr, _ws_read) = sv.device_ptr(&stream);
+            let (x_ptr, _x_read) = xq.device_ptr(&stream);
+            let (xs_ptr, _xs_read) = xs.device_ptr(&stream);
+            let (work_ptr, _work) = gemm.workspace.device_ptr(&stream);
+            let (y_ptr, _y_write) = y.device_ptr_mut(&stream);
+            use lt::sys::cublasLtMatmulDescAttributes_t as A;
+            // The scale pointers are device addresses (`void*` attributes).
+            set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws_ptr)?;
+            set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs_ptr)?;
+            let (alpha, beta) = (1f32, 0f32);
+            // SAFETY: the plan was made for (m, n, k) with these layouts; the pointers are live
+            // device buffers of those sizes (kept by the guards and tensors above until after the
+            // call is enqueued; frees are stream-ordered); everything runs on the device's stream.
+            unsafe {
+                lt::result::matmul(
+                    gemm.handle,
+                    plan.desc,
+                    (&alpha as *const f32).cast(),
+                    (&beta as *const f32).cast(),
+                    w_ptr as *const std::ffi::c_void,
+                    plan.a,
+                    x_ptr as *const std::ffi::c_void,
+                    plan.b,
+                    y_ptr as *const std::ffi::c_void,
+                    plan.d,
+                    y_ptr as *mut std::ffi::c_void,
+                    plan.d,
+                    &plan.algo,
+                    work_ptr as *mut std::ffi::c_void,
+                    WORKSPACE_BYTES,
+                    stream.cu_stream() as _,
+                )
+            }
+            .map_err(|e| lt_err(&format!("FP8 matmul m={m} n={n} k={k}"), e))?;
+            drop((_w_read, _ws_read, _x_read, _xs_read, _work, _y_write));
+            drop(plans);
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }
     }
 }

@@ -61,10 +61,13 @@ fn disable_event_tracking(device: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn disable_event_tracking(_: &Device) {}
 
-/// The candle dtype for `d`: `Auto` is bf16 on CUDA, f32 on CPU.
+/// The candle dtype of activations and unquantized weights for `d`: `Auto` (and `Fp8`, whose
+/// projections are E4M3) is bf16 on CUDA, f32 on CPU.
 pub fn resolve_dtype(d: Dtype, device: &Device) -> DType {
     match d {
-        Dtype::Auto if device.is_cuda() => DType::BF16,
+        Dtype::Auto | Dtype::Fp8 if device.is_cuda() => DType::BF16,
+        // FP8 projections emulated in f32 on the CPU (`fp8::Fp8Mode::Emulated`).
+        Dtype::Fp8 => DType::F32,
         Dtype::Auto | Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
         Dtype::Bf16 => DType::BF16,

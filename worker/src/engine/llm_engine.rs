@@ -163,6 +163,8 @@ pub struct LlmEngine {
     /// Whether a step whose sequences all sample greedily may stay in flight while the next
     /// one is scheduled and enqueued (`SLUICE_ASYNC_STEPS=0` turns it off; the profiler does).
     overlap_steps: bool,
+    /// The layers' projections are FP8 (`dtype: fp8`).
+    fp8: bool,
 }
 
 /// A launched step: its pending samples and, per scheduled sequence, its id and the index in
@@ -196,7 +198,7 @@ impl LlmEngine {
         let device = device::make_device(cfg.device, &cfg.switches)?;
         let dtype = device::resolve_dtype(cfg.dtype, &device);
         let weights = super::weights::Weights::load(dir, &device, dtype)?;
-        Self::build(arch, &weights, codec, device, cfg)
+        Self::build(arch, weights, codec, device, cfg)
     }
 
     /// A model of `arch`'s shape with random weights (benchmarks). Without a tokenizer only
@@ -206,12 +208,12 @@ impl LlmEngine {
         let dtype = device::resolve_dtype(cfg.dtype, &device);
         let weights = super::weights::Weights::Random { std: 0.02, dtype, device: device.clone() };
         let codec = TextCodec::from_tokenizer(tokenizer, arch.eos_token_ids.clone());
-        Self::build(arch, &weights, codec, device, cfg)
+        Self::build(arch, weights, codec, device, cfg)
     }
 
     fn build(
         arch: ArchConfig,
-        weights: &super::weights::Weights,
+        weights: super::weights::Weights,
         codec: TextCodec,
         device: Device,
         cfg: &EngineConfig,
@@ -221,7 +223,15 @@ impl LlmEngine {
         }
         let mut max_model_len = cfg.max_model_len.unwrap_or(arch.max_position_embeddings).min(arch.max_position_embeddings);
         let dtype: DType = weights.dtype();
-        let model = Model::new(&arch, weights, &device, max_model_len, &cfg.switches)?;
+        let fp8 = match cfg.dtype {
+            Dtype::Fp8 => Some(super::fp8::Fp8Mode::for_device(&device)?),
+            _ => None,
+        };
+        let model = Model::new(&arch, &weights, &device, max_model_len, &cfg.switches, fp8.as_ref())?;
+        // The checkpoint's tensors (bf16 copies of quantized projections included) go before the
+        // free memory is measured for the KV cache.
+        drop(weights);
+        device.synchronize()?;
         let useful = cfg.max_num_seqs * blocks_for(max_model_len, cfg.block_size);
         let budget = device::KvBudget {
             block_size: cfg.block_size,
@@ -264,6 +274,7 @@ impl LlmEngine {
             max_model_len,
             arrivals: 0,
             overlap_steps: cfg.overlap_steps && cfg.switches.async_steps && !model.profiling(),
+            fp8: fp8.is_some(),
             model,
             ids_in_flight: HashSet::new(),
             pending: Vec::new(),
@@ -309,8 +320,14 @@ impl LlmEngine {
         device::device_label(self.model.device())
     }
 
+    /// The dtype of activations and unquantized weights (bf16 for `fp8` on CUDA).
     pub fn dtype(&self) -> DType {
         self.model.dtype()
+    }
+
+    /// The precision as configured: `fp8` when the projections are E4M3, else the dtype.
+    pub fn dtype_label(&self) -> String {
+        if self.fp8 { "fp8".into() } else { format!("{:?}", self.dtype()).to_lowercase() }
     }
 
     /// The text of token ids, as outputs carry it (empty without a tokenizer).

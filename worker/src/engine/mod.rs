@@ -9,6 +9,7 @@ pub mod config;
 pub mod cuda_ops;
 pub mod device;
 pub mod error;
+pub mod fp8;
 pub mod handle;
 pub mod kv_cache;
 pub mod llm_engine;

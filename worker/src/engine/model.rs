@@ -3,10 +3,11 @@
 //! over its sequence's keys in the paged KV cache. No scheduling or sampling policy lives here.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module};
+use candle_nn::Linear;
 
 use super::config::{ArchConfig, EngineSwitches};
 use super::error::EngineError;
+use super::fp8::{Fp8Mode, Proj};
 use super::kv_cache::KvCache;
 use super::profile::Profiler;
 use super::scheduler::{PENDING, pending_error, resolve_pending};
@@ -17,13 +18,13 @@ struct Layer {
     /// Q, K and V projections stacked into one `[(heads + 2 * kv_heads) * head_dim, hidden]`
     /// matrix (one GEMM per layer instead of three); its bias is kept apart (`qkv_bias`) so
     /// the CUDA path can add it inside the RoPE kernel.
-    qkv: Linear,
+    qkv: Proj,
     qkv_bias: Option<Tensor>,
-    o: Linear,
+    o: Proj,
     post_norm: Tensor,
     /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
-    gate_up: Linear,
-    down: Linear,
+    gate_up: Proj,
+    down: Proj,
 }
 
 /// One sequence's share of a forward pass.
@@ -201,13 +202,15 @@ fn stacked(parts: &[Linear]) -> Result<Linear, EngineError> {
 }
 
 impl Model {
-    /// Builds the model from `weights`, with RoPE tables for positions `< max_len`.
+    /// Builds the model from `weights`, with RoPE tables for positions `< max_len`; with `fp8`
+    /// the layers' projections are quantized to E4M3 (embeddings, norms and lm_head stay).
     pub fn new(
         cfg: &ArchConfig,
         weights: &Weights,
         device: &Device,
         max_len: usize,
         switches: &EngineSwitches,
+        fp8: Option<&Fp8Mode>,
     ) -> Result<Self, EngineError> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
@@ -222,19 +225,22 @@ impl Model {
                 linear(weights, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b)?,
             ])?;
             let qkv_bias = qkv.bias().cloned();
-            let qkv = Linear::new(qkv.weight().clone(), None);
-            let gate_up = stacked(&[
-                linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
-                linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-            ])?;
+            let qkv = Proj::new(Linear::new(qkv.weight().clone(), None), fp8)?;
+            let gate_up = Proj::new(
+                stacked(&[
+                    linear(weights, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                    linear(weights, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                ])?,
+                fp8,
+            )?;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv,
                 qkv_bias,
-                o: linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                o: Proj::new(linear(weights, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?, fp8)?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up,
-                down: linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                down: Proj::new(linear(weights, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?, fp8)?,
             });
         }
         let norm = weights.get("model.norm.weight", &[h])?;

@@ -1,6 +1,8 @@
 //! Weight sources for the model: safetensors files from a hub model directory (one file or
 //! shards with `model.safetensors.index.json`), or random tensors for benchmarks.
 //! Every error names the file and the tensor; shapes are checked against the config here.
+//! FP8 checkpoints (E4M3 weights with a `<name>_scale` per tensor or per output channel) are
+//! dequantized with their scales on load; `dtype: fp8` quantizes them again per channel.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,27 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     Err(EngineError::ModelFile { path: single, msg: "file not found (nor model.safetensors.index.json)".into() })
 }
 
+/// `q * scale` in f32 for an E4M3 tensor `q: [out, ...]` and a scale per tensor (`[]`, `[1]`)
+/// or per output channel (`[out]`, `[out, 1]`).
+fn dequantize_fp8(q: &Tensor, scale: &Tensor) -> Result<Tensor, String> {
+    let q32 = q.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+    let s = scale.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+    let out = q.dims().first().copied().unwrap_or(1);
+    let per_channel = match s.dims() {
+        [] | [1] | [1, 1] => false,
+        [n] | [n, 1] if *n == out => true,
+        other => return Err(format!("scale of shape {other:?} is neither per tensor nor per output channel ({out})")),
+    };
+    let r = if per_channel {
+        let mut shape = vec![out];
+        shape.resize(q.rank(), 1);
+        q32.broadcast_mul(&s.reshape(shape).map_err(|e| e.to_string())?)
+    } else {
+        q32.broadcast_mul(&s.flatten_all().and_then(|s| s.get(0)).map_err(|e| e.to_string())?)
+    };
+    r.map_err(|e| e.to_string())
+}
+
 impl Weights {
     /// Reads every safetensors file of `dir` onto `device`, converting floats to `dtype`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, EngineError> {
@@ -74,17 +97,40 @@ impl Weights {
             let bytes = std::fs::read(&path).map_err(|e| io_err(&path, &e))?;
             let st = safetensors::SafeTensors::deserialize(&bytes)
                 .map_err(|e| EngineError::CorruptSafetensors { path: path.clone(), msg: e.to_string() })?;
+            let corrupt = |name: &str, e: candle_core::Error| EngineError::CorruptSafetensors {
+                path: path.clone(),
+                msg: format!("tensor `{name}`: {e}"),
+            };
             for (name, view) in st.tensors() {
-                if st_dtype(view.dtype()).is_none() {
+                if name.ends_with("weight_scale_inv") {
+                    return Err(EngineError::ModelFile {
+                        path: path.clone(),
+                        msg: format!(
+                            "tensor `{name}`: block-wise FP8 scales are not supported (use a per-tensor or per-channel FP8 checkpoint, or bf16)"
+                        ),
+                    });
+                }
+                let t = if view.dtype() == safetensors::Dtype::F8_E4M3 {
+                    let scale_name = format!("{name}_scale");
+                    let scale = st.tensor(&scale_name).map_err(|_| EngineError::ModelFile {
+                        path: path.clone(),
+                        msg: format!("FP8 tensor `{name}` has no `{scale_name}` in the same file"),
+                    })?;
+                    let q = view.load(&Device::Cpu).map_err(|e| corrupt(&name, e))?;
+                    let s = scale.load(&Device::Cpu).map_err(|e| corrupt(&scale_name, e))?;
+                    dequantize_fp8(&q, &s)
+                        .map_err(|e| EngineError::ModelFile { path: path.clone(), msg: format!("FP8 tensor `{name}`: {e}") })?
+                        .to_device(device)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .map_err(|e| corrupt(&name, e))?
+                } else if st_dtype(view.dtype()).is_some() {
+                    view.load(device).and_then(|t| t.to_dtype(dtype)).map_err(|e| corrupt(&name, e))?
+                } else {
                     return Err(EngineError::ModelFile {
                         path: path.clone(),
                         msg: format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
                     });
-                }
-                let t = view
-                    .load(device)
-                    .and_then(|t| t.to_dtype(dtype))
-                    .map_err(|e| EngineError::CorruptSafetensors { path: path.clone(), msg: format!("tensor `{name}`: {e}") })?;
+                };
                 tensors.insert(name, (path.clone(), t));
             }
         }
