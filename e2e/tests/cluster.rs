@@ -613,6 +613,24 @@ fn fleet_case(c: &Cluster, volume: &str, dir: &Path, env: &str, timeout: Duratio
     format!("{fleet_text}\n{slack_text}\n{waiting_text}\n{quote}")
 }
 
+/// `spec.model.dtype: fp8` accepted by the API server, a wrong dtype refused with the enum's
+/// values, and a job with fp8 completing with every custom_id once.
+fn fp8_case(c: &Cluster, volume: &str, dir: &Path, timeout: Duration) {
+    let with_dtype = |name: &str, dtype: &str| {
+        manifest(name, volume, "quickstart-input.jsonl", false, "30m", 2, "")
+            .replace("tiny-qwen2}", &format!("tiny-qwen2, dtype: {dtype}}}"))
+    };
+    let out = c.kubectl(&["apply", "--dry-run=server", "-n", &c.namespace, "-f", "-"], Some(&with_dtype("fp4", "fp4")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("fp8"), "dtype fp4 was not refused with the choices: {stderr}");
+    c.apply(&with_dtype("fp8-job", "fp8"));
+    let b = c.wait_succeeded("fp8-job", timeout);
+    assert_eq!(b["spec"]["model"]["dtype"], "fp8");
+    let out = OutputCheck::read(&dir.join("out/fp8-job")).unwrap();
+    out.assert_exactly_once(&input_ids(&dir.join("quickstart-input.jsonl")).unwrap()).unwrap();
+    assert_eq!(out.manifest["requests"]["succeeded"], 240);
+}
+
 #[test]
 fn operator_on_a_real_cluster() {
     let Ok(kubeconfig) = std::env::var("SLUICE_E2E_KUBECONFIG") else {
@@ -667,6 +685,14 @@ fn operator_on_a_real_cluster() {
     ];
     c.wait("one operator replica to lead", Duration::from_secs(60), || ops.iter().any(Operator::is_leader).then_some(()));
     eprintln!("operators on {p1} and {p2}, reports through {report_url}, logs at {}", logs.display());
+
+    // dtype fp8: the API server takes it (and names the choices for a wrong one); a job with it
+    // runs on the CPU workers' emulated FP8 path to completion (SLUICE_E2E_ONLY=fp8: only this).
+    fp8_case(&c, &host_volume, &host_dir, timeout);
+    if std::env::var("SLUICE_E2E_ONLY").as_deref() == Ok("fp8") {
+        eprintln!("fp8 case passed in namespace {namespace} (SLUICE_E2E_ONLY=fp8: the other cases skipped)");
+        return;
+    }
 
     // The fleet: three jobs against one GPU budget (SLUICE_E2E_ONLY=fleet runs only this case).
     let slow_env = r#"{name: SLUICE_CHUNK_LINES, value: "4"}, {name: SLUICE_PROGRESS_SECONDS, value: "5"},
