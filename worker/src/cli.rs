@@ -65,7 +65,7 @@ pub struct Args {
     /// Input line format.
     #[arg(long, env = env::INPUT_FORMAT, default_value = "auto", value_parser = parse_format)]
     pub input_format: InputFormat,
-    /// Model dtype: auto, bf16, f16 or f32.
+    /// Model dtype: auto, bf16, f16, f32 or fp8 (E4M3 weights and activations; Hopper or Ada for the fast path).
     #[arg(long, env = env::MODEL_DTYPE, default_value = "auto", value_parser = Dtype::from_str)]
     pub dtype: Dtype,
     /// Longest prompt plus completion, in tokens [default: the model's].
@@ -317,7 +317,7 @@ mod tests {
         let ok = Args::try_parse_from(base.iter().copied().chain(["--dtype=BF16"])).unwrap();
         assert_eq!(ok.dtype, Dtype::Bf16);
         let err = Args::try_parse_from(base.iter().copied().chain(["--dtype=bf61"])).unwrap_err().to_string();
-        assert!(err.contains("bf61") && err.contains("auto, bf16, f16 or f32"), "{err}");
+        assert!(err.contains("bf61") && err.contains("auto, bf16, f16, f32 or fp8"), "{err}");
     }
 
     #[test]

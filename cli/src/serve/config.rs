@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sluice_api::job::{StorageSpec, WorkersSpec};
+use sluice_api::job::{Dtype, StorageSpec, WorkersSpec};
 
 use super::error::ApiError;
 use crate::local::resolve_uri;
@@ -133,10 +133,8 @@ impl ServerConfig {
             }
             m.uri = resolve_uri(&m.uri, &base);
             check_model_dir(&m.uri).map_err(|e| format!("server config {}: models.{name}.uri: {e}", path.display()))?;
-            if let Some(d) = &m.dtype
-                && !matches!(d.as_str(), "auto" | "bf16" | "f16" | "f32")
-            {
-                return Err(format!("server config {}: models.{name}.dtype {d:?}: expected auto, bf16, f16 or f32", path.display()));
+            if let Some(d) = &m.dtype {
+                d.parse::<Dtype>().map_err(|e| format!("server config {}: models.{name}.dtype: {e}", path.display()))?;
             }
         }
         if let Some(d) = &cfg.default_model
@@ -350,5 +348,10 @@ mod tests {
         let cfg = ServerConfig::load(&path).unwrap();
         assert_eq!(cfg.models["m"].max_tokens, Some(8));
         assert!(cfg.models["m"].uri.starts_with("file:///"));
+        std::fs::write(&path, format!("models:\n  m: {{uri: {}, dtype: fp8}}\n", model.display())).unwrap();
+        assert_eq!(ServerConfig::load(&path).unwrap().models["m"].dtype.as_deref(), Some("fp8"));
+        std::fs::write(&path, format!("models:\n  m: {{uri: {}, dtype: bf61}}\n", model.display())).unwrap();
+        let err = ServerConfig::load(&path).unwrap_err();
+        assert!(err.contains("models.m.dtype") && err.contains("bf61") && err.contains("fp8"), "{err}");
     }
 }
