@@ -247,23 +247,32 @@ fn overlapped_steps_match_one_step_at_a_time() {
         })
         .collect();
     reqs.push(request(100, Prompt::Tokens(c.prompt_ids.clone()), SamplingParams { ignore_eos: false, ..greedy(16) }));
-    let mut sync_cfg = cfg.clone();
-    sync_cfg.overlap_steps = false;
-    let want = engine(&sync_cfg).generate(reqs.clone()).unwrap();
-    let mut eng = engine(&cfg);
-    let got = eng.generate(reqs).unwrap();
-    assert_eq!(got.len(), want.len());
-    for ((id, g), (wid, w)) in got.iter().zip(&want) {
-        assert_eq!(id, wid);
-        let (g, w) = (g.as_ref().unwrap(), w.as_ref().unwrap());
-        assert_eq!(g.token_ids, w.token_ids, "request {id}");
-        assert_eq!(g.finish_reason, w.finish_reason, "request {id}");
+    // Without prefix caching the batch runs long enough for greedy-only stretches to overlap;
+    // with it (the prompts repeat) the outputs must still equal the one-step-at-a-time run.
+    for prefix_caching in [false, true] {
+        cfg.prefix_caching = prefix_caching;
+        let mut sync_cfg = cfg.clone();
+        sync_cfg.overlap_steps = false;
+        let want = engine(&sync_cfg).generate(reqs.clone()).unwrap();
+        let mut eng = engine(&cfg);
+        let got = eng.generate(reqs.clone()).unwrap();
+        assert_eq!(got.len(), want.len());
+        for ((id, g), (wid, w)) in got.iter().zip(&want) {
+            assert_eq!(id, wid);
+            let (g, w) = (g.as_ref().unwrap(), w.as_ref().unwrap());
+            assert_eq!(g.token_ids, w.token_ids, "request {id} (prefix caching {prefix_caching})");
+            assert_eq!(g.finish_reason, w.finish_reason, "request {id} (prefix caching {prefix_caching})");
+        }
+        let eos_out = got.iter().find(|(id, _)| *id == 100).unwrap().1.as_ref().unwrap();
+        assert_eq!(eos_out.token_ids, c.greedy_ids[..3], "EOS ends the request even with a step in flight");
+        let s = eng.stats();
+        if prefix_caching {
+            assert!(s.prefix_cache_hit_tokens > 0, "the repeated prompts hit the cache: {s:?}");
+        } else {
+            assert!(s.overlapped_steps > 0, "no step was overlapped: {s:?}");
+            assert!(s.preemptions > 0, "expected preemptions: {s:?}");
+        }
+        assert_eq!(s.kv_blocks_used, 0, "every block returned");
+        assert_eq!(s.requests_finished, 21);
     }
-    let eos_out = got.iter().find(|(id, _)| *id == 100).unwrap().1.as_ref().unwrap();
-    assert_eq!(eos_out.token_ids, c.greedy_ids[..3], "EOS ends the request even with a step in flight");
-    let s = eng.stats();
-    assert!(s.overlapped_steps > 0, "no step was overlapped: {s:?}");
-    assert!(s.preemptions > 0, "expected preemptions: {s:?}");
-    assert_eq!(s.kv_blocks_used, 0, "every block returned");
-    assert_eq!(s.requests_finished, 21);
 }
