@@ -1,0 +1,35 @@
+#!/bin/bash
+# Issue 18's measurement, in one device call: the 8B shape in bf16 (sluice-bench and the
+# transformers baseline), in FP8, the shared-prefix workload with the cache off and on, batch-1
+# time per output token on the 0.5B shape, then the GPU checks (FP8 accuracy, kernels, parity).
+# Each step is bounded by `timeout`; every output and a log.txt go to $OUT (or ./gpu-results).
+#
+#   scripts/gpu_bench_8b.sh BIN_DIR   # BIN_DIR: sluice-bench, engine_fp8, engine_cuda_kernels,
+#                                     # engine_gpu_parity built with --features cuda
+set -u
+B=${1:?usage: gpu_bench_8b.sh BIN_DIR}
+R=${OUT:-gpu-results}; mkdir -p "$R"
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$R/gpu.txt" 2>&1
+git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
+step() {
+  local name=$1 t=$2; shift 2
+  echo "== $name $(date +%T): $*" | tee -a "$R/log.txt"
+  timeout "$t" "$@" > "$R/$name.out" 2> "$R/$name.err"
+  echo "rc=$? $(date +%T)" | tee -a "$R/log.txt"
+  tail -c 700 "$R/$name.out" | tee -a "$R/log.txt"
+}
+L8B="--model llama-3.1-8b --requests 512 --max-num-seqs 512 --input-len 1000 --output-len 1000"
+SP="--model qwen2.5-0.5b --workload shared-prefix --requests 4096 --max-num-seqs 4096 --shared-len 1024 --input-len 128 --output-len 128"
+step l8b_bf16 100 "$B/sluice-bench" $L8B
+step hf_l8b 60 python3 scripts/bench_transformers.py --model llama-3.1-8b --batch-sizes 256 --input-len 1000 --output-len 1000 --max-time 20
+step l8b_fp8 90 "$B/sluice-bench" $L8B --dtype fp8
+step prefix_off 40 "$B/sluice-bench" $SP --prefix-caching off
+step prefix_on 25 "$B/sluice-bench" $SP --prefix-caching on
+step batch1 15 "$B/sluice-bench" --model qwen2.5-0.5b --requests 1 --max-num-seqs 1 --input-len 512 --output-len 128
+step fp8tests 30 env SLUICE_TEST_CUDA=1 "$B/engine_fp8" --nocapture cuda_fp8
+grep -h "rel err\|agreement" "$R/fp8tests.err" | tee -a "$R/log.txt"
+step kernels 40 env SLUICE_TEST_CUDA=1 "$B/engine_cuda_kernels" --nocapture
+step parity 40 env SLUICE_TEST_CUDA=1 SLUICE_GPU_PARITY_OUT="$R/engine_bf16.json" "$B/engine_gpu_parity" --nocapture
+step parity_py 40 python3 scripts/gpu_parity.py "$R/engine_bf16.json"
+for f in "$R"/*.err; do tail -n 3 "$f" | sed "s|^|$(basename "$f"): |" >> "$R/log.txt"; done
