@@ -17,7 +17,12 @@ use sluice_worker::engine::{EngineConfig, LlmEngine, Prompt};
 /// share of greedy tokens equal to the reference's (each case's run compared up to its first
 /// difference).
 fn accuracy(eng: &mut LlmEngine, name: &str) -> (f32, f64) {
-    let cases = reference(name);
+    let (err, agree, _) = accuracy_on(eng, &reference(name));
+    (err, agree)
+}
+
+/// [`accuracy`] over `cases`, with the greedy tokens the engine produced.
+fn accuracy_on(eng: &mut LlmEngine, cases: &[Case]) -> (f32, f64, Vec<Vec<u32>>) {
     let batch: Vec<_> = cases.iter().map(|c| (c.prompt_ids.clone(), c.greedy_ids[..c.logits.len() - 1].to_vec())).collect();
     let logits = eng.teacher_forced_logits(&batch).unwrap();
     let mut worst = 0f32;
@@ -31,14 +36,21 @@ fn accuracy(eng: &mut LlmEngine, name: &str) -> (f32, f64) {
         .enumerate()
         .map(|(i, c)| request(i as u64, Prompt::Tokens(c.prompt_ids.clone()), greedy(c.greedy_ids.len())))
         .collect();
-    let out = eng.generate(reqs).unwrap();
+    let mut out = eng.generate(reqs).unwrap();
+    out.sort_by_key(|(id, _)| *id);
+    let tokens: Vec<Vec<u32>> = out.into_iter().map(|(_, r)| r.unwrap().token_ids).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| c.greedy_ids.clone()).collect();
+    (worst, agreement(&tokens, &want), tokens)
+}
+
+/// The share of `want`'s tokens that `got` reproduces, each sequence up to its first difference.
+fn agreement(got: &[Vec<u32>], want: &[Vec<u32>]) -> f64 {
     let (mut same, mut total) = (0usize, 0usize);
-    for ((_, r), c) in out.iter().zip(&cases) {
-        let got = &r.as_ref().unwrap().token_ids;
-        total += c.greedy_ids.len();
-        same += got.iter().zip(&c.greedy_ids).take_while(|(a, b)| a == b).count();
+    for (g, w) in got.iter().zip(want) {
+        total += w.len();
+        same += g.iter().zip(w).take_while(|(a, b)| a == b).count();
     }
-    (worst, same as f64 / total as f64)
+    same as f64 / total.max(1) as f64
 }
 
 fn fp8_config(name: &str) -> EngineConfig {
@@ -65,6 +77,57 @@ fn fp8_logits_stay_within_the_bound_of_the_f32_reference() {
         assert!(fp8_err <= CPU_FP8_TOL, "{name}: fp8 relative logits error {fp8_err} above {CPU_FP8_TOL}");
         assert_eq!(engine(&fp8_config(name)).dtype_label(), "fp8");
     }
+}
+
+/// The same bound at a real shape: `SLUICE_ACCURACY_DIR` holds a bf16 checkpoint and its float32
+/// transformers reference from scripts/accuracy_reference.py (for example the Llama-3.1-8B
+/// widths with 4 layers on a CPU, or all 32 on a GPU with `SLUICE_ACCURACY_DEVICE=cuda`).
+/// Prints, per dtype, the worst relative logits error against transformers f32, the greedy
+/// agreement with it and, for fp8, the greedy agreement with the bf16 engine.
+#[test]
+#[ignore = "needs SLUICE_ACCURACY_DIR from scripts/accuracy_reference.py (gigabytes)"]
+fn fp8_accuracy_at_a_real_shape() {
+    let dir = std::path::PathBuf::from(std::env::var("SLUICE_ACCURACY_DIR").expect("set SLUICE_ACCURACY_DIR"));
+    let device = match std::env::var("SLUICE_ACCURACY_DEVICE").as_deref() {
+        Ok("cuda") => sluice_worker::engine::DeviceKind::Cuda(0),
+        _ => sluice_worker::engine::DeviceKind::Cpu,
+    };
+    let cases = reference_at(&dir.join("reference.json"));
+    let longest = cases.iter().map(|c| c.prompt_ids.len() + c.greedy_ids.len()).max().unwrap();
+    let cfg = EngineConfig {
+        model_dir: dir.clone(),
+        device,
+        num_kv_blocks: Some(cases.len() * longest.div_ceil(16) + 8),
+        max_model_len: Some(longest.next_power_of_two()),
+        ..EngineConfig::default()
+    };
+    let mut rows = Vec::new();
+    let mut bf16_tokens = Vec::new();
+    for dtype in [Dtype::Bf16, Dtype::F32, Dtype::Fp8] {
+        if dtype == Dtype::F32 && device != sluice_worker::engine::DeviceKind::Cpu {
+            continue; // the GPU path is bf16 or fp8
+        }
+        let t = std::time::Instant::now();
+        let (err, agree, tokens) = accuracy_on(&mut engine(&EngineConfig { dtype, ..cfg.clone() }), &cases);
+        let vs_bf16 = if dtype == Dtype::Bf16 {
+            bf16_tokens = tokens;
+            1.0
+        } else {
+            agreement(&tokens, &bf16_tokens)
+        };
+        eprintln!(
+            "{} {dtype:?}: worst relative logits error vs transformers f32 {err:.2e}, greedy agreement with it {agree:.3}, with the bf16 engine {vs_bf16:.3} ({:.0} s)",
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+        rows.push((dtype, err));
+    }
+    let err = |d: Dtype| rows.iter().find(|(x, _)| *x == d).map(|(_, e)| *e).unwrap();
+    if device == sluice_worker::engine::DeviceKind::Cpu {
+        assert!(err(Dtype::F32) < 1e-3, "the f32 engine itself is off ({})", err(Dtype::F32));
+    }
+    assert!(err(Dtype::Fp8) > err(Dtype::Bf16) / 4.0, "fp8 changed nothing");
+    assert!(err(Dtype::Fp8) <= 12.0 * err(Dtype::Bf16).max(1e-3), "fp8 {} more than 12x bf16's {}", err(Dtype::Fp8), err(Dtype::Bf16));
 }
 
 /// Writes a copy of the tiny model whose projections are E4M3 with `scale(w)` scales (per

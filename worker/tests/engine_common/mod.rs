@@ -42,8 +42,14 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 pub fn reference(name: &str) -> Vec<Case> {
-    let path = repo_root().join("worker/tests/fixtures").join(format!("reference_{name}.json"));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    reference_at(&repo_root().join("worker/tests/fixtures").join(format!("reference_{name}.json")))
+}
+
+/// The cases of a reference file in the fixtures' format (scripts/make_tiny_models.py,
+/// scripts/accuracy_reference.py).
+pub fn reference_at(path: &std::path::Path) -> Vec<Case> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: Value = serde_json::from_str(&text).unwrap();
     doc["cases"]
         .as_array()
         .unwrap()
