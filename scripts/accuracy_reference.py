@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_transformers import SplitMix64, preset  # noqa: E402
+from make_tiny_models import reinit  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -48,16 +49,16 @@ def main():
     cfg = preset(args.shape)
     if args.layers is not None:
         cfg.num_hidden_layers = args.layers
+        if getattr(cfg, "layer_types", None):  # Qwen2 configs list one attention type per layer
+            cfg.layer_types = cfg.layer_types[: args.layers]
     cfg.torch_dtype = "bfloat16"
     t0 = time.time()
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    reinit(model, args.seed, 0.02)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, device=args.device)
-            p.copy_((1.0 + 0.1 * noise) if "norm" in name else 0.02 * noise)
+        for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())  # the checkpoint holds bf16; the reference uses the same values
     print(f"built {args.shape} with {cfg.num_hidden_layers} layers in {time.time() - t0:.0f} s", file=sys.stderr)
 
