@@ -21,9 +21,9 @@ step() {
 }
 L8B="--model llama-3.1-8b --requests 512 --max-num-seqs 512 --input-len 1000 --output-len 1000"
 SP="--model qwen2.5-0.5b --workload shared-prefix --requests 4096 --max-num-seqs 4096 --shared-len 1024 --input-len 128 --output-len 128"
-step l8b_bf16 100 "$B/sluice-bench" $L8B
-step hf_l8b 60 python3 scripts/bench_transformers.py --model llama-3.1-8b --batch-sizes 256 --input-len 1000 --output-len 1000 --max-time 20
-step l8b_fp8 90 "$B/sluice-bench" $L8B --dtype fp8
+step l8b_bf16 130 "$B/sluice-bench" $L8B
+step hf_l8b 50 python3 scripts/bench_transformers.py --model llama-3.1-8b --batch-sizes 256 --input-len 1000 --output-len 1000 --max-time 20
+step l8b_fp8 110 "$B/sluice-bench" $L8B --dtype fp8
 step prefix_off 40 "$B/sluice-bench" $SP --prefix-caching off
 step prefix_on 25 "$B/sluice-bench" $SP --prefix-caching on
 step batch1 15 "$B/sluice-bench" --model qwen2.5-0.5b --requests 1 --max-num-seqs 1 --input-len 512 --output-len 128
