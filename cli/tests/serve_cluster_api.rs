@@ -139,6 +139,7 @@ fn harness() -> Harness {
     let model = ModelEntry {
         uri: "s3://models/qwen".into(),
         dtype: Some("bf16".into()),
+        kv_cache_dtype: Some("fp8".into()),
         max_model_len: None,
         max_tokens: Some(16),
         temperature: None,
@@ -271,6 +272,7 @@ async fn cluster_mode_makes_exactly_the_requests_it_promises() {
     assert_eq!(spec["output"]["uri"], format!("{root}/team-a/batches/{id}/out"));
     assert_eq!(spec["model"]["uri"], "s3://models/qwen");
     assert_eq!(spec["model"]["dtype"], "bf16");
+    assert_eq!(spec["model"]["kvCacheDtype"], "fp8");
     assert_eq!(spec["sampling"]["maxTokens"], 16);
     assert_eq!(spec["sla"]["completionWindow"], "2h");
     assert_eq!(spec["sla"]["onDeadline"], "Expire");

@@ -16,8 +16,10 @@ pub mod env {
     pub const OUTPUT_URI: &str = "SLUICE_OUTPUT_URI";
     /// Model directory: local path or object-store prefix.
     pub const MODEL_URI: &str = "SLUICE_MODEL_URI";
-    /// Model dtype: `auto`, `bf16`, `f16`, `f32`.
+    /// Model dtype: `auto`, `bf16`, `f16`, `f32`, `fp8`.
     pub const MODEL_DTYPE: &str = "SLUICE_MODEL_DTYPE";
+    /// KV cache element type: `auto` or `fp8`.
+    pub const KV_CACHE_DTYPE: &str = "SLUICE_KV_CACHE_DTYPE";
     /// Longest prompt plus completion in tokens.
     pub const MAX_MODEL_LEN: &str = "SLUICE_MAX_MODEL_LEN";
     /// Directory where object-store models are cached.
@@ -128,6 +130,8 @@ pub struct WorkerInvocation {
     pub model_uri: String,
     /// The model's weight precision.
     pub model_dtype: crate::job::Dtype,
+    /// The KV cache's element type.
+    pub kv_cache_dtype: crate::job::KvCacheDtype,
     /// Longest prompt plus completion, if the spec caps it.
     pub max_model_len: Option<u32>,
     /// Where object-store models are cached.
@@ -165,6 +169,7 @@ impl WorkerInvocation {
             output_uri: spec.output.uri.clone(),
             model_uri: spec.model.uri.clone(),
             model_dtype: spec.model.dtype,
+            kv_cache_dtype: spec.model.kv_cache_dtype,
             max_model_len: spec.model.max_model_len,
             model_cache_dir: model_cache_dir.to_string(),
             sampling: spec.sampling.clone(),
@@ -190,6 +195,9 @@ impl WorkerInvocation {
             (env::MODEL_URI, self.model_uri.clone()),
             (env::MODEL_DTYPE, self.model_dtype.as_str().to_string()),
         ];
+        if !self.kv_cache_dtype.is_auto() {
+            vars.push((env::KV_CACHE_DTYPE, self.kv_cache_dtype.as_str().to_string()));
+        }
         if let Some(n) = self.max_model_len {
             vars.push((env::MAX_MODEL_LEN, n.to_string()));
         }

@@ -138,6 +138,51 @@ impl std::str::FromStr for Dtype {
     }
 }
 
+/// Element type of the worker's KV cache.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    // The model's activation dtype (bf16 on GPU, f32 on CPU).
+    #[default]
+    Auto,
+    // FP8 E4M3 at unit scale (values saturate at +-448): half the bytes of bf16 per token of
+    // context, so twice the sequences fit; keys and values are rounded to 3 mantissa bits.
+    Fp8,
+}
+
+impl KvCacheDtype {
+    /// The spelling in manifests and in the worker's `SLUICE_KV_CACHE_DTYPE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Fp8 => "fp8",
+        }
+    }
+
+    pub fn is_auto(&self) -> bool {
+        *self == KvCacheDtype::Auto
+    }
+}
+
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+
+    /// `auto` or `fp8` (also vLLM's `fp8_e4m3`), case-insensitive.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "fp8" | "fp8_e4m3" | "e4m3" => Ok(KvCacheDtype::Fp8),
+            other => Err(format!("unknown KV cache dtype {other:?} (use auto or fp8)")),
+        }
+    }
+}
+
 /// The model a worker loads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -150,6 +195,9 @@ pub struct ModelSpec {
     /// Weight precision.
     #[serde(default)]
     pub dtype: Dtype,
+    /// KV cache element type: `auto` (the activation dtype) or `fp8` (E4M3, half the memory).
+    #[serde(default, skip_serializing_if = "KvCacheDtype::is_auto")]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Longest prompt plus completion in tokens; defaults to the model's own limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

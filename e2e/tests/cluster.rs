@@ -613,19 +613,22 @@ fn fleet_case(c: &Cluster, volume: &str, dir: &Path, env: &str, timeout: Duratio
     format!("{fleet_text}\n{slack_text}\n{waiting_text}\n{quote}")
 }
 
-/// `spec.model.dtype: fp8` accepted by the API server, a wrong dtype refused with the enum's
-/// values, and a job with fp8 completing with every custom_id once.
+/// `spec.model.dtype: fp8` and `kvCacheDtype: fp8` accepted by the API server, wrong values
+/// refused with the enums' values, and a job with both completing with every custom_id once.
 fn fp8_case(c: &Cluster, volume: &str, dir: &Path, timeout: Duration) {
-    let with_dtype = |name: &str, dtype: &str| {
+    let with_dtype = |name: &str, dtype: &str, kv: &str| {
         manifest(name, volume, "quickstart-input.jsonl", false, "30m", 2, "")
-            .replace("tiny-qwen2}", &format!("tiny-qwen2, dtype: {dtype}}}"))
+            .replace("tiny-qwen2}", &format!("tiny-qwen2, dtype: {dtype}, kvCacheDtype: {kv}}}"))
     };
-    let out = c.kubectl(&["apply", "--dry-run=server", "-n", &c.namespace, "-f", "-"], Some(&with_dtype("fp4", "fp4")));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("fp8"), "dtype fp4 was not refused with the choices: {stderr}");
-    c.apply(&with_dtype("fp8-job", "fp8"));
+    for (name, dtype, kv) in [("fp4", "fp4", "auto"), ("kv-int4", "fp8", "int4")] {
+        let out = c.kubectl(&["apply", "--dry-run=server", "-n", &c.namespace, "-f", "-"], Some(&with_dtype(name, dtype, kv)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("fp8"), "{name} was not refused with the choices: {stderr}");
+    }
+    c.apply(&with_dtype("fp8-job", "fp8", "fp8"));
     let b = c.wait_succeeded("fp8-job", timeout);
     assert_eq!(b["spec"]["model"]["dtype"], "fp8");
+    assert_eq!(b["spec"]["model"]["kvCacheDtype"], "fp8");
     let out = OutputCheck::read(&dir.join("out/fp8-job")).unwrap();
     out.assert_exactly_once(&input_ids(&dir.join("quickstart-input.jsonl")).unwrap()).unwrap();
     assert_eq!(out.manifest["requests"]["succeeded"], 240);

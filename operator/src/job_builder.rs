@@ -642,6 +642,7 @@ mod tests {
         assert_eq!(val(env::OUTPUT_URI), "s3://evals/run-42/out/");
         assert_eq!(val(env::MODEL_URI), "s3://models/Llama-3.2-1B-Instruct/");
         assert_eq!(val(env::MODEL_DTYPE), "bf16");
+        assert_eq!(val(env::KV_CACHE_DTYPE), "fp8");
         assert_eq!(val(env::MAX_MODEL_LEN), "4096");
         assert_eq!(val(env::MAX_BATCH_SIZE), "128");
         assert_eq!(val(env::STORAGE_ENDPOINT), "http://minio.minio:9000");
@@ -686,7 +687,7 @@ mod tests {
         assert_eq!(env[env::DEVICE].value.as_deref(), Some("cpu"));
         assert_eq!(env[env::PLAN_URI].value.as_deref(), Some("file:///data/out/quickstart/_sluice/plan.json"));
         assert!(!env.contains_key(env::STORAGE_ENDPOINT) && !env.contains_key(env::MAX_MODEL_LEN));
-        assert!(!env.contains_key(env::STORAGE_CA_FILE));
+        assert!(!env.contains_key(env::STORAGE_CA_FILE) && !env.contains_key(env::KV_CACHE_DTYPE));
         assert_eq!(pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["model-cache"]);
         // file:// storage: only the pods reach it, so they report to the operator with the uid.
         assert_eq!(

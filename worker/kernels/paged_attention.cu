@@ -4,7 +4,8 @@
 // QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, and the greedy argmax
 // over vocabulary rows, the resolution of placeholder token ids from the step in flight, and the
 // per-row E4M3 quantization of FP8 projections' weights and activations.
-// bf16 in and out, f32 arithmetic.
+// bf16 in and out, f32 arithmetic; the KV cache in bf16 or FP8 E4M3 at unit scale (every kernel
+// but the chunked prefill one reads both).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
@@ -47,6 +48,51 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
     }
 }
 
+// A KV-cache element type: `Raw` holds 8 consecutive elements (one 16-byte chunk of bf16, 8
+// bytes of E4M3), `unpack` widens them to f32 and `store2` rounds two f32 values into the cache
+// (E4M3 saturates at +-448: the cache keeps values at unit scale, as vLLM's fp8 KV cache does
+// without calibrated scales).
+template <typename C>
+struct KvElem;
+
+template <>
+struct KvElem<__nv_bfloat16> {
+    using Raw = uint4;
+    static __device__ __forceinline__ void unpack(const Raw& raw, float* f) { unpack8(raw, f); }
+    // The 8 elements as bf16 (the tensor-core kernels' fragments).
+    static __device__ __forceinline__ uint4 bf16x8(const Raw& raw) { return raw; }
+    static __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+        *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+    }
+};
+
+template <>
+struct KvElem<__nv_fp8_storage_t> {
+    using Raw = uint2;
+    static __device__ __forceinline__ void unpack(const Raw& raw, float* f) {
+        const __nv_fp8x2_storage_t* h = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(h[i], __NV_E4M3)));
+            f[2 * i] = x.x;
+            f[2 * i + 1] = x.y;
+        }
+    }
+    // Exact: every E4M3 value is a bf16 value.
+    static __device__ __forceinline__ uint4 bf16x8(const Raw& raw) {
+        float f[8];
+        unpack(raw, f);
+        uint4 out;
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        return out;
+    }
+    static __device__ __forceinline__ void store2(__nv_fp8_storage_t* p, float a, float b) {
+        *reinterpret_cast<__nv_fp8x2_storage_t*>(p) = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+    }
+};
+
 // One thread block per (query token, KV head); grid (n, nkv). The block's 4 warps split the
 // query's keys (warp w takes keys w*32.., then every 128th tile) and run independently, each
 // with its own online softmax, so no block-wide barrier sits in the key loop; the warps'
@@ -59,14 +105,15 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
 // table_rows: [n] row of `tables` for each query; ctx_lens: [n] keys each query attends to
 // (>= 1; the first ctx_lens[s] positions of its sequence); out: [n, nh, HD].
 // Requires nh % nkv == 0 and nh / nkv <= MAX_G.
-template <int HD>
+template <int HD, typename C>
 __device__ __forceinline__ void paged_attention(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-    const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
+    const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,
+    const C* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
     __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,
     float scale) {
-    constexpr int CH = HD / 8;    // 16-byte chunks per head row
+    using Raw = typename KvElem<C>::Raw;
+    constexpr int CH = HD / 8;    // 8-element chunks per head row
     constexpr int KPI = 32 / CH;  // keys per PV iteration (CH lanes per key)
     const int s = blockIdx.x;
     const int kvh = blockIdx.y;
@@ -111,18 +158,18 @@ __device__ __forceinline__ void paged_attention(
         const int n_valid = min(32, ctx - t0);
         // Issue every load of the tile first: this lane's key row, then the V rows the lane
         // reads in PV (lanes past the end read key t0's row with probability 0).
-        uint4 kraw[CH];
+        Raw kraw[CH];
         {
-            const __nv_bfloat16* krow = kc + slot * kvd + (size_t)kvh * HD;
+            const C* krow = kc + slot * kvd + (size_t)kvh * HD;
 #pragma unroll
-            for (int cc = 0; cc < CH; ++cc) kraw[cc] = *reinterpret_cast<const uint4*>(krow + cc * 8);
+            for (int cc = 0; cc < CH; ++cc) kraw[cc] = *reinterpret_cast<const Raw*>(krow + cc * 8);
         }
-        uint4 vraw[CH];
+        Raw vraw[CH];
 #pragma unroll
         for (int it = 0; it < CH; ++it) {
             const int src = it * KPI + kg;
             const unsigned long long vs = __shfl_sync(FULL, slot, src < n_valid ? src : 0);
-            vraw[it] = *reinterpret_cast<const uint4*>(vc + vs * kvd + (size_t)kvh * HD + c * 8);
+            vraw[it] = *reinterpret_cast<const Raw*>(vc + vs * kvd + (size_t)kvh * HD + c * 8);
         }
         slot = slot_of(t0 + WARPS * 32 + lane);
 
@@ -132,7 +179,7 @@ __device__ __forceinline__ void paged_attention(
 #pragma unroll
         for (int cc = 0; cc < CH; ++cc) {
             float k8[8];
-            unpack8(kraw[cc], k8);
+            KvElem<C>::unpack(kraw[cc], k8);
 #pragma unroll
             for (int h = 0; h < MAX_G; ++h) {
                 if (h < g) {
@@ -166,7 +213,7 @@ __device__ __forceinline__ void paged_attention(
 #pragma unroll
             for (int h = 0; h < MAX_G; ++h) pk[h] = __shfl_sync(FULL, sc[h], src);
             float v8[8];
-            unpack8(vraw[it], v8);
+            KvElem<C>::unpack(vraw[it], v8);
 #pragma unroll
             for (int h = 0; h < MAX_G; ++h) {
                 if (h < g) {
@@ -313,17 +360,19 @@ __device__ __forceinline__ void pv_kstep(float (&o)[HD / 8][4], const float (&sc
 
 // PIPE: the loads of a warp's next tile are issued before the current tile is computed
 // (double-buffered fragments: fewer resident warps, but loads always in flight).
-template <int HD, bool PIPE>
+// C: the cache element (bf16, or E4M3 widened to bf16 fragments as it loads: half the bytes).
+template <int HD, bool PIPE, typename C>
 __device__ __forceinline__ void paged_attention_mma(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-    const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
+    const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,
+    const C* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
     __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,
     float scale) {
+    using Raw = typename KvElem<C>::Raw;
     constexpr int KS = HD / 16;   // k-steps of QK
-    constexpr int KU = HD / 32;   // uint4 per lane per key in QK (HD/4 dims)
+    constexpr int KU = HD / 32;   // 8-element chunks per lane per key in QK (HD/4 dims)
     constexpr int NT = HD / 8;    // n-tiles of PV
-    constexpr int VU = HD / 64;   // uint4 per lane per key in PV (HD/8 dims)
+    constexpr int VU = HD / 64;   // 8-element chunks per lane per key in PV (HD/8 dims)
     const int s = blockIdx.x;
     const int kvh = blockIdx.y;
     const int warp = threadIdx.x / 32;
@@ -367,9 +416,9 @@ __device__ __forceinline__ void paged_attention_mma(
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const uint32_t ks = __shfl_sync(FULL, sl, nt * 8 + gid);
-            const uint4* row = reinterpret_cast<const uint4*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
+            const Raw* row = reinterpret_cast<const Raw*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
 #pragma unroll
-            for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
+            for (int u = 0; u < KU; ++u) kr[nt][u] = KvElem<C>::bf16x8(row[u]);
         }
 #pragma unroll
         for (int kb = 0; kb < 2; ++kb) {
@@ -377,9 +426,9 @@ __device__ __forceinline__ void paged_attention_mma(
             for (int r = 0; r < 4; ++r) {
                 const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
                 const uint32_t vs = __shfl_sync(FULL, sl, key);
-                const uint4* row = reinterpret_cast<const uint4*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
+                const Raw* row = reinterpret_cast<const Raw*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
 #pragma unroll
-                for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
+                for (int u = 0; u < VU; ++u) vr[kb][r][u] = KvElem<C>::bf16x8(row[u]);
             }
         }
     };
@@ -459,20 +508,23 @@ __device__ __forceinline__ void paged_attention_mma(
     }
 }
 
-#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, MINB)                                                  \
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, C, MINB)                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
-        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
-        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
+        const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,                            \
+        const C* __restrict__ vc, const uint32_t* __restrict__ tables,                            \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
         float scale) {                                                                            \
-        paged_attention_mma<HD, PIPE>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,            \
-                                block_size, max_blocks, scale);                                   \
+        paged_attention_mma<HD, PIPE, C>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,   \
+                                         block_size, max_blocks, scale);                          \
     }
 
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, __nv_bfloat16, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, __nv_bfloat16, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, __nv_bfloat16, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, false, __nv_fp8_storage_t, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, true, __nv_fp8_storage_t, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to CHUNK_TOKENS = 2 *
@@ -642,22 +694,28 @@ PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 2)
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 1)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
-#define PAGED_ATTENTION_ENTRY(NAME, HD, MINB)                                                      \
+#define PAGED_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
-        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
-        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
+        const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,                            \
+        const C* __restrict__ vc, const uint32_t* __restrict__ tables,                            \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
         float scale) {                                                                            \
-        paged_attention<HD>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv, block_size,    \
-                            max_blocks, scale);                                                   \
+        paged_attention<HD, C>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv, block_size, \
+                               max_blocks, scale);                                                \
     }
 
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd16, 16, 3)
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd32, 32, 3)
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64, 64, 3)
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd128, 128, 1)
-PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd256, 256, 1)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd16, 16, __nv_bfloat16, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd32, 32, __nv_bfloat16, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd64, 64, __nv_bfloat16, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd128, 128, __nv_bfloat16, 1)
+PAGED_ATTENTION_ENTRY(paged_attention_bf16_hd256, 256, __nv_bfloat16, 1)
+// FP8 E4M3 cache (`kv_cache_dtype: fp8`): half the bytes per key read.
+PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd16, 16, __nv_fp8_storage_t, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd32, 32, __nv_fp8_storage_t, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd64, 64, __nv_fp8_storage_t, 3)
+PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd128, 128, __nv_fp8_storage_t, 1)
+PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd256, 256, __nv_fp8_storage_t, 1)
 
 // SwiGLU: out[r, c] = silu(x[r, c]) * x[r, inter + c] for x [n, 2 * inter] -> out [n, inter].
 // One thread per 8 outputs (16-byte loads and stores), grid-stride. inter % 8 == 0.
@@ -690,11 +748,12 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
 // bf16x2 / float2 accesses and 32-bit index arithmetic (the host checks the count fits).
 // qkv: [n, (nh + 2 nkv) * hd]; bias: [(nh + 2 nkv) * hd] or null; pos, slots: [n];
 // cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd]. hd % 4 == 0.
-extern "C" __global__ void rope_qkv_cache_bf16(
+template <typename C>
+__device__ __forceinline__ void rope_qkv_cache(
     const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ bias,
     const uint32_t* __restrict__ pos, const float* __restrict__ cos_t,
     const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
-    __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc,
+    C* __restrict__ kc, C* __restrict__ vc,
     const uint32_t* __restrict__ slots, int n, int nh, int nkv, int hd) {
     const uint32_t half = hd / 2;
     const uint32_t quarter = hd / 4;  // i pairs per head
@@ -716,7 +775,6 @@ extern "C" __global__ void rope_qkv_cache_bf16(
             x1 = __bfloat1622float2(__floats2bfloat162_rn(x1.x + b1.x, x1.y + b1.y));
             x2 = __bfloat1622float2(__floats2bfloat162_rn(x2.x + b2.x, x2.y + b2.y));
         }
-        __nv_bfloat16* dst;
         if (hh < (uint32_t)(nh + nkv)) {
             const size_t p = (size_t)pos[t] * half + i;
             const float2 c = *reinterpret_cast<const float2*>(cos_t + p);
@@ -725,15 +783,32 @@ extern "C" __global__ void rope_qkv_cache_bf16(
             const float2 y2 = make_float2(x2.x * c.x + x1.x * s.x, x2.y * c.y + x1.y * s.y);
             x1 = y1;
             x2 = y2;
-            dst = hh < (uint32_t)nh ? q_out + ((size_t)t * nh + hh) * hd
-                                    : kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd;
-        } else {
-            dst = vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
         }
-        *reinterpret_cast<__nv_bfloat162*>(dst + i) = __floats2bfloat162_rn(x1.x, x1.y);
-        *reinterpret_cast<__nv_bfloat162*>(dst + i + half) = __floats2bfloat162_rn(x2.x, x2.y);
+        if (hh < (uint32_t)nh) {
+            __nv_bfloat16* dst = q_out + ((size_t)t * nh + hh) * hd;
+            KvElem<__nv_bfloat16>::store2(dst + i, x1.x, x1.y);
+            KvElem<__nv_bfloat16>::store2(dst + i + half, x2.x, x2.y);
+        } else {
+            C* dst = hh < (uint32_t)(nh + nkv) ? kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd
+                                               : vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
+            KvElem<C>::store2(dst + i, x1.x, x1.y);
+            KvElem<C>::store2(dst + i + half, x2.x, x2.y);
+        }
     }
 }
+
+#define ROPE_QKV_CACHE_ENTRY(NAME, C)                                                                    \
+    extern "C" __global__ void NAME(const __nv_bfloat16* __restrict__ qkv,                              \
+                                    const __nv_bfloat16* __restrict__ bias, const uint32_t* __restrict__ pos, \
+                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,  \
+                                    __nv_bfloat16* __restrict__ q_out, C* __restrict__ kc,             \
+                                    C* __restrict__ vc, const uint32_t* __restrict__ slots, int n,     \
+                                    int nh, int nkv, int hd) {                                         \
+        rope_qkv_cache<C>(qkv, bias, pos, cos_t, sin_t, q_out, kc, vc, slots, n, nh, nkv, hd);          \
+    }
+
+ROPE_QKV_CACHE_ENTRY(rope_qkv_cache_bf16, __nv_bfloat16)
+ROPE_QKV_CACHE_ENTRY(rope_qkv_cache_e4m3, __nv_fp8_storage_t)
 
 #define NORM_THREADS 128
 #define NORM_VEC 4  // 16-byte chunks per thread the vectorised path keeps (h <= 4096)
@@ -912,4 +987,21 @@ quant_rows_e4m3(const __nv_bfloat16* __restrict__ x, __nv_fp8_storage_t* __restr
     if (threadIdx.x == 0) scale_out[blockIdx.x] = s;
     for (int c = threadIdx.x; c < cols; c += QUANT_THREADS)
         q[base + c] = __nv_cvt_float_to_fp8(__bfloat162float(row[c]) / s, __NV_SATFINITE, __NV_E4M3);
+}
+
+// The FP8 GEMM's scales when cuBLASLt runs it with unit (scalar) scales, on a GPU or library
+// that refuses outer-vector scaling: y[r, c] = y[r, c] * rs[r] * cs[c] in f32, rounded once to
+// bf16. y: [rows, cols] bf16 (cols % 2 == 0); rs: [rows], cs: [cols] f32. Grid-stride, bf16x2.
+extern "C" __global__ void scale_rows_cols_bf16(__nv_bfloat16* __restrict__ y, const float* __restrict__ rs,
+                                                const float* __restrict__ cs, int rows, int cols) {
+    const size_t pairs = (size_t)rows * cols / 2;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t e = i * 2;
+        const int r = (int)(e / cols);
+        const int c = (int)(e % cols);
+        __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(y + e);
+        const float2 v = __bfloat1622float2(*p);
+        const float s = rs[r];
+        *p = __floats2bfloat162_rn(v.x * s * cs[c], v.y * s * cs[c + 1]);
+    }
 }

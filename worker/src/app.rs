@@ -114,6 +114,7 @@ async fn run(args: Args) -> i32 {
             model_dir: dir,
             device: args.device(),
             dtype: args.dtype,
+            kv_cache_dtype: args.kv_cache_dtype,
             max_num_seqs: args.max_batch_size.max(1),
             max_model_len: args.max_model_len,
             kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use sluice_api::contract::env;
-use sluice_api::job::{Dtype, InputFormat, NotRun, SamplingSpec};
+use sluice_api::job::{Dtype, InputFormat, KvCacheDtype, NotRun, SamplingSpec};
 use sluice_api::lines::DEFAULT_MAX_LINE_BYTES;
 use sluice_api::storage::{CaBundle, RetryPolicy, StorageOptions};
 
@@ -68,6 +68,10 @@ pub struct Args {
     /// Model dtype: auto, bf16, f16, f32 or fp8 (E4M3 weights and activations; Hopper or Ada for the fast path).
     #[arg(long, env = env::MODEL_DTYPE, default_value = "auto", value_parser = Dtype::from_str)]
     pub dtype: Dtype,
+    /// KV cache element type: auto (the activation dtype) or fp8 (E4M3 at unit scale, half the
+    /// memory of bf16 per token of context).
+    #[arg(long, env = env::KV_CACHE_DTYPE, default_value = "auto", value_parser = KvCacheDtype::from_str)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Longest prompt plus completion, in tokens [default: the model's].
     #[arg(long, env = env::MAX_MODEL_LEN)]
     pub max_model_len: Option<usize>,
@@ -318,6 +322,11 @@ mod tests {
         assert_eq!(ok.dtype, Dtype::Bf16);
         let err = Args::try_parse_from(base.iter().copied().chain(["--dtype=bf61"])).unwrap_err().to_string();
         assert!(err.contains("bf61") && err.contains("auto, bf16, f16, f32 or fp8"), "{err}");
+        assert_eq!(ok.kv_cache_dtype, KvCacheDtype::Auto);
+        let fp8 = Args::try_parse_from(base.iter().copied().chain(["--kv-cache-dtype=FP8"])).unwrap();
+        assert_eq!(fp8.kv_cache_dtype, KvCacheDtype::Fp8);
+        let err = Args::try_parse_from(base.iter().copied().chain(["--kv-cache-dtype=int4"])).unwrap_err().to_string();
+        assert!(err.contains("--kv-cache-dtype") && err.contains("int4") && err.contains("auto or fp8"), "{err}");
     }
 
     #[test]

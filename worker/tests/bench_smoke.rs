@@ -38,6 +38,7 @@ fn tiny_cpu_run_prints_the_fields() {
     let mut want = vec![
         "device",
         "dtype",
+        "kv_cache_dtype",
         "model",
         "requests",
         "input_len",
@@ -59,6 +60,7 @@ fn tiny_cpu_run_prints_the_fields() {
     assert_eq!(keys, want);
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["kv_cache_dtype"], "f32");
     assert_eq!(v["model"], "tiny-qwen2");
     assert_eq!(v["requests"], 5);
     assert_eq!(v["input_len"], 12);

@@ -82,11 +82,11 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let to_t = |v: Vec<u32>| Tensor::from_slice(&v, v.len(), &dev).unwrap();
     let chunks_all = to_t(query_chunks(&rows, &ctx, 0));
     let chunks = to_t(query_chunks(&rows, &ctx, first));
-    let run = |tensor_cores: bool, prefill: Option<Prefill>| {
+    let run_on = |kc: &Tensor, vc: &Tensor, tensor_cores: bool, prefill: Option<Prefill>| {
         sluice_worker::engine::cuda_ops::paged_attention(
             &t(&q, &[n, nh, hd]),
-            &t(&k, &[slots, kvd]),
-            &t(&v, &[slots, kvd]),
+            kc,
+            vc,
             &Tensor::from_slice(&tables, (b, max_blocks), &dev).unwrap(),
             &Tensor::from_slice(&rows, n, &dev).unwrap(),
             &Tensor::from_slice(&ctx, n, &dev).unwrap(),
@@ -105,15 +105,34 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
         .to_vec1::<f32>()
         .unwrap()
     };
-    let mut kernels = vec![("cuda cores", run(false, None))];
+    let (kc, vc) = (t(&k, &[slots, kvd]), t(&v, &[slots, kvd]));
+    let run = |tensor_cores: bool, prefill: Option<Prefill>| run_on(&kc, &vc, tensor_cores, prefill);
+    let mut kernels = vec![("cuda cores", run(false, None), false)];
     if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
-        kernels.push(("tensor cores", run(true, None)));
-        kernels.push(("tensor cores, chunks", run(true, Some(Prefill { items: &chunks, first }))));
-        kernels.push(("tensor cores, all chunks", run(true, Some(Prefill { items: &chunks_all, first: 0 }))));
+        kernels.push(("tensor cores", run(true, None), false));
+        kernels.push(("tensor cores, chunks", run(true, Some(Prefill { items: &chunks, first })), false));
+        kernels.push(("tensor cores, all chunks", run(true, Some(Prefill { items: &chunks_all, first: 0 })), false));
+    }
+    // The same caches in E4M3 (rounded on the host; the reference reads the rounded values).
+    let e4m3 = |x: &[f32]| -> (Vec<f32>, Tensor) {
+        let c = Tensor::from_slice(x, (slots, kvd), &Device::Cpu).unwrap().to_dtype(DType::F8E4M3).unwrap();
+        (c.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap(), c.to_device(&dev).unwrap())
+    };
+    let ((k8, k8c), (v8, v8c)) = (e4m3(&k), e4m3(&v));
+    kernels.push(("cuda cores, e4m3 cache", run_on(&k8c, &v8c, false, None), true));
+    if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
+        kernels.push(("tensor cores, e4m3 cache", run_on(&k8c, &v8c, true, None), true));
+        // Chunks asked for: an E4M3 cache runs its prefill tokens one per block instead.
+        kernels.push((
+            "tensor cores, e4m3 cache, all chunks",
+            run_on(&k8c, &v8c, true, Some(Prefill { items: &chunks_all, first: 0 })),
+            true,
+        ));
     }
     let g = nh / nkv;
-    for (kernel, got) in kernels {
-        let worst = max_err(&q, &k, &v, &got, queries, &tables, (nh, nkv, hd), max_blocks, block_size, g, scale);
+    for (kernel, got, fp8) in kernels {
+        let (k, v) = if fp8 { (&k8, &v8) } else { (&k, &v) };
+        let worst = max_err(&q, k, v, &got, queries, &tables, (nh, nkv, hd), max_blocks, block_size, g, scale);
         eprintln!("paged_attention [{kernel}] nh={nh} nkv={nkv} hd={hd} lens={lens:?} queries={n}: max abs err {worst}");
         assert!(worst < 2e-2, "{kernel}: max abs err {worst}");
     }

@@ -1,7 +1,8 @@
 //! `dtype: fp8` (E4M3 projections, per-channel weight scales, per-token activation scales): the
 //! accuracy bound against the float32 transformers reference on the tiny models (CPU, the
 //! emulated rounding; on a GPU with `SLUICE_TEST_CUDA=1`, the FP8 tensor-core path too), FP8
-//! checkpoints loaded with their scales, and the errors for checkpoints it cannot load.
+//! checkpoints loaded with their scales, and the errors for checkpoints it cannot load; and the
+//! FP8 KV cache (`kv_cache_dtype: fp8`, E4M3 at unit scale): its accuracy bound and capacity.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod engine_common;
@@ -10,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use engine_common::*;
-use sluice_api::job::Dtype;
+use sluice_api::job::{Dtype, KvCacheDtype};
 use sluice_worker::engine::{EngineConfig, LlmEngine, Prompt};
 
 /// Worst relative logits error over every teacher-forced step of the reference cases, and the
@@ -79,6 +80,43 @@ fn fp8_logits_stay_within_the_bound_of_the_f32_reference() {
     }
 }
 
+/// The FP8 KV cache alone (f32 weights and activations) and with FP8 projections: worse than
+/// the f32 engine, within the CPU bound of FP8 projections (keys and values are rounded to 3
+/// mantissa bits once each, the projections' inputs at every layer).
+#[test]
+fn fp8_kv_cache_stays_within_the_bound_of_the_f32_reference() {
+    for name in MODELS {
+        let (f32_err, _) = accuracy(&mut engine(&config(name)), name);
+        let kv = EngineConfig { kv_cache_dtype: KvCacheDtype::Fp8, ..config(name) };
+        let mut kv_engine = engine(&kv);
+        assert_eq!(kv_engine.kv_cache_dtype(), DType::F8E4M3);
+        let (kv_err, kv_agree) = accuracy(&mut kv_engine, name);
+        let both = EngineConfig { kv_cache_dtype: KvCacheDtype::Fp8, ..fp8_config(name) };
+        let (both_err, both_agree) = accuracy(&mut engine(&both), name);
+        eprintln!(
+            "{name}: vs transformers f32, worst relative logits error / greedy agreement: fp8 KV cache {kv_err:.4} / {kv_agree:.3}, fp8 projections + fp8 KV cache {both_err:.4} / {both_agree:.3}"
+        );
+        assert!(kv_err > f32_err, "{name}: the fp8 KV cache changed nothing ({kv_err})");
+        assert!(kv_err <= CPU_FP8_TOL, "{name}: fp8 KV cache relative logits error {kv_err} above {CPU_FP8_TOL}");
+        assert!(both_err <= CPU_FP8_TOL, "{name}: fp8 projections + KV cache relative logits error {both_err} above {CPU_FP8_TOL}");
+    }
+}
+
+/// An E4M3 cache holds a quarter of the bytes per token of an f32 one (half of bf16's): the
+/// same byte budget gives four times the blocks.
+#[test]
+fn fp8_kv_cache_fits_more_blocks_in_the_same_bytes() {
+    let budget = EngineConfig { num_kv_blocks: None, kv_cache_bytes: Some(4 << 20), ..config("tiny-qwen2") };
+    let f32_blocks = engine(&budget).stats().kv_blocks_total;
+    let fp8_blocks = engine(&EngineConfig { kv_cache_dtype: KvCacheDtype::Fp8, ..budget.clone() }).stats().kv_blocks_total;
+    let bf16_blocks = engine(&EngineConfig { dtype: Dtype::Bf16, ..budget.clone() }).stats().kv_blocks_total;
+    assert!(f32_blocks > 0, "{f32_blocks}");
+    assert_eq!(fp8_blocks, 4 * f32_blocks, "f32 {f32_blocks} blocks, fp8 {fp8_blocks}");
+    assert_eq!(bf16_blocks, 2 * f32_blocks, "f32 {f32_blocks} blocks, bf16 {bf16_blocks}");
+    assert_eq!("FP8".parse::<KvCacheDtype>(), Ok(KvCacheDtype::Fp8));
+    assert!("int8".parse::<KvCacheDtype>().unwrap_err().contains("auto or fp8"));
+}
+
 /// The same bound at a real shape: `SLUICE_ACCURACY_DIR` holds a bf16 checkpoint and its float32
 /// transformers reference from scripts/accuracy_reference.py (for example the Llama-3.1-8B
 /// widths with 4 layers on a CPU, or all 32 on a GPU with `SLUICE_ACCURACY_DEVICE=cuda`).
@@ -103,24 +141,34 @@ fn fp8_accuracy_at_a_real_shape() {
     };
     let mut rows = Vec::new();
     let mut bf16_tokens = Vec::new();
-    for dtype in [Dtype::Bf16, Dtype::F32, Dtype::Fp8] {
+    let mut kv_err = None;
+    for (dtype, kv_cache_dtype) in [
+        (Dtype::Bf16, KvCacheDtype::Auto),
+        (Dtype::F32, KvCacheDtype::Auto),
+        (Dtype::Fp8, KvCacheDtype::Auto),
+        (Dtype::Bf16, KvCacheDtype::Fp8),
+    ] {
         if dtype == Dtype::F32 && device != sluice_worker::engine::DeviceKind::Cpu {
             continue; // the GPU path is bf16 or fp8
         }
         let t = std::time::Instant::now();
-        let (err, agree, tokens) = accuracy_on(&mut engine(&EngineConfig { dtype, ..cfg.clone() }), &cases);
-        let vs_bf16 = if dtype == Dtype::Bf16 {
+        let (err, agree, tokens) = accuracy_on(&mut engine(&EngineConfig { dtype, kv_cache_dtype, ..cfg.clone() }), &cases);
+        let vs_bf16 = if dtype == Dtype::Bf16 && kv_cache_dtype == KvCacheDtype::Auto {
             bf16_tokens = tokens;
             1.0
         } else {
             agreement(&tokens, &bf16_tokens)
         };
         eprintln!(
-            "{} {dtype:?}: worst relative logits error vs transformers f32 {err:.2e}, greedy agreement with it {agree:.3}, with the bf16 engine {vs_bf16:.3} ({:.0} s)",
+            "{} {dtype:?}, KV cache {kv_cache_dtype:?}: worst relative logits error vs transformers f32 {err:.2e}, greedy agreement with it {agree:.3}, with the bf16 engine {vs_bf16:.3} ({:.0} s)",
             dir.display(),
             t.elapsed().as_secs_f64()
         );
-        rows.push((dtype, err));
+        if kv_cache_dtype == KvCacheDtype::Fp8 {
+            kv_err = Some(err);
+        } else {
+            rows.push((dtype, err));
+        }
     }
     let err = |d: Dtype| rows.iter().find(|(x, _)| *x == d).map(|(_, e)| *e).unwrap();
     if device == sluice_worker::engine::DeviceKind::Cpu {
@@ -128,6 +176,8 @@ fn fp8_accuracy_at_a_real_shape() {
     }
     assert!(err(Dtype::Fp8) > err(Dtype::Bf16) / 4.0, "fp8 changed nothing");
     assert!(err(Dtype::Fp8) <= 12.0 * err(Dtype::Bf16).max(1e-3), "fp8 {} more than 12x bf16's {}", err(Dtype::Fp8), err(Dtype::Bf16));
+    let kv_err = kv_err.unwrap();
+    assert!(kv_err <= 12.0 * err(Dtype::Bf16).max(1e-3), "fp8 KV cache {kv_err} more than 12x bf16's {}", err(Dtype::Bf16));
 }
 
 /// Writes a copy of the tiny model whose projections are E4M3 with `scale(w)` scales (per
@@ -235,5 +285,34 @@ fn cuda_fp8_matches_the_emulated_rounding() {
         let (cpu_err, cpu_agree) = accuracy(&mut engine(&fp8_config(name)), name);
         eprintln!("{name}: GPU fp8 rel err {err:.4} (greedy agreement {agree:.3}); CPU fp8 {cpu_err:.4} ({cpu_agree:.3})");
         assert!(err <= CPU_FP8_TOL + 0.05, "{name}: GPU fp8 rel err {err}");
+    }
+}
+
+/// The FP8 KV cache on the GPU (the E4M3 epilogue and the E4M3 CUDA-core attention kernel, which
+/// every token then takes, prefill chunks included) against the emulated cache on the CPU, the
+/// f32 reference, and the GPU engine with a bf16 cache.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fp8_kv_cache_matches_the_emulated_rounding() {
+    use sluice_worker::engine::DeviceKind;
+    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped (the CUDA part): set SLUICE_TEST_CUDA=1 (needs a GPU)");
+        return;
+    }
+    for name in MODELS {
+        let gpu = EngineConfig { device: DeviceKind::Cuda(0), ..config(name) };
+        let (bf16_err, _, bf16_tokens) = accuracy_on(&mut engine(&gpu), &reference(name));
+        let kv = EngineConfig { kv_cache_dtype: KvCacheDtype::Fp8, ..gpu.clone() };
+        let mut kv_engine = engine(&kv);
+        assert_eq!(kv_engine.kv_cache_dtype(), DType::F8E4M3);
+        let (err, agree, tokens) = accuracy_on(&mut kv_engine, &reference(name));
+        let cpu = EngineConfig { dtype: Dtype::Bf16, kv_cache_dtype: KvCacheDtype::Fp8, ..config(name) };
+        let (cpu_err, cpu_agree) = accuracy(&mut engine(&cpu), name);
+        eprintln!(
+            "{name}: GPU fp8 KV cache rel err {err:.4} (greedy agreement {agree:.3}, with the GPU bf16 cache {:.3}); GPU bf16 cache {bf16_err:.4}; CPU bf16 + fp8 KV cache {cpu_err:.4} ({cpu_agree:.3})",
+            agreement(&tokens, &bf16_tokens)
+        );
+        assert!(err <= CPU_FP8_TOL + 0.05, "{name}: GPU fp8 KV cache rel err {err}");
+        assert!(err >= bf16_err / 4.0, "{name}: the fp8 KV cache changed nothing? ({err} vs {bf16_err})");
     }
 }

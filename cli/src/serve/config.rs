@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sluice_api::job::{Dtype, StorageSpec, WorkersSpec};
+use sluice_api::job::{Dtype, KvCacheDtype, StorageSpec, WorkersSpec};
 
 use super::error::ApiError;
 use crate::local::resolve_uri;
@@ -58,9 +58,12 @@ pub struct ClusterConfig {
 pub struct ModelEntry {
     /// A model directory (path relative to the config file, `file://`, or an object-store prefix).
     pub uri: String,
-    /// `auto`, `bf16`, `f16` or `f32` (default `auto`).
+    /// `auto`, `bf16`, `f16`, `f32` or `fp8` (default `auto`).
     #[serde(default)]
     pub dtype: Option<String>,
+    /// KV cache elements: `auto` or `fp8` (default `auto`).
+    #[serde(default)]
+    pub kv_cache_dtype: Option<String>,
     #[serde(default)]
     pub max_model_len: Option<u32>,
     /// Default `max_tokens` of lines that set none.
@@ -95,6 +98,7 @@ impl ServerConfig {
         let entry = ModelEntry {
             uri: resolve_uri(&dir.display().to_string(), Path::new("/")),
             dtype: None,
+            kv_cache_dtype: None,
             max_model_len: None,
             max_tokens: None,
             temperature: None,
@@ -135,6 +139,9 @@ impl ServerConfig {
             check_model_dir(&m.uri).map_err(|e| format!("server config {}: models.{name}.uri: {e}", path.display()))?;
             if let Some(d) = &m.dtype {
                 d.parse::<Dtype>().map_err(|e| format!("server config {}: models.{name}.dtype: {e}", path.display()))?;
+            }
+            if let Some(d) = &m.kv_cache_dtype {
+                d.parse::<KvCacheDtype>().map_err(|e| format!("server config {}: models.{name}.kvCacheDtype: {e}", path.display()))?;
             }
         }
         if let Some(d) = &cfg.default_model
@@ -353,5 +360,10 @@ mod tests {
         std::fs::write(&path, format!("models:\n  m: {{uri: {}, dtype: bf61}}\n", model.display())).unwrap();
         let err = ServerConfig::load(&path).unwrap_err();
         assert!(err.contains("models.m.dtype") && err.contains("bf61") && err.contains("fp8"), "{err}");
+        std::fs::write(&path, format!("models:\n  m: {{uri: {}, kvCacheDtype: fp8}}\n", model.display())).unwrap();
+        assert_eq!(ServerConfig::load(&path).unwrap().models["m"].kv_cache_dtype.as_deref(), Some("fp8"));
+        std::fs::write(&path, format!("models:\n  m: {{uri: {}, kvCacheDtype: int4}}\n", model.display())).unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("models.m.kvCacheDtype") && err.contains("int4") && err.contains("auto or fp8"), "{err}");
     }
 }

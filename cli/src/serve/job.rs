@@ -28,6 +28,9 @@ pub struct JobPlacement<'a> {
 /// The `spec` of batch `b`'s job.
 pub fn job_spec(model: &ModelEntry, b: &BatchObject, at: JobPlacement<'_>) -> Value {
     let mut model_spec = json!({"uri": model.uri, "dtype": model.dtype.clone().unwrap_or_else(|| "auto".into())});
+    if let Some(d) = &model.kv_cache_dtype {
+        model_spec["kvCacheDtype"] = json!(d.trim().to_ascii_lowercase());
+    }
     if let Some(n) = model.max_model_len {
         model_spec["maxModelLen"] = json!(n);
     }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use sluice_api::job::Dtype;
+use sluice_api::job::{Dtype, KvCacheDtype};
 use sluice_worker::engine::{ArchConfig, DeviceKind, EngineConfig, EngineSwitches, GenerationRequest, LlmEngine, Prompt, SamplingParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,6 +57,9 @@ struct Args {
     /// f32, f16, bf16, fp8 (E4M3 projections); default bf16 on CUDA, f32 on CPU.
     #[arg(long, default_value = "auto", value_parser = Dtype::from_str)]
     dtype: Dtype,
+    /// KV cache elements: auto (the activation dtype) or fp8 (E4M3, half of bf16's bytes).
+    #[arg(long, default_value = "auto", value_parser = KvCacheDtype::from_str)]
+    kv_cache_dtype: KvCacheDtype,
     #[arg(long, default_value_t = 1024)]
     max_num_seqs: usize,
     #[arg(long, default_value_t = 16384)]
@@ -195,6 +198,7 @@ fn main() -> anyhow::Result<()> {
         model_dir: args.model_dir.clone().unwrap_or_default(),
         device: parse_device(args.device.as_deref())?,
         dtype: args.dtype,
+        kv_cache_dtype: args.kv_cache_dtype,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         block_size: args.block_size,
@@ -265,6 +269,7 @@ fn main() -> anyhow::Result<()> {
     let line = json!({
         "device": engine.device_label(),
         "dtype": engine.dtype_label(),
+        "kv_cache_dtype": format!("{:?}", engine.kv_cache_dtype()).to_lowercase(),
         "model": engine.model_name(),
         "requests": n,
         "input_len": input_len,

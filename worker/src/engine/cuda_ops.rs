@@ -33,9 +33,12 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 
 /// Attention of `n` query tokens, each over its own context read straight from the paged cache.
 /// `tensor_cores` picks the mma.sync kernel (only where `tensor_core_attention_supported`).
+/// Every kernel reads a bf16 or an F8E4M3 cache (E4M3 widened as it loads), except the chunked
+/// prefill kernel: with an F8E4M3 cache, prefill tokens run one per block as decode tokens do.
 ///
 /// * `q`: `[n, num_heads, head_dim]` bf16 (RoPE applied);
-/// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16 (this step's keys written);
+/// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16 or F8E4M3 (this step's keys
+///   written);
 /// * `tables`: `[rows, max_blocks]` u32 block ids, one row per sequence;
 /// * `table_rows`: `[n]` u32, the row of `tables` of each query's sequence;
 /// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
@@ -64,6 +67,7 @@ pub fn paged_attention(
     #[cfg(feature = "cuda")]
     {
         let (_, max_blocks) = tables.dims2()?;
+        let prefill = if k_cache.dtype() == DType::BF16 { prefill } else { None };
         let op = imp::PagedAttention {
             k_cache: k_cache.clone(),
             v_cache: v_cache.clone(),
@@ -344,10 +348,11 @@ mod imp {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg, result,
+        CudaEvent, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg, result,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
@@ -398,6 +403,43 @@ mod imp {
         u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda op: {what} {x} out of range")))
     }
 
+    /// The K and V caches' device views, in their element type.
+    enum CacheViews<'a> {
+        Bf16(CudaView<'a, bf16>, CudaView<'a, bf16>),
+        E4m3(CudaView<'a, F8E4M3>, CudaView<'a, F8E4M3>),
+    }
+
+    impl<'a> CacheViews<'a> {
+        fn of(ks: &'a CudaStorage, kl: &Layout, vs: &'a CudaStorage, vl: &Layout) -> candle_core::Result<Self> {
+            match (ks.dtype(), vs.dtype()) {
+                (candle_core::DType::BF16, candle_core::DType::BF16) => {
+                    Ok(Self::Bf16(view::<bf16>(ks, kl, "k cache")?, view::<bf16>(vs, vl, "v cache")?))
+                }
+                (candle_core::DType::F8E4M3, candle_core::DType::F8E4M3) => {
+                    Ok(Self::E4m3(view::<F8E4M3>(ks, kl, "k cache")?, view::<F8E4M3>(vs, vl, "v cache")?))
+                }
+                (k, v) => bail!("KV cache of {k:?} keys and {v:?} values (bf16 or F8E4M3, both alike)"),
+            }
+        }
+
+        /// Pushes the K then the V cache pointer.
+        fn push<'l>(&'a self, b: &mut LaunchArgs<'l>)
+        where
+            'a: 'l,
+        {
+            match self {
+                Self::Bf16(k, v) => {
+                    b.arg(k);
+                    b.arg(v);
+                }
+                Self::E4m3(k, v) => {
+                    b.arg(k);
+                    b.arg(v);
+                }
+            }
+        }
+    }
+
     impl CustomOp1 for PagedAttention {
         fn name(&self) -> &'static str {
             "paged-attention"
@@ -430,8 +472,10 @@ mod imp {
                 bail!("paged-attention: unsupported shape ({nh} heads, {} KV heads, head_dim {hd})", self.num_kv_heads);
             }
             let qv = view::<bf16>(q, ql, "q")?;
-            let kv = view::<bf16>(ks, kl, "k cache")?;
-            let vv = view::<bf16>(vs, vl, "v cache")?;
+            let caches = CacheViews::of(ks, kl, vs, vl)?;
+            if matches!(caches, CacheViews::E4m3(..)) && self.prefill.is_some() {
+                bail!("paged-attention: the chunked prefill kernel reads a bf16 cache only");
+            }
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
@@ -447,15 +491,24 @@ mod imp {
             if first > n {
                 bail!("paged-attention: prefill items start at token {first} of {n}");
             }
-            let entry = match (hd, self.tensor_cores) {
-                (64, true) if self.pipelined => "paged_attention_mma_pipe_bf16_hd64",
-                (64, true) => "paged_attention_mma_bf16_hd64",
-                (128, true) => "paged_attention_mma_bf16_hd128",
-                (16, _) => "paged_attention_bf16_hd16",
-                (32, _) => "paged_attention_bf16_hd32",
-                (64, _) => "paged_attention_bf16_hd64",
-                (128, _) => "paged_attention_bf16_hd128",
-                _ => "paged_attention_bf16_hd256",
+            let fp8 = matches!(caches, CacheViews::E4m3(..));
+            let entry = match (hd, self.tensor_cores, fp8) {
+                (64, true, false) if self.pipelined => "paged_attention_mma_pipe_bf16_hd64",
+                (64, true, false) => "paged_attention_mma_bf16_hd64",
+                (128, true, false) => "paged_attention_mma_bf16_hd128",
+                (64, true, true) if self.pipelined => "paged_attention_mma_pipe_e4m3_hd64",
+                (64, true, true) => "paged_attention_mma_e4m3_hd64",
+                (128, true, true) => "paged_attention_mma_e4m3_hd128",
+                (16, _, false) => "paged_attention_bf16_hd16",
+                (32, _, false) => "paged_attention_bf16_hd32",
+                (64, _, false) => "paged_attention_bf16_hd64",
+                (128, _, false) => "paged_attention_bf16_hd128",
+                (_, _, false) => "paged_attention_bf16_hd256",
+                (16, _, true) => "paged_attention_e4m3_hd16",
+                (32, _, true) => "paged_attention_e4m3_hd32",
+                (64, _, true) => "paged_attention_e4m3_hd64",
+                (128, _, true) => "paged_attention_e4m3_hd128",
+                (_, _, true) => "paged_attention_e4m3_hd256",
             };
             // SAFETY: every element is written by the kernels before it is read (the items
             // cover every token from `first` on).
@@ -484,8 +537,7 @@ mod imp {
                     LaunchConfig { grid_dim: (as_u32(blocks, "query blocks")?, nkv_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
                 let mut builder = func.builder();
                 builder.arg(&qv);
-                builder.arg(&kv);
-                builder.arg(&vv);
+                caches.push(&mut builder);
                 builder.arg(&tv);
                 builder.arg(&rv);
                 builder.arg(&cv);
@@ -562,8 +614,7 @@ mod imp {
             let pv = view::<u32>(ps, pl, "positions")?;
             let cv = view::<f32>(cs, cl, "cos")?;
             let sv = view::<f32>(ss, sl, "sin")?;
-            let kv = view::<bf16>(ks, kl, "k cache")?;
-            let vv = view::<bf16>(vs, vl, "v cache")?;
+            let caches = CacheViews::of(ks, kl, vs, vl)?;
             let tv = view::<u32>(ts, tl, "slots")?;
             let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
             let bias_view = match &bias_guard {
@@ -583,7 +634,11 @@ mod imp {
             if total == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, nh, hd))));
             }
-            let func = dev.get_or_load_custom_func("rope_qkv_cache_bf16", "sluice_kernels", PTX)?;
+            let name = match caches {
+                CacheViews::Bf16(..) => "rope_qkv_cache_bf16",
+                CacheViews::E4m3(..) => "rope_qkv_cache_e4m3",
+            };
+            let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
             let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (n_, nh_, nkv_, hd_) = (as_i32(n, "tokens")?, as_i32(nh, "heads")?, as_i32(nkv, "kv heads")?, as_i32(hd, "head_dim")?);
@@ -598,14 +653,13 @@ mod imp {
             builder.arg(&cv);
             builder.arg(&sv);
             builder.arg(&out);
-            builder.arg(&kv);
-            builder.arg(&vv);
+            caches.push(&mut builder);
             builder.arg(&tv);
             builder.arg(&n_);
             builder.arg(&nh_);
             builder.arg(&nkv_);
             builder.arg(&hd_);
-            // SAFETY: argument types and order match `rope_qkv_cache_bf16` (a null bias pointer
+            // SAFETY: argument types and order match `rope_qkv_cache_{bf16,e4m3}` (a null bias pointer
             // is a u64 0); shapes checked above. The kernel writes the cache rows `slots` through
             // the caches' device pointers: the engine owns the caches, runs everything on one
             // stream, and the slots are its own allocator's.
@@ -937,12 +991,17 @@ mod imp {
         b: lt::sys::cublasLtMatrixLayout_t,
         d: lt::sys::cublasLtMatrixLayout_t,
         algo: lt::sys::cublasLtMatmulAlgo_t,
+        /// The GEMM applies the per-channel and per-token scales (outer-vector scaling); else it
+        /// runs with unit scales and `scale_rows_cols_bf16` applies them after.
+        outer: bool,
     }
 
     pub(super) struct Fp8Gemm {
         handle: lt::sys::cublasLtHandle_t,
         workspace: CudaSlice<u8>,
         plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+        /// Set once cuBLASLt has refused outer-vector scaling (not tried again).
+        outer_refused: std::sync::atomic::AtomicBool,
     }
 
     // SAFETY: the handle and descriptors are plain cuBLASLt objects with no thread affinity; every
@@ -981,10 +1040,27 @@ mod imp {
             }
             let handle = lt::result::create_handle().map_err(|e| EngineError::Config(format!("cuBLASLt handle: {e:?}")))?;
             let workspace = dev.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
-            Ok(Self { handle, workspace, plans: Mutex::new(HashMap::new()) })
+            Ok(Self { handle, workspace, plans: Mutex::new(HashMap::new()), outer_refused: std::sync::atomic::AtomicBool::new(false) })
         }
 
-        fn plan(&self, m: usize, n: usize, k: usize) -> candle_core::Result<Plan> {
+        /// The plan for `(m, n, k)`: outer-vector scaling with these scale vectors (device
+        /// addresses, set before the heuristic runs), or, where cuBLASLt refuses that mode (as
+        /// cuBLAS 13.0 did on an H100), unit scales and a separate scaling kernel.
+        fn plan(&self, m: usize, n: usize, k: usize, w_scales: u64, x_scales: u64) -> candle_core::Result<Plan> {
+            use std::sync::atomic::Ordering;
+            if !self.outer_refused.load(Ordering::Relaxed) {
+                match self.plan_with(m, n, k, Some((w_scales, x_scales))) {
+                    Ok(p) => return Ok(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cuBLASLt refused outer-vector FP8 scaling; scaling the GEMM's output in a separate kernel");
+                        self.outer_refused.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.plan_with(m, n, k, None)
+        }
+
+        fn plan_with(&self, m: usize, n: usize, k: usize, outer: Option<(u64, u64)>) -> candle_core::Result<Plan> {
             use lt::sys::cublasLtMatmulDescAttributes_t as A;
             let desc = lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::sys::cudaDataType::CUDA_R_32F)
                 .map_err(|e| lt_err("matmul description", e))?;
@@ -1000,9 +1076,13 @@ mod imp {
                 A::CUBLASLT_MATMUL_DESC_TRANSB,
                 &(candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32),
             )?;
-            let outer = lt::sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
-            set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
-            set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+            if let Some((w_scales, x_scales)) = outer {
+                let mode = lt::sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales)?;
+            }
             let layout = |t, rows: usize, cols: usize, ld: usize| {
                 lt::result::create_matrix_layout(t, rows as u64, cols as u64, ld as i64).map_err(|e| lt_err("matrix layout", e))
             };
@@ -1027,8 +1107,21 @@ mod imp {
             unsafe {
                 let _ = lt::result::destroy_matmul_pref(pref);
             }
-            let algo = found.map_err(|e| lt_err(&format!("no FP8 GEMM algorithm for m={m} n={n} k={k}"), e))?.algo;
-            Ok(Plan { desc, a, b, d, algo })
+            let algo = match found {
+                Ok(h) => h.algo,
+                Err(e) => {
+                    // SAFETY: the objects were created above and are not used again.
+                    unsafe {
+                        let _ = lt::result::destroy_matrix_layout(a);
+                        let _ = lt::result::destroy_matrix_layout(b);
+                        let _ = lt::result::destroy_matrix_layout(d);
+                        let _ = lt::result::destroy_matmul_desc(desc);
+                    }
+                    let mode = if outer.is_some() { "outer-vector scales" } else { "unit scales" };
+                    return Err(lt_err(&format!("no FP8 GEMM algorithm for m={m} n={n} k={k} with {mode}"), e));
+                }
+            };
+            Ok(Plan { desc, a, b, d, algo, outer: outer.is_some() })
         }
     }
 
@@ -1091,20 +1184,22 @@ mod imp {
             let stream = dev.cuda_stream();
             let gemm = &self.gemm.inner;
             let mut plans = gemm.plans.lock().map_err(|_| candle_core::Error::Msg("fp8-matmul: plan cache poisoned".into()))?;
-            let plan = match plans.entry((m, n, k)) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(gemm.plan(m, n, k)?),
-            };
             let (w_ptr, _w_read) = wv.device_ptr(&stream);
             let (ws_ptr, _ws_read) = sv.device_ptr(&stream);
             let (x_ptr, _x_read) = xq.device_ptr(&stream);
             let (xs_ptr, _xs_read) = xs.device_ptr(&stream);
             let (work_ptr, _work) = gemm.workspace.device_ptr(&stream);
             let (y_ptr, _y_write) = y.device_ptr_mut(&stream);
+            let plan = match plans.entry((m, n, k)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(gemm.plan(m, n, k, ws_ptr, xs_ptr)?),
+            };
             use lt::sys::cublasLtMatmulDescAttributes_t as A;
-            // The scale pointers are device addresses (`void*` attributes).
-            set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws_ptr)?;
-            set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs_ptr)?;
+            if plan.outer {
+                // The scale pointers are device addresses (`void*` attributes).
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws_ptr)?;
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs_ptr)?;
+            }
             let (alpha, beta) = (1f32, 0f32);
             // SAFETY: the plan was made for (m, n, k) with these layouts; the pointers are live
             // device buffers of those sizes (kept by the guards and tensors above until after the
@@ -1130,8 +1225,25 @@ mod imp {
                 )
             }
             .map_err(|e| lt_err(&format!("FP8 matmul m={m} n={n} k={k}"), e))?;
+            let outer = plan.outer;
             drop((_w_read, _ws_read, _x_read, _xs_read, _work, _y_write));
             drop(plans);
+            if !outer {
+                let func = dev.get_or_load_custom_func("scale_rows_cols_bf16", "sluice_kernels", PTX)?;
+                let pairs = m * n / 2;
+                let blocks = as_u32(pairs.div_ceil(256).min(1 << 16), "blocks")?;
+                let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let (m_, n_) = (as_i32(m, "rows")?, as_i32(n, "columns")?);
+                let mut builder = func.builder();
+                builder.arg(&mut y);
+                builder.arg(&xs);
+                builder.arg(&sv);
+                builder.arg(&m_);
+                builder.arg(&n_);
+                // SAFETY: argument types and order match `scale_rows_cols_bf16`; y is m * n bf16
+                // (n even: a multiple of 16), xs m and sv n f32, all on this stream.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
             Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }
     }

@@ -112,14 +112,22 @@ pub struct KvBudget {
     pub max_num_batched_tokens: usize,
 }
 
-/// Number of KV blocks to allocate, after the weights are on the device.
-pub fn kv_blocks(arch: &ArchConfig, dtype: DType, device: &Device, cfg: &KvBudget, useful_max: usize) -> Result<usize, EngineError> {
+/// Number of KV blocks of `kv_dtype` elements to allocate, after the weights (activations in
+/// `dtype`) are on the device.
+pub fn kv_blocks(
+    arch: &ArchConfig,
+    dtype: DType,
+    kv_dtype: DType,
+    device: &Device,
+    cfg: &KvBudget,
+    useful_max: usize,
+) -> Result<usize, EngineError> {
     let block_size = cfg.block_size;
     let gpu_memory_utilization = cfg.gpu_memory_utilization;
     if let Some(n) = cfg.num_kv_blocks {
         return Ok(n.max(1));
     }
-    let per_block = (arch.kv_bytes_per_token(dtype.size_in_bytes()) * block_size) as u64;
+    let per_block = (arch.kv_bytes_per_token(kv_dtype.size_in_bytes()) * block_size) as u64;
     let budget = if let Some(b) = cfg.kv_cache_bytes {
         b
     } else if device.is_cuda() {

@@ -262,6 +262,11 @@ impl KvCache {
         self.block_size
     }
 
+    /// The element type of the K and V tensors (the activation dtype, or F8E4M3).
+    pub fn dtype(&self) -> Result<DType, EngineError> {
+        self.layers.first().map(|(k, _)| k.dtype()).ok_or_else(|| EngineError::Config("a KV cache of no layers".into()))
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }

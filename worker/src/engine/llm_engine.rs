@@ -18,7 +18,7 @@ use super::model::{LastToken, Model, PendingStep, SeqInput};
 use super::sampling::{self, SamplingParams};
 use super::scheduler::{Limits, PENDING, Scheduled, Scheduler, Sequence};
 use super::tokenizer::{Prompt, TextCodec};
-use sluice_api::job::Dtype;
+use sluice_api::job::{Dtype, KvCacheDtype};
 
 /// How to load and run a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub device: DeviceKind,
     /// Weight precision; `Auto` = f32 on CPU, bf16 on CUDA.
     pub dtype: Dtype,
+    /// KV cache elements: `Auto` = the activation dtype, `Fp8` = E4M3 at unit scale.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Most sequences running at once.
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass (prefill chunks + decode tokens).
@@ -57,6 +59,7 @@ impl Default for EngineConfig {
             model_dir: PathBuf::new(),
             device: DeviceKind::Cpu,
             dtype: Dtype::Auto,
+            kv_cache_dtype: KvCacheDtype::Auto,
             max_num_seqs: 256,
             max_num_batched_tokens: 4096,
             block_size: 16,
@@ -240,17 +243,28 @@ impl LlmEngine {
             kv_cache_bytes: cfg.kv_cache_bytes,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
         };
-        let num_blocks = device::kv_blocks(&arch, dtype, &device, &budget, useful)?;
+        let kv_dtype = match cfg.kv_cache_dtype {
+            KvCacheDtype::Auto => dtype,
+            KvCacheDtype::Fp8 if device.is_cuda() && !model.paged_attention() => {
+                return Err(EngineError::Config(format!(
+                    "kv_cache_dtype fp8 on CUDA needs the paged attention kernel, which this model does not run ({} heads, {} KV heads, head_dim {}, {dtype:?}; SLUICE_PAGED_ATTENTION off?)",
+                    arch.num_heads, arch.num_kv_heads, arch.head_dim
+                )));
+            }
+            KvCacheDtype::Fp8 => DType::F8E4M3,
+        };
+        let num_blocks = device::kv_blocks(&arch, dtype, kv_dtype, &device, &budget, useful)?;
         // One sequence must always fit alone, or preemption could not make progress.
         let capacity = num_blocks * cfg.block_size;
         if capacity < max_model_len {
             tracing::warn!(capacity, max_model_len, "KV cache smaller than max model length; capping it");
             max_model_len = capacity;
         }
-        let cache = KvCache::new(arch.num_layers, num_blocks, cfg.block_size, arch.num_kv_heads * arch.head_dim, dtype, &device)?;
+        let cache = KvCache::new(arch.num_layers, num_blocks, cfg.block_size, arch.num_kv_heads * arch.head_dim, kv_dtype, &device)?;
         tracing::info!(
             model = %arch.name,
             ?dtype,
+            ?kv_dtype,
             num_blocks,
             block_size = cfg.block_size,
             max_model_len,
@@ -318,6 +332,11 @@ impl LlmEngine {
     /// The device's name as its driver reports it (`NVIDIA H100 80GB HBM3`, ...), or `cpu`.
     pub fn device_label(&self) -> String {
         device::device_label(self.model.device())
+    }
+
+    /// The KV cache's element type, as `kv_cache_dtype` resolved it.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.cache.dtype().unwrap_or(self.model.dtype())
     }
 
     /// The dtype of activations and unquantized weights (bf16 for `fp8` on CUDA).

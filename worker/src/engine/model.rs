@@ -324,6 +324,11 @@ impl Model {
         &self.device
     }
 
+    /// Whether attention runs the paged CUDA kernels (which read an FP8 cache too).
+    pub fn paged_attention(&self) -> bool {
+        self.paged_attention
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -731,15 +736,15 @@ impl Model {
         let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
         let q = self.rope(&q, st)?;
         let k = self.rope(&k, st)?;
-        kc.scatter_set(&st.write_index, &k.reshape((n, nkv * hd))?, 0)?;
-        vc.scatter_set(&st.write_index, &v.reshape((n, nkv * hd))?.contiguous()?, 0)?;
+        kc.scatter_set(&st.write_index, &to_cache(&k.reshape((n, nkv * hd))?, kc.dtype())?, 0)?;
+        vc.scatter_set(&st.write_index, &to_cache(&v.reshape((n, nkv * hd))?.contiguous()?, vc.dtype())?, 0)?;
         let mut outs = Vec::with_capacity(1 + st.prefills.len());
         if let Some(DecodeGroup { batch, max_ctx, key_slots, mask }) = &st.decode {
             let (b, l) = (*batch, *max_ctx);
             // [b, nkv, g, hd]: head j*g + i reads kv head j (repeat_kv order).
             let qd = q.narrow(0, 0, b)?.reshape((b, nkv, g, hd))?;
-            let kd = kc.index_select(key_slots, 0)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let vd = vc.index_select(key_slots, 0)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let kd = kc.index_select(key_slots, 0)?.to_dtype(self.dtype)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let vd = vc.index_select(key_slots, 0)?.to_dtype(self.dtype)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let scores = (qd.matmul(&kd.transpose(2, 3)?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             outs.push(p.matmul(&vd)?.reshape((b, nh * hd))?);
@@ -754,8 +759,8 @@ impl Model {
                 g * t,
                 hd,
             ))?;
-            let kp = kc.index_select(&c.key_slots, 0)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let vp = vc.index_select(&c.key_slots, 0)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let kp = kc.index_select(&c.key_slots, 0)?.to_dtype(self.dtype)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let vp = vc.index_select(&c.key_slots, 0)?.to_dtype(self.dtype)?.reshape((bn, ctx, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let scores =
                 (qp.matmul(&kp.transpose(2, 3)?)? * scale)?.to_dtype(DType::F32)?.reshape((bn, nkv, g, t, ctx))?.broadcast_add(&c.mask)?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((bn, nkv, g * t, ctx))?;
@@ -767,4 +772,17 @@ impl Model {
         self.prof(|p| p.gpu("attn_cat"));
         Ok(out)
     }
+}
+
+/// Keys or values `x` in the cache's element type: as they are, or (FP8 cache) saturated at
+/// ±448 and rounded to E4M3 at unit scale, as the CUDA epilogue `rope_qkv_cache_e4m3` stores them.
+fn to_cache(x: &Tensor, cache: DType) -> Result<Tensor, EngineError> {
+    if x.dtype() == cache {
+        return Ok(x.clone());
+    }
+    if cache == DType::F8E4M3 {
+        let m = f64::from(super::fp8::E4M3_MAX);
+        return Ok(x.to_dtype(DType::F32)?.clamp(-m, m)?.to_dtype(DType::F8E4M3)?);
+    }
+    Ok(x.to_dtype(cache)?)
 }
