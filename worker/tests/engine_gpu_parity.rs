@@ -17,8 +17,7 @@ const BF16_TOL: f32 = 0.1;
 
 #[test]
 fn gpu_bf16_parity() {
-    if std::env::var("SLUICE_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set SLUICE_TEST_CUDA=1 (needs --features cuda and a GPU)");
+    if !cuda_requested() {
         return;
     }
     let mut dump = serde_json::Map::new();

@@ -9,6 +9,15 @@ use sluice_worker::engine::{ChatMessage, EngineConfig, GenerationRequest, LlmEng
 
 pub const MODELS: [&str; 2] = ["tiny-qwen2", "tiny-llama"];
 
+/// Whether the GPU parts of the tests run (`SLUICE_TEST_CUDA=1`); says so when they do not.
+pub fn cuda_requested() -> bool {
+    let on = std::env::var("SLUICE_TEST_CUDA").as_deref() == Ok("1");
+    if !on {
+        eprintln!("skipped (the CUDA part): set SLUICE_TEST_CUDA=1 (needs --features cuda and a GPU)");
+    }
+    on
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
