@@ -1,11 +1,12 @@
 // The engine's own CUDA kernels (built to PTX by worker/build.rs with the `cuda` feature;
 // launched from worker/src/engine/cuda_ops.rs): paged attention for every new token of a step
 // (decode tokens and prefill chunks alike, each query over its own causal context), the fused
-// QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, and the greedy argmax
+// QKV epilogue (bias + RoPE + KV write), residual add + RMSNorm, SwiGLU, projections of a few
+// rows (with SwiGLU fused), and the greedy argmax
 // over vocabulary rows, the resolution of placeholder token ids from the step in flight, and the
 // per-row E4M3 quantization of FP8 projections' weights and activations.
-// bf16 in and out, f32 arithmetic; the KV cache in bf16 or FP8 E4M3 at unit scale (every kernel
-// but the chunked prefill one reads both).
+// bf16 in and out, f32 arithmetic; the KV cache in bf16 or FP8 E4M3 at unit scale (every
+// attention kernel reads both).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
@@ -38,14 +39,37 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
 }
 
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
-    uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 x = __bfloat1622float2(h[i]);
-        f[2 * i] = x.x;
-        f[2 * i + 1] = x.y;
-    }
+    unpack8(*reinterpret_cast<const uint4*>(p), f);
+}
+
+// mma.sync m16n8k16 with f32 accumulators (the tensor-core kernels below): bf16 operands.
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The same product with f16 operands (an E4M3 cache's fragments, widened exactly).
+__device__ __forceinline__ void mma_f16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // A KV-cache element type: `Raw` holds 8 consecutive elements (one 16-byte chunk of bf16, 8
@@ -59,8 +83,15 @@ template <>
 struct KvElem<__nv_bfloat16> {
     using Raw = uint4;
     static __device__ __forceinline__ void unpack(const Raw& raw, float* f) { unpack8(raw, f); }
-    // The 8 elements as bf16 (the tensor-core kernels' fragments).
-    static __device__ __forceinline__ uint4 bf16x8(const Raw& raw) { return raw; }
+    // The 8 elements as the tensor-core kernels' fragment halves (bf16 here).
+    static __device__ __forceinline__ uint4 frag8(const Raw& raw) { return raw; }
+    // Two query (bf16x2) or probability values in the fragment type, and the mma of that type.
+    static __device__ __forceinline__ uint32_t qword(uint32_t bf16x2) { return bf16x2; }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack_bf16(lo, hi); }
+    static __device__ __forceinline__ void mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+        mma_bf16(d, a0, a1, a2, a3, b0, b1);
+    }
     static __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
         *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
     }
@@ -78,15 +109,28 @@ struct KvElem<__nv_fp8_storage_t> {
             f[2 * i + 1] = x.y;
         }
     }
-    // Exact: every E4M3 value is a bf16 value.
-    static __device__ __forceinline__ uint4 bf16x8(const Raw& raw) {
-        float f[8];
-        unpack(raw, f);
-        uint4 out;
-        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+    // The tensor-core kernels multiply an E4M3 cache in f16: every E4M3 value is an f16 value,
+    // so one cvt per pair makes the fragments exactly (bf16 fragments took three per pair);
+    // queries are rounded from bf16 to f16 (more mantissa, range to 65504) and probabilities
+    // are packed as f16.
+    static __device__ __forceinline__ uint4 frag8(const Raw& raw) {
+        const __nv_fp8x2_storage_t* h = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+        uint32_t w[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-        return out;
+        for (int i = 0; i < 4; ++i) {
+            const __half2_raw x = __nv_cvt_fp8x2_to_halfraw2(h[i], __NV_E4M3);
+            w[i] = (uint32_t)x.x | ((uint32_t)x.y << 16);
+        }
+        return make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    static __device__ __forceinline__ uint32_t qword(uint32_t bf16x2) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bf16x2));
+        return pack_f16(f.x, f.y);
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack_f16(lo, hi); }
+    static __device__ __forceinline__ void mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+        mma_f16(d, a0, a1, a2, a3, b0, b1);
     }
     static __device__ __forceinline__ void store2(__nv_fp8_storage_t* p, float a, float b) {
         *reinterpret_cast<__nv_fp8x2_storage_t*>(p) = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
@@ -276,20 +320,6 @@ __device__ __forceinline__ void paged_attention(
 //  * PV: output column gid of n-tile j is dim (HD/8)*gid + j, so lane (gid, t) reads chunk gid
 //    (HD/8 dims) of keys 2t, 2t+1, 2t+8, 2t+9 and pairs them per dim with byte permutes.
 // Softmax statistics are per row (head gid), shared by the lane quad; warps merge at the end.
-__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -341,20 +371,20 @@ __device__ __forceinline__ void tile_softmax_row(float (&sc)[4][4], int c, int t
 // probabilities tile_softmax_row left in sc: row gid and, when TWO, row 8 + gid. v[r] holds
 // chunk gid (HD/8 dims) of key kb*16 + 2t + (r & 1) + (r >> 1)*8; output column gid of n-tile j
 // is dim (HD/8)*gid + j, so each dim's keys pair with byte permutes.
-template <int HD, bool TWO>
+template <int HD, bool TWO, typename C>
 __device__ __forceinline__ void pv_kstep(float (&o)[HD / 8][4], const float (&sc)[4][4], int kb,
                                          const uint4 (&v)[4][HD / 64]) {
-    const uint32_t pa0 = pack_bf16(sc[2 * kb][0], sc[2 * kb][1]);
-    const uint32_t pa1 = TWO ? pack_bf16(sc[2 * kb][2], sc[2 * kb][3]) : 0u;
-    const uint32_t pa2 = pack_bf16(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
-    const uint32_t pa3 = TWO ? pack_bf16(sc[2 * kb + 1][2], sc[2 * kb + 1][3]) : 0u;
+    const uint32_t pa0 = KvElem<C>::pack(sc[2 * kb][0], sc[2 * kb][1]);
+    const uint32_t pa1 = TWO ? KvElem<C>::pack(sc[2 * kb][2], sc[2 * kb][3]) : 0u;
+    const uint32_t pa2 = KvElem<C>::pack(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
+    const uint32_t pa3 = TWO ? KvElem<C>::pack(sc[2 * kb + 1][2], sc[2 * kb + 1][3]) : 0u;
 #pragma unroll
     for (int j = 0; j < HD / 8; ++j) {
         const int w = j / 2;  // word of the lane's chunk holding dim j (and j ^ 1)
         const uint32_t sel = (j % 2) ? 0x7632u : 0x5410u;
         const uint32_t b0 = __byte_perm(word(v[0][w / 4], w % 4), word(v[1][w / 4], w % 4), sel);
         const uint32_t b1 = __byte_perm(word(v[2][w / 4], w % 4), word(v[3][w / 4], w % 4), sel);
-        mma_bf16(o[j], pa0, pa1, pa2, pa3, b0, b1);
+        KvElem<C>::mma(o[j], pa0, pa1, pa2, pa3, b0, b1);
     }
 }
 
@@ -395,8 +425,8 @@ __device__ __forceinline__ void paged_attention_mma(
             q + ((size_t)s * nh + kvh * g + (gid < g ? gid : 0)) * HD + t * (HD / 4));
 #pragma unroll
         for (int k = 0; k < KS; ++k) {
-            qa[k][0] = gid < g ? qrow[2 * k] : 0u;
-            qa[k][1] = gid < g ? qrow[2 * k + 1] : 0u;
+            qa[k][0] = gid < g ? KvElem<C>::qword(qrow[2 * k]) : 0u;
+            qa[k][1] = gid < g ? KvElem<C>::qword(qrow[2 * k + 1]) : 0u;
         }
     }
     float o[NT][4];
@@ -412,13 +442,14 @@ __device__ __forceinline__ void paged_attention_mma(
     };
     // The tile's K rows (key nt*8 + gid, this lane's quarter) and V chunks (keys 2t, 2t+1,
     // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = slot of key t0 + lane.
-    auto load_tile = [&](uint32_t sl, uint4 (&kr)[4][KU], uint4 (&vr)[2][4][VU]) {
+    // Raw elements stay in registers until used (E4M3: half the registers of its fragments).
+    auto load_tile = [&](uint32_t sl, Raw (&kr)[4][KU], Raw (&vr)[2][4][VU]) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const uint32_t ks = __shfl_sync(FULL, sl, nt * 8 + gid);
             const Raw* row = reinterpret_cast<const Raw*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
 #pragma unroll
-            for (int u = 0; u < KU; ++u) kr[nt][u] = KvElem<C>::bf16x8(row[u]);
+            for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
         }
 #pragma unroll
         for (int kb = 0; kb < 2; ++kb) {
@@ -428,20 +459,20 @@ __device__ __forceinline__ void paged_attention_mma(
                 const uint32_t vs = __shfl_sync(FULL, sl, key);
                 const Raw* row = reinterpret_cast<const Raw*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
 #pragma unroll
-                for (int u = 0; u < VU; ++u) vr[kb][r][u] = KvElem<C>::bf16x8(row[u]);
+                for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
             }
         }
     };
     uint32_t slot = slot_of(warp * 32 + lane);
-    uint4 kr[4][KU];
-    uint4 vr[2][4][VU];
+    Raw kr[4][KU];
+    Raw vr[2][4][VU];
     if (PIPE && warp * 32 < ctx) {
         load_tile(slot, kr, vr);
         slot = slot_of(warp * 32 + WARPS * 32 + lane);
     }
     for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
-        uint4 kn[4][KU];
-        uint4 vn[2][4][VU];
+        Raw kn[4][KU];
+        Raw vn[2][4][VU];
         if (PIPE) {
             if (t0 + WARPS * 32 < ctx) {  // warp-uniform
                 load_tile(slot, kn, vn);
@@ -458,13 +489,22 @@ __device__ __forceinline__ void paged_attention_mma(
         for (int nt = 0; nt < 4; ++nt) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
-            for (int k = 0; k < KS; ++k)
-                mma_bf16(sc[nt], qa[k][0], 0u, qa[k][1], 0u, word(kr[nt][k / 2], (k % 2) * 2),
-                         word(kr[nt][k / 2], (k % 2) * 2 + 1));
+            for (int k = 0; k < KS; k += 2) {
+                const uint4 kf = KvElem<C>::frag8(kr[nt][k / 2]);
+                KvElem<C>::mma(sc[nt], qa[k][0], 0u, qa[k][1], 0u, kf.x, kf.y);
+                KvElem<C>::mma(sc[nt], qa[k + 1][0], 0u, qa[k + 1][1], 0u, kf.z, kf.w);
+            }
         }
         tile_softmax_row<NT>(sc, 0, t0, t, ctx, scale, m, l, o);
 #pragma unroll
-        for (int kb = 0; kb < 2; ++kb) pv_kstep<HD, false>(o, sc, kb, vr[kb]);
+        for (int kb = 0; kb < 2; ++kb) {
+            uint4 vf[4][VU];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int u = 0; u < VU; ++u) vf[r][u] = KvElem<C>::frag8(vr[kb][r][u]);
+            pv_kstep<HD, false, C>(o, sc, kb, vf);
+        }
         if (PIPE && t0 + WARPS * 32 < ctx) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
@@ -524,6 +564,8 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, __nv_bfloa
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, __nv_bfloat16, 2)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 4)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, false, __nv_fp8_storage_t, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd128, 128, true, __nv_fp8_storage_t, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_occ3_e4m3_hd128, 128, false, __nv_fp8_storage_t, 3)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, true, __nv_fp8_storage_t, 2)
 
 // ---------------------------------------------------------------------------------------------
@@ -544,19 +586,23 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 
-template <int HD>
+// C: the cache element; an E4M3 tile is staged as its bytes (half the copies) and widened to
+// bf16 fragments as the warps read it.
+template <int HD, typename C>
 __device__ __forceinline__ void prefill_attention_mma(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-    const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,
+    const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,
+    const C* __restrict__ vc, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,
     const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,
     int block_size, int max_blocks, float scale) {
     constexpr int KS = HD / 16;
     constexpr int NT = HD / 8;
-    constexpr int ROW = HD + 8;          // padded smem row, in bf16
-    constexpr int CH = HD / 8;           // 16-byte chunks per row
-    __shared__ __align__(16) __nv_bfloat16 ks[2][32 * ROW];
-    __shared__ __align__(16) __nv_bfloat16 vs[2][32 * ROW];
+    using Raw = typename KvElem<C>::Raw;  // 8 elements
+    constexpr int ROW = HD + 16 / (int)sizeof(C);  // padded smem row (16 bytes), in elements
+    constexpr int PER16 = 16 / (int)sizeof(C);     // elements per 16-byte copy
+    constexpr int CH = HD / PER16;                 // 16-byte copies per row
+    __shared__ __align__(16) C ks[2][32 * ROW];
+    __shared__ __align__(16) C vs[2][32 * ROW];
 
     const uint32_t item = items[blockIdx.x];
     const int s0 = (int)(item & 0x0fffffffu);
@@ -585,10 +631,10 @@ __device__ __forceinline__ void prefill_attention_mma(
 #pragma unroll
         for (int k = 0; k < KS; ++k) {
             const bool ra = has_a && gid < g, rb = has_b && gid < g;
-            qa[k][0] = ra ? qra[2 * k] : 0u;
-            qa[k][1] = ra ? qra[2 * k + 1] : 0u;
-            qb[k][0] = rb ? qrb[2 * k] : 0u;
-            qb[k][1] = rb ? qrb[2 * k + 1] : 0u;
+            qa[k][0] = ra ? KvElem<C>::qword(qra[2 * k]) : 0u;
+            qa[k][1] = ra ? KvElem<C>::qword(qra[2 * k + 1]) : 0u;
+            qb[k][0] = rb ? KvElem<C>::qword(qrb[2 * k]) : 0u;
+            qb[k][1] = rb ? KvElem<C>::qword(qrb[2 * k + 1]) : 0u;
         }
     }
 
@@ -598,9 +644,9 @@ __device__ __forceinline__ void prefill_attention_mma(
             const int r = idx / CH, c = idx % CH;
             const int key = min(j * 32 + r, ctx_max - 1);
             const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-            const size_t off = slot * kvd + (size_t)kvh * HD + c * 8;
-            cp_async16(&ks[b][r * ROW + c * 8], kc + off);
-            cp_async16(&vs[b][r * ROW + c * 8], vc + off);
+            const size_t off = slot * kvd + (size_t)kvh * HD + c * PER16;
+            cp_async16(&ks[b][r * ROW + c * PER16], kc + off);
+            cp_async16(&vs[b][r * ROW + c * PER16], vc + off);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
@@ -627,12 +673,12 @@ __device__ __forceinline__ void prefill_attention_mma(
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
                 sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-                const uint4* krow = reinterpret_cast<const uint4*>(&ks[b][(nt * 8 + gid) * ROW + t * (HD / 4)]);
+                const Raw* krow = reinterpret_cast<const Raw*>(&ks[b][(nt * 8 + gid) * ROW + t * (HD / 4)]);
 #pragma unroll
                 for (int k = 0; k < KS; ++k) {
-                    const uint4 kv4 = krow[k / 2];
-                    mma_bf16(sc[nt], qa[k][0], qb[k][0], qa[k][1], qb[k][1], word(kv4, (k % 2) * 2),
-                             word(kv4, (k % 2) * 2 + 1));
+                    const uint4 kv4 = KvElem<C>::frag8(krow[k / 2]);
+                    KvElem<C>::mma(sc[nt], qa[k][0], qb[k][0], qa[k][1], qb[k][1], word(kv4, (k % 2) * 2),
+                                   word(kv4, (k % 2) * 2 + 1));
                 }
             }
             tile_softmax_row<NT>(sc, 0, t0, t, ctx_a, scale, m0, l0, o);
@@ -644,11 +690,11 @@ __device__ __forceinline__ void prefill_attention_mma(
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
                     const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
-                    const uint4* vrow = reinterpret_cast<const uint4*>(&vs[b][key * ROW + gid * (HD / 8)]);
+                    const Raw* vrow = reinterpret_cast<const Raw*>(&vs[b][key * ROW + gid * (HD / 8)]);
 #pragma unroll
-                    for (int u = 0; u < HD / 64; ++u) vr[r][u] = vrow[u];
+                    for (int u = 0; u < HD / 64; ++u) vr[r][u] = KvElem<C>::frag8(vrow[u]);
                 }
-                pv_kstep<HD, true>(o, sc, kb, vr);
+                pv_kstep<HD, true, C>(o, sc, kb, vr);
             }
         }
         __syncthreads();  // buffer b is refilled by the next iteration's issue
@@ -679,19 +725,21 @@ __device__ __forceinline__ void prefill_attention_mma(
     }
 }
 
-#define PREFILL_ATTENTION_ENTRY(NAME, HD, MINB)                                                   \
+#define PREFILL_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(PF_THREADS, MINB) NAME(                          \
-        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,                \
-        const __nv_bfloat16* __restrict__ vc, const uint32_t* __restrict__ tables,                \
+        const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,                            \
+        const C* __restrict__ vc, const uint32_t* __restrict__ tables,                            \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,     \
         int block_size, int max_blocks, float scale) {                                            \
-        prefill_attention_mma<HD>(q, kc, vc, tables, table_rows, ctx_lens, items, out, nh, nkv,   \
+        prefill_attention_mma<HD, C>(q, kc, vc, tables, table_rows, ctx_lens, items, out, nh, nkv,   \
                                   block_size, max_blocks, scale);                                 \
     }
 
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, 1)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, __nv_bfloat16, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, __nv_bfloat16, 1)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd64, 64, __nv_fp8_storage_t, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128, 128, __nv_fp8_storage_t, 1)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                   \
@@ -740,6 +788,70 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
         }
         *reinterpret_cast<uint4*>(out + r * inter + c) = raw;
     }
+}
+
+// Projections of a few rows (decode at small batch): y[r, c] = sum_j x[r, j] * w[c, j] for x
+// [m, k], w [n, k] bf16 (k % 8 == 0, m <= GEMV_ROWS), f32 accumulation rounded once to bf16. One
+// warp per output column reads its weight row once for all m rows (16-byte loads); the rows of
+// x come from L1/L2. SILU: w is [gate; up] ([2n, k]) and y[r, c] = silu(g) * u of the two
+// columns' results, each rounded to bf16 first as the unfused GEMM + silu_mul_bf16 round them.
+// cuBLAS spent 12-14 us of host time per call at these shapes, a launch of this ~5.
+#define GEMV_ROWS 8
+#define GEMV_WARPS 8
+template <bool SILU>
+__device__ __forceinline__ void gemv_rows(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                          __nv_bfloat16* __restrict__ y, int m, int n, int k) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int c = blockIdx.x * GEMV_WARPS + warp;
+    if (c >= n) return;  // warp-uniform
+    float acc[GEMV_ROWS], acc2[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = acc2[r] = 0.f;
+    const __nv_bfloat16* wg = w + (size_t)c * k;
+    const __nv_bfloat16* wu = w + (size_t)(n + c) * k;  // SILU only
+#pragma unroll 2
+    for (int j = lane * 8; j < k; j += 256) {
+        float a[8], b[8];
+        load8(wg + j, a);
+        if (SILU) load8(wu + j, b);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (r < m) {
+                float xf[8];
+                load8(x + (size_t)r * k + j, xf);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    acc[r] += xf[e] * a[e];
+                    if (SILU) acc2[r] += xf[e] * b[e];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        if (r < m) {
+            const float g = warp_sum(acc[r]);
+            float v = g;
+            if (SILU) {
+                const float gb = __bfloat162float(__float2bfloat16(g));
+                const float ub = __bfloat162float(__float2bfloat16(warp_sum(acc2[r])));
+                v = gb / (1.f + __expf(-gb)) * ub;
+            }
+            if (lane == 0) y[(size_t)r * n + c] = __float2bfloat16(v);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, int m,
+    int n, int k) {
+    gemv_rows<false>(x, w, y, m, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_silu_mul_bf16(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, int m,
+    int n, int k) {
+    gemv_rows<true>(x, w, y, m, n, k);
 }
 
 // After the QKV projection: adds the bias (if any), applies rotate-half RoPE at each token's

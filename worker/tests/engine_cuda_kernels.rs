@@ -122,7 +122,7 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     kernels.push(("cuda cores, e4m3 cache", run_on(&k8c, &v8c, false, None), true));
     if sluice_worker::engine::cuda_ops::tensor_core_attention_supported(hd) {
         kernels.push(("tensor cores, e4m3 cache", run_on(&k8c, &v8c, true, None), true));
-        // Chunks asked for: an E4M3 cache runs its prefill tokens one per block instead.
+        kernels.push(("tensor cores, e4m3 cache, chunks", run_on(&k8c, &v8c, true, Some(Prefill { items: &chunks, first })), true));
         kernels.push((
             "tensor cores, e4m3 cache, all chunks",
             run_on(&k8c, &v8c, true, Some(Prefill { items: &chunks_all, first: 0 })),
@@ -270,4 +270,42 @@ fn placeholder_tokens_resolve_and_ids_read_back_asynchronously() {
         drop(later);
     }
     eprintln!("resolve_tokens and the asynchronous id read-back: ok");
+}
+
+#[test]
+fn small_linear_matches_cublas_and_the_fused_silu_mul() {
+    let Some(dev) = cuda() else { return };
+    use sluice_worker::engine::cuda_ops::{SMALL_LINEAR_ROWS, silu_mul, small_linear};
+    let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(12);
+    // The 0.5B shape's projections (qkv, gate_up), an 8B-like width, a k with a partial sweep.
+    for (n, k) in [(1152usize, 896usize), (9728, 896), (256, 4096), (40, 200)] {
+        for m in [1usize, 3, SMALL_LINEAR_ROWS] {
+            let mut rnd = |len: usize, scale: f32| -> Vec<f32> { (0..len).map(|_| rng.random_range(-scale..scale)).collect() };
+            let to = |v: &[f32], shape: (usize, usize)| Tensor::from_slice(v, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let x = to(&rnd(m * k, 1.0), (m, k));
+            let w = to(&rnd(n * k, 0.05), (n, k));
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rel = |a: &[f32], b: &[f32]| {
+                let scale = b.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+                a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+            };
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = small_linear(&x, &w, false).unwrap().expect("applies to bf16 CUDA rows");
+            assert_eq!(got.dims(), want.dims());
+            let e = rel(&f(&got), &f(&want));
+            eprintln!("small_linear m={m} n={n} k={k}: max err / max |y| vs cuBLAS {e:.2e}");
+            assert!(e < 1e-2, "m={m} n={n} k={k}: {e}");
+            let fused = small_linear(&x, &w, true).unwrap().expect("applies");
+            let unfused = silu_mul(&want).unwrap();
+            assert_eq!(fused.dims(), &[m, n / 2]);
+            let e = rel(&f(&fused), &f(&unfused));
+            eprintln!("small_linear + silu_mul m={m} n={n} k={k}: {e:.2e}");
+            assert!(e < 2e-2, "silu m={m} n={n} k={k}: {e}");
+        }
+    }
+    // Where it does not apply the caller runs the general path.
+    let x = Tensor::zeros((SMALL_LINEAR_ROWS + 1, 64), DType::BF16, &dev).unwrap();
+    let w = Tensor::zeros((16, 64), DType::BF16, &dev).unwrap();
+    assert!(small_linear(&x, &w, false).unwrap().is_none());
+    assert!(small_linear(&x.to_dtype(DType::F32).unwrap().narrow(0, 0, 2).unwrap(), &w, false).unwrap().is_none());
 }

@@ -293,6 +293,9 @@ pub struct EngineSwitches {
     pub async_steps: bool,
     /// cudarc's per-allocation event tracking (`SLUICE_CUDA_EVENT_TRACKING=1` keeps it on).
     pub cuda_event_tracking: bool,
+    /// Projections of at most 8 rows (decode at small batch) through the engine's GEMV kernel
+    /// instead of cuBLAS (`SLUICE_SMALL_LINEAR=0` turns it off).
+    pub small_linear: bool,
 }
 
 impl Default for EngineSwitches {
@@ -306,13 +309,14 @@ impl Default for EngineSwitches {
             device_argmax: true,
             async_steps: true,
             cuda_event_tracking: false,
+            small_linear: true,
         }
     }
 }
 
 impl EngineSwitches {
     /// The environment variables the switches read.
-    pub const VARIABLES: [&'static str; 8] = [
+    pub const VARIABLES: [&'static str; 9] = [
         "SLUICE_PROFILE",
         "SLUICE_PAGED_ATTENTION",
         "SLUICE_ATTN_MMA",
@@ -321,6 +325,7 @@ impl EngineSwitches {
         "SLUICE_DEVICE_ARGMAX",
         "SLUICE_ASYNC_STEPS",
         "SLUICE_CUDA_EVENT_TRACKING",
+        "SLUICE_SMALL_LINEAR",
     ];
 
     /// The switches from the process environment.
@@ -330,7 +335,7 @@ impl EngineSwitches {
 
     /// The switches from any variable lookup (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
-        let [profile, paged, mma, prefill, pipeline, argmax, steps, events] = Self::VARIABLES;
+        let [profile, paged, mma, prefill, pipeline, argmax, steps, events, small] = Self::VARIABLES;
         let is = |name: &str, value: &str| get(name).as_deref() == Some(value);
         let d = Self::default();
         Self {
@@ -342,6 +347,7 @@ impl EngineSwitches {
             device_argmax: d.device_argmax && !is(argmax, "0"),
             async_steps: d.async_steps && !is(steps, "0"),
             cuda_event_tracking: is(events, "1"),
+            small_linear: d.small_linear && !is(small, "0"),
         }
     }
 }
@@ -363,6 +369,7 @@ mod switch_tests {
             ("SLUICE_DEVICE_ARGMAX", "0"),
             ("SLUICE_ASYNC_STEPS", "0"),
             ("SLUICE_CUDA_EVENT_TRACKING", "1"),
+            ("SLUICE_SMALL_LINEAR", "0"),
         ]
         .into_iter()
         .collect();
@@ -376,6 +383,7 @@ mod switch_tests {
             device_argmax: false,
             async_steps: false,
             cuda_event_tracking: true,
+            small_linear: false,
         };
         assert_eq!(s, flipped);
         // Values other than the documented ones leave the default.

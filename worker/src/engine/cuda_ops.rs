@@ -67,7 +67,6 @@ pub fn paged_attention(
     #[cfg(feature = "cuda")]
     {
         let (_, max_blocks) = tables.dims2()?;
-        let prefill = if k_cache.dtype() == DType::BF16 { prefill } else { None };
         let op = imp::PagedAttention {
             k_cache: k_cache.clone(),
             v_cache: v_cache.clone(),
@@ -206,6 +205,38 @@ pub fn silu_mul(x: &Tensor) -> Result<Tensor, EngineError> {
     }
     let i = two_i / 2;
     Ok((candle_nn::ops::silu(&x.narrow(1, 0, i)?)? * x.narrow(1, i, i)?)?)
+}
+
+/// Most rows `small_linear` takes (GEMV_ROWS in the kernel).
+pub const SMALL_LINEAR_ROWS: usize = 8;
+
+/// `x · w^T` for a few rows of `x: [m, k]` (m ≤ `SMALL_LINEAR_ROWS`) and `w: [n, k]`, bf16 on
+/// CUDA: one warp per output column instead of a cuBLAS call, whose host cost (12–14 µs) bounded
+/// decode at batch 1. With `silu_mul`, `w` is `[gate; up]` (`[2n, k]`) and the result is
+/// `silu(gate) * up: [m, n]` in the same kernel. None where it does not apply (another device
+/// or dtype, more rows, `k` not a multiple of 8): the caller runs the general path.
+pub fn small_linear(x: &Tensor, w: &Tensor, silu_mul: bool) -> Result<Option<Tensor>, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let (Ok((m, k)), Ok((n, wk))) = (x.dims2(), w.dims2()) else { return Ok(None) };
+        let applies = x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && w.dtype() == DType::BF16
+            && (1..=SMALL_LINEAR_ROWS).contains(&m)
+            && k == wk
+            && k.is_multiple_of(8)
+            && (!silu_mul || n.is_multiple_of(2))
+            && w.is_contiguous();
+        if !applies {
+            return Ok(None);
+        }
+        Ok(Some(x.contiguous()?.apply_op1_no_bwd(&imp::SmallLinear { w: w.clone(), silu_mul })?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w, silu_mul);
+        Ok(None)
+    }
 }
 
 /// Greedy token of each row of `logits: [rows, vocab]` (bf16 on CUDA): the first index of the
@@ -473,9 +504,6 @@ mod imp {
             }
             let qv = view::<bf16>(q, ql, "q")?;
             let caches = CacheViews::of(ks, kl, vs, vl)?;
-            if matches!(caches, CacheViews::E4m3(..)) && self.prefill.is_some() {
-                bail!("paged-attention: the chunked prefill kernel reads a bf16 cache only");
-            }
             let tv = view::<u32>(ts, tl, "block tables")?;
             let rv = view::<u32>(rs, rl, "table rows")?;
             let cv = view::<u32>(cs, cl, "context lengths")?;
@@ -498,6 +526,8 @@ mod imp {
                 (128, true, false) => "paged_attention_mma_bf16_hd128",
                 (64, true, true) if self.pipelined => "paged_attention_mma_pipe_e4m3_hd64",
                 (64, true, true) => "paged_attention_mma_e4m3_hd64",
+                (128, true, true) if self.pipelined => "paged_attention_mma_pipe_e4m3_hd128",
+                (128, true, true) if std::env::var("SLUICE_ATTN_OCC3").is_ok() => "paged_attention_mma_occ3_e4m3_hd128",
                 (128, true, true) => "paged_attention_mma_e4m3_hd128",
                 (16, _, false) => "paged_attention_bf16_hd16",
                 (32, _, false) => "paged_attention_bf16_hd32",
@@ -525,7 +555,12 @@ mod imp {
                 launches.push((entry, first, None));
             }
             if let Some(items) = &item_view {
-                let name = if hd == 64 { "prefill_attention_mma_bf16_hd64" } else { "prefill_attention_mma_bf16_hd128" };
+                let name = match (hd, fp8) {
+                    (64, false) => "prefill_attention_mma_bf16_hd64",
+                    (_, false) => "prefill_attention_mma_bf16_hd128",
+                    (64, true) => "prefill_attention_mma_e4m3_hd64",
+                    (_, true) => "prefill_attention_mma_e4m3_hd128",
+                };
                 if !items.is_empty() {
                     launches.push((name, items.len(), Some(items)));
                 }
@@ -755,6 +790,65 @@ mod imp {
         // inputs, [2, n, h] output.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, h))))
+    }
+
+    pub(super) struct SmallLinear {
+        pub w: Tensor,
+        pub silu_mul: bool,
+    }
+
+    /// Must match GEMV_WARPS in the kernel (one output column per warp).
+    const GEMV_WARPS: u32 = 8;
+
+    impl CustomOp1 for SmallLinear {
+        fn name(&self) -> &'static str {
+            "small-linear"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("small-linear runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (m, k) = xl.shape().dims2()?;
+            let (ws, wl) = self.w.storage_and_layout();
+            let Storage::Cuda(ws) = &*ws else { bail!("small-linear: weight must be on the GPU") };
+            let (rows, wk) = wl.shape().dims2()?;
+            let n = if self.silu_mul { rows / 2 } else { rows };
+            if wk != k
+                || m > super::SMALL_LINEAR_ROWS
+                || !k.is_multiple_of(8)
+                || !xl.start_offset().is_multiple_of(8)
+                || !wl.start_offset().is_multiple_of(8)
+            {
+                bail!("small-linear: x {:?} and weight {:?} do not fit the kernel", xl.shape(), wl.shape());
+            }
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "x")?;
+            let wv = view::<bf16>(ws, wl, "weight")?;
+            // SAFETY: the kernel writes every element of [m, n].
+            let out = unsafe { dev.alloc::<bf16>(m * n)? };
+            if m == 0 || n == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))));
+            }
+            let name = if self.silu_mul { "gemv_silu_mul_bf16" } else { "gemv_bf16" };
+            let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
+            let blocks = as_u32(n.div_ceil(GEMV_WARPS as usize), "output columns")?;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+            let (m_, n_, k_) = (as_i32(m, "rows")?, as_i32(n, "columns")?, as_i32(k, "inner size")?);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&wv);
+            builder.arg(&out);
+            builder.arg(&m_);
+            builder.arg(&n_);
+            builder.arg(&k_);
+            // SAFETY: argument types and order match `gemv_bf16` / `gemv_silu_mul_bf16`;
+            // contiguous x [m, k] and w [n or 2n, k] with 16-byte aligned rows (k % 8 == 0 and
+            // aligned start offsets, checked above), m <= GEMV_ROWS; out [m, n].
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
+        }
     }
 
     pub(super) struct SiluMul;

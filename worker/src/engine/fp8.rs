@@ -40,6 +40,30 @@ impl Proj {
             Self::Fp8(f) => f.forward(x),
         }
     }
+
+    /// `forward`, through `cuda_ops::small_linear` when `small` and it applies (a dense bf16
+    /// projection without bias of a few rows on CUDA).
+    pub fn forward_small(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
+        if let (true, Self::Dense(l)) = (small, self)
+            && l.bias().is_none()
+            && let Some(y) = cuda_ops::small_linear(x, l.weight(), false)?
+        {
+            return Ok(y);
+        }
+        self.forward(x)
+    }
+
+    /// `silu(gate) * up` of a stacked `[gate; up]` projection: one kernel with the product where
+    /// `small_linear` applies (and `small`), else the projection then `cuda_ops::silu_mul`.
+    pub fn forward_silu_mul(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
+        if let (true, Self::Dense(l)) = (small, self)
+            && l.bias().is_none()
+            && let Some(y) = cuda_ops::small_linear(x, l.weight(), true)?
+        {
+            return Ok(y);
+        }
+        cuda_ops::silu_mul(&self.forward(x)?)
+    }
 }
 
 /// How FP8 projections run on this model's device.

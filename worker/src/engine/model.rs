@@ -176,6 +176,8 @@ pub struct Model {
     attn_prefill_chunks: bool,
     /// The double-buffered head_dim-64 tensor-core kernel (`EngineSwitches::attn_pipelined`).
     attn_pipelined: bool,
+    /// Projections of a few rows through `cuda_ops::small_linear` (`EngineSwitches::small_linear`).
+    small_linear: bool,
     /// Greedy argmax on the device (CUDA; `SLUICE_DEVICE_ARGMAX=0` turns it off for A/B runs).
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
@@ -286,6 +288,7 @@ impl Model {
             attn_tensor_cores,
             attn_prefill_chunks: attn_tensor_cores && switches.attn_prefill_chunks,
             attn_pipelined: attn_tensor_cores && switches.attn_pipelined,
+            small_linear: switches.small_linear,
             device_argmax: device.is_cuda() && switches.device_argmax,
             readback: super::cuda_ops::ReadbackPool::default(),
             profiler: std::sync::Mutex::new(Profiler::new(device, switches.profile)),
@@ -466,13 +469,7 @@ impl Model {
             }
         }
         self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
-        let paged = if self.paged_attention {
-            // The chunked prefill kernel reads a bf16 cache only (`cuda_ops::paged_attention`).
-            let chunks = self.attn_prefill_chunks && cache.dtype()? == DType::BF16;
-            Some(self.paged_inputs(seqs, &order, block_size, chunks)?)
-        } else {
-            None
-        };
+        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size, self.attn_prefill_chunks)?) } else { None };
         let decode = if n_decode > 0 && !self.paged_attention {
             let ctx_of = |i: usize| seqs[i].start_pos + 1;
             let max_ctx = order[..n_decode].iter().map(|&i| ctx_of(i)).max().unwrap_or(1);
@@ -660,13 +657,13 @@ impl Model {
         self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
             let attn = self.attention(layer, &h, &st, cache, li)?;
-            let o = layer.o.forward(&attn)?;
+            let o = layer.o.forward_small(&attn, self.small_linear)?;
             self.prof(|p| p.gpu("o_proj"));
             let (x1, h1) = super::cuda_ops::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
             self.prof(|p| p.gpu("add_norm"));
-            let mlp = super::cuda_ops::silu_mul(&layer.gate_up.forward(&h1)?)?;
+            let mlp = layer.gate_up.forward_silu_mul(&h1, self.small_linear)?;
             self.prof(|p| p.gpu("mlp_gate_up"));
-            let d = layer.down.forward(&mlp)?;
+            let d = layer.down.forward_small(&mlp, self.small_linear)?;
             self.prof(|p| p.gpu("mlp_down"));
             match self.layers.get(li + 1) {
                 Some(next) => (x, h) = super::cuda_ops::add_rms_norm(&x1, &d, &next.input_norm, eps)?,
@@ -700,7 +697,7 @@ impl Model {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let qkv = layer.qkv.forward(h)?;
+        let qkv = layer.qkv.forward_small(h, self.small_linear)?;
         self.prof(|p| p.gpu("qkv"));
         let (kc, vc) = cache.layer(li)?;
         if let Some(PagedInputs { tables, table_rows, ctx_lens, prefill }) = &st.paged {

@@ -23,6 +23,8 @@ pub struct Profiler {
     gpu: BTreeMap<String, Total>,
     host: BTreeMap<String, Total>,
     host_mark: Option<Instant>,
+    /// Host time of the previous device mark (or `begin`): what enqueueing each phase cost.
+    gpu_mark: Option<Instant>,
     #[cfg(feature = "cuda")]
     cuda: Option<cuda::Events>,
 }
@@ -37,6 +39,7 @@ impl Profiler {
             gpu: BTreeMap::new(),
             host: BTreeMap::new(),
             host_mark: None,
+            gpu_mark: None,
             #[cfg(feature = "cuda")]
             cuda: if enabled { cuda::Events::new(device) } else { None },
         }
@@ -53,16 +56,22 @@ impl Profiler {
         }
         self.kind = kind;
         self.host_mark = Some(Instant::now());
+        self.gpu_mark = self.host_mark;
         #[cfg(feature = "cuda")]
         if let Some(ev) = &mut self.cuda {
             ev.begin();
         }
     }
 
-    /// Ends device phase `name` (the GPU work enqueued since the previous mark).
+    /// Ends device phase `name` (the GPU work enqueued since the previous mark); the host time
+    /// its enqueueing took goes to host phase `enqueue.<name>`.
     pub fn gpu(&mut self, name: &'static str) {
         if !self.enabled {
             return;
+        }
+        let now = Instant::now();
+        if let Some(t) = self.gpu_mark.replace(now) {
+            self.host_span(&format!("enqueue.{name}"), (now - t).as_secs_f64() * 1e3);
         }
         #[cfg(feature = "cuda")]
         if let Some(ev) = &mut self.cuda {
