@@ -563,9 +563,10 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, __nv_bfloat1
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, __nv_bfloat16, 2)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, __nv_bfloat16, 2)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, false, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd128, 128, true, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_occ3_e4m3_hd128, 128, false, __nv_fp8_storage_t, 3)
+// An E4M3 cache at head_dim 128 is always double-buffered: its raw tiles take half the registers
+// of bf16 ones, so both buffers fit at 2 blocks/SM (8B shape, H100: 264 vs 277 us per layer
+// single-buffered, 287 at 3 blocks/SM with spills; docs/BENCHMARKS.md attempt 22).
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, true, __nv_fp8_storage_t, 2)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, true, __nv_fp8_storage_t, 2)
 
 // ---------------------------------------------------------------------------------------------
@@ -791,67 +792,85 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
 }
 
 // Projections of a few rows (decode at small batch): y[r, c] = sum_j x[r, j] * w[c, j] for x
-// [m, k], w [n, k] bf16 (k % 8 == 0, m <= GEMV_ROWS), f32 accumulation rounded once to bf16. One
-// warp per output column reads its weight row once for all m rows (16-byte loads); the rows of
-// x come from L1/L2. SILU: w is [gate; up] ([2n, k]) and y[r, c] = silu(g) * u of the two
-// columns' results, each rounded to bf16 first as the unfused GEMM + silu_mul_bf16 round them.
-// cuBLAS spent 12-14 us of host time per call at these shapes, a launch of this ~5.
+// [m, k], w [n, k] bf16 (k % 8 == 0, m <= GEMV_ROWS), f32 accumulation rounded once to bf16.
+// `tpc` threads (a multiple of 32 dividing the block) take one output column, its weight row
+// read once for all m rows in 16-byte chunks strided across them (the host picks tpc so each
+// thread has a few chunks: a warp walking a long row alone was latency-bound); partial sums
+// meet in shared memory. The rows of x come from L1/L2. SILU: w is [gate; up] ([2n, k]) and
+// y[r, c] = silu(g) * u of the two columns' results, each rounded to bf16 first as the unfused
+// GEMM + silu_mul_bf16 round them.
 #define GEMV_ROWS 8
 #define GEMV_WARPS 8
 template <bool SILU>
 __device__ __forceinline__ void gemv_rows(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                                          __nv_bfloat16* __restrict__ y, int m, int n, int k) {
+                                          __nv_bfloat16* __restrict__ y, int m, int n, int k, int tpc) {
+    __shared__ float red[GEMV_WARPS][2][GEMV_ROWS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int c = blockIdx.x * GEMV_WARPS + warp;
-    if (c >= n) return;  // warp-uniform
+    const int cols = blockDim.x / tpc;
+    const int lc = threadIdx.x / tpc, lt = threadIdx.x % tpc;
+    const int c = blockIdx.x * cols + lc;
     float acc[GEMV_ROWS], acc2[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = acc2[r] = 0.f;
-    const __nv_bfloat16* wg = w + (size_t)c * k;
-    const __nv_bfloat16* wu = w + (size_t)(n + c) * k;  // SILU only
-#pragma unroll 2
-    for (int j = lane * 8; j < k; j += 256) {
-        float a[8], b[8];
-        load8(wg + j, a);
-        if (SILU) load8(wu + j, b);
+    if (c < n) {
+        const __nv_bfloat16* wg = w + (size_t)c * k;
+        const __nv_bfloat16* wu = w + (size_t)(n + c) * k;  // SILU only
+#pragma unroll 4
+        for (int j = lt * 8; j < k; j += tpc * 8) {
+            float a[8], b[8];
+            load8(wg + j, a);
+            if (SILU) load8(wu + j, b);
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            if (r < m) {
-                float xf[8];
-                load8(x + (size_t)r * k + j, xf);
+            for (int r = 0; r < GEMV_ROWS; ++r) {
+                if (r < m) {
+                    float xf[8];
+                    load8(x + (size_t)r * k + j, xf);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    acc[r] += xf[e] * a[e];
-                    if (SILU) acc2[r] += xf[e] * b[e];
+                    for (int e = 0; e < 8; ++e) {
+                        acc[r] += xf[e] * a[e];
+                        if (SILU) acc2[r] += xf[e] * b[e];
+                    }
                 }
             }
         }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
-        if (r < m) {
-            const float g = warp_sum(acc[r]);
-            float v = g;
-            if (SILU) {
-                const float gb = __bfloat162float(__float2bfloat16(g));
-                const float ub = __bfloat162float(__float2bfloat16(warp_sum(acc2[r])));
-                v = gb / (1.f + __expf(-gb)) * ub;
-            }
-            if (lane == 0) y[(size_t)r * n + c] = __float2bfloat16(v);
+        const float g = warp_sum(acc[r]);
+        const float u = SILU ? warp_sum(acc2[r]) : 0.f;
+        if (lane == 0) {
+            red[warp][0][r] = g;
+            red[warp][1][r] = u;
         }
     }
+    __syncthreads();
+    if (c >= n || lt >= m) return;
+    // Thread lt of the column writes row lt: the column's warps' partial sums.
+    const int r = lt, w0 = lc * (tpc / 32);
+    float g = 0.f, u = 0.f;
+    for (int i = 0; i < tpc / 32; ++i) {
+        g += red[w0 + i][0][r];
+        u += red[w0 + i][1][r];
+    }
+    float v = g;
+    if (SILU) {
+        const float gb = __bfloat162float(__float2bfloat16(g));
+        const float ub = __bfloat162float(__float2bfloat16(u));
+        v = gb / (1.f + __expf(-gb)) * ub;
+    }
+    y[(size_t)r * n + c] = __float2bfloat16(v);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, int m,
-    int n, int k) {
-    gemv_rows<false>(x, w, y, m, n, k);
+    int n, int k, int tpc) {
+    gemv_rows<false>(x, w, y, m, n, k, tpc);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_silu_mul_bf16(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, int m,
-    int n, int k) {
-    gemv_rows<true>(x, w, y, m, n, k);
+    int n, int k, int tpc) {
+    gemv_rows<true>(x, w, y, m, n, k, tpc);
 }
 
 // After the QKV projection: adds the bias (if any), applies rotate-half RoPE at each token's

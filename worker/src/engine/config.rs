@@ -293,8 +293,8 @@ pub struct EngineSwitches {
     pub async_steps: bool,
     /// cudarc's per-allocation event tracking (`SLUICE_CUDA_EVENT_TRACKING=1` keeps it on).
     pub cuda_event_tracking: bool,
-    /// Projections of at most 8 rows (decode at small batch) through the engine's GEMV kernel
-    /// instead of cuBLAS (`SLUICE_SMALL_LINEAR=0` turns it off).
+    /// One-row projections (decode at batch 1) through the engine's GEMV kernel instead of
+    /// cuBLAS (`SLUICE_SMALL_LINEAR=0` turns it off; `fp8::SMALL_LINEAR_WINS`).
     pub small_linear: bool,
 }
 

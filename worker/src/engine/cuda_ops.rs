@@ -377,15 +377,16 @@ pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::A
 #[allow(unsafe_code)]
 mod imp {
     use std::collections::HashMap;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex, OnceLock};
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg, result,
+        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice,
+        PushKernelArg, result,
     };
-    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
     use float8::F8E4M3;
     use half::bf16;
@@ -414,6 +415,23 @@ mod imp {
         /// the single-buffered kernel, which keeps twice the warps resident — docs/BENCHMARKS.md,
         /// attempt 13).
         pub pipelined: bool,
+    }
+
+    /// The engine's kernel `name` on `dev` and the device's stream: looked up in the module once
+    /// per process and device, then cached (candle's `get_or_load_custom_func` asks the driver
+    /// for the function at every launch, a cost that adds up at ~220 launches per decode step).
+    fn kernel(dev: &CudaDevice, name: &'static str) -> candle_core::Result<(CudaFunction, Arc<CudaStream>)> {
+        static CACHE: OnceLock<Mutex<HashMap<(DeviceId, &'static str), CudaFunction>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let key = (dev.id(), name);
+        if let Some(f) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok((f, dev.cuda_stream()));
+        }
+        let f = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?.into_cuda_function();
+        if let Ok(mut c) = cache.lock() {
+            c.insert(key, f.clone());
+        }
+        Ok((f, dev.cuda_stream()))
     }
 
     /// The contiguous device view of a tensor's storage.
@@ -526,8 +544,6 @@ mod imp {
                 (128, true, false) => "paged_attention_mma_bf16_hd128",
                 (64, true, true) if self.pipelined => "paged_attention_mma_pipe_e4m3_hd64",
                 (64, true, true) => "paged_attention_mma_e4m3_hd64",
-                (128, true, true) if self.pipelined => "paged_attention_mma_pipe_e4m3_hd128",
-                (128, true, true) if std::env::var("SLUICE_ATTN_OCC3").is_ok() => "paged_attention_mma_occ3_e4m3_hd128",
                 (128, true, true) => "paged_attention_mma_e4m3_hd128",
                 (16, _, false) => "paged_attention_bf16_hd16",
                 (32, _, false) => "paged_attention_bf16_hd32",
@@ -566,11 +582,11 @@ mod imp {
                 }
             }
             for (name, blocks, items) in launches {
-                let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
+                let (func, stream) = kernel(&dev, name)?;
                 let threads = if items.is_some() { PREFILL_THREADS } else { THREADS };
                 let cfg =
                     LaunchConfig { grid_dim: (as_u32(blocks, "query blocks")?, nkv_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-                let mut builder = func.builder();
+                let mut builder = stream.launch_builder(&func);
                 builder.arg(&qv);
                 caches.push(&mut builder);
                 builder.arg(&tv);
@@ -673,12 +689,12 @@ mod imp {
                 CacheViews::Bf16(..) => "rope_qkv_cache_bf16",
                 CacheViews::E4m3(..) => "rope_qkv_cache_e4m3",
             };
-            let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
+            let (func, stream) = kernel(&dev, name)?;
             let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (n_, nh_, nkv_, hd_) = (as_i32(n, "tokens")?, as_i32(nh, "heads")?, as_i32(nkv, "kv heads")?, as_i32(hd, "head_dim")?);
             let null: u64 = 0;
-            let mut builder = func.builder();
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&xv);
             match &bias_view {
                 Some(b) => builder.arg(b),
@@ -770,11 +786,11 @@ mod imp {
         if n == 0 || h == 0 {
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, h))));
         }
-        let func = dev.get_or_load_custom_func("add_rms_norm_bf16", "sluice_kernels", PTX)?;
+        let (func, stream) = kernel(&dev, "add_rms_norm_bf16")?;
         let cfg = LaunchConfig { grid_dim: (as_u32(n, "rows")?, 1, 1), block_dim: (NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
         let (n_, h_) = (as_i32(n, "rows")?, as_i32(h, "hidden size")?);
         let null: u64 = 0;
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(&xv);
         match rv {
             Some(r) => builder.arg(r),
@@ -797,7 +813,7 @@ mod imp {
         pub silu_mul: bool,
     }
 
-    /// Must match GEMV_WARPS in the kernel (one output column per warp).
+    /// Must match GEMV_WARPS in the kernel (warps per block).
     const GEMV_WARPS: u32 = 8;
 
     impl CustomOp1 for SmallLinear {
@@ -832,17 +848,22 @@ mod imp {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))));
             }
             let name = if self.silu_mul { "gemv_silu_mul_bf16" } else { "gemv_bf16" };
-            let func = dev.get_or_load_custom_func(name, "sluice_kernels", PTX)?;
-            let blocks = as_u32(n.div_ceil(GEMV_WARPS as usize), "output columns")?;
+            let (func, stream) = kernel(&dev, name)?;
+            // Threads per output column: about three 16-byte chunks of the row each, a warp to
+            // the whole block (a power of two, so columns tile the block).
+            let tpc = (k / 8).div_ceil(3).next_power_of_two().clamp(32, GEMV_WARPS as usize * 32);
+            let cols = GEMV_WARPS as usize * 32 / tpc;
+            let blocks = as_u32(n.div_ceil(cols), "output columns")?;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-            let (m_, n_, k_) = (as_i32(m, "rows")?, as_i32(n, "columns")?, as_i32(k, "inner size")?);
-            let mut builder = func.builder();
+            let (m_, n_, k_, tpc_) = (as_i32(m, "rows")?, as_i32(n, "columns")?, as_i32(k, "inner size")?, as_i32(tpc, "threads")?);
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&xv);
             builder.arg(&wv);
             builder.arg(&out);
             builder.arg(&m_);
             builder.arg(&n_);
             builder.arg(&k_);
+            builder.arg(&tpc_);
             // SAFETY: argument types and order match `gemv_bf16` / `gemv_silu_mul_bf16`;
             // contiguous x [m, k] and w [n or 2n, k] with 16-byte aligned rows (k % 8 == 0 and
             // aligned start offsets, checked above), m <= GEMV_ROWS; out [m, n].
@@ -876,11 +897,11 @@ mod imp {
             if total == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inter))));
             }
-            let func = dev.get_or_load_custom_func("silu_mul_bf16", "sluice_kernels", PTX)?;
+            let (func, stream) = kernel(&dev, "silu_mul_bf16")?;
             let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (n_, i_) = (as_i32(n, "rows")?, as_i32(inter, "intermediate size")?);
-            let mut builder = func.builder();
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&xv);
             builder.arg(&out);
             builder.arg(&n_);
@@ -915,10 +936,10 @@ mod imp {
             if rows == 0 || cols == 0 {
                 bail!("argmax-rows: empty logits {:?}", xl.shape());
             }
-            let func = dev.get_or_load_custom_func("argmax_rows_bf16", "sluice_kernels", PTX)?;
+            let (func, stream) = kernel(&dev, "argmax_rows_bf16")?;
             let cfg = LaunchConfig { grid_dim: (as_u32(rows, "rows")?, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
             let cols_ = as_i32(cols, "vocabulary")?;
-            let mut builder = func.builder();
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&xv);
             builder.arg(&out);
             builder.arg(&cols_);
@@ -951,10 +972,10 @@ mod imp {
             if n == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)));
             }
-            let func = dev.get_or_load_custom_func("resolve_tokens_u32", "sluice_kernels", PTX)?;
+            let (func, stream) = kernel(&dev, "resolve_tokens_u32")?;
             let cfg = LaunchConfig { grid_dim: (as_u32(n.div_ceil(256), "blocks")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (n_, rows_) = (as_i32(n, "tokens")?, as_i32(rows, "previous rows")?);
-            let mut builder = func.builder();
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&xv);
             builder.arg(&pv);
             builder.arg(&out);
@@ -1038,10 +1059,10 @@ mod imp {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let func = dev.get_or_load_custom_func("quant_rows_e4m3", "sluice_kernels", PTX)?;
+        let (func, stream) = kernel(dev, "quant_rows_e4m3")?;
         let cfg = LaunchConfig { grid_dim: (as_u32(rows, "rows")?, 1, 1), block_dim: (QUANT_THREADS, 1, 1), shared_mem_bytes: 0 };
         let cols_ = as_i32(cols, "columns")?;
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(x);
         builder.arg(q);
         builder.arg(scales);
@@ -1323,12 +1344,12 @@ mod imp {
             drop((_w_read, _ws_read, _x_read, _xs_read, _work, _y_write));
             drop(plans);
             if !outer {
-                let func = dev.get_or_load_custom_func("scale_rows_cols_bf16", "sluice_kernels", PTX)?;
+                let (func, stream) = kernel(&dev, "scale_rows_cols_bf16")?;
                 let pairs = m * n / 2;
                 let blocks = as_u32(pairs.div_ceil(256).min(1 << 16), "blocks")?;
                 let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 let (m_, n_) = (as_i32(m, "rows")?, as_i32(n, "columns")?);
-                let mut builder = func.builder();
+                let mut builder = stream.launch_builder(&func);
                 builder.arg(&mut y);
                 builder.arg(&xs);
                 builder.arg(&sv);

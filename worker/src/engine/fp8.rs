@@ -14,6 +14,11 @@ use super::error::EngineError;
 /// The largest finite E4M3 value: a row's absolute maximum maps to it.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// Rows up to which `cuda_ops::small_linear` replaces cuBLAS in the model: measured on an H100
+/// (0.5B shape, docs/BENCHMARKS.md attempt 23), batch 1 runs at 1.46 ms per output token with it
+/// and 1.81 without, batch 8 at 2.14 with it and 1.71 without.
+pub const SMALL_LINEAR_WINS: usize = 1;
+
 /// A projection `y = x · W^T` (biases are added by the caller).
 pub enum Proj {
     Dense(Linear),
@@ -41,10 +46,11 @@ impl Proj {
         }
     }
 
-    /// `forward`, through `cuda_ops::small_linear` when `small` and it applies (a dense bf16
-    /// projection without bias of a few rows on CUDA).
+    /// `forward`, through `cuda_ops::small_linear` when `small`, `x` has at most
+    /// `SMALL_LINEAR_WINS` rows and the kernel applies (a dense bf16 projection without bias on
+    /// CUDA).
     pub fn forward_small(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
-        if let (true, Self::Dense(l)) = (small, self)
+        if let (true, Self::Dense(l)) = (small && x.dim(0)? <= SMALL_LINEAR_WINS, self)
             && l.bias().is_none()
             && let Some(y) = cuda_ops::small_linear(x, l.weight(), false)?
         {
@@ -56,7 +62,7 @@ impl Proj {
     /// `silu(gate) * up` of a stacked `[gate; up]` projection: one kernel with the product where
     /// `small_linear` applies (and `small`), else the projection then `cuda_ops::silu_mul`.
     pub fn forward_silu_mul(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
-        if let (true, Self::Dense(l)) = (small, self)
+        if let (true, Self::Dense(l)) = (small && x.dim(0)? <= SMALL_LINEAR_WINS, self)
             && l.bias().is_none()
             && let Some(y) = cuda_ops::small_linear(x, l.weight(), true)?
         {
