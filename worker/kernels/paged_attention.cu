@@ -570,17 +570,18 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, true, __nv_fp8_st
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, true, __nv_fp8_storage_t, 2)
 
 // ---------------------------------------------------------------------------------------------
-// Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to CHUNK_TOKENS = 2 *
-// PF_WARPS consecutive positions of one sequence (`items[b]` = first token | (count - 1) << 28)
-// and one KV head; warp w owns positions 2w and 2w + 1 (mma rows gid and 8 + gid, so no mma row
-// idles as rows 8..15 do in decode) and every warp walks every key tile
-// of the block's longest context. Each 32-key tile of K and V is copied once per block into
-// shared memory with cp.async (double-buffered: tile j + 1 loads while tile j is computed), and
-// the warps read their fragments from there with the same lane layout as the paged kernel.
-// Rows are padded by 16 bytes so those 16-byte fragment reads do not conflict on banks.
+// Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to PF_WARPS * P
+// consecutive positions of one sequence (`items[b]` = first token | (count - 1) << 24) and one
+// KV head, P = 16 / g positions per warp for g query heads per KV head: mma row r of warp w is
+// query head r % g of position w * P + r / g, so every row of the m16 tile works (g = 4: four
+// positions per warp, where a warp took two and left half its rows empty). Every warp walks
+// every key tile of the block's longest context. Each 32-key tile of K and V is copied once per
+// block into shared memory with cp.async (double-buffered: tile j + 1 loads while tile j is
+// computed), and the warps read their fragments from there with the same lane layout as the
+// paged kernel. Rows are padded by 16 bytes so those 16-byte fragment reads do not conflict on
+// banks.
 #define PF_WARPS 8
 #define PF_THREADS (PF_WARPS * 32)
-#define CHUNK_TOKENS (2 * PF_WARPS)
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
@@ -606,36 +607,39 @@ __device__ __forceinline__ void prefill_attention_mma(
     __shared__ __align__(16) C vs[2][32 * ROW];
 
     const uint32_t item = items[blockIdx.x];
-    const int s0 = (int)(item & 0x0fffffffu);
-    const int count = (int)(item >> 28) + 1;
+    const int s0 = (int)(item & 0x00ffffffu);
+    const int count = (int)(item >> 24) + 1;
     const int kvh = blockIdx.y;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int gid = lane / 4;
     const int t = lane % 4;
     const int g = nh / nkv;
+    const int P = 16 / g;  // positions per warp
     const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s0] * max_blocks;
     const int ctx_max = (int)ctx_lens[s0 + count - 1];
     const int ntiles = (ctx_max + 31) / 32;
 
-    // This warp's two positions (rows gid and 8 + gid); absent ones attend nothing.
-    const int ta = 2 * warp, tb = 2 * warp + 1;
-    const bool has_a = ta < count, has_b = tb < count;
-    const int ctx_a = has_a ? (int)ctx_lens[s0 + ta] : 0;
-    const int ctx_b = has_b ? (int)ctx_lens[s0 + tb] : 0;
+    // This lane's two mma rows gid (a) and 8 + gid (b): position and head of each; rows past the
+    // warp's positions or past the chunk attend nothing. Consecutive positions have consecutive
+    // contexts, so the warp's last position has its longest.
+    const int p0 = warp * P;
+    const int pa = p0 + gid / g, ha = gid % g, pb = p0 + (8 + gid) / g, hb = (8 + gid) % g;
+    const bool has_a = gid < P * g && pa < count, has_b = 8 + gid < P * g && pb < count;
+    const int ctx_a = has_a ? (int)ctx_lens[s0 + pa] : 0;
+    const int ctx_b = has_b ? (int)ctx_lens[s0 + pb] : 0;
+    const int ctx_warp = p0 < count ? (int)ctx_lens[s0 + min(p0 + P, count) - 1] : 0;
     uint32_t qa[KS][2], qb[KS][2];
     {
-        const int h = kvh * g + (gid < g ? gid : 0);
-        const uint32_t* qra = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_a ? ta : 0)) * nh + h) * HD + t * (HD / 4));
-        const uint32_t* qrb = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_b ? tb : 0)) * nh + h) * HD + t * (HD / 4));
+        const uint32_t* qra = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_a ? pa : 0)) * nh + kvh * g + ha) * HD + t * (HD / 4));
+        const uint32_t* qrb = reinterpret_cast<const uint32_t*>(q + ((size_t)(s0 + (has_b ? pb : 0)) * nh + kvh * g + hb) * HD + t * (HD / 4));
 #pragma unroll
         for (int k = 0; k < KS; ++k) {
-            const bool ra = has_a && gid < g, rb = has_b && gid < g;
-            qa[k][0] = ra ? KvElem<C>::qword(qra[2 * k]) : 0u;
-            qa[k][1] = ra ? KvElem<C>::qword(qra[2 * k + 1]) : 0u;
-            qb[k][0] = rb ? KvElem<C>::qword(qrb[2 * k]) : 0u;
-            qb[k][1] = rb ? KvElem<C>::qword(qrb[2 * k + 1]) : 0u;
+            qa[k][0] = has_a ? KvElem<C>::qword(qra[2 * k]) : 0u;
+            qa[k][1] = has_a ? KvElem<C>::qword(qra[2 * k + 1]) : 0u;
+            qb[k][0] = has_b ? KvElem<C>::qword(qrb[2 * k]) : 0u;
+            qb[k][1] = has_b ? KvElem<C>::qword(qrb[2 * k + 1]) : 0u;
         }
     }
 
@@ -668,7 +672,7 @@ __device__ __forceinline__ void prefill_attention_mma(
         }
         __syncthreads();
         const int t0 = j * 32;
-        if (has_a && t0 < (has_b ? ctx_b : ctx_a)) {  // warp-uniform: the tile has keys for a row
+        if (t0 < ctx_warp) {  // warp-uniform: the tile has keys for a row
             // S = Q K^T for the 32 keys (n-tile nt: keys nt*8 + gid in the B fragment).
             float sc[4][4];
 #pragma unroll
@@ -701,27 +705,24 @@ __device__ __forceinline__ void prefill_attention_mma(
         __syncthreads();  // buffer b is refilled by the next iteration's issue
     }
 
-    // Lane (gid, t) holds row gid (position ta) in o[.][0..1] and row 8 + gid (tb) in o[.][2..3],
-    // dims (HD/8)*2t + jj and (HD/8)*(2t+1) + jj.
-    if (gid < g) {
-        const int h = kvh * g + gid;
-        if (has_a) {
-            __nv_bfloat16* oa = out + ((size_t)(s0 + ta) * nh + h) * HD;
-            const float inv = 1.f / l0;
+    // Lane (gid, t) holds row gid (position pa, head ha) in o[.][0..1] and row 8 + gid (pb, hb)
+    // in o[.][2..3], dims (HD/8)*2t + jj and (HD/8)*(2t+1) + jj.
+    if (has_a) {
+        __nv_bfloat16* oa = out + ((size_t)(s0 + pa) * nh + kvh * g + ha) * HD;
+        const float inv = 1.f / l0;
 #pragma unroll
-            for (int jj = 0; jj < NT; ++jj) {
-                oa[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][0] * inv);
-                oa[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][1] * inv);
-            }
+        for (int jj = 0; jj < NT; ++jj) {
+            oa[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][0] * inv);
+            oa[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][1] * inv);
         }
-        if (has_b) {
-            __nv_bfloat16* ob = out + ((size_t)(s0 + tb) * nh + h) * HD;
-            const float inv = 1.f / l1;
+    }
+    if (has_b) {
+        __nv_bfloat16* ob = out + ((size_t)(s0 + pb) * nh + kvh * g + hb) * HD;
+        const float inv = 1.f / l1;
 #pragma unroll
-            for (int jj = 0; jj < NT; ++jj) {
-                ob[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][2] * inv);
-                ob[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][3] * inv);
-            }
+        for (int jj = 0; jj < NT; ++jj) {
+            ob[(HD / 8) * (2 * t) + jj] = __float2bfloat16(o[jj][2] * inv);
+            ob[(HD / 8) * (2 * t + 1) + jj] = __float2bfloat16(o[jj][3] * inv);
         }
     }
 }

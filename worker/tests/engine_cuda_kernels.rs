@@ -76,12 +76,13 @@ fn check_queries(nh: usize, nkv: usize, hd: usize, lens: &[usize], queries: &[(u
     let t = |x: &[f32], shape: &[usize]| Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let rows: Vec<u32> = queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = queries.iter().map(|&(_, c)| c as u32).collect();
-    use sluice_worker::engine::cuda_ops::{Prefill, query_chunks};
+    use sluice_worker::engine::cuda_ops::{Prefill, prefill_chunk_tokens, query_chunks};
     // Leading one-token queries run one per block, as a step's decode tokens do.
     let first = (0..n).take_while(|&i| i + 1 >= n || rows[i + 1] != rows[i] || ctx[i + 1] != ctx[i] + 1).count();
     let to_t = |v: Vec<u32>| Tensor::from_slice(&v, v.len(), &dev).unwrap();
-    let chunks_all = to_t(query_chunks(&rows, &ctx, 0));
-    let chunks = to_t(query_chunks(&rows, &ctx, first));
+    let chunk = prefill_chunk_tokens(nh, nkv);
+    let chunks_all = to_t(query_chunks(&rows, &ctx, 0, chunk));
+    let chunks = to_t(query_chunks(&rows, &ctx, first, chunk));
     let run_on = |kc: &Tensor, vc: &Tensor, tensor_cores: bool, prefill: Option<Prefill>| {
         sluice_worker::engine::cuda_ops::paged_attention(
             &t(&q, &[n, nh, hd]),

@@ -45,8 +45,8 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 ///   (≥ 1): `pos + 1` for the token at `pos` (causal).
 ///
 /// * `prefill` (tensor cores only): `query_chunks` work items for the tokens from `first` on (a
-///   block attends up to 16 consecutive positions, its K/V tiles staged in shared memory once
-///   for all); tokens before `first` (decode tokens) run one per block.
+///   block attends up to `prefill_chunk_tokens` consecutive positions, its K/V tiles staged in
+///   shared memory once for all); tokens before `first` (decode tokens) run one per block.
 ///
 /// Returns `[n, num_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
@@ -98,26 +98,34 @@ pub struct Prefill<'a> {
     pub first: usize,
 }
 
-/// Positions per `query_chunks` item (CHUNK_TOKENS in the kernel: two per warp).
-pub const CHUNK_TOKENS: usize = 16;
+/// Warps per block of the chunked prefill kernel (PF_WARPS in the kernel).
+pub const PREFILL_WARPS: usize = 8;
+
+/// Positions per `query_chunks` item for a model of `num_heads` query heads over `num_kv_heads`:
+/// each warp of the kernel takes `16 / g` positions (its m16 tile holds their `g` heads each).
+pub fn prefill_chunk_tokens(num_heads: usize, num_kv_heads: usize) -> usize {
+    let g = (num_heads / num_kv_heads.max(1)).clamp(1, 16);
+    PREFILL_WARPS * (16 / g)
+}
 
 /// Work items of the chunked prefill kernel for the queries from `first` on (flat order, with
-/// these `table_rows` and `ctx_lens`): runs of up to `CHUNK_TOKENS` consecutive positions of
-/// one sequence, each `first_token | (count - 1) << 28`. Covers every query from `first` on
-/// exactly once; needs fewer than 2^28 queries.
-pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize) -> Vec<u32> {
+/// these `table_rows` and `ctx_lens`): runs of up to `chunk` (`prefill_chunk_tokens`, at most
+/// 256) consecutive positions of one sequence, each `first_token | (count - 1) << 24`. Covers
+/// every query from `first` on exactly once; needs fewer than 2^24 queries.
+pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize, chunk: usize) -> Vec<u32> {
+    let chunk = chunk.clamp(1, 256);
     let mut items = Vec::new();
     let mut i = first;
     while i < table_rows.len() {
         let mut count = 1;
-        while count < CHUNK_TOKENS
+        while count < chunk
             && i + count < table_rows.len()
             && table_rows[i + count] == table_rows[i]
             && ctx_lens[i + count] == ctx_lens[i + count - 1] + 1
         {
             count += 1;
         }
-        items.push(i as u32 | ((count as u32 - 1) << 28));
+        items.push(i as u32 | ((count as u32 - 1) << 24));
         i += count;
     }
     items
@@ -394,8 +402,8 @@ mod imp {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
     /// Must match THREADS in the kernel.
     const THREADS: u32 = 128;
-    /// Must match PF_THREADS in the kernel (CHUNK_TOKENS / 2 warps).
-    const PREFILL_THREADS: u32 = super::CHUNK_TOKENS as u32 / 2 * 32;
+    /// Must match PF_THREADS in the kernel.
+    const PREFILL_THREADS: u32 = super::PREFILL_WARPS as u32 * 32;
 
     pub(super) struct PagedAttention {
         pub k_cache: Tensor,
@@ -1361,5 +1369,31 @@ mod imp {
             }
             Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{prefill_chunk_tokens, query_chunks};
+
+    #[test]
+    fn query_chunks_cover_each_prefill_query_once_in_runs_of_one_sequence() {
+        // 16 / g positions per warp, 8 warps.
+        assert_eq!(prefill_chunk_tokens(32, 8), 32);
+        assert_eq!(prefill_chunk_tokens(14, 2), 16);
+        assert_eq!(prefill_chunk_tokens(8, 8), 128);
+        // Two decode tokens, then positions 0..40 of sequence 2, then positions 5..8 of sequence 3.
+        let mut rows = vec![0u32, 1];
+        let mut ctx = vec![7u32, 9];
+        rows.extend([2; 40]);
+        ctx.extend(1..=40);
+        rows.extend([3; 3]);
+        ctx.extend(6..=8);
+        let items = query_chunks(&rows, &ctx, 2, 32);
+        let decoded: Vec<(u32, u32)> = items.iter().map(|i| (i & 0x00ff_ffff, (i >> 24) + 1)).collect();
+        assert_eq!(decoded, vec![(2, 32), (34, 8), (42, 3)]);
+        // A break in the positions of one sequence starts a new item.
+        let items = query_chunks(&[4, 4, 4], &[3, 4, 9], 0, 128);
+        assert_eq!(items, vec![1 << 24, 2]);
     }
 }

@@ -368,7 +368,11 @@ impl Model {
         let prefill = if chunks && n > order.len() {
             // Decode tokens (one new token) come first in the flat order.
             let first = order.iter().take_while(|&&i| seqs[i].tokens.len() == 1).count();
-            let items = super::cuda_ops::query_chunks(&rows, &lens, first);
+            let chunk = super::cuda_ops::prefill_chunk_tokens(self.cfg.num_heads, self.cfg.num_kv_heads);
+            if n >= 1 << 24 {
+                return Err(EngineError::Config(format!("{n} tokens in one step: the chunked prefill kernel takes fewer than 2^24")));
+            }
+            let items = super::cuda_ops::query_chunks(&rows, &lens, first, chunk);
             let m = items.len();
             Some(PrefillItems { items: Tensor::from_vec(items, m, &self.device)?, first })
         } else {
