@@ -46,13 +46,10 @@ impl Proj {
         }
     }
 
-    /// `forward`, through `cuda_ops::small_linear` when `small`, `x` has at most
-    /// `SMALL_LINEAR_WINS` rows and the kernel applies (a dense bf16 projection without bias on
-    /// CUDA).
+    /// `forward`, through `cuda_ops::small_linear` where `small_weight` allows it.
     pub fn forward_small(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
-        if let (true, Self::Dense(l)) = (small && x.dim(0)? <= SMALL_LINEAR_WINS, self)
-            && l.bias().is_none()
-            && let Some(y) = cuda_ops::small_linear(x, l.weight(), false)?
+        if let Some(w) = self.small_weight(x, small)?
+            && let Some(y) = cuda_ops::small_linear(x, w, false)?
         {
             return Ok(y);
         }
@@ -60,15 +57,24 @@ impl Proj {
     }
 
     /// `silu(gate) * up` of a stacked `[gate; up]` projection: one kernel with the product where
-    /// `small_linear` applies (and `small`), else the projection then `cuda_ops::silu_mul`.
+    /// `small_weight` allows it, else the projection then `cuda_ops::silu_mul`.
     pub fn forward_silu_mul(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
-        if let (true, Self::Dense(l)) = (small && x.dim(0)? <= SMALL_LINEAR_WINS, self)
-            && l.bias().is_none()
-            && let Some(y) = cuda_ops::small_linear(x, l.weight(), true)?
+        if let Some(w) = self.small_weight(x, small)?
+            && let Some(y) = cuda_ops::small_linear(x, w, true)?
         {
             return Ok(y);
         }
         cuda_ops::silu_mul(&self.forward(x)?)
+    }
+
+    /// The weight `cuda_ops::small_linear` may take instead of the general path: when `small`,
+    /// `x` has at most `SMALL_LINEAR_WINS` rows and this is a dense projection without bias
+    /// (the kernel itself declines other devices and dtypes).
+    fn small_weight(&self, x: &Tensor, small: bool) -> Result<Option<&Tensor>, EngineError> {
+        match self {
+            Self::Dense(l) if small && l.bias().is_none() && x.dim(0)? <= SMALL_LINEAR_WINS => Ok(Some(l.weight())),
+            _ => Ok(None),
+        }
     }
 }
 
