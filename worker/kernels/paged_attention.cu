@@ -111,8 +111,8 @@ struct KvElem<__nv_fp8_storage_t> {
     }
     // The tensor-core kernels multiply an E4M3 cache in f16: every E4M3 value is an f16 value,
     // so one cvt per pair makes the fragments exactly (bf16 fragments took three per pair);
-    // queries are rounded from bf16 to f16 (more mantissa, range to 65504) and probabilities
-    // are packed as f16.
+    // queries are rounded from bf16 to f16 (more mantissa, saturated at +-65504) and
+    // probabilities are packed as f16.
     static __device__ __forceinline__ uint4 frag8(const Raw& raw) {
         const __nv_fp8x2_storage_t* h = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
         uint32_t w[4];
@@ -123,9 +123,10 @@ struct KvElem<__nv_fp8_storage_t> {
         }
         return make_uint4(w[0], w[1], w[2], w[3]);
     }
+    // Saturated at the f16 range (a query beyond +-65504 would otherwise become inf).
     static __device__ __forceinline__ uint32_t qword(uint32_t bf16x2) {
         const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bf16x2));
-        return pack_f16(f.x, f.y);
+        return pack_f16(fminf(fmaxf(f.x, -65504.f), 65504.f), fminf(fmaxf(f.y, -65504.f), 65504.f));
     }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack_f16(lo, hi); }
     static __device__ __forceinline__ void mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
