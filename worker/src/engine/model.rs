@@ -349,8 +349,7 @@ impl Model {
 
     /// Block tables (one row per sequence, in flat order) and each token's row and causal
     /// context length, for the paged attention kernel.
-    /// `chunks`: also the chunked prefill kernel's work items.
-    fn paged_inputs(&self, seqs: &[SeqInput], order: &[usize], block_size: usize, chunks: bool) -> Result<PagedInputs, EngineError> {
+    fn paged_inputs(&self, seqs: &[SeqInput], order: &[usize], block_size: usize) -> Result<PagedInputs, EngineError> {
         let ctx_of = |i: usize| seqs[i].start_pos + seqs[i].tokens.len();
         let max_blocks = order.iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1).max(1);
         let n: usize = order.iter().map(|&i| seqs[i].tokens.len()).sum();
@@ -365,7 +364,7 @@ impl Model {
             rows.extend(std::iter::repeat_n(row as u32, s.tokens.len()));
             lens.extend((s.start_pos..ctx_of(i)).map(|p| p as u32 + 1));
         }
-        let prefill = if chunks && n > order.len() {
+        let prefill = if self.attn_prefill_chunks && n > order.len() {
             // Decode tokens (one new token) come first in the flat order.
             let first = order.iter().take_while(|&&i| seqs[i].tokens.len() == 1).count();
             let chunk = super::cuda_ops::prefill_chunk_tokens(self.cfg.num_heads, self.cfg.num_kv_heads);
@@ -392,10 +391,9 @@ impl Model {
     fn prepare(
         &self,
         seqs: &[SeqInput],
-        cache: &KvCache,
+        block_size: usize,
         prev: Option<&StepIds>,
     ) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
-        let block_size = cache.block_size();
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
         let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
         let n_decode = order.len();
@@ -473,7 +471,7 @@ impl Model {
             }
         }
         self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
-        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size, self.attn_prefill_chunks)?) } else { None };
+        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size)?) } else { None };
         let decode = if n_decode > 0 && !self.paged_attention {
             let ctx_of = |i: usize| seqs[i].start_pos + 1;
             let max_ctx = order[..n_decode].iter().map(|&i| ctx_of(i)).max().unwrap_or(1);
@@ -645,7 +643,7 @@ impl Model {
             return Ok(None);
         }
         self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
-        let (st, logit_of) = self.prepare(seqs, cache, prev)?;
+        let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev)?;
         self.prof(|p| {
             p.host("prepare");
             p.gpu("prepare_h2d");
