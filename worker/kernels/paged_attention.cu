@@ -868,8 +868,12 @@ PAGED_ATTENTION_ENTRY(paged_attention_e4m3_hd256, 256, __nv_fp8_storage_t, 1)
 
 // SwiGLU: out[r, c] = silu(x[r, c]) * x[r, inter + c] for x [n, 2 * inter] -> out [n, inter].
 // One thread per 8 outputs (16-byte loads and stores), grid-stride. inter % 8 == 0.
-extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
-                                         __nv_bfloat16* __restrict__ out, int n, int inter) {
+// rs, cs (both or neither null): x is an FP8 GEMM's unscaled output (cuBLASLt with unit scales)
+// and each element is first scaled to x[r, c] * rs[r] * cs[c] and rounded to bf16, as
+// scale_rows_cols_bf16 would leave it (rs: [n], cs: [2 * inter] f32), saving that kernel's pass.
+extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ rs,
+                                         const float* __restrict__ cs, __nv_bfloat16* __restrict__ out, int n,
+                                         int inter) {
     const int chunks = inter / 8;
     const size_t total = (size_t)n * chunks;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -879,6 +883,14 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ x,
         float g[8], u[8];
         load8(x + r * 2 * inter + c, g);
         load8(x + r * 2 * inter + inter + c, u);
+        if (rs != nullptr) {
+            const float s = rs[r];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                g[j] = __bfloat162float(__float2bfloat16(g[j] * s * cs[c + j]));
+                u[j] = __bfloat162float(__float2bfloat16(u[j] * s * cs[inter + c + j]));
+            }
+        }
         uint4 raw;
         __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll

@@ -371,7 +371,27 @@ pub fn quantize_rows_e4m3(x: &Tensor) -> Result<(Tensor, Tensor), EngineError> {
 pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
-        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone() };
+        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul: false };
+        Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w, w_scales, gemm);
+        Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
+    }
+}
+
+/// `silu(gate) * up` of `fp8_linear(x, w, ..)` for a stacked `[gate; up]` weight `w: [2i, k]`:
+/// `[m, i]`, the SwiGLU kernel applying the GEMM's scales where cuBLASLt ran it with unit scales
+/// (one pass over the product instead of a scaling pass and a SwiGLU pass).
+pub fn fp8_linear_silu_mul(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let (n, _) = w.dims2()?;
+        if !n.is_multiple_of(16) {
+            return Err(EngineError::Config(format!("fp8 SwiGLU: gate/up width {n} is not a multiple of 16")));
+        }
+        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul: true };
         Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
@@ -914,20 +934,50 @@ mod imp {
             if total == 0 {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inter))));
             }
-            let (func, stream) = kernel(&dev, "silu_mul_bf16")?;
-            let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let (n_, i_) = (as_i32(n, "rows")?, as_i32(inter, "intermediate size")?);
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&xv);
-            builder.arg(&out);
-            builder.arg(&n_);
-            builder.arg(&i_);
-            // SAFETY: argument types and order match `silu_mul_bf16`; contiguous [n, 2 * inter]
-            // input with inter % 8 == 0, [n, inter] output.
-            unsafe { builder.launch(cfg) }.w()?;
+            launch_silu_mul(&dev, &xv, None, &out, n, inter)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inter))))
         }
+    }
+
+    /// `silu_mul_bf16` over `x: [n, 2 * inter]` into `out: [n, inter]`; `scales` (per row, per
+    /// column) when `x` is an FP8 GEMM's unscaled output.
+    fn launch_silu_mul(
+        dev: &CudaDevice,
+        x: &CudaView<'_, bf16>,
+        scales: Option<(&CudaSlice<f32>, &CudaView<'_, f32>)>,
+        out: &CudaSlice<bf16>,
+        n: usize,
+        inter: usize,
+    ) -> candle_core::Result<()> {
+        let total = n * inter / 8;
+        if total == 0 {
+            return Ok(());
+        }
+        let (func, stream) = kernel(dev, "silu_mul_bf16")?;
+        let blocks = as_u32(total.div_ceil(256).min(1 << 16), "blocks")?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (n_, i_) = (as_i32(n, "rows")?, as_i32(inter, "intermediate size")?);
+        let null = 0u64;
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(x);
+        match scales {
+            Some((rs, cs)) => {
+                builder.arg(rs);
+                builder.arg(cs);
+            }
+            None => {
+                builder.arg(&null);
+                builder.arg(&null);
+            }
+        }
+        builder.arg(out);
+        builder.arg(&n_);
+        builder.arg(&i_);
+        // SAFETY: argument types and order match `silu_mul_bf16` (null scale pointers as 0);
+        // contiguous [n, 2 * inter] input with inter % 8 == 0, [n, inter] output, scales of n
+        // and 2 * inter f32, all on this stream.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
     }
 
     pub(super) struct ArgmaxRows;
@@ -1277,6 +1327,9 @@ mod imp {
         pub w: Tensor,
         pub w_scales: Tensor,
         pub gemm: std::sync::Arc<super::Fp8Gemm>,
+        /// The weight is `[gate; up]` and the result `silu(gate) * up` (`[m, n / 2]`), with the
+        /// GEMM's fallback scaling done in the SwiGLU kernel.
+        pub silu_mul: bool,
     }
 
     impl CustomOp1 for Fp8Matmul {
@@ -1304,7 +1357,8 @@ mod imp {
             // SAFETY: the GEMM writes every element.
             let mut y = unsafe { dev.alloc::<bf16>(m * n)? };
             if m == 0 {
-                return Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))));
+                let cols = if self.silu_mul { n / 2 } else { n };
+                return Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, cols))));
             }
             let xv = view::<bf16>(x, xl, "x")?;
             let wv = view::<F8E4M3>(ws, wl, "weight")?;
@@ -1360,6 +1414,14 @@ mod imp {
             let outer = plan.outer;
             drop((_w_read, _ws_read, _x_read, _xs_read, _work, _y_write));
             drop(plans);
+            if self.silu_mul {
+                let inter = n / 2;
+                // SAFETY: the kernel writes every element.
+                let out = unsafe { dev.alloc::<bf16>(m * inter)? };
+                let scales = if outer { None } else { Some((&xs, &sv)) };
+                launch_silu_mul(&dev, &y.slice(..), scales, &out, m, inter)?;
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, inter))));
+            }
             if !outer {
                 let (func, stream) = kernel(&dev, "scale_rows_cols_bf16")?;
                 let pairs = m * n / 2;

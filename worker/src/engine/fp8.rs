@@ -64,7 +64,10 @@ impl Proj {
         {
             return Ok(y);
         }
-        cuda_ops::silu_mul(&self.forward(x)?)
+        match self {
+            Self::Fp8(f) => f.forward_silu_mul(x),
+            Self::Dense(_) => cuda_ops::silu_mul(&self.forward(x)?),
+        }
     }
 
     /// The weight `cuda_ops::small_linear` may take instead of the general path: when `small`,
@@ -118,6 +121,15 @@ impl Fp8Linear {
                 Ok(Self { weight: q, scales: Some(s), mode: mode.clone() })
             }
             Fp8Mode::Emulated => Ok(Self { weight: fake_quant_rows(w)?, scales: None, mode: mode.clone() }),
+        }
+    }
+
+    /// `silu(gate) * up` of `forward(x)` for a stacked `[gate; up]` weight: on CUDA one SwiGLU
+    /// pass that also applies the GEMM's scales (`cuda_ops::fp8_linear_silu_mul`).
+    pub fn forward_silu_mul(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+        match (&self.mode, &self.scales) {
+            (Fp8Mode::Cuda(gemm), Some(s)) => cuda_ops::fp8_linear_silu_mul(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
+            _ => cuda_ops::silu_mul(&self.forward(x)?),
         }
     }
 
