@@ -117,8 +117,15 @@ fn time_case(args: &Args, dev: &Device, case: &Case, kv: DType, rng: &mut rand_c
     let n = case.queries.len();
     let slots = num_blocks * bs;
     let q = Tensor::randn(0f32, 1.0, (n, nh, hd), dev)?.to_dtype(DType::BF16)?;
-    let kc = Tensor::randn(0f32, 1.0, (slots, nkv * hd), dev)?.to_dtype(kv)?;
-    let vc = Tensor::randn(0f32, 1.0, (slots, nkv * hd), dev)?.to_dtype(kv)?;
+    // candle casts to F8E4M3 on the CPU only: an E4M3 cache is made there and copied over.
+    let cache = || -> Result<Tensor> {
+        Ok(if kv == DType::BF16 {
+            Tensor::randn(0f32, 1.0, (slots, nkv * hd), dev)?.to_dtype(kv)?
+        } else {
+            Tensor::randn(0f32, 1.0, (slots, nkv * hd), &Device::Cpu)?.to_dtype(kv)?.to_device(dev)?
+        })
+    };
+    let (kc, vc) = (cache()?, cache()?);
     let rows: Vec<u32> = case.queries.iter().map(|&(s, _)| s as u32).collect();
     let ctx: Vec<u32> = case.queries.iter().map(|&(_, c)| c as u32).collect();
     let tables_t = Tensor::from_slice(&tables, (b, max_blocks), dev)?;
