@@ -613,12 +613,6 @@ PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, 0, false, __nv_fp8_
 // single-buffered, 287 at 3 blocks/SM with spills; docs/BENCHMARKS.md attempt 22).
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, 1, false, __nv_fp8_storage_t, 2)
 PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, 1, false, __nv_fp8_storage_t, 2)
-// Experiment variants (sluice-kernel-bench --variant SUFFIX).
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128_pp, 128, 2, false, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128_ppw, 128, 2, true, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128_w, 128, 1, true, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128_sw, 128, 0, true, __nv_fp8_storage_t, 3)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128_pp, 128, 2, false, __nv_bfloat16, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to PF_WARPS * P
@@ -834,13 +828,6 @@ PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, false, __nv_bfloat1
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, false, __nv_bfloat16, 1)
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 2)
 PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128, 128, false, __nv_fp8_storage_t, 1)
-// Experiment variants (sluice-kernel-bench --variant SUFFIX).
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128_s, 128, true, __nv_bfloat16, 1)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128_s, 128, true, __nv_fp8_storage_t, 1)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128_m2, 128, false, __nv_bfloat16, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128_m2, 128, false, __nv_fp8_storage_t, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128_sm2, 128, true, __nv_bfloat16, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128_sm2, 128, true, __nv_fp8_storage_t, 2)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                   \

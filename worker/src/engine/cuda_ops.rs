@@ -463,14 +463,6 @@ mod imp {
     }
 
     /// The contiguous device view of a tensor's storage.
-    /// EXPERIMENT: `base` with the suffix in env var `var` (sluice-kernel-bench variants).
-    fn variant(base: &'static str, var: &str) -> &'static str {
-        match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Box::leak(format!("{base}{v}").into_boxed_str()),
-            _ => base,
-        }
-    }
-
     fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
             bail!("cuda op: {what} must be contiguous");
@@ -618,8 +610,7 @@ mod imp {
                 }
             }
             for (name, blocks, items) in launches {
-                let var = if items.is_some() { "SLUICE_ATTN_VARIANT_PREFILL" } else { "SLUICE_ATTN_VARIANT_DECODE" };
-                let (func, stream) = kernel(&dev, variant(name, var)).or_else(|_| kernel(&dev, name))?;
+                let (func, stream) = kernel(&dev, name)?;
                 let threads = if items.is_some() { PREFILL_THREADS } else { THREADS };
                 let cfg =
                     LaunchConfig { grid_dim: (as_u32(blocks, "query blocks")?, nkv_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
