@@ -389,12 +389,10 @@ __device__ __forceinline__ void pv_kstep(float (&o)[HD / 8][4], const float (&sc
     }
 }
 
-// MODE 0: each tile is loaded, then computed. MODE 1: the loads of a warp's next tile are issued
-// before the current tile is computed and moved into place after it. MODE 2: the same with two
-// named buffers computed in turn (no moves, which waited on the loads they copied).
-// WIDE: an E4M3 lane's adjacent 8-byte chunks load as one 16-byte access.
-// C: the cache element (bf16, or E4M3 widened to f16 fragments as it is used: half the bytes).
-template <int HD, int MODE, bool WIDE, typename C>
+// PIPE: the loads of a warp's next tile are issued before the current tile is computed
+// (double-buffered fragments: fewer resident warps, but loads always in flight).
+// C: the cache element (bf16, or E4M3 widened to bf16 fragments as it loads: half the bytes).
+template <int HD, bool PIPE, typename C>
 __device__ __forceinline__ void paged_attention_mma(
     const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,
     const C* __restrict__ vc, const uint32_t* __restrict__ tables,
@@ -406,7 +404,6 @@ __device__ __forceinline__ void paged_attention_mma(
     constexpr int KU = HD / 32;   // 8-element chunks per lane per key in QK (HD/4 dims)
     constexpr int NT = HD / 8;    // n-tiles of PV
     constexpr int VU = HD / 64;   // 8-element chunks per lane per key in PV (HD/8 dims)
-    constexpr bool PAIRS = WIDE && sizeof(Raw) == 8;  // two 8-byte chunks per 16-byte load
     const int s = blockIdx.x;
     const int kvh = blockIdx.y;
     const int warp = threadIdx.x / 32;
@@ -444,22 +441,6 @@ __device__ __forceinline__ void paged_attention_mma(
         key = min(key, ctx - 1);
         return table[key / block_size] * (uint32_t)block_size + (uint32_t)(key % block_size);
     };
-    // `n` chunks of 8 elements from `row` into dst[0..n).
-    auto load_chunks = [&](const Raw* row, Raw* dst, int n) {
-        if constexpr (PAIRS) {
-            const uint4* row4 = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-            for (int u = 0; u < n / 2; ++u) {
-                const uint4 x = row4[u];
-                dst[2 * u] = make_uint2(x.x, x.y);
-                dst[2 * u + 1] = make_uint2(x.z, x.w);
-            }
-            if (n % 2) dst[n - 1] = row[n - 1];
-        } else {
-#pragma unroll
-            for (int u = 0; u < n; ++u) dst[u] = row[u];
-        }
-    };
     // The tile's K rows (key nt*8 + gid, this lane's quarter) and V chunks (keys 2t, 2t+1,
     // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = slot of key t0 + lane.
     // Raw elements stay in registers until used (E4M3: half the registers of its fragments).
@@ -467,7 +448,9 @@ __device__ __forceinline__ void paged_attention_mma(
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const uint32_t ks = __shfl_sync(FULL, sl, nt * 8 + gid);
-            load_chunks(reinterpret_cast<const Raw*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4)), kr[nt], KU);
+            const Raw* row = reinterpret_cast<const Raw*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
+#pragma unroll
+            for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
         }
 #pragma unroll
         for (int kb = 0; kb < 2; ++kb) {
@@ -475,13 +458,33 @@ __device__ __forceinline__ void paged_attention_mma(
             for (int r = 0; r < 4; ++r) {
                 const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
                 const uint32_t vs = __shfl_sync(FULL, sl, key);
-                load_chunks(reinterpret_cast<const Raw*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8)), vr[kb][r], VU);
+                const Raw* row = reinterpret_cast<const Raw*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
+#pragma unroll
+                for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
             }
         }
     };
-    // S = Q K^T, the online softmax and O += P V for the tile of keys t0.. held in kr, vr.
-    auto compute_tile = [&](int t0, const Raw (&kr)[4][KU], const Raw (&vr)[2][4][VU]) {
-        // sc[nt] holds row gid, keys nt*8 + 2t, 2t+1.
+    uint32_t slot = slot_of(warp * 32 + lane);
+    Raw kr[4][KU];
+    Raw vr[2][4][VU];
+    if (PIPE && warp * 32 < ctx) {
+        load_tile(slot, kr, vr);
+        slot = slot_of(warp * 32 + WARPS * 32 + lane);
+    }
+    for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
+        Raw kn[4][KU];
+        Raw vn[2][4][VU];
+        if (PIPE) {
+            if (t0 + WARPS * 32 < ctx) {  // warp-uniform
+                load_tile(slot, kn, vn);
+                slot = slot_of(t0 + 2 * WARPS * 32 + lane);
+            }
+        } else {
+            load_tile(slot, kr, vr);
+            slot = slot_of(t0 + WARPS * 32 + lane);
+        }
+
+        // S = Q K^T: sc[nt] holds row gid, keys nt*8 + 2t, 2t+1.
         float sc[4][4];
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
@@ -503,64 +506,17 @@ __device__ __forceinline__ void paged_attention_mma(
                 for (int u = 0; u < VU; ++u) vf[r][u] = KvElem<C>::frag8(vr[kb][r][u]);
             pv_kstep<HD, false, C>(o, sc, kb, vf);
         }
-    };
-    constexpr int STRIDE = WARPS * 32;  // keys between a warp's consecutive tiles
-    uint32_t slot = slot_of(warp * 32 + lane);
-    Raw kr[4][KU];
-    Raw vr[2][4][VU];
-    if constexpr (MODE == 2) {
-        Raw kr2[4][KU];
-        Raw vr2[2][4][VU];
-        int t0 = warp * 32;
-        if (t0 < ctx) {
-            load_tile(slot, kr, vr);
-            slot = slot_of(t0 + STRIDE + lane);
-        }
-        for (; t0 < ctx; t0 += 2 * STRIDE) {  // warp-uniform bounds
-            const int t1 = t0 + STRIDE;
-            if (t1 < ctx) {
-                load_tile(slot, kr2, vr2);
-                slot = slot_of(t1 + STRIDE + lane);
-            }
-            compute_tile(t0, kr, vr);
-            if (t1 >= ctx) break;
-            if (t1 + STRIDE < ctx) {
-                load_tile(slot, kr, vr);
-                slot = slot_of(t1 + 2 * STRIDE + lane);
-            }
-            compute_tile(t1, kr2, vr2);
-        }
-    } else if constexpr (MODE == 1) {
-        if (warp * 32 < ctx) {
-            load_tile(slot, kr, vr);
-            slot = slot_of(warp * 32 + STRIDE + lane);
-        }
-        for (int t0 = warp * 32; t0 < ctx; t0 += STRIDE) {
-            Raw kn[4][KU];
-            Raw vn[2][4][VU];
-            if (t0 + STRIDE < ctx) {  // warp-uniform
-                load_tile(slot, kn, vn);
-                slot = slot_of(t0 + 2 * STRIDE + lane);
-            }
-            compute_tile(t0, kr, vr);
-            if (t0 + STRIDE < ctx) {
+        if (PIPE && t0 + WARPS * 32 < ctx) {
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
+            for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-                    for (int u = 0; u < KU; ++u) kr[nt][u] = kn[nt][u];
+                for (int u = 0; u < KU; ++u) kr[nt][u] = kn[nt][u];
 #pragma unroll
-                for (int kb = 0; kb < 2; ++kb)
+            for (int kb = 0; kb < 2; ++kb)
 #pragma unroll
-                    for (int r = 0; r < 4; ++r)
+                for (int r = 0; r < 4; ++r)
 #pragma unroll
-                        for (int u = 0; u < VU; ++u) vr[kb][r][u] = vn[kb][r][u];
-            }
-        }
-    } else {
-        for (int t0 = warp * 32; t0 < ctx; t0 += STRIDE) {
-            load_tile(slot, kr, vr);
-            slot = slot_of(t0 + STRIDE + lane);
-            compute_tile(t0, kr, vr);
+                    for (int u = 0; u < VU; ++u) vr[kb][r][u] = vn[kb][r][u];
         }
     }
 
@@ -593,26 +549,26 @@ __device__ __forceinline__ void paged_attention_mma(
     }
 }
 
-#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, MODE, WIDE, C, MINB)                                 \
+#define PAGED_ATTENTION_MMA_ENTRY(NAME, HD, PIPE, C, MINB)                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB) NAME(                             \
         const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,                            \
         const C* __restrict__ vc, const uint32_t* __restrict__ tables,                            \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         __nv_bfloat16* __restrict__ out, int nh, int nkv, int block_size, int max_blocks,         \
         float scale) {                                                                            \
-        paged_attention_mma<HD, MODE, WIDE, C>(q, kc, vc, tables, table_rows, ctx_lens, out, nh,  \
-                                               nkv, block_size, max_blocks, scale);               \
+        paged_attention_mma<HD, PIPE, C>(q, kc, vc, tables, table_rows, ctx_lens, out, nh, nkv,   \
+                                         block_size, max_blocks, scale);                          \
     }
 
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, 0, false, __nv_bfloat16, 4)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, 0, false, __nv_bfloat16, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, 1, false, __nv_bfloat16, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, 0, false, __nv_fp8_storage_t, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd64, 64, false, __nv_bfloat16, 4)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_bf16_hd128, 128, false, __nv_bfloat16, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_bf16_hd64, 64, true, __nv_bfloat16, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 4)
 // An E4M3 cache at head_dim 128 is always double-buffered: its raw tiles take half the registers
 // of bf16 ones, so both buffers fit at 2 blocks/SM (8B shape, H100: 264 vs 277 us per layer
 // single-buffered, 287 at 3 blocks/SM with spills; docs/BENCHMARKS.md attempt 22).
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, 1, false, __nv_fp8_storage_t, 2)
-PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, 1, false, __nv_fp8_storage_t, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_e4m3_hd128, 128, true, __nv_fp8_storage_t, 2)
+PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_pipe_e4m3_hd64, 64, true, __nv_fp8_storage_t, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill chunks on tensor cores: a block of PF_WARPS warps takes up to PF_WARPS * P
@@ -635,9 +591,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 
 // C: the cache element; an E4M3 tile is staged as its bytes (half the copies) and widened to
 // bf16 fragments as the warps read it.
-// SLOTPF: the slots of the next tile's rows are looked up while the current tile is computed
-// (shifts for a power-of-two block size), off the path from one tile's barrier to the next.
-template <int HD, bool SLOTPF, typename C>
+template <int HD, typename C>
 __device__ __forceinline__ void prefill_attention_mma(
     const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,
     const C* __restrict__ vc, const uint32_t* __restrict__ tables,
@@ -702,56 +656,17 @@ __device__ __forceinline__ void prefill_attention_mma(
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-    // SLOTPF: this thread's rows of a tile are fixed (idx / CH); their slots for the tile to
-    // issue next are held in nslot.
-    constexpr int ITERS = (32 * CH + PF_THREADS - 1) / PF_THREADS;
-    const bool pow2 = (block_size & (block_size - 1)) == 0;
-    const int bshift = __ffs(block_size) - 1;
-    uint32_t nslot[ITERS];
-    auto fetch_slots = [&](int j) {
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const int idx = threadIdx.x + i * PF_THREADS;
-            const uint32_t key = (uint32_t)min(j * 32 + idx / CH, ctx_max - 1);
-            const uint32_t bs = (uint32_t)block_size;
-            nslot[i] = pow2 ? table[key >> bshift] * bs + (key & (bs - 1)) : table[key / bs] * bs + key % bs;
-        }
-    };
-    auto issue_pf = [&](int b) {
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const int idx = threadIdx.x + i * PF_THREADS;
-            if (idx < 32 * CH) {
-                const int r = idx / CH, c = idx % CH;
-                const size_t off = (size_t)nslot[i] * kvd + (size_t)kvh * HD + c * PER16;
-                cp_async16(&ks[b][r * ROW + c * PER16], kc + off);
-                cp_async16(&vs[b][r * ROW + c * PER16], vc + off);
-            }
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
 
     float o[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m0 = -INFINITY, l0 = 0.f, m1 = -INFINITY, l1 = 0.f;
 
-    if constexpr (SLOTPF) {
-        fetch_slots(0);
-        issue_pf(0);
-        fetch_slots(1);
-    } else {
-        issue(0, 0);
-    }
+    issue(0, 0);
     for (int j = 0; j < ntiles; ++j) {
         const int b = j & 1;
         if (j + 1 < ntiles) {
-            if constexpr (SLOTPF) {
-                issue_pf(b ^ 1);
-                fetch_slots(j + 2);
-            } else {
-                issue(j + 1, b ^ 1);
-            }
+            issue(j + 1, b ^ 1);
             asm volatile("cp.async.wait_group 1;\n" ::);
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::);
@@ -813,21 +728,21 @@ __device__ __forceinline__ void prefill_attention_mma(
     }
 }
 
-#define PREFILL_ATTENTION_ENTRY(NAME, HD, SLOTPF, C, MINB)                                              \
+#define PREFILL_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(PF_THREADS, MINB) NAME(                          \
         const __nv_bfloat16* __restrict__ q, const C* __restrict__ kc,                            \
         const C* __restrict__ vc, const uint32_t* __restrict__ tables,                            \
         const uint32_t* __restrict__ table_rows, const uint32_t* __restrict__ ctx_lens,           \
         const uint32_t* __restrict__ items, __nv_bfloat16* __restrict__ out, int nh, int nkv,     \
         int block_size, int max_blocks, float scale) {                                            \
-        prefill_attention_mma<HD, SLOTPF, C>(q, kc, vc, tables, table_rows, ctx_lens, items, out,    \
-                                             nh, nkv, block_size, max_blocks, scale);             \
+        prefill_attention_mma<HD, C>(q, kc, vc, tables, table_rows, ctx_lens, items, out, nh, nkv,   \
+                                  block_size, max_blocks, scale);                                 \
     }
 
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, false, __nv_bfloat16, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, false, __nv_bfloat16, 1)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd64, 64, false, __nv_fp8_storage_t, 2)
-PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128, 128, false, __nv_fp8_storage_t, 1)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd64, 64, __nv_bfloat16, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_bf16_hd128, 128, __nv_bfloat16, 1)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd64, 64, __nv_fp8_storage_t, 2)
+PREFILL_ATTENTION_ENTRY(prefill_attention_mma_e4m3_hd128, 128, __nv_fp8_storage_t, 1)
 
 // MINB: blocks per SM the registers must allow (3 keeps hd <= 64 spill-free at 12 warps/SM).
 #define PAGED_ATTENTION_ENTRY(NAME, HD, C, MINB)                                                   \

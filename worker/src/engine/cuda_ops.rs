@@ -369,34 +369,25 @@ pub fn quantize_rows_e4m3(x: &Tensor) -> Result<(Tensor, Tensor), EngineError> {
 /// `w_scales: f32 [n]`: `x` is quantized per row on the fly and the product runs on FP8 tensor
 /// cores, `y[i, j] = (q_x[i] · q_w[j]) * s_x[i] * s_w[j]` accumulated in f32, bf16 out.
 pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
-    #[cfg(feature = "cuda")]
-    {
-        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul: false };
-        Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, w, w_scales, gemm);
-        Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
-    }
+    fp8_matmul(x, w, w_scales, gemm, false)
 }
 
 /// `silu(gate) * up` of `fp8_linear(x, w, ..)` for a stacked `[gate; up]` weight `w: [2i, k]`:
 /// `[m, i]`, the SwiGLU kernel applying the GEMM's scales where cuBLASLt ran it with unit scales
 /// (one pass over the product instead of a scaling pass and a SwiGLU pass).
 pub fn fp8_linear_silu_mul(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
+    fp8_matmul(x, w, w_scales, gemm, true)
+}
+
+fn fp8_matmul(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>, silu_mul: bool) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
-        let (n, _) = w.dims2()?;
-        if !n.is_multiple_of(16) {
-            return Err(EngineError::Config(format!("fp8 SwiGLU: gate/up width {n} is not a multiple of 16")));
-        }
-        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul: true };
+        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul };
         Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, w, w_scales, gemm);
+        let _ = (x, w, w_scales, gemm, silu_mul);
         Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
     }
 }
