@@ -893,9 +893,13 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_silu_mul_bf16
 // bf16x2 / float2 accesses and 32-bit index arithmetic (the host checks the count fits).
 // qkv: [n, (nh + 2 nkv) * hd]; bias: [(nh + 2 nkv) * hd] or null; pos, slots: [n];
 // cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd]. hd % 4 == 0.
+// rs, cs (both or neither null): qkv is an FP8 GEMM's unscaled output and each element is
+// first scaled to qkv[t, c] * rs[t] * cs[c] and rounded to bf16, as scale_rows_cols_bf16 would
+// leave it (rs: [n], cs: [(nh + 2 nkv) * hd] f32), saving that kernel's pass.
 template <typename C>
 __device__ __forceinline__ void rope_qkv_cache(
     const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ bias,
+    const float* __restrict__ rs, const float* __restrict__ cs,
     const uint32_t* __restrict__ pos, const float* __restrict__ cos_t,
     const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
     C* __restrict__ kc, C* __restrict__ vc,
@@ -913,6 +917,12 @@ __device__ __forceinline__ void rope_qkv_cache(
         const size_t base = (size_t)t * heads * hd + (size_t)hh * hd;
         float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + base + i));
         float2 x2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + base + i + half));
+        if (rs != nullptr) {
+            const float r = rs[t];
+            const float* c = cs + hh * hd + i;
+            x1 = __bfloat1622float2(__floats2bfloat162_rn(x1.x * r * c[0], x1.y * r * c[1]));
+            x2 = __bfloat1622float2(__floats2bfloat162_rn(x2.x * r * c[half], x2.y * r * c[half + 1]));
+        }
         if (bias != nullptr) {
             // Round after the bias add, as the separate bias add would.
             const float2 b1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + hh * hd + i));
@@ -944,12 +954,13 @@ __device__ __forceinline__ void rope_qkv_cache(
 
 #define ROPE_QKV_CACHE_ENTRY(NAME, C)                                                                    \
     extern "C" __global__ void NAME(const __nv_bfloat16* __restrict__ qkv,                              \
-                                    const __nv_bfloat16* __restrict__ bias, const uint32_t* __restrict__ pos, \
+                                    const __nv_bfloat16* __restrict__ bias, const float* __restrict__ rs,   \
+                                    const float* __restrict__ cs, const uint32_t* __restrict__ pos,     \
                                     const float* __restrict__ cos_t, const float* __restrict__ sin_t,  \
                                     __nv_bfloat16* __restrict__ q_out, C* __restrict__ kc,             \
                                     C* __restrict__ vc, const uint32_t* __restrict__ slots, int n,     \
                                     int nh, int nkv, int hd) {                                         \
-        rope_qkv_cache<C>(qkv, bias, pos, cos_t, sin_t, q_out, kc, vc, slots, n, nh, nkv, hd);          \
+        rope_qkv_cache<C>(qkv, bias, rs, cs, pos, cos_t, sin_t, q_out, kc, vc, slots, n, nh, nkv, hd);          \
     }
 
 ROPE_QKV_CACHE_ENTRY(rope_qkv_cache_bf16, __nv_bfloat16)
@@ -960,9 +971,12 @@ ROPE_QKV_CACHE_ENTRY(rope_qkv_cache_e4m3, __nv_fp8_storage_t)
 
 // Residual add + RMSNorm: out[0] = x + r (rounded to bf16), out[1] = RMSNorm(out[0]) * w.
 // x, r: [n, h] (r may be null: a plain RMSNorm, out[0] = x); w: [h]; out: [2, n, h]. One block
-// per row; f32 statistics.
+// per row; f32 statistics. rs, cs (both or neither null, and only with r): r is an FP8 GEMM's
+// unscaled output, each element first scaled to r[row, c] * rs[row] * cs[c] and rounded to bf16
+// as scale_rows_cols_bf16 would leave it (rs: [n], cs: [h] f32).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     add_rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ r,
+                      const float* __restrict__ rs, const float* __restrict__ cs,
                       const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ out, int n,
                       int h, float eps) {
     const size_t row = blockIdx.x;
@@ -970,6 +984,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     const __nv_bfloat16* rr = r != nullptr ? r + row * h : nullptr;  // null: no residual (plain RMSNorm)
     __nv_bfloat16* sum_out = out + row * h;
     __nv_bfloat16* norm_out = out + ((size_t)n + row) * h;
+    const float rrs = rs != nullptr ? rs[row] : 1.f;
     // Rows of h % 8 == 0 up to NORM_VEC chunks of 8 per thread: 16-byte accesses, the rounded
     // sums kept in registers for the second pass.
     const bool vec = h % 8 == 0 && h <= NORM_THREADS * 8 * NORM_VEC;
@@ -983,6 +998,10 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
                 float a[8], b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 load8(xr + c, a);
                 if (rr != nullptr) load8(rr + c, b);
+                if (rs != nullptr) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) b[j] = __bfloat162float(__float2bfloat16(b[j] * rrs * cs[c + j]));
+                }
                 uint4 raw;
                 __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
@@ -998,7 +1017,9 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
         }
     } else {
         for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
-            const __nv_bfloat16 b = __float2bfloat16(__bfloat162float(xr[c]) + (rr != nullptr ? __bfloat162float(rr[c]) : 0.f));
+            float rv = rr != nullptr ? __bfloat162float(rr[c]) : 0.f;
+            if (rs != nullptr) rv = __bfloat162float(__float2bfloat16(rv * rrs * cs[c]));
+            const __nv_bfloat16 b = __float2bfloat16(__bfloat162float(xr[c]) + rv);
             sum_out[c] = b;
             const float f = __bfloat162float(b);
             ss += f * f;
@@ -1011,7 +1032,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     float tot = 0.f;
 #pragma unroll
     for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
-    const float rs = rsqrtf(tot / h + eps);
+    const float inv_rms = rsqrtf(tot / h + eps);
     if (vec) {
 #pragma unroll
         for (int k = 0; k < NORM_VEC; ++k) {
@@ -1023,7 +1044,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
                 __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
-                    o[j] = __floats2bfloat162_rn(v[k][2 * j] * rs * wf[2 * j], v[k][2 * j + 1] * rs * wf[2 * j + 1]);
+                    o[j] = __floats2bfloat162_rn(v[k][2 * j] * inv_rms * wf[2 * j], v[k][2 * j + 1] * inv_rms * wf[2 * j + 1]);
                 *reinterpret_cast<uint4*>(norm_out + c) = raw;
             }
         }
@@ -1031,7 +1052,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     }
     for (int c = threadIdx.x; c < h; c += NORM_THREADS) {
         const float f = __bfloat162float(sum_out[c]);
-        norm_out[c] = __float2bfloat16(f * rs * __bfloat162float(w[c]));
+        norm_out[c] = __float2bfloat16(f * inv_rms * __bfloat162float(w[c]));
     }
 }
 

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
+use sluice_worker::engine::cuda_ops::{ProjOut, add_rms_norm};
 
 /// The GPU when `SLUICE_TEST_CUDA=1`, else None (and the test says it skipped).
 #[allow(clippy::unwrap_used)]
@@ -227,7 +228,7 @@ fn add_rms_norm_matches_separate_ops() {
         let x = rnd(n * h).reshape((n, h)).unwrap();
         let r = rnd(n * h).reshape((n, h)).unwrap();
         let w = rnd(h);
-        let (sum, normed) = sluice_worker::engine::cuda_ops::add_rms_norm(&x, &r, &w, 1e-6).unwrap();
+        let (sum, normed) = add_rms_norm(&x, &ProjOut::done(r.clone()), &w, 1e-6).unwrap();
         let want_sum = (&x + &r).unwrap();
         let want_norm = candle_nn::ops::rms_norm(&want_sum, &w, 1e-6).unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -235,6 +236,16 @@ fn add_rms_norm_matches_separate_ops() {
         let worst = f(&normed).iter().zip(f(&want_norm)).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
         eprintln!("add_rms_norm h={h}: sums exact, normed max rel err {worst}");
         assert!(worst < 1e-2, "h={h}: normed max rel err {worst}");
+        // A residual that owes FP8 scales: scaled and rounded in the kernel exactly as the
+        // separate scaling pass (`ProjOut::finish`) leaves it.
+        let rows = rnd(n).to_dtype(DType::F32).unwrap();
+        let cols = rnd(h).to_dtype(DType::F32).unwrap();
+        let owed = ProjOut { y: r.clone(), scales: Some((rows.clone(), cols.clone())) };
+        let (sum_s, normed_s) = add_rms_norm(&x, &owed, &w, 1e-6).unwrap();
+        let scaled = ProjOut { y: r.copy().unwrap(), scales: Some((rows, cols)) }.finish().unwrap();
+        let (want_sum, want_norm) = add_rms_norm(&x, &ProjOut::done(scaled), &w, 1e-6).unwrap();
+        assert_eq!(f(&sum_s), f(&want_sum), "h={h}: scaled residual sums differ");
+        assert_eq!(f(&normed_s), f(&want_norm), "h={h}: scaled residual norms differ");
         let plain = sluice_worker::engine::cuda_ops::rms_norm(&x, &w, 1e-6).unwrap();
         let want_plain = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
         let worst = f(&plain).iter().zip(f(&want_plain)).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);

@@ -138,7 +138,7 @@ pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize, chunk: u
 /// bias add, three copies, two RoPE launches and two cache writes.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv_cache(
-    qkv: &Tensor,
+    qkv: &ProjOut,
     bias: Option<&Tensor>,
     positions: &Tensor,
     cos: &Tensor,
@@ -154,6 +154,7 @@ pub fn rope_qkv_cache(
     {
         let op = imp::RopeQkvCache {
             bias: bias.cloned(),
+            scales: qkv.scales.clone(),
             positions: positions.clone(),
             cos: cos.clone(),
             sin: sin.clone(),
@@ -164,7 +165,7 @@ pub fn rope_qkv_cache(
             num_kv_heads,
             head_dim,
         };
-        Ok(qkv.contiguous()?.apply_op1_no_bwd(&op)?)
+        Ok(qkv.y.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -173,16 +174,22 @@ pub fn rope_qkv_cache(
     }
 }
 
-/// Residual add and RMSNorm: returns `(x + r, rms_norm(x + r) * w)`. One kernel on CUDA bf16
-/// (the sum rounded to bf16 first, as the separate ops do); candle ops elsewhere.
-pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor), EngineError> {
+/// Residual add and RMSNorm: returns `(x + r, rms_norm(x + r) * w)`, `r` scaled first where
+/// it owes FP8 scales. One kernel on CUDA bf16 (`r` and the sum each rounded to bf16 first, as
+/// the separate ops do); candle ops elsewhere.
+pub fn add_rms_norm(x: &Tensor, r: &ProjOut, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor), EngineError> {
     #[cfg(feature = "cuda")]
     {
-        if x.dtype() == DType::BF16 && x.device().is_cuda() && x.rank() == 2 {
-            let both = x.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &imp::AddRmsNorm { w: w.contiguous()?, eps })?;
+        if x.dtype() == DType::BF16 && r.y.dtype() == DType::BF16 && x.device().is_cuda() && x.rank() == 2 {
+            let op = imp::AddRmsNorm { w: w.contiguous()?, eps, scales: r.scales.clone() };
+            let both = x.contiguous()?.apply_op2_no_bwd(&r.y.contiguous()?, &op)?;
             return Ok((both.get(0)?, both.get(1)?));
         }
     }
+    let r = match &r.scales {
+        None => r.y.clone(),
+        Some((rows, cols)) => ProjOut { y: r.y.clone(), scales: Some((rows.clone(), cols.clone())) }.finish()?,
+    };
     let sum = (x + r)?;
     let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
     Ok((sum, normed))
@@ -369,25 +376,92 @@ pub fn quantize_rows_e4m3(x: &Tensor) -> Result<(Tensor, Tensor), EngineError> {
 /// `w_scales: f32 [n]`: `x` is quantized per row on the fly and the product runs on FP8 tensor
 /// cores, `y[i, j] = (q_x[i] · q_w[j]) * s_x[i] * s_w[j]` accumulated in f32, bf16 out.
 pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
-    fp8_matmul(x, w, w_scales, gemm, false)
+    fp8_matmul(x, w, w_scales, gemm, Epilogue::Scale)
+}
+
+/// A projection's output `y` and, where an FP8 GEMM ran with unit scales, the scales it still
+/// owes: the value is `y[i, j] * rows[i] * cols[j]`, which the kernel reading `y` next applies
+/// (`add_rms_norm_scaled`, `rope_qkv_cache`), rounding to bf16 as a separate scaling pass would.
+pub struct ProjOut {
+    pub y: Tensor,
+    /// `(rows: f32 [m], cols: f32 [n])`.
+    pub scales: Option<(Tensor, Tensor)>,
+}
+
+impl ProjOut {
+    /// An output with nothing owed.
+    pub fn done(y: Tensor) -> Self {
+        Self { y, scales: None }
+    }
+
+    /// `y` with the owed scales applied (a separate pass; consumers that take the scales skip it).
+    pub fn finish(self) -> Result<Tensor, EngineError> {
+        match self.scales {
+            None => Ok(self.y),
+            Some((rows, cols)) => {
+                #[cfg(feature = "cuda")]
+                {
+                    let y = self.y.contiguous()?;
+                    y.inplace_op1(&imp::ScaleRowsCols { rows, cols })?;
+                    Ok(y)
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    let _ = (rows, cols);
+                    Err(EngineError::Config("FP8 scales are owed only by the CUDA FP8 GEMM".into()))
+                }
+            }
+        }
+    }
+
+    /// The owed scales as the kernels' (rows, cols) pair.
+    pub fn scale_refs(&self) -> Option<(&Tensor, &Tensor)> {
+        self.scales.as_ref().map(|(r, c)| (r, c))
+    }
+}
+
+/// `fp8_linear` with the scaling left to the output's consumer: the GEMM runs with unit scales
+/// and the result carries the token and channel scales (one pass over `[m, n]` fewer).
+pub fn fp8_linear_deferred(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<ProjOut, EngineError> {
+    let m = x.dim(0)?;
+    let x_scales = Tensor::zeros(m, DType::F32, x.device())?;
+    let y = fp8_matmul(x, w, w_scales, gemm, Epilogue::Defer { x_scales: x_scales.clone() })?;
+    Ok(ProjOut { y, scales: Some((x_scales, w_scales.clone())) })
+}
+
+/// What the FP8 GEMM's op does with the product.
+enum Epilogue {
+    /// Scaled in the GEMM (outer-vector scales) or by `scale_rows_cols_bf16` after it.
+    Scale,
+    /// `silu(gate) * up` of a `[gate; up]` product, the SwiGLU kernel applying the scales.
+    SiluMul,
+    /// Unit scales; the activations' row scales are written to `x_scales` for the consumer.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Defer { x_scales: Tensor },
 }
 
 /// `silu(gate) * up` of `fp8_linear(x, w, ..)` for a stacked `[gate; up]` weight `w: [2i, k]`:
 /// `[m, i]`, the SwiGLU kernel applying the GEMM's scales where cuBLASLt ran it with unit scales
 /// (one pass over the product instead of a scaling pass and a SwiGLU pass).
 pub fn fp8_linear_silu_mul(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>) -> Result<Tensor, EngineError> {
-    fp8_matmul(x, w, w_scales, gemm, true)
+    fp8_matmul(x, w, w_scales, gemm, Epilogue::SiluMul)
 }
 
-fn fp8_matmul(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::Arc<Fp8Gemm>, silu_mul: bool) -> Result<Tensor, EngineError> {
+fn fp8_matmul(
+    x: &Tensor,
+    w: &Tensor,
+    w_scales: &Tensor,
+    gemm: &std::sync::Arc<Fp8Gemm>,
+    epilogue: Epilogue,
+) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
-        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), silu_mul };
+        let op = imp::Fp8Matmul { w: w.clone(), w_scales: w_scales.clone(), gemm: gemm.clone(), epilogue };
         Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, w, w_scales, gemm, silu_mul);
+        let _ = (x, w, w_scales, gemm, epilogue);
         Err(EngineError::Config("the FP8 GEMM needs the `cuda` feature".into()))
     }
 }
@@ -402,8 +476,8 @@ mod imp {
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice,
-        PushKernelArg, result,
+        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
+        PinnedHostSlice, PushKernelArg, result,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
@@ -633,6 +707,8 @@ mod imp {
 
     pub(super) struct RopeQkvCache {
         pub bias: Option<Tensor>,
+        /// The FP8 scales `qkv` owes (rows [n], cols [width]).
+        pub scales: Option<(Tensor, Tensor)>,
         pub positions: Tensor,
         pub cos: Tensor,
         pub sin: Tensor,
@@ -697,6 +773,11 @@ mod imp {
                 }
                 None => None,
             };
+            let scale_guards = self.scales.as_ref().map(|(r, c)| (r.storage_and_layout(), c.storage_and_layout()));
+            let scale_views = match &scale_guards {
+                Some(((rs, rl), (cs, cl))) => Some(scale_views(rs, rl, n, cs, cl, width, "rope-qkv-cache")?),
+                None => None,
+            };
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
             let total = n * (nh + 2 * nkv) * (hd / 4);
@@ -719,6 +800,7 @@ mod imp {
                 Some(b) => builder.arg(b),
                 None => builder.arg(&null),
             };
+            push_scales(&mut builder, scale_views.as_ref(), &null);
             builder.arg(&pv);
             builder.arg(&cv);
             builder.arg(&sv);
@@ -729,8 +811,8 @@ mod imp {
             builder.arg(&nh_);
             builder.arg(&nkv_);
             builder.arg(&hd_);
-            // SAFETY: argument types and order match `rope_qkv_cache_{bf16,e4m3}` (a null bias pointer
-            // is a u64 0); shapes checked above. The kernel writes the cache rows `slots` through
+            // SAFETY: argument types and order match `rope_qkv_cache_{bf16,e4m3}` (a null bias or
+            // scale pointer is a u64 0); shapes checked above. The kernel writes the cache rows `slots` through
             // the caches' device pointers: the engine owns the caches, runs everything on one
             // stream, and the slots are its own allocator's.
             unsafe { builder.launch(cfg) }.w()?;
@@ -741,6 +823,39 @@ mod imp {
     pub(super) struct AddRmsNorm {
         pub w: Tensor,
         pub eps: f32,
+        /// The FP8 scales the residual owes (rows [n], cols [h]).
+        pub scales: Option<(Tensor, Tensor)>,
+    }
+
+    /// The views of an FP8 output's owed scales, checked against its `[n, width]` shape.
+    fn scale_views<'a>(
+        rs: &'a Storage,
+        rl: &Layout,
+        n: usize,
+        cs: &'a Storage,
+        cl: &Layout,
+        width: usize,
+        what: &str,
+    ) -> candle_core::Result<(CudaView<'a, f32>, CudaView<'a, f32>)> {
+        let (Storage::Cuda(rs), Storage::Cuda(cs)) = (rs, cs) else { bail!("{what}: FP8 scales must be on the GPU") };
+        if rl.shape().dims1()? != n || cl.shape().dims1()? != width {
+            bail!("{what}: FP8 scales {:?} x {:?} do not match [{n}, {width}]", rl.shape(), cl.shape());
+        }
+        Ok((view::<f32>(rs, rl, "row scales")?, view::<f32>(cs, cl, "column scales")?))
+    }
+
+    /// The kernels' `rs, cs` arguments: the owed scales, or two null pointers.
+    fn push_scales<'a>(builder: &mut LaunchArgs<'a>, scales: Option<&'a (CudaView<'a, f32>, CudaView<'a, f32>)>, null: &'a u64) {
+        match scales {
+            Some((r, c)) => {
+                builder.arg(r);
+                builder.arg(c);
+            }
+            None => {
+                builder.arg(null);
+                builder.arg(null);
+            }
+        }
     }
 
     /// Must match NORM_THREADS in the kernel.
@@ -760,7 +875,13 @@ mod imp {
                 bail!("add-rms-norm: residual {:?} does not match {:?}", rl.shape(), xl.shape());
             }
             let rv = view::<bf16>(r, rl, "residual")?;
-            launch_add_rms_norm(x, xl, Some(&rv), &self.w, self.eps)
+            let (n, h) = xl.shape().dims2()?;
+            let guards = self.scales.as_ref().map(|(r, c)| (r.storage_and_layout(), c.storage_and_layout()));
+            let scales = match &guards {
+                Some(((rs, rl), (cs, cl))) => Some(scale_views(rs, rl, n, cs, cl, h, "add-rms-norm")?),
+                None => None,
+            };
+            launch_add_rms_norm(x, xl, Some((&rv, scales.as_ref())), &self.w, self.eps)
         }
     }
 
@@ -783,11 +904,14 @@ mod imp {
         }
     }
 
+    /// The residual of `add_rms_norm_bf16` and the FP8 scales it owes.
+    type Residual<'a> = (&'a CudaView<'a, bf16>, Option<&'a (CudaView<'a, f32>, CudaView<'a, f32>)>);
+
     /// `add_rms_norm_bf16` over `x` (+ `r` when given); returns `[2, n, h]` (sum, normed).
     fn launch_add_rms_norm(
         x: &CudaStorage,
         xl: &Layout,
-        rv: Option<&CudaView<'_, bf16>>,
+        rv: Option<Residual<'_>>,
         w: &Tensor,
         eps: f32,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -812,17 +936,23 @@ mod imp {
         let mut builder = stream.launch_builder(&func);
         builder.arg(&xv);
         match rv {
-            Some(r) => builder.arg(r),
-            None => builder.arg(&null),
+            Some((r, scales)) => {
+                builder.arg(r);
+                push_scales(&mut builder, scales, &null);
+            }
+            None => {
+                builder.arg(&null);
+                push_scales(&mut builder, None, &null);
+            }
         };
         builder.arg(&wv);
         builder.arg(&out);
         builder.arg(&n_);
         builder.arg(&h_);
         builder.arg(&eps);
-        // SAFETY: argument types and order match `add_rms_norm_bf16` (a null residual is a u64
-        // 0, which the kernel reads as no residual); one block per row of contiguous [n, h]
-        // inputs, [2, n, h] output.
+        // SAFETY: argument types and order match `add_rms_norm_bf16` (a null residual or scale
+        // pointer is a u64 0, which the kernel reads as none); one block per row of contiguous
+        // [n, h] inputs, [2, n, h] output, scales of n and h f32 (checked by `scale_views`).
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, h))))
     }
@@ -926,7 +1056,7 @@ mod imp {
     fn launch_silu_mul(
         dev: &CudaDevice,
         x: &CudaView<'_, bf16>,
-        scales: Option<(&CudaSlice<f32>, &CudaView<'_, f32>)>,
+        scales: Option<(&CudaView<'_, f32>, &CudaView<'_, f32>)>,
         out: &CudaSlice<bf16>,
         n: usize,
         inter: usize,
@@ -1163,7 +1293,8 @@ mod imp {
     pub(super) struct Fp8Gemm {
         handle: lt::sys::cublasLtHandle_t,
         workspace: CudaSlice<u8>,
-        plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+        /// Keyed by `(m, n, k, unit)`: `unit` plans leave the scaling to the caller.
+        plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
         /// Set once cuBLASLt has refused outer-vector scaling (not tried again).
         outer_refused: std::sync::atomic::AtomicBool,
     }
@@ -1309,9 +1440,67 @@ mod imp {
         pub w: Tensor,
         pub w_scales: Tensor,
         pub gemm: std::sync::Arc<super::Fp8Gemm>,
-        /// The weight is `[gate; up]` and the result `silu(gate) * up` (`[m, n / 2]`), with the
-        /// GEMM's fallback scaling done in the SwiGLU kernel.
-        pub silu_mul: bool,
+        pub epilogue: super::Epilogue,
+    }
+
+    /// `scale_rows_cols_bf16` in place over a `[rows, cols]` bf16 tensor: what `ProjOut::finish`
+    /// runs when no consumer took the owed scales.
+    pub(super) struct ScaleRowsCols {
+        pub rows: Tensor,
+        pub cols: Tensor,
+    }
+
+    impl candle_core::InplaceOp1 for ScaleRowsCols {
+        fn name(&self) -> &'static str {
+            "scale-rows-cols"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            bail!("scale-rows-cols runs on CUDA only (FP8 scales are owed only by the CUDA GEMM)")
+        }
+
+        fn cuda_fwd(&self, y: &mut CudaStorage, yl: &Layout) -> candle_core::Result<()> {
+            let (m, n) = yl.shape().dims2()?;
+            if !yl.is_contiguous() || !n.is_multiple_of(2) {
+                bail!("scale-rows-cols: y {:?} must be contiguous with an even width", yl.shape());
+            }
+            let (rs, rl) = self.rows.storage_and_layout();
+            let (cs, cl) = self.cols.storage_and_layout();
+            let (rv, cv) = scale_views(&rs, rl, m, &cs, cl, n, "scale-rows-cols")?;
+            let dev = y.device.clone();
+            let start = yl.start_offset();
+            let mut yv = y.as_cuda_slice_mut::<bf16>()?.slice_mut(start..start + m * n);
+            launch_scale_rows_cols(&dev, &mut yv, &rv, &cv, m, n)
+        }
+    }
+
+    /// `scale_rows_cols_bf16` over `y: [m, n]` (n even) with row scales `rs` and column scales `cs`.
+    fn launch_scale_rows_cols(
+        dev: &CudaDevice,
+        y: &mut CudaViewMut<'_, bf16>,
+        rs: &CudaView<'_, f32>,
+        cs: &CudaView<'_, f32>,
+        m: usize,
+        n: usize,
+    ) -> candle_core::Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (func, stream) = kernel(dev, "scale_rows_cols_bf16")?;
+        let pairs = m * n / 2;
+        let blocks = as_u32(pairs.div_ceil(256).min(1 << 16), "blocks")?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (m_, n_) = (as_i32(m, "rows")?, as_i32(n, "columns")?);
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(y);
+        builder.arg(rs);
+        builder.arg(cs);
+        builder.arg(&m_);
+        builder.arg(&n_);
+        // SAFETY: argument types and order match `scale_rows_cols_bf16`; y is m * n bf16 (n
+        // even), rs m and cs n f32, all on this stream.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
     }
 
     impl CustomOp1 for Fp8Matmul {
@@ -1338,17 +1527,38 @@ mod imp {
             let dev = x.device.clone();
             // SAFETY: the GEMM writes every element.
             let mut y = unsafe { dev.alloc::<bf16>(m * n)? };
+            let silu_mul = matches!(self.epilogue, super::Epilogue::SiluMul);
             if m == 0 {
-                let cols = if self.silu_mul { n / 2 } else { n };
+                let cols = if silu_mul { n / 2 } else { n };
                 return Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, cols))));
             }
             let xv = view::<bf16>(x, xl, "x")?;
             let wv = view::<F8E4M3>(ws, wl, "weight")?;
             let sv = view::<f32>(ss, sl, "weight scales")?;
+            // The activations' row scales: the consumer's tensor when it takes the scaling.
+            let deferred = match &self.epilogue {
+                super::Epilogue::Defer { x_scales } => Some(x_scales.storage_and_layout()),
+                _ => None,
+            };
+            let deferred_view = match &deferred {
+                Some((ds, dl)) => {
+                    let Storage::Cuda(ds) = &**ds else { bail!("fp8-matmul: row scales must be on the GPU") };
+                    if dl.shape().dims1()? != m {
+                        bail!("fp8-matmul: {} row scales for {m} rows", dl.shape().elem_count());
+                    }
+                    Some(view::<f32>(ds, dl, "row scales")?)
+                }
+                None => None,
+            };
             // SAFETY: both are written by the quantization kernel before the GEMM reads them.
             let mut xq = unsafe { dev.alloc::<F8E4M3>(m * k)? };
-            let xs = dev.alloc_zeros::<f32>(m)?;
-            launch_quant(&dev, &xv, &mut xq, &xs.slice(..), m, k)?;
+            let own_xs = if deferred_view.is_none() { Some(dev.alloc_zeros::<f32>(m)?) } else { None };
+            let xs: CudaView<'_, f32> = match (&deferred_view, &own_xs) {
+                (Some(d), _) => d.slice(..),
+                (None, Some(o)) => o.slice(..),
+                (None, None) => bail!("fp8-matmul: no row scales"),
+            };
+            launch_quant(&dev, &xv, &mut xq, &xs, m, k)?;
             let stream = dev.cuda_stream();
             let gemm = &self.gemm.inner;
             let mut plans = gemm.plans.lock().map_err(|_| candle_core::Error::Msg("fp8-matmul: plan cache poisoned".into()))?;
@@ -1358,8 +1568,10 @@ mod imp {
             let (xs_ptr, _xs_read) = xs.device_ptr(&stream);
             let (work_ptr, _work) = gemm.workspace.device_ptr(&stream);
             let (y_ptr, _y_write) = y.device_ptr_mut(&stream);
-            let plan = match plans.entry((m, n, k)) {
+            let unit = deferred_view.is_some();
+            let plan = match plans.entry((m, n, k, unit)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) if unit => e.insert(gemm.plan_with(m, n, k, None)?),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(gemm.plan(m, n, k, ws_ptr, xs_ptr)?),
             };
             use lt::sys::cublasLtMatmulDescAttributes_t as A;
@@ -1396,7 +1608,7 @@ mod imp {
             let outer = plan.outer;
             drop((_w_read, _ws_read, _x_read, _xs_read, _work, _y_write));
             drop(plans);
-            if self.silu_mul {
+            if silu_mul {
                 let inter = n / 2;
                 // SAFETY: the kernel writes every element.
                 let out = unsafe { dev.alloc::<bf16>(m * inter)? };
@@ -1404,21 +1616,8 @@ mod imp {
                 launch_silu_mul(&dev, &y.slice(..), scales, &out, m, inter)?;
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, inter))));
             }
-            if !outer {
-                let (func, stream) = kernel(&dev, "scale_rows_cols_bf16")?;
-                let pairs = m * n / 2;
-                let blocks = as_u32(pairs.div_ceil(256).min(1 << 16), "blocks")?;
-                let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                let (m_, n_) = (as_i32(m, "rows")?, as_i32(n, "columns")?);
-                let mut builder = stream.launch_builder(&func);
-                builder.arg(&mut y);
-                builder.arg(&xs);
-                builder.arg(&sv);
-                builder.arg(&m_);
-                builder.arg(&n_);
-                // SAFETY: argument types and order match `scale_rows_cols_bf16`; y is m * n bf16
-                // (n even: a multiple of 16), xs m and sv n f32, all on this stream.
-                unsafe { builder.launch(cfg) }.w()?;
+            if !outer && !unit {
+                launch_scale_rows_cols(&dev, &mut y.slice_mut(..), &xs, &sv, m, n)?;
             }
             Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }

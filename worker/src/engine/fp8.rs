@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::cuda_ops::{self, Fp8Gemm};
+use super::cuda_ops::{self, Fp8Gemm, ProjOut};
 use super::error::EngineError;
 
 /// The largest finite E4M3 value: a row's absolute maximum maps to it.
@@ -54,6 +54,15 @@ impl Proj {
             return Ok(y);
         }
         self.forward(x)
+    }
+
+    /// `forward_small`, leaving an FP8 GEMM's scaling to the kernel that reads the output
+    /// (`cuda_ops::add_rms_norm`, `cuda_ops::rope_qkv_cache`).
+    pub fn forward_deferred(&self, x: &Tensor, small: bool) -> Result<ProjOut, EngineError> {
+        match self {
+            Self::Fp8(f) => f.forward_deferred(x),
+            Self::Dense(_) => Ok(ProjOut::done(self.forward_small(x, small)?)),
+        }
     }
 
     /// `silu(gate) * up` of a stacked `[gate; up]` projection: one kernel with the product where
@@ -130,6 +139,14 @@ impl Fp8Linear {
         match (&self.mode, &self.scales) {
             (Fp8Mode::Cuda(gemm), Some(s)) => cuda_ops::fp8_linear_silu_mul(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
             _ => cuda_ops::silu_mul(&self.forward(x)?),
+        }
+    }
+
+    /// `forward`, on CUDA with the scales left to the output's consumer.
+    pub fn forward_deferred(&self, x: &Tensor) -> Result<ProjOut, EngineError> {
+        match (&self.mode, &self.scales) {
+            (Fp8Mode::Cuda(gemm), Some(s)) => cuda_ops::fp8_linear_deferred(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
+            _ => Ok(ProjOut::done(self.forward(x)?)),
         }
     }
 

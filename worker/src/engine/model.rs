@@ -659,17 +659,17 @@ impl Model {
         self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
             let attn = self.attention(layer, &h, &st, cache, li)?;
-            let o = layer.o.forward_small(&attn, self.small_linear)?;
+            let o = layer.o.forward_deferred(&attn, self.small_linear)?;
             self.prof(|p| p.gpu("o_proj"));
             let (x1, h1) = super::cuda_ops::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
             self.prof(|p| p.gpu("add_norm"));
             let mlp = layer.gate_up.forward_silu_mul(&h1, self.small_linear)?;
             self.prof(|p| p.gpu("mlp_gate_up"));
-            let d = layer.down.forward_small(&mlp, self.small_linear)?;
+            let d = layer.down.forward_deferred(&mlp, self.small_linear)?;
             self.prof(|p| p.gpu("mlp_down"));
             match self.layers.get(li + 1) {
                 Some(next) => (x, h) = super::cuda_ops::add_rms_norm(&x1, &d, &next.input_norm, eps)?,
-                None => x = (x1 + d)?,
+                None => x = (x1 + d.finish()?)?,
             }
             self.prof(|p| p.gpu("add_norm"));
         }
@@ -699,7 +699,7 @@ impl Model {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let qkv = layer.qkv.forward_small(h, self.small_linear)?;
+        let qkv = layer.qkv.forward_deferred(h, self.small_linear)?;
         self.prof(|p| p.gpu("qkv"));
         let (kc, vc) = cache.layer(li)?;
         if let Some(PagedInputs { tables, table_rows, ctx_lens, prefill }) = &st.paged {
@@ -734,6 +734,7 @@ impl Model {
             self.prof(|p| p.gpu("attn_paged"));
             return Ok(o.reshape((n, nh * hd))?);
         }
+        let qkv = qkv.finish()?;
         let qkv = match &layer.qkv_bias {
             Some(b) => qkv.broadcast_add(b)?,
             None => qkv,
