@@ -138,6 +138,15 @@ struct KvElem<__nv_fp8_storage_t> {
     }
 };
 
+// The paged caches' layout: [blocks][nkv][block_size][HD] elements, so the keys of one block
+// and KV head are contiguous (block_size * HD: 2 KiB for 16 E4M3 keys of head_dim 128, where
+// a [slot][nkv][HD] layout spread them as 128-byte rows 1 KiB apart). The row of position `r`
+// of block `block` for KV head `kvh` starts at element kv_row(..) * HD; the caller of each
+// kernel keeps blocks * nkv * block_size within u32.
+__device__ __forceinline__ uint32_t kv_row(uint32_t block, int kvh, int nkv, int block_size, int r) {
+    return (block * (uint32_t)nkv + (uint32_t)kvh) * (uint32_t)block_size + (uint32_t)r;
+}
+
 // One thread block per (query token, KV head); grid (n, nkv). The block's 4 warps split the
 // query's keys (warp w takes keys w*32.., then every 128th tile) and run independently, each
 // with its own online softmax, so no block-wide barrier sits in the key loop; the warps'
@@ -146,7 +155,7 @@ struct KvElem<__nv_fp8_storage_t> {
 //    heads of this KV head (q, pre-scaled, in shared memory).
 //  * PV: lanes form groups of HD/8 lanes per key, one 8-element chunk of V each; probabilities
 //    and slots are passed by shuffles.
-// q: [n, nh, HD]; kc, vc: [slots, nkv * HD]; tables: [rows, max_blocks] block ids;
+// q: [n, nh, HD]; kc, vc: the paged caches (kv_row's layout); tables: [rows, max_blocks] block ids;
 // table_rows: [n] row of `tables` for each query; ctx_lens: [n] keys each query attends to
 // (>= 1; the first ctx_lens[s] positions of its sequence); out: [n, nh, HD].
 // Requires nh % nkv == 0 and nh / nkv <= MAX_G.
@@ -166,7 +175,6 @@ __device__ __forceinline__ void paged_attention(
     const int lane = threadIdx.x % 32;
     const int g = nh / nkv;
     const int ctx = (int)ctx_lens[s];
-    const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s] * max_blocks;
 
     __shared__ __align__(16) float qs[MAX_G * HD];
@@ -192,10 +200,10 @@ __device__ __forceinline__ void paged_attention(
     const int kg = lane / CH;  // key group in PV
     const int c = lane % CH;   // chunk in PV
 
-    // Slot of this lane's key in the first tile; each iteration looks up the next tile's slot
-    // while its own loads are in flight.
+    // Cache row (kv_row) of this lane's key in the first tile; each iteration looks up the next
+    // tile's row while its own loads are in flight.
     auto slot_of = [&](int t) -> unsigned long long {
-        return t < ctx ? (unsigned long long)table[t / block_size] * block_size + t % block_size : 0ull;
+        return t < ctx ? kv_row(table[t / block_size], kvh, nkv, block_size, t % block_size) : 0ull;
     };
     unsigned long long slot = slot_of(warp * 32 + lane);
     for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
@@ -205,7 +213,7 @@ __device__ __forceinline__ void paged_attention(
         // reads in PV (lanes past the end read key t0's row with probability 0).
         Raw kraw[CH];
         {
-            const C* krow = kc + slot * kvd + (size_t)kvh * HD;
+            const C* krow = kc + slot * HD;
 #pragma unroll
             for (int cc = 0; cc < CH; ++cc) kraw[cc] = *reinterpret_cast<const Raw*>(krow + cc * 8);
         }
@@ -214,7 +222,7 @@ __device__ __forceinline__ void paged_attention(
         for (int it = 0; it < CH; ++it) {
             const int src = it * KPI + kg;
             const unsigned long long vs = __shfl_sync(FULL, slot, src < n_valid ? src : 0);
-            vraw[it] = *reinterpret_cast<const Raw*>(vc + vs * kvd + (size_t)kvh * HD + c * 8);
+            vraw[it] = *reinterpret_cast<const Raw*>(vc + vs * HD + c * 8);
         }
         slot = slot_of(t0 + WARPS * 32 + lane);
 
@@ -412,7 +420,6 @@ __device__ __forceinline__ void paged_attention_mma(
     const int t = lane % 4;
     const int g = nh / nkv;
     const int ctx = (int)ctx_lens[s];
-    const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s] * max_blocks;
 
     __shared__ float red_m[WARPS][MAX_G];
@@ -435,11 +442,11 @@ __device__ __forceinline__ void paged_attention_mma(
     for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m = -INFINITY, l = 0.f;
 
-    // Slot of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last key (finite
-    // data, masked out of the softmax).
+    // Cache row (kv_row) of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last
+    // key (finite data, masked out of the softmax).
     auto slot_of = [&](int key) -> uint32_t {
         key = min(key, ctx - 1);
-        return table[key / block_size] * (uint32_t)block_size + (uint32_t)(key % block_size);
+        return kv_row(table[key / block_size], kvh, nkv, block_size, key % block_size);
     };
     // The tile's K rows (key nt*8 + gid, this lane's quarter) and V chunks (keys 2t, 2t+1,
     // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = slot of key t0 + lane.
@@ -448,7 +455,7 @@ __device__ __forceinline__ void paged_attention_mma(
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const uint32_t ks = __shfl_sync(FULL, sl, nt * 8 + gid);
-            const Raw* row = reinterpret_cast<const Raw*>(kc + (size_t)ks * kvd + (size_t)kvh * HD + t * (HD / 4));
+            const Raw* row = reinterpret_cast<const Raw*>(kc + (size_t)ks * HD + t * (HD / 4));
 #pragma unroll
             for (int u = 0; u < KU; ++u) kr[nt][u] = row[u];
         }
@@ -458,7 +465,7 @@ __device__ __forceinline__ void paged_attention_mma(
             for (int r = 0; r < 4; ++r) {
                 const int key = kb * 16 + 2 * t + (r & 1) + (r >> 1) * 8;
                 const uint32_t vs = __shfl_sync(FULL, sl, key);
-                const Raw* row = reinterpret_cast<const Raw*>(vc + (size_t)vs * kvd + (size_t)kvh * HD + gid * (HD / 8));
+                const Raw* row = reinterpret_cast<const Raw*>(vc + (size_t)vs * HD + gid * (HD / 8));
 #pragma unroll
                 for (int u = 0; u < VU; ++u) vr[kb][r][u] = row[u];
             }
@@ -617,7 +624,6 @@ __device__ __forceinline__ void prefill_attention_mma(
     const int t = lane % 4;
     const int g = nh / nkv;
     const int P = 16 / g;  // positions per warp
-    const size_t kvd = (size_t)nkv * HD;
     const uint32_t* table = tables + (size_t)table_rows[s0] * max_blocks;
     const int ctx_max = (int)ctx_lens[s0 + count - 1];
     const int ntiles = (ctx_max + 31) / 32;
@@ -649,8 +655,7 @@ __device__ __forceinline__ void prefill_attention_mma(
         for (int idx = threadIdx.x; idx < 32 * CH; idx += PF_THREADS) {
             const int r = idx / CH, c = idx % CH;
             const int key = min(j * 32 + r, ctx_max - 1);
-            const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-            const size_t off = slot * kvd + (size_t)kvh * HD + c * PER16;
+            const size_t off = (size_t)kv_row(table[key / block_size], kvh, nkv, block_size, key % block_size) * HD + c * PER16;
             cp_async16(&ks[b][r * ROW + c * PER16], kc + off);
             cp_async16(&vs[b][r * ROW + c * PER16], vc + off);
         }
@@ -892,7 +897,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_silu_mul_bf16
 // values straight into their cache slots. One thread per (token, head, two adjacent i < hd/2):
 // bf16x2 / float2 accesses and 32-bit index arithmetic (the host checks the count fits).
 // qkv: [n, (nh + 2 nkv) * hd]; bias: [(nh + 2 nkv) * hd] or null; pos, slots: [n];
-// cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: [slots, nkv * hd]. hd % 4 == 0.
+// cos, sin: [max_len, hd/2] f32; q_out: [n, nh, hd]; kc, vc: the paged caches (kv_row's layout,
+// blocks of block_size slots). hd % 4 == 0.
 // rs, cs (both or neither null): qkv is an FP8 GEMM's unscaled output and each element is
 // first scaled to qkv[t, c] * rs[t] * cs[c] and rounded to bf16, as scale_rows_cols_bf16 would
 // leave it (rs: [n], cs: [(nh + 2 nkv) * hd] f32), saving that kernel's pass.
@@ -903,12 +909,11 @@ __device__ __forceinline__ void rope_qkv_cache(
     const uint32_t* __restrict__ pos, const float* __restrict__ cos_t,
     const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
     C* __restrict__ kc, C* __restrict__ vc,
-    const uint32_t* __restrict__ slots, int n, int nh, int nkv, int hd) {
+    const uint32_t* __restrict__ slots, int n, int nh, int nkv, int hd, int block_size) {
     const uint32_t half = hd / 2;
     const uint32_t quarter = hd / 4;  // i pairs per head
     const uint32_t heads = nh + 2 * nkv;
     const uint32_t total = (uint32_t)n * heads * quarter;
-    const size_t kvd = (size_t)nkv * hd;
     for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
         const uint32_t i = (idx % quarter) * 2;
         const uint32_t rest = idx / quarter;
@@ -944,8 +949,11 @@ __device__ __forceinline__ void rope_qkv_cache(
             KvElem<__nv_bfloat16>::store2(dst + i, x1.x, x1.y);
             KvElem<__nv_bfloat16>::store2(dst + i + half, x2.x, x2.y);
         } else {
-            C* dst = hh < (uint32_t)(nh + nkv) ? kc + (size_t)slots[t] * kvd + (size_t)(hh - nh) * hd
-                                               : vc + (size_t)slots[t] * kvd + (size_t)(hh - nh - nkv) * hd;
+            const bool is_k = hh < (uint32_t)(nh + nkv);
+            const int kvh = (int)hh - nh - (is_k ? 0 : nkv);
+            const uint32_t slot = slots[t];
+            const size_t row = kv_row(slot / block_size, kvh, nkv, block_size, slot % block_size);
+            C* dst = (is_k ? kc : vc) + row * hd;
             KvElem<C>::store2(dst + i, x1.x, x1.y);
             KvElem<C>::store2(dst + i + half, x2.x, x2.y);
         }
@@ -959,8 +967,9 @@ __device__ __forceinline__ void rope_qkv_cache(
                                     const float* __restrict__ cos_t, const float* __restrict__ sin_t,  \
                                     __nv_bfloat16* __restrict__ q_out, C* __restrict__ kc,             \
                                     C* __restrict__ vc, const uint32_t* __restrict__ slots, int n,     \
-                                    int nh, int nkv, int hd) {                                         \
-        rope_qkv_cache<C>(qkv, bias, rs, cs, pos, cos_t, sin_t, q_out, kc, vc, slots, n, nh, nkv, hd);          \
+                                    int nh, int nkv, int hd, int block_size) {                         \
+        rope_qkv_cache<C>(qkv, bias, rs, cs, pos, cos_t, sin_t, q_out, kc, vc, slots, n, nh, nkv, hd,  \
+                          block_size);                                                                 \
     }
 
 ROPE_QKV_CACHE_ENTRY(rope_qkv_cache_bf16, __nv_bfloat16)

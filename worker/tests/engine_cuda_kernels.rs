@@ -155,19 +155,22 @@ fn max_err(
     g: usize,
     scale: f32,
 ) -> f32 {
-    let kvd = nkv * hd;
     let mut worst = 0f32;
     for (qi, &(s, l)) in queries.iter().enumerate() {
         for h in 0..nh {
             let kh = h / g;
             let qv = &q[(qi * nh + h) * hd..][..hd];
-            let slot = |p: usize| tables[s * max_blocks + p / block_size] as usize * block_size + p % block_size;
-            let scores: Vec<f32> = (0..l).map(|p| (0..hd).map(|d| qv[d] * k[slot(p) * kvd + kh * hd + d]).sum::<f32>() * scale).collect();
+            // Position p's key of head kh in the kernels' block-major cache layout.
+            let at = |p: usize| {
+                let block = tables[s * max_blocks + p / block_size] as usize;
+                sluice_worker::engine::cuda_ops::kv_cache_offset(block, kh, p % block_size, nkv, block_size, hd)
+            };
+            let scores: Vec<f32> = (0..l).map(|p| (0..hd).map(|d| qv[d] * k[at(p) + d]).sum::<f32>() * scale).collect();
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
             let z: f32 = e.iter().sum();
             for d in 0..hd {
-                let want: f32 = (0..l).map(|p| e[p] * v[slot(p) * kvd + kh * hd + d]).sum::<f32>() / z;
+                let want: f32 = (0..l).map(|p| e[p] * v[at(p) + d]).sum::<f32>() / z;
                 let have = got[(qi * nh + h) * hd + d];
                 worst = worst.max((want - have).abs());
             }

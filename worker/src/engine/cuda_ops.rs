@@ -25,6 +25,13 @@ pub fn paged_attention_supported(num_heads: usize, num_kv_heads: usize, head_dim
         && HEAD_DIMS.contains(&head_dim)
 }
 
+/// Element offset of position `r` of cache block `block`, KV head `kv_head`, in the paged
+/// kernels' layout `[blocks][num_kv_heads][block_size][head_dim]` (the kernels' `kv_row` times
+/// `head_dim`): what host code that fills or reads a paged cache directly must use.
+pub fn kv_cache_offset(block: usize, kv_head: usize, r: usize, num_kv_heads: usize, block_size: usize, head_dim: usize) -> usize {
+    ((block * num_kv_heads + kv_head) * block_size + r) * head_dim
+}
+
 /// Whether the tensor-core (mma.sync) attention kernel covers `head_dim` (64 or 128); the
 /// CUDA-core kernel covers every size `paged_attention_supported` accepts.
 pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
@@ -37,8 +44,10 @@ pub fn tensor_core_attention_supported(head_dim: usize) -> bool {
 /// prefill kernel: with an F8E4M3 cache, prefill tokens run one per block as decode tokens do.
 ///
 /// * `q`: `[n, num_heads, head_dim]` bf16 (RoPE applied);
-/// * `k_cache`, `v_cache`: `[slots, num_kv_heads * head_dim]` bf16 or F8E4M3 (this step's keys
-///   written);
+/// * `k_cache`, `v_cache`: `slots * num_kv_heads * head_dim` bf16 or F8E4M3 elements, shaped
+///   `[slots, num_kv_heads * head_dim]` but laid out block-major for the kernels:
+///   `[blocks][num_kv_heads][block_size][head_dim]`, so one block's keys of one KV head are
+///   contiguous (`kv_cache_offset`; this step's keys written by `rope_qkv_cache`);
 /// * `tables`: `[rows, max_blocks]` u32 block ids, one row per sequence;
 /// * `table_rows`: `[n]` u32, the row of `tables` of each query's sequence;
 /// * `ctx_lens`: `[n]` u32, how many leading positions of its sequence each query attends to
@@ -133,8 +142,9 @@ pub fn query_chunks(table_rows: &[u32], ctx_lens: &[u32], first: usize, chunk: u
 
 /// The QKV epilogue of the paged path (CUDA bf16): adds `bias`, applies rotate-half RoPE at
 /// `positions` (f32 `cos`/`sin` tables `[max_len, head_dim / 2]`) to the query and key heads of
-/// `qkv: [n, (heads + 2 * kv_heads) * head_dim]`, writes keys and values into cache rows
-/// `slots`, and returns the rotated queries `[n, heads, head_dim]`. One kernel instead of a
+/// `qkv: [n, (heads + 2 * kv_heads) * head_dim]`, writes keys and values into cache slots
+/// `slots` (blocks of `block_size` slots, in the kernels' block-major layout: see
+/// `paged_attention`), and returns the rotated queries `[n, heads, head_dim]`. One kernel instead of a
 /// bias add, three copies, two RoPE launches and two cache writes.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv_cache(
@@ -149,10 +159,12 @@ pub fn rope_qkv_cache(
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    block_size: usize,
 ) -> Result<Tensor, EngineError> {
     #[cfg(feature = "cuda")]
     {
         let op = imp::RopeQkvCache {
+            block_size,
             bias: bias.cloned(),
             scales: qkv.scales.clone(),
             positions: positions.clone(),
@@ -169,7 +181,7 @@ pub fn rope_qkv_cache(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (qkv, bias, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads, head_dim);
+        let _ = (qkv, bias, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads, head_dim, block_size);
         Err(EngineError::Config("the fused RoPE/KV-write kernel needs the `cuda` feature".into()))
     }
 }
@@ -537,6 +549,18 @@ mod imp {
         Ok(s.as_cuda_slice::<T>()?.slice(start..start + n))
     }
 
+    /// A paged cache of `slots` rows ([slots, nkv * head_dim]) must be whole blocks whose
+    /// `kv_row` indices (slots * nkv) fit the kernels' u32.
+    fn check_cache_rows(slots: usize, nkv: usize, block_size: usize, what: &str) -> candle_core::Result<()> {
+        if block_size == 0 || !slots.is_multiple_of(block_size) {
+            bail!("{what}: a cache of {slots} slots is not whole blocks of {block_size}");
+        }
+        if slots.checked_mul(nkv).is_none_or(|rows| rows > u32::MAX as usize) {
+            bail!("{what}: {slots} slots x {nkv} KV heads exceed the kernels' u32 cache rows");
+        }
+        Ok(())
+    }
+
     fn as_i32(x: usize, what: &str) -> candle_core::Result<i32> {
         i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda op: {what} {x} out of range")))
     }
@@ -607,6 +631,7 @@ mod imp {
             if kl.shape().dims2()?.1 != self.num_kv_heads * hd || kl.shape() != vl.shape() {
                 bail!("paged-attention: cache shape {:?} does not match {} KV heads of {hd}", kl.shape(), self.num_kv_heads);
             }
+            check_cache_rows(kl.shape().dims2()?.0, self.num_kv_heads, self.block_size, "paged-attention")?;
             if rl.shape().dims1()? != n || cl.shape().dims1()? != n {
                 bail!("paged-attention: table_rows/ctx_lens do not have {n} entries");
             }
@@ -718,6 +743,7 @@ mod imp {
         pub num_heads: usize,
         pub num_kv_heads: usize,
         pub head_dim: usize,
+        pub block_size: usize,
     }
 
     impl CustomOp1 for RopeQkvCache {
@@ -756,6 +782,7 @@ mod imp {
             if kl.shape().dims2()?.1 != nkv * hd || kl.shape() != vl.shape() {
                 bail!("rope-qkv-cache: cache shape {:?} does not match {nkv} KV heads of {hd}", kl.shape());
             }
+            check_cache_rows(kl.shape().dims2()?.0, nkv, self.block_size, "rope-qkv-cache")?;
             let xv = view::<bf16>(x, xl, "qkv")?;
             let pv = view::<u32>(ps, pl, "positions")?;
             let cv = view::<f32>(cs, cl, "cos")?;
@@ -811,6 +838,8 @@ mod imp {
             builder.arg(&nh_);
             builder.arg(&nkv_);
             builder.arg(&hd_);
+            let bs_ = as_i32(self.block_size, "block size")?;
+            builder.arg(&bs_);
             // SAFETY: argument types and order match `rope_qkv_cache_{bf16,e4m3}` (a null bias or
             // scale pointer is a u64 0); shapes checked above. The kernel writes the cache rows `slots` through
             // the caches' device pointers: the engine owns the caches, runs everything on one
@@ -1626,7 +1655,30 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
-    use super::{prefill_chunk_tokens, query_chunks};
+    use super::{kv_cache_offset, prefill_chunk_tokens, query_chunks};
+
+    #[test]
+    fn cache_offsets_tile_the_cache_block_major() {
+        let (blocks, nkv, bs, hd) = (5usize, 3usize, 4usize, 8usize);
+        let mut seen = vec![false; blocks * nkv * bs * hd];
+        for b in 0..blocks {
+            for h in 0..nkv {
+                // One block's keys of one head are one contiguous run of bs * hd elements.
+                let start = kv_cache_offset(b, h, 0, nkv, bs, hd);
+                assert_eq!(start, (b * nkv + h) * bs * hd);
+                for r in 0..bs {
+                    let at = kv_cache_offset(b, h, r, nkv, bs, hd);
+                    assert_eq!(at, start + r * hd);
+                    for d in 0..hd {
+                        assert!(!seen[at + d], "offset {} twice", at + d);
+                        seen[at + d] = true;
+                    }
+                }
+            }
+        }
+        // Every element of the cache belongs to exactly one (block, head, position, dim).
+        assert!(seen.iter().all(|&s| s));
+    }
 
     #[test]
     fn query_chunks_cover_each_prefill_query_once_in_runs_of_one_sequence() {

@@ -715,6 +715,7 @@ impl Model {
                 nh,
                 nkv,
                 hd,
+                cache.block_size(),
             )?;
             self.prof(|p| p.gpu("rope_kv_write"));
             let o = super::cuda_ops::paged_attention(
