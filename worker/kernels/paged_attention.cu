@@ -1165,18 +1165,19 @@ quant_rows_e4m3(const __nv_bfloat16* __restrict__ x, __nv_fp8_storage_t* __restr
 }
 
 // The FP8 GEMM's scales when cuBLASLt runs it with unit (scalar) scales, on a GPU or library
-// that refuses outer-vector scaling: y[r, c] = y[r, c] * rs[r] * cs[c] in f32, rounded once to
-// bf16. y: [rows, cols] bf16 (cols % 2 == 0); rs: [rows], cs: [cols] f32. Grid-stride, bf16x2.
-extern "C" __global__ void scale_rows_cols_bf16(__nv_bfloat16* __restrict__ y, const float* __restrict__ rs,
-                                                const float* __restrict__ cs, int rows, int cols) {
+// that refuses outer-vector scaling, or when the consumer of a deferred product does not take
+// them: y[r, c] = x[r, c] * rs[r] * cs[c] in f32, rounded once to bf16. x, y: [rows, cols] bf16
+// (cols % 2 == 0, distinct buffers); rs: [rows], cs: [cols] f32. Grid-stride, bf16x2.
+extern "C" __global__ void scale_rows_cols_bf16(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
+                                                const float* __restrict__ rs, const float* __restrict__ cs,
+                                                int rows, int cols) {
     const size_t pairs = (size_t)rows * cols / 2;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += (size_t)gridDim.x * blockDim.x) {
         const size_t e = i * 2;
         const int r = (int)(e / cols);
         const int c = (int)(e % cols);
-        __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(y + e);
-        const float2 v = __bfloat1622float2(*p);
+        const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + e));
         const float s = rs[r];
-        *p = __floats2bfloat162_rn(v.x * s * cs[c], v.y * s * cs[c + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + e) = __floats2bfloat162_rn(v.x * s * cs[c], v.y * s * cs[c + 1]);
     }
 }

@@ -200,7 +200,10 @@ pub fn add_rms_norm(x: &Tensor, r: &ProjOut, w: &Tensor, eps: f32) -> Result<(Te
     }
     let r = match &r.scales {
         None => r.y.clone(),
-        Some((rows, cols)) => ProjOut { y: r.y.clone(), scales: Some((rows.clone(), cols.clone())) }.finish()?,
+        // The scaling kernel's arithmetic: (y * row) * col in f32, rounded once.
+        Some((rows, cols)) => {
+            r.y.to_dtype(DType::F32)?.broadcast_mul(&rows.unsqueeze(1)?)?.broadcast_mul(&cols.unsqueeze(0)?)?.to_dtype(r.y.dtype())?
+        }
     };
     let sum = (x + r)?;
     let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
@@ -413,9 +416,7 @@ impl ProjOut {
             Some((rows, cols)) => {
                 #[cfg(feature = "cuda")]
                 {
-                    let y = self.y.contiguous()?;
-                    y.inplace_op1(&imp::ScaleRowsCols { rows, cols })?;
-                    Ok(y)
+                    Ok(self.y.contiguous()?.apply_op1_no_bwd(&imp::ScaleRowsCols { rows, cols })?)
                 }
                 #[cfg(not(feature = "cuda"))]
                 {
@@ -488,8 +489,8 @@ mod imp {
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
-        PinnedHostSlice, PushKernelArg, result,
+        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice,
+        PushKernelArg, result,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
@@ -1472,41 +1473,45 @@ mod imp {
         pub epilogue: super::Epilogue,
     }
 
-    /// `scale_rows_cols_bf16` in place over a `[rows, cols]` bf16 tensor: what `ProjOut::finish`
-    /// runs when no consumer took the owed scales.
+    /// `scale_rows_cols_bf16` over a `[rows, cols]` bf16 tensor into a new one: what
+    /// `ProjOut::finish` runs when no consumer took the owed scales.
     pub(super) struct ScaleRowsCols {
         pub rows: Tensor,
         pub cols: Tensor,
     }
 
-    impl candle_core::InplaceOp1 for ScaleRowsCols {
+    impl CustomOp1 for ScaleRowsCols {
         fn name(&self) -> &'static str {
             "scale-rows-cols"
         }
 
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
             bail!("scale-rows-cols runs on CUDA only (FP8 scales are owed only by the CUDA GEMM)")
         }
 
-        fn cuda_fwd(&self, y: &mut CudaStorage, yl: &Layout) -> candle_core::Result<()> {
-            let (m, n) = yl.shape().dims2()?;
-            if !yl.is_contiguous() || !n.is_multiple_of(2) {
-                bail!("scale-rows-cols: y {:?} must be contiguous with an even width", yl.shape());
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (m, n) = xl.shape().dims2()?;
+            if !n.is_multiple_of(2) {
+                bail!("scale-rows-cols: y {:?} must have an even width", xl.shape());
             }
             let (rs, rl) = self.rows.storage_and_layout();
             let (cs, cl) = self.cols.storage_and_layout();
             let (rv, cv) = scale_views(&rs, rl, m, &cs, cl, n, "scale-rows-cols")?;
-            let dev = y.device.clone();
-            let start = yl.start_offset();
-            let mut yv = y.as_cuda_slice_mut::<bf16>()?.slice_mut(start..start + m * n);
-            launch_scale_rows_cols(&dev, &mut yv, &rv, &cv, m, n)
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "y")?;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<bf16>(m * n)? };
+            launch_scale_rows_cols(&dev, &xv, &out, &rv, &cv, m, n)?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
         }
     }
 
-    /// `scale_rows_cols_bf16` over `y: [m, n]` (n even) with row scales `rs` and column scales `cs`.
+    /// `scale_rows_cols_bf16`: `y = x * rs[row] * cs[col]` over `[m, n]` (n even), `y` a
+    /// distinct buffer.
     fn launch_scale_rows_cols(
         dev: &CudaDevice,
-        y: &mut CudaViewMut<'_, bf16>,
+        x: &CudaView<'_, bf16>,
+        y: &CudaSlice<bf16>,
         rs: &CudaView<'_, f32>,
         cs: &CudaView<'_, f32>,
         m: usize,
@@ -1521,13 +1526,14 @@ mod imp {
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (m_, n_) = (as_i32(m, "rows")?, as_i32(n, "columns")?);
         let mut builder = stream.launch_builder(&func);
+        builder.arg(x);
         builder.arg(y);
         builder.arg(rs);
         builder.arg(cs);
         builder.arg(&m_);
         builder.arg(&n_);
-        // SAFETY: argument types and order match `scale_rows_cols_bf16`; y is m * n bf16 (n
-        // even), rs m and cs n f32, all on this stream.
+        // SAFETY: argument types and order match `scale_rows_cols_bf16`; x and y are distinct
+        // m * n bf16 buffers (n even), rs m and cs n f32, all on this stream.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(())
     }
@@ -1646,7 +1652,10 @@ mod imp {
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, inter))));
             }
             if !outer && !unit {
-                launch_scale_rows_cols(&dev, &mut y.slice_mut(..), &xs, &sv, m, n)?;
+                // SAFETY: the kernel writes every element.
+                let scaled = unsafe { dev.alloc::<bf16>(m * n)? };
+                launch_scale_rows_cols(&dev, &y.slice(..), &scaled, &xs, &sv, m, n)?;
+                return Ok((CudaStorage::wrap_cuda_slice(scaled, dev), Shape::from((m, n))));
             }
             Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }
