@@ -154,7 +154,7 @@ __device__ __forceinline__ uint32_t kv_row(uint32_t block, int kvh, int nkv, int
 //  * QK: lane = key; the lane reads its key row (16-byte loads) and dots it with the g query
 //    heads of this KV head (q, pre-scaled, in shared memory).
 //  * PV: lanes form groups of HD/8 lanes per key, one 8-element chunk of V each; probabilities
-//    and slots are passed by shuffles.
+//    and cache rows are passed by shuffles.
 // q: [n, nh, HD]; kc, vc: the paged caches (kv_row's layout); tables: [rows, max_blocks] block ids;
 // table_rows: [n] row of `tables` for each query; ctx_lens: [n] keys each query attends to
 // (>= 1; the first ctx_lens[s] positions of its sequence); out: [n, nh, HD].
@@ -202,10 +202,10 @@ __device__ __forceinline__ void paged_attention(
 
     // Cache row (kv_row) of this lane's key in the first tile; each iteration looks up the next
     // tile's row while its own loads are in flight.
-    auto slot_of = [&](int t) -> unsigned long long {
+    auto row_of = [&](int t) -> unsigned long long {
         return t < ctx ? kv_row(table[t / block_size], kvh, nkv, block_size, t % block_size) : 0ull;
     };
-    unsigned long long slot = slot_of(warp * 32 + lane);
+    unsigned long long key_row = row_of(warp * 32 + lane);
     for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
         const bool valid = t0 + lane < ctx;
         const int n_valid = min(32, ctx - t0);
@@ -213,7 +213,7 @@ __device__ __forceinline__ void paged_attention(
         // reads in PV (lanes past the end read key t0's row with probability 0).
         Raw kraw[CH];
         {
-            const C* krow = kc + slot * HD;
+            const C* krow = kc + key_row * HD;
 #pragma unroll
             for (int cc = 0; cc < CH; ++cc) kraw[cc] = *reinterpret_cast<const Raw*>(krow + cc * 8);
         }
@@ -221,10 +221,10 @@ __device__ __forceinline__ void paged_attention(
 #pragma unroll
         for (int it = 0; it < CH; ++it) {
             const int src = it * KPI + kg;
-            const unsigned long long vs = __shfl_sync(FULL, slot, src < n_valid ? src : 0);
+            const unsigned long long vs = __shfl_sync(FULL, key_row, src < n_valid ? src : 0);
             vraw[it] = *reinterpret_cast<const Raw*>(vc + vs * HD + c * 8);
         }
-        slot = slot_of(t0 + WARPS * 32 + lane);
+        key_row = row_of(t0 + WARPS * 32 + lane);
 
         float sc[MAX_G];
 #pragma unroll
@@ -444,12 +444,12 @@ __device__ __forceinline__ void paged_attention_mma(
 
     // Cache row (kv_row) of key min(t0 + lane, ctx - 1): past the end, lanes repeat the last
     // key (finite data, masked out of the softmax).
-    auto slot_of = [&](int key) -> uint32_t {
+    auto row_of = [&](int key) -> uint32_t {
         key = min(key, ctx - 1);
         return kv_row(table[key / block_size], kvh, nkv, block_size, key % block_size);
     };
     // The tile's K rows (key nt*8 + gid, this lane's quarter) and V chunks (keys 2t, 2t+1,
-    // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = slot of key t0 + lane.
+    // 2t+8, 2t+9 of each 16-key half, chunk gid), with `sl` = the cache row of key t0 + lane.
     // Raw elements stay in registers until used (E4M3: half the registers of its fragments).
     auto load_tile = [&](uint32_t sl, Raw (&kr)[4][KU], Raw (&vr)[2][4][VU]) {
 #pragma unroll
@@ -471,24 +471,24 @@ __device__ __forceinline__ void paged_attention_mma(
             }
         }
     };
-    uint32_t slot = slot_of(warp * 32 + lane);
+    uint32_t key_row = row_of(warp * 32 + lane);
     Raw kr[4][KU];
     Raw vr[2][4][VU];
     if (PIPE && warp * 32 < ctx) {
-        load_tile(slot, kr, vr);
-        slot = slot_of(warp * 32 + WARPS * 32 + lane);
+        load_tile(key_row, kr, vr);
+        key_row = row_of(warp * 32 + WARPS * 32 + lane);
     }
     for (int t0 = warp * 32; t0 < ctx; t0 += WARPS * 32) {
         Raw kn[4][KU];
         Raw vn[2][4][VU];
         if (PIPE) {
             if (t0 + WARPS * 32 < ctx) {  // warp-uniform
-                load_tile(slot, kn, vn);
-                slot = slot_of(t0 + 2 * WARPS * 32 + lane);
+                load_tile(key_row, kn, vn);
+                key_row = row_of(t0 + 2 * WARPS * 32 + lane);
             }
         } else {
-            load_tile(slot, kr, vr);
-            slot = slot_of(t0 + WARPS * 32 + lane);
+            load_tile(key_row, kr, vr);
+            key_row = row_of(t0 + WARPS * 32 + lane);
         }
 
         // S = Q K^T: sc[nt] holds row gid, keys nt*8 + 2t, 2t+1.

@@ -396,7 +396,7 @@ pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::A
 
 /// A projection's output `y` and, where an FP8 GEMM ran with unit scales, the scales it still
 /// owes: the value is `y[i, j] * rows[i] * cols[j]`, which the kernel reading `y` next applies
-/// (`add_rms_norm_scaled`, `rope_qkv_cache`), rounding to bf16 as a separate scaling pass would.
+/// (`add_rms_norm`, `rope_qkv_cache`), rounding to bf16 as a separate scaling pass would.
 pub struct ProjOut {
     pub y: Tensor,
     /// `(rows: f32 [m], cols: f32 [n])`.
@@ -425,11 +425,6 @@ impl ProjOut {
                 }
             }
         }
-    }
-
-    /// The owed scales as the kernels' (rows, cols) pair.
-    pub fn scale_refs(&self) -> Option<(&Tensor, &Tensor)> {
-        self.scales.as_ref().map(|(r, c)| (r, c))
     }
 }
 
@@ -1587,11 +1582,13 @@ mod imp {
             };
             // SAFETY: both are written by the quantization kernel before the GEMM reads them.
             let mut xq = unsafe { dev.alloc::<F8E4M3>(m * k)? };
-            let own_xs = if deferred_view.is_none() { Some(dev.alloc_zeros::<f32>(m)?) } else { None };
-            let xs: CudaView<'_, f32> = match (&deferred_view, &own_xs) {
-                (Some(d), _) => d.slice(..),
-                (None, Some(o)) => o.slice(..),
-                (None, None) => bail!("fp8-matmul: no row scales"),
+            let own_xs;
+            let xs: CudaView<'_, f32> = match &deferred_view {
+                Some(d) => d.slice(..),
+                None => {
+                    own_xs = dev.alloc_zeros::<f32>(m)?;
+                    own_xs.slice(..)
+                }
             };
             launch_quant(&dev, &xv, &mut xq, &xs, m, k)?;
             let stream = dev.cuda_stream();
