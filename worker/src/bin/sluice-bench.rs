@@ -286,10 +286,12 @@ fn main() -> anyhow::Result<()> {
         "prefix_cache_hit_rate": if queried == 0 { 0.0 } else { hit as f64 / queried as f64 },
         "preemptions": after.preemptions - before.preemptions,
         "steps": after.steps - before.steps,
+        "graph_steps": after.graph_steps - before.graph_steps,
     });
     eprintln!(
-        "sluice-bench: {} steps, {} preemptions, {} KV blocks of {} tokens, {:.3} ms/step",
+        "sluice-bench: {} steps ({} as CUDA graphs), {} preemptions, {} KV blocks of {} tokens, {:.3} ms/step",
         after.steps - before.steps,
+        after.graph_steps - before.graph_steps,
         after.preemptions - before.preemptions,
         after.kv_blocks_total,
         after.block_size,

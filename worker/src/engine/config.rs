@@ -296,6 +296,9 @@ pub struct EngineSwitches {
     /// One-row projections (decode at batch 1) through the engine's GEMV kernel instead of
     /// cuBLAS (`SLUICE_SMALL_LINEAR=0` turns it off; `fp8::SMALL_LINEAR_WINS`).
     pub small_linear: bool,
+    /// Decode steps of up to `model::GRAPH_MAX_BATCH` sequences replayed as CUDA graphs
+    /// (`SLUICE_CUDA_GRAPHS=0` turns them off).
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineSwitches {
@@ -310,13 +313,14 @@ impl Default for EngineSwitches {
             async_steps: true,
             cuda_event_tracking: false,
             small_linear: true,
+            cuda_graphs: true,
         }
     }
 }
 
 impl EngineSwitches {
     /// The environment variables the switches read.
-    pub const VARIABLES: [&'static str; 9] = [
+    pub const VARIABLES: [&'static str; 10] = [
         "SLUICE_PROFILE",
         "SLUICE_PAGED_ATTENTION",
         "SLUICE_ATTN_MMA",
@@ -326,6 +330,7 @@ impl EngineSwitches {
         "SLUICE_ASYNC_STEPS",
         "SLUICE_CUDA_EVENT_TRACKING",
         "SLUICE_SMALL_LINEAR",
+        "SLUICE_CUDA_GRAPHS",
     ];
 
     /// The switches from the process environment.
@@ -335,7 +340,7 @@ impl EngineSwitches {
 
     /// The switches from any variable lookup (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
-        let [profile, paged, mma, prefill, pipeline, argmax, steps, events, small] = Self::VARIABLES;
+        let [profile, paged, mma, prefill, pipeline, argmax, steps, events, small, graphs] = Self::VARIABLES;
         let is = |name: &str, value: &str| get(name).as_deref() == Some(value);
         let d = Self::default();
         Self {
@@ -348,6 +353,7 @@ impl EngineSwitches {
             async_steps: d.async_steps && !is(steps, "0"),
             cuda_event_tracking: is(events, "1"),
             small_linear: d.small_linear && !is(small, "0"),
+            cuda_graphs: d.cuda_graphs && !is(graphs, "0"),
         }
     }
 }
@@ -370,6 +376,7 @@ mod switch_tests {
             ("SLUICE_ASYNC_STEPS", "0"),
             ("SLUICE_CUDA_EVENT_TRACKING", "1"),
             ("SLUICE_SMALL_LINEAR", "0"),
+            ("SLUICE_CUDA_GRAPHS", "0"),
         ]
         .into_iter()
         .collect();
@@ -384,6 +391,7 @@ mod switch_tests {
             async_steps: false,
             cuda_event_tracking: true,
             small_linear: false,
+            cuda_graphs: false,
         };
         assert_eq!(s, flipped);
         // Values other than the documented ones leave the default.

@@ -4,6 +4,7 @@
 //! add + RMSNorm, SwiGLU, the greedy argmax over logits rows, and the placeholder-token
 //! resolution and pinned asynchronous id read-back that let the host run one step ahead, and the
 //! FP8 projection (per-row E4M3 quantization and cuBLASLt's FP8 GEMM with outer-vector scales).
+//! It also captures and replays CUDA graphs of decode steps (`capture_graph`).
 //! Without the `cuda` feature nothing here runs: `paged_attention_supported` is always false.
 
 use candle_core::{DType, Tensor};
@@ -348,6 +349,46 @@ impl IdsCopy {
     }
 }
 
+/// A CUDA graph of work captured on a device's stream (`capture_graph`), replayed with
+/// `launch`: one driver call instead of one per kernel. Only CUDA builds can make one.
+pub struct StepGraph {
+    #[cfg(feature = "cuda")]
+    inner: imp::StepGraph,
+    #[cfg(not(feature = "cuda"))]
+    never: std::convert::Infallible,
+}
+
+/// Runs `enqueue` twice on `device`'s stream: once as usual (loading every kernel module and
+/// filling candle's cache of kernel parameters), then under stream capture, and returns the
+/// graph of the second run. `enqueue` must be repeatable (the first run's work is done again
+/// by every launch of the graph), must not copy host data to the device, and must drop every
+/// tensor it allocates before it returns (the graph then owns no memory past a launch).
+pub fn capture_graph(device: &candle_core::Device, enqueue: impl FnMut() -> Result<(), EngineError>) -> Result<StepGraph, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(StepGraph { inner: imp::StepGraph::capture(device, enqueue)? })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, enqueue);
+        Err(EngineError::Config("CUDA graphs need the `cuda` feature".into()))
+    }
+}
+
+impl StepGraph {
+    /// Enqueues one replay of the captured work on the stream it was captured on.
+    pub fn launch(&self) -> Result<(), EngineError> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(self.inner.launch()?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            match self.never {}
+        }
+    }
+}
+
 /// cuBLASLt state for FP8 projections on one CUDA device (handle, workspace, and a plan per GEMM
 /// shape). Shared by every `fp8::Fp8Linear` of a model.
 pub struct Fp8Gemm {
@@ -482,10 +523,10 @@ mod imp {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice,
-        PushKernelArg, result,
+        CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
+        PinnedHostSlice, PushKernelArg, result,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
@@ -1243,6 +1284,45 @@ mod imp {
         }
     }
 
+    /// A captured, instantiated graph.
+    pub(super) struct StepGraph {
+        graph: CudaGraph,
+    }
+
+    // SAFETY: a CUDA graph may be launched from any thread as long as calls on it are
+    // serialized; the engine keeps its graphs behind a mutex and launches them from one thread
+    // at a time.
+    unsafe impl Send for StepGraph {}
+
+    impl StepGraph {
+        pub(super) fn capture(
+            device: &candle_core::Device,
+            mut enqueue: impl FnMut() -> Result<(), super::EngineError>,
+        ) -> candle_core::Result<Self> {
+            let candle_core::Device::Cuda(dev) = device else { bail!("CUDA graph capture needs a CUDA device") };
+            let to_candle = |e: super::EngineError| candle_core::Error::Msg(e.to_string());
+            // Parameter vectors (shapes, strides) candle uploads for its kernels come from a cache
+            // while this guard lives: the first run fills it, the captured run reads it.
+            let _params = dev.enable_cuda_graph_htod_cache();
+            enqueue().map_err(to_candle)?;
+            let stream = dev.cuda_stream();
+            // Thread-local mode: a call from this thread that the capture cannot record (a
+            // synchronous allocation or copy) fails the capture instead of running unordered.
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+            let captured = enqueue();
+            // Always end the capture, so that a failure leaves the stream usable.
+            let ended = stream.end_capture(sys::CUgraphInstantiate_flags_enum(0));
+            captured.map_err(|e| candle_core::Error::Msg(format!("CUDA graph capture: {e}")))?;
+            let Some(graph) = ended.w()? else { bail!("CUDA graph capture recorded no work") };
+            graph.upload().w()?;
+            Ok(Self { graph })
+        }
+
+        pub(super) fn launch(&self) -> candle_core::Result<()> {
+            self.graph.launch().w()
+        }
+    }
+
     /// Must match QUANT_THREADS in the kernel.
     const QUANT_THREADS: u32 = 256;
 
@@ -1344,8 +1424,8 @@ mod imp {
     }
 
     impl Fp8Gemm {
-        pub(super) fn new(device: &candle_core::Device) -> Result<Self, crate::engine::error::EngineError> {
-            use crate::engine::error::EngineError;
+        pub(super) fn new(device: &candle_core::Device) -> Result<Self, super::EngineError> {
+            use super::EngineError;
             let candle_core::Device::Cuda(dev) = device else {
                 return Err(EngineError::Config("dtype fp8 needs a CUDA device".into()));
             };

@@ -138,6 +138,8 @@ pub struct EngineStats {
     pub max_step_tokens: usize,
     /// Steps enqueued while the previous step was still in flight (`overlap_steps`).
     pub overlapped_steps: u64,
+    /// Decode steps launched as a CUDA graph (`EngineSwitches::cuda_graphs`).
+    pub graph_steps: u64,
     /// Tokens of admitted sequences and how many of them came from the prefix cache.
     pub prefix_cache_query_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
@@ -427,6 +429,7 @@ impl LlmEngine {
         s.waiting = self.sched.waiting.len();
         s.kv_blocks_used = self.sched.allocator.num_used();
         s.preemptions = self.sched.preemptions;
+        s.graph_steps = self.model.graph_steps();
         s.prefix_cache_query_tokens = self.sched.prefix_query_tokens;
         s.prefix_cache_hit_tokens = self.sched.prefix_hit_tokens;
         s.prefix_cache_blocks = self.sched.allocator.num_cached();

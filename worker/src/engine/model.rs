@@ -154,6 +154,62 @@ struct PrefillChunk {
 /// Most score elements (`chunks * len * ctx`, per query head) of one prefill group.
 const PREFILL_GROUP_ELEMS: usize = 1 << 22;
 
+/// Most sequences of a decode step replayed as a CUDA graph: one graph per batch size up to
+/// this, captured the first time a decode step of that size runs. Larger batches keep the GPU
+/// busy long enough that the host's kernel launches are hidden behind it.
+pub const GRAPH_MAX_BATCH: usize = 8;
+
+/// The captured decode graphs of a model, by batch size, for the KV cache they were captured
+/// over (its layer-0 key tensor: a graph writes into the cache it saw).
+#[derive(Default)]
+struct DecodeGraphs {
+    cache: Option<candle_core::TensorId>,
+    by_batch: std::collections::HashMap<usize, DecodeGraph>,
+}
+
+enum DecodeGraph {
+    Ready(CapturedDecode),
+    /// Capture failed once for this size (logged); its steps run kernel by kernel.
+    Failed,
+}
+
+/// A decode step of a fixed batch size captured as a CUDA graph. Every launch reads the step's
+/// inputs from `inputs` (refilled in place before each launch; block tables padded to the
+/// model's longest context so that their shape never changes) and leaves the logits and the
+/// greedy ids in `logits` and `ids`.
+struct CapturedDecode {
+    graph: super::cuda_ops::StepGraph,
+    inputs: StepTensors,
+    logits: Tensor,
+    ids: Tensor,
+}
+
+impl CapturedDecode {
+    /// Copies the inputs of `st` (a decode step of the same batch size, prepared with the same
+    /// table width) into the graph's input tensors, in stream order after the previous launch.
+    /// Rows of tables and logits are `0..n` in every such step and stay as captured.
+    fn refill(&self, st: &StepTensors) -> Result<(), EngineError> {
+        let (Some(to), Some(from)) = (&self.inputs.paged, &st.paged) else {
+            return Err(EngineError::Config("a CUDA graph step without paged attention inputs".into()));
+        };
+        if st.num_tokens != self.inputs.num_tokens || from.tables.dims() != to.tables.dims() {
+            return Err(EngineError::Config(format!(
+                "decode graph of {} tokens and tables {:?} refilled with {} tokens and tables {:?}",
+                self.inputs.num_tokens,
+                to.tables.dims(),
+                st.num_tokens,
+                from.tables.dims()
+            )));
+        }
+        self.inputs.token_ids.slice_set(&st.token_ids, 0, 0)?;
+        self.inputs.positions.slice_set(&st.positions, 0, 0)?;
+        self.inputs.write_index.slice_set(&st.write_index, 0, 0)?;
+        to.tables.slice_set(&from.tables, 0, 0)?;
+        to.ctx_lens.slice_set(&from.ctx_lens, 0, 0)?;
+        Ok(())
+    }
+}
+
 /// A loaded causal LM ready for batched forward passes.
 pub struct Model {
     cfg: ArchConfig,
@@ -182,6 +238,12 @@ pub struct Model {
     device_argmax: bool,
     /// Page-locked buffers for reading sampled ids back without waiting for later work.
     readback: super::cuda_ops::ReadbackPool,
+    /// Small decode steps through CUDA graphs (`EngineSwitches::cuda_graphs`; needs the paged
+    /// kernels and the device argmax).
+    cuda_graphs: bool,
+    graphs: std::sync::Mutex<DecodeGraphs>,
+    /// Steps launched through a graph so far.
+    graph_steps: std::sync::atomic::AtomicU64,
     /// Per-phase timing (`SLUICE_PROFILE=1`).
     profiler: std::sync::Mutex<Profiler>,
 }
@@ -291,6 +353,9 @@ impl Model {
             small_linear: switches.small_linear,
             device_argmax: device.is_cuda() && switches.device_argmax,
             readback: super::cuda_ops::ReadbackPool::default(),
+            cuda_graphs: paged_attention && device.is_cuda() && switches.device_argmax && switches.cuda_graphs && !switches.profile,
+            graphs: std::sync::Mutex::new(DecodeGraphs::default()),
+            graph_steps: std::sync::atomic::AtomicU64::new(0),
             profiler: std::sync::Mutex::new(Profiler::new(device, switches.profile)),
         })
     }
@@ -302,6 +367,11 @@ impl Model {
         {
             f(&mut p);
         }
+    }
+
+    /// Decode steps launched through a CUDA graph so far.
+    pub fn graph_steps(&self) -> u64 {
+        self.graph_steps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `SLUICE_PROFILE=1` timing is on (its events assume one step at a time).
@@ -349,9 +419,18 @@ impl Model {
 
     /// Block tables (one row per sequence, in flat order) and each token's row and causal
     /// context length, for the paged attention kernel.
-    fn paged_inputs(&self, seqs: &[SeqInput], order: &[usize], block_size: usize) -> Result<PagedInputs, EngineError> {
+    /// The kernel inputs of the paged path; `table_width` pads every block table to that many
+    /// entries (CUDA graphs, whose launches keep the shapes they were captured with).
+    fn paged_inputs(
+        &self,
+        seqs: &[SeqInput],
+        order: &[usize],
+        block_size: usize,
+        table_width: Option<usize>,
+    ) -> Result<PagedInputs, EngineError> {
         let ctx_of = |i: usize| seqs[i].start_pos + seqs[i].tokens.len();
-        let max_blocks = order.iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1).max(1);
+        let longest = order.iter().map(|&i| ctx_of(i).div_ceil(block_size)).max().unwrap_or(1).max(1);
+        let max_blocks = table_width.unwrap_or(longest).max(longest);
         let n: usize = order.iter().map(|&i| seqs[i].tokens.len()).sum();
         let mut tables = Vec::with_capacity(order.len() * max_blocks);
         let mut rows = Vec::with_capacity(n);
@@ -388,11 +467,13 @@ impl Model {
     /// Lays the sequences out flat (decode tokens first) and builds the index/mask tensors.
     /// Returns the tensors and, per input sequence, its row among the returned logits.
     /// `PENDING` placeholder tokens are resolved from `prev`, the step launched before this one.
+    /// `table_width`: see `paged_inputs`.
     fn prepare(
         &self,
         seqs: &[SeqInput],
         block_size: usize,
         prev: Option<&StepIds>,
+        table_width: Option<usize>,
     ) -> Result<(StepTensors, Vec<Option<usize>>), EngineError> {
         let kvd = self.cfg.num_kv_heads * self.cfg.head_dim;
         let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
@@ -471,7 +552,7 @@ impl Model {
             }
         }
         self.close_group(&mut prefills, &mut group_slots, &mut group_mask)?;
-        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size)?) } else { None };
+        let paged = if self.paged_attention { Some(self.paged_inputs(seqs, &order, block_size, table_width)?) } else { None };
         let decode = if n_decode > 0 && !self.paged_attention {
             let ctx_of = |i: usize| seqs[i].start_pos + 1;
             let max_ctx = order[..n_decode].iter().map(|&i| ctx_of(i)).max().unwrap_or(1);
@@ -560,10 +641,13 @@ impl Model {
         full_logits: &[bool],
         prev: Option<&StepIds>,
     ) -> Result<Option<PendingStep>, EngineError> {
+        let full_logits: Vec<bool> = (0..seqs.len()).map(|i| full_logits.get(i).copied().unwrap_or(true)).collect();
+        if let Some(step) = self.launch_graph(seqs, cache, &full_logits, prev)? {
+            return Ok(Some(step));
+        }
         let Some((logits, logit_of)) = self.last_logits(seqs, cache, prev)? else {
             return Ok(None);
         };
-        let full_logits: Vec<bool> = (0..seqs.len()).map(|i| full_logits.get(i).copied().unwrap_or(true)).collect();
         if !self.device_argmax {
             let rows = self.logits_to_host(&logits)?;
             let ids = rows.iter().map(|r| super::sampling::argmax(r)).collect();
@@ -643,11 +727,17 @@ impl Model {
             return Ok(None);
         }
         self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
-        let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev)?;
+        let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev, None)?;
         self.prof(|p| {
             p.host("prepare");
             p.gpu("prepare_h2d");
         });
+        Ok(self.forward_step(&st, cache)?.map(|logits| (logits, logit_of)))
+    }
+
+    /// The layers and lm_head over a prepared step: the `[rows, vocab]` logits of its
+    /// `logit_rows`, or None when it has none.
+    fn forward_step(&self, st: &StepTensors, cache: &mut KvCache) -> Result<Option<Tensor>, EngineError> {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&st.token_ids, 0)?;
         self.prof(|p| p.gpu("embed"));
@@ -658,7 +748,7 @@ impl Model {
         let mut h = super::cuda_ops::rms_norm(&x, &first.input_norm, eps)?;
         self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
-            let attn = self.attention(layer, &h, &st, cache, li)?;
+            let attn = self.attention(layer, &h, st, cache, li)?;
             let o = layer.o.forward_deferred(&attn, self.small_linear)?;
             self.prof(|p| p.gpu("o_proj"));
             let (x1, h1) = super::cuda_ops::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
@@ -682,7 +772,88 @@ impl Model {
         let last = super::cuda_ops::rms_norm(&last, &self.norm, eps)?;
         let logits = last.matmul(&self.lm_head.t()?)?;
         self.prof(|p| p.gpu("lm_head"));
-        Ok(Some((logits, logit_of)))
+        Ok(Some(logits))
+    }
+
+    /// `launch` of a decode step through its CUDA graph (captured now if this batch size has
+    /// none yet), or None when the step is not one a graph covers: the caller then runs it
+    /// kernel by kernel. Covered: CUDA graphs on, up to `GRAPH_MAX_BATCH` sequences, each
+    /// decoding one token and wanting its logits.
+    fn launch_graph(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut KvCache,
+        full_logits: &[bool],
+        prev: Option<&StepIds>,
+    ) -> Result<Option<PendingStep>, EngineError> {
+        let n = seqs.len();
+        if !self.cuda_graphs || n == 0 || n > GRAPH_MAX_BATCH || !seqs.iter().all(|s| s.tokens.len() == 1 && s.want_logits) {
+            return Ok(None);
+        }
+        let Ok(mut graphs) = self.graphs.lock() else {
+            return Ok(None);
+        };
+        let cache_id = cache.layer(0)?.0.id();
+        if graphs.cache != Some(cache_id) {
+            graphs.by_batch.clear();
+            graphs.cache = Some(cache_id);
+        }
+        if matches!(graphs.by_batch.get(&n), Some(DecodeGraph::Failed)) {
+            return Ok(None);
+        }
+        let width = self.max_len.div_ceil(cache.block_size());
+        let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev, Some(width))?;
+        let g = match graphs.by_batch.remove(&n) {
+            Some(DecodeGraph::Ready(g)) => {
+                g.refill(&st)?;
+                g
+            }
+            _ => match self.capture_decode(st, cache) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(batch = n, error = %e, "CUDA graph capture failed; decode steps of this size run kernel by kernel");
+                    graphs.by_batch.insert(n, DecodeGraph::Failed);
+                    return Ok(None);
+                }
+            },
+        };
+        let launched = g.graph.launch();
+        let outputs = launched.and_then(|()| Ok((g.ids.copy()?, g.logits.clone())));
+        graphs.by_batch.insert(n, DecodeGraph::Ready(g));
+        let (ids, logits) = outputs?;
+        self.graph_steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
+        let mut step = PendingStep {
+            logit_of,
+            full_logits: full_logits.to_vec(),
+            host_logits: None,
+            device_logits: None,
+            ids: StepIds::Device { ids, copy },
+        };
+        if step.samples_on_host() {
+            // The graph's next launch overwrites its logits: keep this step's own copy.
+            step.device_logits = Some(logits.copy()?);
+        }
+        Ok(Some(step))
+    }
+
+    /// Captures the decode step `st` (prepared with padded block tables) as a graph; the
+    /// capture runs the step once as usual, and the graph is launched by the caller.
+    fn capture_decode(&self, st: StepTensors, cache: &mut KvCache) -> Result<CapturedDecode, EngineError> {
+        let rows = st.num_tokens;
+        let vocab = self.lm_head.dim(0)?;
+        let logits_out = Tensor::zeros((rows, vocab), self.dtype, &self.device)?;
+        let ids_out = Tensor::zeros(rows, DType::U32, &self.device)?;
+        let graph = super::cuda_ops::capture_graph(&self.device, || {
+            let Some(logits) = self.forward_step(&st, cache)? else {
+                return Err(EngineError::Config("a captured decode step has no logits rows".into()));
+            };
+            let ids = super::cuda_ops::argmax_rows(&logits)?;
+            logits_out.slice_set(&logits, 0, 0)?;
+            ids_out.slice_set(&ids, 0, 0)?;
+            Ok(())
+        })?;
+        Ok(CapturedDecode { graph, inputs: st, logits: logits_out, ids: ids_out })
     }
 
     /// Rotary embedding of `x: [n, heads, head_dim]` at each token's position (rotate-half).
