@@ -654,13 +654,26 @@ impl Model {
             return Ok(Some(PendingStep { logit_of, full_logits, host_logits: Some(rows), device_logits: None, ids: StepIds::Host(ids) }));
         }
         let ids = super::cuda_ops::argmax_rows(&logits)?;
-        let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
+        let step = self.device_step(logit_of, full_logits, ids, || Ok(logits))?;
         self.prof(|p| p.gpu("argmax"));
+        Ok(Some(step))
+    }
+
+    /// The pending step of ids sampled on the device, their read-back to the host started;
+    /// `keep_logits` gives it the device logits when some sequence samples on the host.
+    fn device_step(
+        &self,
+        logit_of: Vec<Option<usize>>,
+        full_logits: Vec<bool>,
+        ids: Tensor,
+        keep_logits: impl FnOnce() -> Result<Tensor, EngineError>,
+    ) -> Result<PendingStep, EngineError> {
+        let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
         let mut step = PendingStep { logit_of, full_logits, host_logits: None, device_logits: None, ids: StepIds::Device { ids, copy } };
         if step.samples_on_host() {
-            step.device_logits = Some(logits);
+            step.device_logits = Some(keep_logits()?);
         }
-        Ok(Some(step))
+        Ok(step)
     }
 
     /// Waits for a launched step's sampled ids (only them: a step launched after it keeps
@@ -822,19 +835,8 @@ impl Model {
         graphs.by_batch.insert(n, DecodeGraph::Ready(g));
         let (ids, logits) = outputs?;
         self.graph_steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let copy = super::cuda_ops::copy_ids_to_host(&ids, &self.readback)?;
-        let mut step = PendingStep {
-            logit_of,
-            full_logits: full_logits.to_vec(),
-            host_logits: None,
-            device_logits: None,
-            ids: StepIds::Device { ids, copy },
-        };
-        if step.samples_on_host() {
-            // The graph's next launch overwrites its logits: keep this step's own copy.
-            step.device_logits = Some(logits.copy()?);
-        }
-        Ok(Some(step))
+        // The graph's next launch overwrites its logits: a step that keeps them takes a copy.
+        Ok(Some(self.device_step(logit_of, full_logits.to_vec(), ids, || Ok(logits.copy()?))?))
     }
 
     /// Captures the decode step `st` (prepared with padded block tables) as a graph; the
