@@ -56,12 +56,15 @@ fn tiny_cpu_run_prints_the_fields() {
         "preemptions",
         "steps",
         "graph_steps",
+        "split_steps",
     ];
     want.sort_unstable();
     assert_eq!(keys, want);
     assert_eq!(v["device"], "cpu");
     // CUDA graphs are a GPU path: a CPU run launches none.
     assert_eq!(v["graph_steps"], 0);
+    // Splitting steps in two is off by default (SLUICE_NANO_BATCHES=1).
+    assert_eq!(v["split_steps"], 0);
     assert_eq!(v["dtype"], "f32");
     assert_eq!(v["kv_cache_dtype"], "f32");
     assert_eq!(v["model"], "tiny-qwen2");

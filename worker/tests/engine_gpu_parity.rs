@@ -101,3 +101,60 @@ fn gpu_decode_graphs_match_kernel_by_kernel() {
         }
     }
 }
+
+/// Decode steps split into two halves on two CUDA streams (`EngineSwitches::nano_batches`)
+/// compute what one batch computes: teacher-forced logits within bf16 noise of the unsplit
+/// ones (the halves' GEMMs have other row counts, so cuBLAS may round differently) and greedy
+/// generation through the device argmax and read-back path giving the same tokens, bf16 and FP8.
+#[test]
+fn gpu_split_decode_steps_match_one_batch() {
+    if !cuda_requested() {
+        return;
+    }
+    let split_min = sluice_worker::engine::model::SPLIT_MIN_SEQS;
+    for name in MODELS {
+        let cases = reference(name);
+        // The halves do not start on the same prompt (66 = 9 x 7 + 3): a mixed-up row shows.
+        let count = split_min + 2;
+        for dtype in [sluice_api::job::Dtype::Bf16, sluice_api::job::Dtype::Fp8] {
+            let run = |split: bool| {
+                let mut cfg = config(name);
+                cfg.device = sluice_worker::engine::DeviceKind::Cuda(0);
+                cfg.dtype = dtype;
+                cfg.num_kv_blocks = Some(1024);
+                cfg.switches.nano_batches = split;
+                let mut eng = engine(&cfg);
+                let forced: Vec<_> = (0..count)
+                    .map(|i| {
+                        let c = &cases[i % cases.len()];
+                        (c.prompt_ids.clone(), c.greedy_ids[..3].to_vec())
+                    })
+                    .collect();
+                let logits = eng.teacher_forced_logits(&forced).unwrap();
+                let reqs: Vec<_> = (0..count)
+                    .map(|i| request(i as u64, sluice_worker::engine::Prompt::Tokens(cases[i % cases.len()].prompt_ids.clone()), greedy(8)))
+                    .collect();
+                let mut outs = eng.generate(reqs).unwrap();
+                outs.sort_by_key(|o| o.0);
+                let ids: Vec<Vec<u32>> = outs.iter().map(|o| o.1.as_ref().unwrap().token_ids.clone()).collect();
+                (logits, ids, eng.stats().split_steps)
+            };
+            let (one_logits, one_ids, one_split) = run(false);
+            let (split_logits, split_ids, split_steps) = run(true);
+            assert_eq!(one_split, 0, "{name} {dtype:?}: steps were split with the switch off");
+            assert!(split_steps >= 8, "{name} {dtype:?}: only {split_steps} steps were split");
+            let mut worst = 0f32;
+            for (a, b) in split_logits.iter().zip(&one_logits) {
+                for (x, y) in a.iter().zip(b) {
+                    worst = worst.max(rel_err(x, y));
+                }
+            }
+            let same = split_ids.iter().zip(&one_ids).filter(|(a, b)| a == b).count();
+            eprintln!(
+                "{name} {dtype:?}: {split_steps} split steps; split vs one batch rel err {worst:.4}; {same}/{count} greedy sequences identical"
+            );
+            assert!(worst <= 0.05, "{name} {dtype:?}: split logits off one batch's by {worst}");
+            assert!(same * 10 >= count * 9, "{name} {dtype:?}: only {same}/{count} greedy sequences identical");
+        }
+    }
+}

@@ -89,6 +89,34 @@ fn greedy_tokens_match_in_one_mixed_batch() {
     }
 }
 
+/// Decode steps split into two halves (`EngineSwitches::nano_batches`; on the CPU the second
+/// half runs on a second thread) give the reference's greedy tokens, every request in its place.
+#[test]
+fn greedy_tokens_match_with_decode_steps_split_in_two() {
+    for name in MODELS {
+        let cases = reference(name);
+        let mut cfg = config(name);
+        cfg.num_kv_blocks = Some(1024);
+        cfg.switches.nano_batches = true;
+        let mut eng = engine(&cfg);
+        let n = cases[0].greedy_ids.len();
+        // Every decode step has more than SPLIT_MIN_SEQS sequences; the halves do not start on
+        // the same prompt (66 = 9 x 7 + 3), so a mixed-up row shows as wrong tokens.
+        let count = sluice_worker::engine::model::SPLIT_MIN_SEQS + 2;
+        let reqs: Vec<_> =
+            (0..count).map(|i| request(i as u64, Prompt::Tokens(cases[i % cases.len()].prompt_ids.clone()), greedy(n))).collect();
+        let outs = eng.generate(reqs).unwrap();
+        assert_eq!(outs.len(), count);
+        for (id, out) in outs {
+            let want = &cases[id as usize % cases.len()].greedy_ids;
+            assert_eq!(&out.unwrap().token_ids, want, "{name}: request {id}");
+        }
+        let stats = eng.stats();
+        assert!(stats.split_steps >= (n - 1) as u64, "{name}: only {} of the decode steps were split", stats.split_steps);
+        assert_eq!(stats.kv_blocks_used, 0, "all blocks returned");
+    }
+}
+
 #[test]
 fn greedy_tokens_match_with_chunked_prefill_and_preemption() {
     for name in MODELS {

@@ -287,11 +287,13 @@ fn main() -> anyhow::Result<()> {
         "preemptions": after.preemptions - before.preemptions,
         "steps": after.steps - before.steps,
         "graph_steps": after.graph_steps - before.graph_steps,
+        "split_steps": after.split_steps - before.split_steps,
     });
     eprintln!(
-        "sluice-bench: {} steps ({} as CUDA graphs), {} preemptions, {} KV blocks of {} tokens, {:.3} ms/step",
+        "sluice-bench: {} steps ({} as CUDA graphs, {} as two halves), {} preemptions, {} KV blocks of {} tokens, {:.3} ms/step",
         after.steps - before.steps,
         after.graph_steps - before.graph_steps,
+        after.split_steps - before.split_steps,
         after.preemptions - before.preemptions,
         after.kv_blocks_total,
         after.block_size,

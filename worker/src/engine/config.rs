@@ -299,6 +299,10 @@ pub struct EngineSwitches {
     /// Decode steps of up to `model::GRAPH_MAX_BATCH` sequences replayed as CUDA graphs
     /// (`SLUICE_CUDA_GRAPHS=0` turns them off).
     pub cuda_graphs: bool,
+    /// Decode steps of at least `model::SPLIT_MIN_SEQS` sequences run as two halves on two
+    /// CUDA streams, one half's attention beside the other's GEMMs (`SLUICE_NANO_BATCHES=1`;
+    /// off by default until measured: docs/engine.md).
+    pub nano_batches: bool,
 }
 
 impl Default for EngineSwitches {
@@ -314,13 +318,14 @@ impl Default for EngineSwitches {
             cuda_event_tracking: false,
             small_linear: true,
             cuda_graphs: true,
+            nano_batches: false,
         }
     }
 }
 
 impl EngineSwitches {
     /// The environment variables the switches read.
-    pub const VARIABLES: [&'static str; 10] = [
+    pub const VARIABLES: [&'static str; 11] = [
         "SLUICE_PROFILE",
         "SLUICE_PAGED_ATTENTION",
         "SLUICE_ATTN_MMA",
@@ -331,6 +336,7 @@ impl EngineSwitches {
         "SLUICE_CUDA_EVENT_TRACKING",
         "SLUICE_SMALL_LINEAR",
         "SLUICE_CUDA_GRAPHS",
+        "SLUICE_NANO_BATCHES",
     ];
 
     /// The switches from the process environment.
@@ -340,7 +346,7 @@ impl EngineSwitches {
 
     /// The switches from any variable lookup (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
-        let [profile, paged, mma, prefill, pipeline, argmax, steps, events, small, graphs] = Self::VARIABLES;
+        let [profile, paged, mma, prefill, pipeline, argmax, steps, events, small, graphs, nano] = Self::VARIABLES;
         let is = |name: &str, value: &str| get(name).as_deref() == Some(value);
         let d = Self::default();
         Self {
@@ -354,6 +360,7 @@ impl EngineSwitches {
             cuda_event_tracking: is(events, "1"),
             small_linear: d.small_linear && !is(small, "0"),
             cuda_graphs: d.cuda_graphs && !is(graphs, "0"),
+            nano_batches: is(nano, "1"),
         }
     }
 }
@@ -377,6 +384,7 @@ mod switch_tests {
             ("SLUICE_CUDA_EVENT_TRACKING", "1"),
             ("SLUICE_SMALL_LINEAR", "0"),
             ("SLUICE_CUDA_GRAPHS", "0"),
+            ("SLUICE_NANO_BATCHES", "1"),
         ]
         .into_iter()
         .collect();
@@ -392,6 +400,7 @@ mod switch_tests {
             cuda_event_tracking: true,
             small_linear: false,
             cuda_graphs: false,
+            nano_batches: true,
         };
         assert_eq!(s, flipped);
         // Values other than the documented ones leave the default.

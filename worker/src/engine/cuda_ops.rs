@@ -389,6 +389,78 @@ impl StepGraph {
     }
 }
 
+/// The GEMM state of the second stream of a step split in two (`EngineSwitches::nano_batches`):
+/// its own cuBLAS handle for the dense projections and its own FP8 GEMM state, because kernels
+/// on two streams must not share a handle's workspace. The thread that runs the second half
+/// passes it to every projection. On the CPU it holds nothing and candle's matmul runs.
+pub struct Lane {
+    #[cfg(feature = "cuda")]
+    blas: Option<imp::LaneBlas>,
+    /// The lane's FP8 GEMM state (models with `dtype: fp8` on CUDA).
+    pub fp8: Option<std::sync::Arc<Fp8Gemm>>,
+}
+
+impl Lane {
+    /// A lane for `device`; `fp8`: the model's projections are FP8 (CUDA only).
+    pub fn new(device: &candle_core::Device, fp8: bool) -> Result<Self, EngineError> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let fp8 = if fp8 { Some(std::sync::Arc::new(Fp8Gemm::new(device)?)) } else { None };
+            return Ok(Self { blas: Some(imp::LaneBlas::new(device)?), fp8 });
+        }
+        let _ = (device, fp8);
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            blas: None,
+            fp8: None,
+        })
+    }
+
+    /// `x · w^T` for `x: [m, k]` and `w: [n, k]`: on CUDA (bf16) through this lane's cuBLAS
+    /// handle, elsewhere candle's matmul (as `candle_nn::Linear` computes it).
+    pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.blas {
+            return Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &imp::LaneGemm(b.clone()))?);
+        }
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
+/// A point in the calling thread's CUDA stream that another thread's stream can wait for
+/// (the two halves of a split step join through these). Empty on the CPU, whose work is done
+/// when the call that enqueued it returns.
+pub struct StreamMark {
+    #[cfg(feature = "cuda")]
+    event: Option<imp::CudaEvent>,
+}
+
+impl StreamMark {
+    /// Marks the work enqueued so far on this thread's stream of `device`.
+    pub fn record(device: &candle_core::Device) -> Result<Self, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = device {
+            let event = dev.cuda_stream().record_event(None).map_err(|e| EngineError::Config(format!("CUDA event: {e:?}")))?;
+            return Ok(Self { event: Some(event) });
+        }
+        let _ = device;
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            event: None,
+        })
+    }
+
+    /// Makes this thread's stream of `device` wait (on the GPU, not the host) for the mark.
+    pub fn wait(&self, device: &candle_core::Device) -> Result<(), EngineError> {
+        #[cfg(feature = "cuda")]
+        if let (candle_core::Device::Cuda(dev), Some(event)) = (device, &self.event) {
+            dev.cuda_stream().wait(event).map_err(|e| EngineError::Config(format!("CUDA stream wait: {e:?}")))?;
+        }
+        let _ = device;
+        Ok(())
+    }
+}
+
 /// cuBLASLt state for FP8 projections on one CUDA device (handle, workspace, and a plan per GEMM
 /// shape). Shared by every `fp8::Fp8Linear` of a model.
 pub struct Fp8Gemm {
@@ -522,11 +594,13 @@ mod imp {
     use std::sync::{Arc, Mutex, OnceLock};
 
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc;
     use candle_core::cuda_backend::cudarc::cublaslt as lt;
+    pub(super) use candle_core::cuda_backend::cudarc::driver::CudaEvent;
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
-        PinnedHostSlice, PushKernelArg, result,
+        CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PinnedHostSlice,
+        PushKernelArg, result,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, bail};
@@ -557,6 +631,69 @@ mod imp {
         /// the single-buffered kernel, which keeps twice the warps resident — docs/BENCHMARKS.md,
         /// attempt 13).
         pub pipelined: bool,
+    }
+
+    /// A cuBLAS handle of its own for `Lane` (bound to the per-thread stream handle, so it
+    /// enqueues on the stream of the thread that calls it).
+    #[derive(Clone)]
+    pub(super) struct LaneBlas(Arc<cudarc::cublas::CudaBlas>);
+
+    impl LaneBlas {
+        pub(super) fn new(device: &candle_core::Device) -> Result<Self, super::EngineError> {
+            let candle_core::Device::Cuda(dev) = device else {
+                return Err(super::EngineError::Config("a CUDA lane needs a CUDA device".into()));
+            };
+            let blas = cudarc::cublas::CudaBlas::new(dev.cuda_stream())
+                .map_err(|e| super::EngineError::Config(format!("cuBLAS handle: {e:?}")))?;
+            Ok(Self(Arc::new(blas)))
+        }
+    }
+
+    /// `x · w^T` (bf16 `x: [m, k]`, `w: [n, k]`) through a lane's cuBLAS handle.
+    pub(super) struct LaneGemm(pub LaneBlas);
+
+    impl CustomOp2 for LaneGemm {
+        fn name(&self) -> &'static str {
+            "lane-gemm"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("lane-gemm runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
+            let (m, k) = xl.shape().dims2()?;
+            let (n, kw) = wl.shape().dims2()?;
+            if k != kw {
+                bail!("lane-gemm: x is [{m}, {k}] but w is [{n}, {kw}]");
+            }
+            let dev = x.device.clone();
+            let xv = view::<bf16>(x, xl, "x")?;
+            let wv = view::<bf16>(w, wl, "w")?;
+            // SAFETY: the GEMM writes every element (beta = 0).
+            let mut y = unsafe { dev.alloc::<bf16>(m * n)? };
+            let int =
+                |v: usize, what: &str| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("lane-gemm: {what} {v} exceeds i32")));
+            // Column-major: y^T [n, m] = w [n, k] (stored as k x n, transposed) · x^T [k, m].
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: int(n, "n")?,
+                n: int(m, "m")?,
+                k: int(k, "k")?,
+                alpha: bf16::ONE,
+                lda: int(k, "k")?,
+                ldb: int(k, "k")?,
+                beta: bf16::ZERO,
+                ldc: int(n, "n")?,
+            };
+            if m > 0 && n > 0 {
+                // SAFETY: the views hold m*k and n*k elements and y m*n, as the config says.
+                unsafe { self.0.0.gemm(cfg, &wv, &xv, &mut y) }.map_err(|e| candle_core::Error::Msg(format!("lane-gemm: {e:?}")))?;
+            }
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
+        }
     }
 
     /// The engine's kernel `name` on `dev` and the device's stream: looked up in the module once

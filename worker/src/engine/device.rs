@@ -35,7 +35,10 @@ pub fn make_device(kind: DeviceKind, switches: &EngineSwitches) -> Result<Device
             if !cfg!(feature = "cuda") {
                 return Err(EngineError::Config("CUDA requested but sluice-worker was built without the `cuda` feature".into()));
             }
-            let device = Device::new_cuda_with_stream(i).map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))?;
+            // Split steps (`EngineSwitches::nano_batches`) need one stream per host thread: the
+            // per-thread default stream. Otherwise the engine has a stream of its own.
+            let device = if switches.nano_batches { Device::new_cuda(i) } else { Device::new_cuda_with_stream(i) }
+                .map_err(|e| EngineError::Config(format!("CUDA device {i}: {e}")))?;
             if !switches.cuda_event_tracking {
                 disable_event_tracking(&device);
             }
@@ -45,15 +48,17 @@ pub fn make_device(kind: DeviceKind, switches: &EngineSwitches) -> Result<Device
 }
 
 /// Turns off cudarc's per-allocation event tracking for tensors created from now on. The
-/// engine runs every kernel on the device's own stream (`new_cuda_with_stream`, not the
-/// per-thread default stream), so the cross-stream events it records
-/// around each launch (several driver calls per argument) are pure host overhead.
+/// engine orders its work by stream order alone (one stream; with split steps, the halves'
+/// explicit `cuda_ops::StreamMark`s), so the cross-stream events cudarc records around each
+/// launch (several driver calls per argument) are pure host overhead.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 fn disable_event_tracking(device: &Device) {
     if let Device::Cuda(d) = device {
         // SAFETY: all engine work (weights, KV cache, activations, custom kernels) is enqueued
-        // on this device's single stream, so stream order alone orders every use of a buffer.
+        // on this device's stream, so stream order alone orders every use of a buffer; a split
+        // step's second stream touches other KV slots and joins the first through an event
+        // before anything reads what it wrote (`Model::split_logits`).
         unsafe { d.disable_event_tracking() }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::cuda_ops::{self, Fp8Gemm, ProjOut};
+use super::cuda_ops::{self, Fp8Gemm, Lane, ProjOut};
 use super::error::EngineError;
 
 /// The largest finite E4M3 value: a row's absolute maximum maps to it.
@@ -57,25 +57,31 @@ impl Proj {
     }
 
     /// `forward_small`, leaving an FP8 GEMM's scaling to the kernel that reads the output
-    /// (`cuda_ops::add_rms_norm`, `cuda_ops::rope_qkv_cache`).
-    pub fn forward_deferred(&self, x: &Tensor, small: bool) -> Result<ProjOut, EngineError> {
-        match self {
-            Self::Fp8(f) => f.forward_deferred(x),
-            Self::Dense(_) => Ok(ProjOut::done(self.forward_small(x, small)?)),
+    /// (`cuda_ops::add_rms_norm`, `cuda_ops::rope_qkv_cache`). With a `lane` (the second half
+    /// of a split step) the GEMM runs on the lane's cuBLAS handle or FP8 state.
+    pub fn forward_deferred(&self, x: &Tensor, small: bool, lane: Option<&Lane>) -> Result<ProjOut, EngineError> {
+        match (self, lane) {
+            (Self::Fp8(f), _) => f.forward_deferred(x, lane),
+            (Self::Dense(l), Some(lane)) => Ok(ProjOut::done(lane.linear(x, l.weight())?)),
+            (Self::Dense(_), None) => Ok(ProjOut::done(self.forward_small(x, small)?)),
         }
     }
 
     /// `silu(gate) * up` of a stacked `[gate; up]` projection: one kernel with the product where
-    /// `small_weight` allows it, else the projection then `cuda_ops::silu_mul`.
-    pub fn forward_silu_mul(&self, x: &Tensor, small: bool) -> Result<Tensor, EngineError> {
-        if let Some(w) = self.small_weight(x, small)?
-            && let Some(y) = cuda_ops::small_linear(x, w, true)?
-        {
-            return Ok(y);
-        }
-        match self {
-            Self::Fp8(f) => f.forward_silu_mul(x),
-            Self::Dense(_) => cuda_ops::silu_mul(&self.forward(x)?),
+    /// `small_weight` allows it, else the projection then `cuda_ops::silu_mul`; `lane` as in
+    /// `forward_deferred`.
+    pub fn forward_silu_mul(&self, x: &Tensor, small: bool, lane: Option<&Lane>) -> Result<Tensor, EngineError> {
+        match (self, lane) {
+            (Self::Fp8(f), _) => f.forward_silu_mul(x, lane),
+            (Self::Dense(l), Some(lane)) => cuda_ops::silu_mul(&lane.linear(x, l.weight())?),
+            (Self::Dense(_), None) => {
+                if let Some(w) = self.small_weight(x, small)?
+                    && let Some(y) = cuda_ops::small_linear(x, w, true)?
+                {
+                    return Ok(y);
+                }
+                cuda_ops::silu_mul(&self.forward(x)?)
+            }
         }
     }
 
@@ -133,19 +139,28 @@ impl Fp8Linear {
         }
     }
 
+    /// The FP8 GEMM state to run on: the lane's where one is given (a split step's second
+    /// half), else the model's.
+    fn gemm<'a>(&'a self, lane: Option<&'a Lane>) -> Option<&'a Arc<Fp8Gemm>> {
+        match &self.mode {
+            Fp8Mode::Cuda(gemm) => Some(lane.and_then(|l| l.fp8.as_ref()).unwrap_or(gemm)),
+            Fp8Mode::Emulated => None,
+        }
+    }
+
     /// `silu(gate) * up` of `forward(x)` for a stacked `[gate; up]` weight: on CUDA one SwiGLU
     /// pass that also applies the GEMM's scales (`cuda_ops::fp8_linear_silu_mul`).
-    pub fn forward_silu_mul(&self, x: &Tensor) -> Result<Tensor, EngineError> {
-        match (&self.mode, &self.scales) {
-            (Fp8Mode::Cuda(gemm), Some(s)) => cuda_ops::fp8_linear_silu_mul(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
+    pub fn forward_silu_mul(&self, x: &Tensor, lane: Option<&Lane>) -> Result<Tensor, EngineError> {
+        match (self.gemm(lane), &self.scales) {
+            (Some(gemm), Some(s)) => cuda_ops::fp8_linear_silu_mul(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
             _ => cuda_ops::silu_mul(&self.forward(x)?),
         }
     }
 
     /// `forward`, on CUDA with the scales left to the output's consumer.
-    pub fn forward_deferred(&self, x: &Tensor) -> Result<ProjOut, EngineError> {
-        match (&self.mode, &self.scales) {
-            (Fp8Mode::Cuda(gemm), Some(s)) => cuda_ops::fp8_linear_deferred(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
+    pub fn forward_deferred(&self, x: &Tensor, lane: Option<&Lane>) -> Result<ProjOut, EngineError> {
+        match (self.gemm(lane), &self.scales) {
+            (Some(gemm), Some(s)) => cuda_ops::fp8_linear_deferred(&x.to_dtype(DType::BF16)?, &self.weight, s, gemm),
             _ => Ok(ProjOut::done(self.forward(x)?)),
         }
     }

@@ -140,6 +140,8 @@ pub struct EngineStats {
     pub overlapped_steps: u64,
     /// Decode steps launched as a CUDA graph (`EngineSwitches::cuda_graphs`).
     pub graph_steps: u64,
+    /// Decode steps run as two halves on two streams (`EngineSwitches::nano_batches`).
+    pub split_steps: u64,
     /// Tokens of admitted sequences and how many of them came from the prefix cache.
     pub prefix_cache_query_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
@@ -263,6 +265,9 @@ impl LlmEngine {
             max_model_len = capacity;
         }
         let cache = KvCache::new(arch.num_layers, num_blocks, cfg.block_size, arch.num_kv_heads * arch.head_dim, kv_dtype, &device)?;
+        // On the per-thread default stream (split steps) the engine may run on another thread
+        // than the one that loaded it: the uploads and the cache's zeroing finish first.
+        device.synchronize()?;
         tracing::info!(
             model = %arch.name,
             ?dtype,
@@ -430,6 +435,7 @@ impl LlmEngine {
         s.kv_blocks_used = self.sched.allocator.num_used();
         s.preemptions = self.sched.preemptions;
         s.graph_steps = self.model.graph_steps();
+        s.split_steps = self.model.split_steps();
         s.prefix_cache_query_tokens = self.sched.prefix_query_tokens;
         s.prefix_cache_hit_tokens = self.sched.prefix_hit_tokens;
         s.prefix_cache_blocks = self.sched.allocator.num_cached();

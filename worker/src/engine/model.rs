@@ -159,6 +159,10 @@ const PREFILL_GROUP_ELEMS: usize = 1 << 22;
 /// busy long enough that the host's kernel launches are hidden behind it.
 pub const GRAPH_MAX_BATCH: usize = 8;
 
+/// Fewest sequences of a decode step that `EngineSwitches::nano_batches` splits in two: each
+/// half must still fill the GPU on its own (smaller steps are bound by their launches).
+pub const SPLIT_MIN_SEQS: usize = 64;
+
 /// The captured decode graphs of a model, by batch size, for the KV cache they were captured
 /// over (its layer-0 key tensor: a graph writes into the cache it saw).
 #[derive(Default)]
@@ -210,6 +214,26 @@ impl CapturedDecode {
     }
 }
 
+/// What running a decode step as two halves needs (`Model::split_logits`).
+struct SplitSteps {
+    /// The second half's GEMM state (its own cuBLAS handle and FP8 workspace).
+    lane: super::cuda_ops::Lane,
+    /// The thread that enqueues the second half: one for the model's life, so that its
+    /// per-thread CUDA stream is always the same one.
+    thread: rayon::ThreadPool,
+}
+
+impl SplitSteps {
+    fn new(device: &Device, fp8: bool) -> Result<Self, EngineError> {
+        let thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "sluice-split".into())
+            .build()
+            .map_err(|e| EngineError::Thread(format!("cannot start the split-step thread: {e}")))?;
+        Ok(Self { lane: super::cuda_ops::Lane::new(device, fp8)?, thread })
+    }
+}
+
 /// A loaded causal LM ready for batched forward passes.
 pub struct Model {
     cfg: ArchConfig,
@@ -244,6 +268,11 @@ pub struct Model {
     graphs: std::sync::Mutex<DecodeGraphs>,
     /// Steps launched through a graph so far.
     graph_steps: std::sync::atomic::AtomicU64,
+    /// Large decode steps run as two halves on two streams (`EngineSwitches::nano_batches`;
+    /// off with the profiler).
+    split: Option<SplitSteps>,
+    /// Steps run as two halves so far.
+    split_steps: std::sync::atomic::AtomicU64,
     /// Per-phase timing (`SLUICE_PROFILE=1`).
     profiler: std::sync::Mutex<Profiler>,
 }
@@ -356,6 +385,12 @@ impl Model {
             cuda_graphs: paged_attention && device.is_cuda() && switches.device_argmax && switches.cuda_graphs && !switches.profile,
             graphs: std::sync::Mutex::new(DecodeGraphs::default()),
             graph_steps: std::sync::atomic::AtomicU64::new(0),
+            split: if switches.nano_batches && !switches.profile && (paged_attention || !device.is_cuda()) {
+                Some(SplitSteps::new(device, matches!(fp8, Some(Fp8Mode::Cuda(_))))?)
+            } else {
+                None
+            },
+            split_steps: std::sync::atomic::AtomicU64::new(0),
             profiler: std::sync::Mutex::new(Profiler::new(device, switches.profile)),
         })
     }
@@ -372,6 +407,11 @@ impl Model {
     /// Decode steps launched through a CUDA graph so far.
     pub fn graph_steps(&self) -> u64 {
         self.graph_steps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Steps run as two halves on two streams so far (`EngineSwitches::nano_batches`).
+    pub fn split_steps(&self) -> u64 {
+        self.split_steps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `SLUICE_PROFILE=1` timing is on (its events assume one step at a time).
@@ -739,6 +779,12 @@ impl Model {
         if seqs.is_empty() {
             return Ok(None);
         }
+        if let Some(split) = &self.split
+            && seqs.len() >= SPLIT_MIN_SEQS
+            && seqs.iter().all(|s| s.tokens.len() == 1)
+        {
+            return self.split_logits(seqs, cache, prev, split);
+        }
         self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
         let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev, None)?;
         self.prof(|p| {
@@ -748,10 +794,67 @@ impl Model {
         Ok(self.forward_step(&st, cache)?.map(|logits| (logits, logit_of)))
     }
 
-    /// The layers and lm_head over a prepared step: the `[rows, vocab]` logits of its
-    /// `logit_rows`, or None when it has none.
-    fn forward_step(&self, st: &StepTensors, cache: &mut KvCache) -> Result<Option<Tensor>, EngineError> {
+    /// A decode step of `seqs` as two halves, each through every layer on its own CUDA stream,
+    /// so that one half's attention can run beside the other's GEMMs: the first half on this
+    /// thread's per-thread default stream, the second on the split thread's (with the lane's
+    /// GEMM state). The halves join on the GPU before the shared lm_head. Only decode steps: their
+    /// tokens write disjoint KV slots and read only their own sequences' blocks (a step that
+    /// admits prompts may read blocks another sequence of the same step writes).
+    #[allow(clippy::type_complexity)]
+    fn split_logits(
+        &self,
+        seqs: &[SeqInput],
+        cache: &KvCache,
+        prev: Option<&StepIds>,
+        split: &SplitSteps,
+    ) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
+        use super::cuda_ops::StreamMark;
+        let (first, second) = seqs.split_at(seqs.len() - seqs.len() / 2);
+        let bs = cache.block_size();
+        let (st_first, rows_first) = self.prepare(first, bs, prev, None)?;
+        let (st_second, rows_second) = self.prepare(second, bs, prev, None)?;
+        // Both halves' inputs (and the previous step, whose ids they may read) are enqueued on
+        // this thread's stream: the second stream starts after them.
+        let inputs_ready = StreamMark::record(&self.device)?;
+        let mut out_second: Option<Result<(Option<Tensor>, StreamMark), EngineError>> = None;
+        let out_first = split.thread.in_place_scope(|scope| {
+            scope.spawn(|_| {
+                let run = || {
+                    inputs_ready.wait(&self.device)?;
+                    let last = self.last_hidden(&st_second, cache, Some(&split.lane))?;
+                    Ok((last, StreamMark::record(&self.device)?))
+                };
+                let out = run();
+                if out.is_err() {
+                    // Nothing this half enqueued may still run once the step's tensors go
+                    // (the failure is returned to the engine either way).
+                    let _ = self.device.synchronize();
+                }
+                out_second = Some(out);
+            });
+            self.last_hidden(&st_first, cache, None)
+        });
+        let out_second = out_second.unwrap_or_else(|| Err(EngineError::Config("the second half of a split step did not run".into())));
+        let (last_second, second_done) = out_second?;
+        // Everything after this (the lm_head, and the next step's reads of the K/V the second
+        // half wrote) runs after the second half on this thread's stream.
+        second_done.wait(&self.device)?;
+        let last_first = out_first?;
+        self.split_steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let parts: Vec<Tensor> = [last_first, last_second].into_iter().flatten().collect();
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let offset = rows_first.iter().flatten().count();
+        let logit_of = rows_first.into_iter().chain(rows_second.into_iter().map(|r| r.map(|r| r + offset))).collect();
+        Ok(Some((self.lm_head(&Tensor::cat(&parts, 0)?)?, logit_of)))
+    }
+
+    /// The layers over a prepared step: the hidden states of its `logit_rows` after the last
+    /// layer (before the final norm), or None when it has none. `lane`: see `Proj::forward_deferred`.
+    fn last_hidden(&self, st: &StepTensors, cache: &KvCache, lane: Option<&super::cuda_ops::Lane>) -> Result<Option<Tensor>, EngineError> {
         let eps = self.cfg.rms_norm_eps as f32;
+        let small = self.small_linear && lane.is_none();
         let mut x = self.embed.index_select(&st.token_ids, 0)?;
         self.prof(|p| p.gpu("embed"));
         let Some(first) = self.layers.first() else {
@@ -761,14 +864,14 @@ impl Model {
         let mut h = super::cuda_ops::rms_norm(&x, &first.input_norm, eps)?;
         self.prof(|p| p.gpu("norm"));
         for (li, layer) in self.layers.iter().enumerate() {
-            let attn = self.attention(layer, &h, st, cache, li)?;
-            let o = layer.o.forward_deferred(&attn, self.small_linear)?;
+            let attn = self.attention(layer, &h, st, cache, li, lane)?;
+            let o = layer.o.forward_deferred(&attn, small, lane)?;
             self.prof(|p| p.gpu("o_proj"));
             let (x1, h1) = super::cuda_ops::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
             self.prof(|p| p.gpu("add_norm"));
-            let mlp = layer.gate_up.forward_silu_mul(&h1, self.small_linear)?;
+            let mlp = layer.gate_up.forward_silu_mul(&h1, small, lane)?;
             self.prof(|p| p.gpu("mlp_gate_up"));
-            let d = layer.down.forward_deferred(&mlp, self.small_linear)?;
+            let d = layer.down.forward_deferred(&mlp, small, lane)?;
             self.prof(|p| p.gpu("mlp_down"));
             match self.layers.get(li + 1) {
                 Some(next) => (x, h) = super::cuda_ops::add_rms_norm(&x1, &d, &next.input_norm, eps)?,
@@ -777,15 +880,28 @@ impl Model {
             self.prof(|p| p.gpu("add_norm"));
         }
         self.prof(|p| p.host("enqueue_layers"));
-        let Some(rows) = &st.logit_rows else {
+        match &st.logit_rows {
+            Some(rows) => Ok(Some(x.index_select(rows, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The final norm and lm_head over hidden states `[rows, hidden]`: `[rows, vocab]` logits.
+    fn lm_head(&self, last: &Tensor) -> Result<Tensor, EngineError> {
+        let last = super::cuda_ops::rms_norm(last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = last.matmul(&self.lm_head.t()?)?;
+        self.prof(|p| p.gpu("lm_head"));
+        Ok(logits)
+    }
+
+    /// The layers and lm_head over a prepared step: the `[rows, vocab]` logits of its
+    /// `logit_rows`, or None when it has none.
+    fn forward_step(&self, st: &StepTensors, cache: &KvCache) -> Result<Option<Tensor>, EngineError> {
+        let Some(last) = self.last_hidden(st, cache, None)? else {
             self.prof(|p| p.end());
             return Ok(None);
         };
-        let last = x.index_select(rows, 0)?;
-        let last = super::cuda_ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = last.matmul(&self.lm_head.t()?)?;
-        self.prof(|p| p.gpu("lm_head"));
-        Ok(Some(logits))
+        Ok(Some(self.lm_head(&last)?))
     }
 
     /// `launch` of a decode step through its CUDA graph (captured now if this batch size has
@@ -867,12 +983,20 @@ impl Model {
         Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
     }
 
-    fn attention(&self, layer: &Layer, h: &Tensor, st: &StepTensors, cache: &mut KvCache, li: usize) -> Result<Tensor, EngineError> {
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        st: &StepTensors,
+        cache: &KvCache,
+        li: usize,
+        lane: Option<&super::cuda_ops::Lane>,
+    ) -> Result<Tensor, EngineError> {
         let n = st.num_tokens;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let qkv = layer.qkv.forward_deferred(h, self.small_linear)?;
+        let qkv = layer.qkv.forward_deferred(h, self.small_linear && lane.is_none(), lane)?;
         self.prof(|p| p.gpu("qkv"));
         let (kc, vc) = cache.layer(li)?;
         if let Some(PagedInputs { tables, table_rows, ctx_lens, prefill }) = &st.paged {
