@@ -103,9 +103,12 @@ fn gpu_decode_graphs_match_kernel_by_kernel() {
 }
 
 /// Decode steps split into two halves on two CUDA streams (`EngineSwitches::nano_batches`)
-/// compute what one batch computes: teacher-forced logits within bf16 noise of the unsplit
-/// ones (the halves' GEMMs have other row counts, so cuBLAS may round differently) and greedy
-/// generation through the device argmax and read-back path giving the same tokens, bf16 and FP8.
+/// compute what one batch computes, in bf16 and FP8:
+/// * teacher-forced logits (a prefill step, then one decode step of 66 sequences, which
+///   splits) within the bf16 tolerance of one batch's, and in bf16 of the f32 reference (the
+///   halves' GEMMs have other row counts, so cuBLAS may round differently);
+/// * greedy generation, through the device argmax and read-back path, giving the same tokens
+///   for at least 90 % of the requests.
 #[test]
 fn gpu_split_decode_steps_match_one_batch() {
     if !cuda_requested() {
@@ -127,7 +130,7 @@ fn gpu_split_decode_steps_match_one_batch() {
                 let forced: Vec<_> = (0..count)
                     .map(|i| {
                         let c = &cases[i % cases.len()];
-                        (c.prompt_ids.clone(), c.greedy_ids[..3].to_vec())
+                        (c.prompt_ids.clone(), c.greedy_ids[..c.logits.len() - 1].to_vec())
                     })
                     .collect();
                 let logits = eng.teacher_forced_logits(&forced).unwrap();
@@ -143,17 +146,21 @@ fn gpu_split_decode_steps_match_one_batch() {
             let (split_logits, split_ids, split_steps) = run(true);
             assert_eq!(one_split, 0, "{name} {dtype:?}: steps were split with the switch off");
             assert!(split_steps >= 8, "{name} {dtype:?}: only {split_steps} steps were split");
-            let mut worst = 0f32;
-            for (a, b) in split_logits.iter().zip(&one_logits) {
-                for (x, y) in a.iter().zip(b) {
-                    worst = worst.max(rel_err(x, y));
+            let (mut vs_one, mut vs_ref) = (0f32, 0f32);
+            for (i, (a, b)) in split_logits.iter().zip(&one_logits).enumerate() {
+                for (step, (x, y)) in a.iter().zip(b).enumerate() {
+                    vs_one = vs_one.max(rel_err(x, y));
+                    if dtype == sluice_api::job::Dtype::Bf16 {
+                        vs_ref = vs_ref.max(rel_err(x, &cases[i % cases.len()].logits[step]));
+                    }
                 }
             }
             let same = split_ids.iter().zip(&one_ids).filter(|(a, b)| a == b).count();
             eprintln!(
-                "{name} {dtype:?}: {split_steps} split steps; split vs one batch rel err {worst:.4}; {same}/{count} greedy sequences identical"
+                "{name} {dtype:?}: {split_steps} split steps; split vs one batch rel err {vs_one:.4}, bf16 vs f32 reference {vs_ref:.4}; {same}/{count} greedy sequences identical"
             );
-            assert!(worst <= 0.05, "{name} {dtype:?}: split logits off one batch's by {worst}");
+            assert!(vs_one <= BF16_TOL, "{name} {dtype:?}: split logits off one batch's by {vs_one}");
+            assert!(vs_ref <= BF16_TOL, "{name} {dtype:?}: split bf16 logits off the f32 reference by {vs_ref}");
             assert!(same * 10 >= count * 9, "{name} {dtype:?}: only {same}/{count} greedy sequences identical");
         }
     }

@@ -17,7 +17,9 @@ use candle_nn::Linear;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use sluice_worker::engine::cuda_ops::{Prefill, paged_attention, prefill_chunk_tokens, query_chunks};
+use sluice_worker::engine::device::make_device;
 use sluice_worker::engine::fp8::{Fp8Mode, Proj};
+use sluice_worker::engine::{DeviceKind, EngineSwitches};
 
 /// Attention kernel microbenchmark (one table on stdout).
 #[derive(Debug, Parser)]
@@ -286,9 +288,11 @@ fn overlap(args: &Args, lens: &[usize], rng: &mut rand_chacha::ChaCha12Rng) -> R
         "fp8" => DType::F8E4M3,
         _ => DType::BF16,
     };
-    // Two devices over the same GPU, each with its own stream (and cuBLAS handle, and FP8
-    // workspace): tensors of one are only ever used on its stream.
-    let (da, db) = (Device::new_cuda_with_stream(0).context("CUDA stream A")?, Device::new_cuda_with_stream(0).context("CUDA stream B")?);
+    // Two devices over the same GPU as the engine makes them, each with its own stream (and
+    // cuBLAS handle, and FP8 workspace) and without cudarc's event tracking: tensors of one are
+    // only ever used on its stream.
+    let make = || make_device(DeviceKind::Cuda(0), &EngineSwitches::default());
+    let (da, db) = (make().context("CUDA stream A")?, make().context("CUDA stream B")?);
     let fp8 = |d: &Device| -> Result<Option<Fp8Mode>> {
         Ok(match args.weights.as_str() {
             "fp8" => Some(Fp8Mode::for_device(d)?),

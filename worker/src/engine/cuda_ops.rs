@@ -199,14 +199,8 @@ pub fn add_rms_norm(x: &Tensor, r: &ProjOut, w: &Tensor, eps: f32) -> Result<(Te
             return Ok((both.get(0)?, both.get(1)?));
         }
     }
-    let r = match &r.scales {
-        None => r.y.clone(),
-        // The scaling kernel's arithmetic: (y * row) * col in f32, rounded once.
-        Some((rows, cols)) => {
-            r.y.to_dtype(DType::F32)?.broadcast_mul(&rows.unsqueeze(1)?)?.broadcast_mul(&cols.unsqueeze(0)?)?.to_dtype(r.y.dtype())?
-        }
-    };
-    let sum = (x + r)?;
+    // Owed scales (CUDA FP8 only) applied by the separate scaling pass.
+    let sum = (x + r.clone().finish()?)?;
     let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
     Ok((sum, normed))
 }
@@ -510,6 +504,7 @@ pub fn fp8_linear(x: &Tensor, w: &Tensor, w_scales: &Tensor, gemm: &std::sync::A
 /// A projection's output `y` and, where an FP8 GEMM ran with unit scales, the scales it still
 /// owes: the value is `y[i, j] * rows[i] * cols[j]`, which the kernel reading `y` next applies
 /// (`add_rms_norm`, `rope_qkv_cache`), rounding to bf16 as a separate scaling pass would.
+#[derive(Clone)]
 pub struct ProjOut {
     pub y: Tensor,
     /// `(rows: f32 [m], cols: f32 [n])`.
@@ -974,11 +969,8 @@ mod imp {
                 }
                 None => None,
             };
-            let scale_guards = self.scales.as_ref().map(|(r, c)| (r.storage_and_layout(), c.storage_and_layout()));
-            let scale_views = match &scale_guards {
-                Some(((rs, rl), (cs, cl))) => Some(scale_views(rs, rl, n, cs, cl, width, "rope-qkv-cache")?),
-                None => None,
-            };
+            let held_scales = hold_scales(&self.scales);
+            let scale_views = scale_views(&held_scales, n, width, "rope-qkv-cache")?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<bf16>(n * nh * hd)? };
             let total = n * (nh + 2 * nkv) * (hd / 4);
@@ -1030,21 +1022,28 @@ mod imp {
         pub scales: Option<(Tensor, Tensor)>,
     }
 
-    /// The views of an FP8 output's owed scales, checked against its `[n, width]` shape.
+    /// A tensor's storage, held while views into it are in use, and its layout.
+    type Held<'a> = (candle_core::StorageRef<'a>, &'a Layout);
+
+    /// The storages of an FP8 output's owed scales (rows, cols), held for `scale_views`.
+    fn hold_scales(scales: &Option<(Tensor, Tensor)>) -> Option<(Held<'_>, Held<'_>)> {
+        scales.as_ref().map(|(r, c)| (r.storage_and_layout(), c.storage_and_layout()))
+    }
+
+    /// The views of an FP8 output's owed scales (`hold_scales`), checked against its
+    /// `[n, width]` shape; None when nothing is owed.
     fn scale_views<'a>(
-        rs: &'a Storage,
-        rl: &Layout,
+        held: &'a Option<(Held<'_>, Held<'_>)>,
         n: usize,
-        cs: &'a Storage,
-        cl: &Layout,
         width: usize,
         what: &str,
-    ) -> candle_core::Result<(CudaView<'a, f32>, CudaView<'a, f32>)> {
-        let (Storage::Cuda(rs), Storage::Cuda(cs)) = (rs, cs) else { bail!("{what}: FP8 scales must be on the GPU") };
+    ) -> candle_core::Result<Option<(CudaView<'a, f32>, CudaView<'a, f32>)>> {
+        let Some(((rs, rl), (cs, cl))) = held else { return Ok(None) };
+        let (Storage::Cuda(rs), Storage::Cuda(cs)) = (&**rs, &**cs) else { bail!("{what}: FP8 scales must be on the GPU") };
         if rl.shape().dims1()? != n || cl.shape().dims1()? != width {
             bail!("{what}: FP8 scales {:?} x {:?} do not match [{n}, {width}]", rl.shape(), cl.shape());
         }
-        Ok((view::<f32>(rs, rl, "row scales")?, view::<f32>(cs, cl, "column scales")?))
+        Ok(Some((view::<f32>(rs, rl, "row scales")?, view::<f32>(cs, cl, "column scales")?)))
     }
 
     /// The kernels' `rs, cs` arguments: the owed scales, or two null pointers.
@@ -1079,11 +1078,8 @@ mod imp {
             }
             let rv = view::<bf16>(r, rl, "residual")?;
             let (n, h) = xl.shape().dims2()?;
-            let guards = self.scales.as_ref().map(|(r, c)| (r.storage_and_layout(), c.storage_and_layout()));
-            let scales = match &guards {
-                Some(((rs, rl), (cs, cl))) => Some(scale_views(rs, rl, n, cs, cl, h, "add-rms-norm")?),
-                None => None,
-            };
+            let held = hold_scales(&self.scales);
+            let scales = scale_views(&held, n, h, "add-rms-norm")?;
             launch_add_rms_norm(x, xl, Some((&rv, scales.as_ref())), &self.w, self.eps)
         }
     }
@@ -1706,9 +1702,8 @@ mod imp {
             if !n.is_multiple_of(2) {
                 bail!("scale-rows-cols: y {:?} must have an even width", xl.shape());
             }
-            let (rs, rl) = self.rows.storage_and_layout();
-            let (cs, cl) = self.cols.storage_and_layout();
-            let (rv, cv) = scale_views(&rs, rl, m, &cs, cl, n, "scale-rows-cols")?;
+            let held = Some((self.rows.storage_and_layout(), self.cols.storage_and_layout()));
+            let Some((rv, cv)) = scale_views(&held, m, n, "scale-rows-cols")? else { bail!("scale-rows-cols: no scales") };
             let dev = x.device.clone();
             let xv = view::<bf16>(x, xl, "y")?;
             // SAFETY: the kernel writes every element.
