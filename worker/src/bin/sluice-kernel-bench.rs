@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use sluice_worker::engine::cuda_ops::{Prefill, paged_attention, prefill_chunk_tokens, query_chunks};
+use sluice_worker::engine::cuda_ops::{Prefill, paged_attention, prefill_chunk_tokens, quantize_rows_e4m3, query_chunks};
 use sluice_worker::engine::device::make_device;
 use sluice_worker::engine::fp8::{Fp8Mode, Proj};
 use sluice_worker::engine::{DeviceKind, EngineSwitches};
@@ -193,13 +193,11 @@ impl Attn {
         }
         let n = case.queries.len();
         let slots = num_blocks * bs;
-        // candle casts to F8E4M3 on the CPU only: an E4M3 cache is made there and copied over.
+        // candle casts to F8E4M3 on the CPU only (seconds per cache at these sizes): an E4M3
+        // cache is the engine's per-row quantization of random bf16 rows, on the GPU.
         let cache = || -> Result<Tensor> {
-            Ok(if kv == DType::BF16 {
-                Tensor::randn(0f32, 1.0, (slots, nkv * hd), dev)?.to_dtype(kv)?
-            } else {
-                Tensor::randn(0f32, 1.0, (slots, nkv * hd), &Device::Cpu)?.to_dtype(kv)?.to_device(dev)?
-            })
+            let x = Tensor::randn(0f32, 1.0, (slots, nkv * hd), dev)?.to_dtype(DType::BF16)?;
+            Ok(if kv == DType::BF16 { x } else { quantize_rows_e4m3(&x)?.0 })
         };
         let rows: Vec<u32> = case.queries.iter().map(|&(s, _)| s as u32).collect();
         let ctx: Vec<u32> = case.queries.iter().map(|&(_, c)| c as u32).collect();
