@@ -118,6 +118,32 @@ fn greedy_tokens_match_with_decode_steps_split_in_two() {
     }
 }
 
+/// Steps that prefill (chunked prompts beside decode tokens) split too, with the prefix cache
+/// sharing the blocks of the repeated prompts, some of them filled in the step that shares them.
+#[test]
+fn greedy_tokens_match_with_mixed_steps_split_in_two() {
+    for name in MODELS {
+        let cases = reference(name);
+        let mut cfg = config(name);
+        cfg.block_size = 4;
+        cfg.num_kv_blocks = Some(4096);
+        cfg.max_num_batched_tokens = 100;
+        cfg.switches.nano_batches = true;
+        let mut eng = engine(&cfg);
+        let n = cases[0].greedy_ids.len();
+        let count = sluice_worker::engine::model::SPLIT_MIN_SEQS + 2;
+        let reqs: Vec<_> =
+            (0..count).map(|i| request(i as u64, Prompt::Tokens(cases[i % cases.len()].prompt_ids.clone()), greedy(n))).collect();
+        for (id, out) in eng.generate(reqs).unwrap() {
+            assert_eq!(&out.unwrap().token_ids, &cases[id as usize % cases.len()].greedy_ids, "{name}: request {id}");
+        }
+        let stats = eng.stats();
+        eprintln!("{name}: {} of {} steps split, {} of them with prefill", stats.split_steps, stats.steps, stats.split_prefill_steps);
+        assert!(stats.split_prefill_steps > 0, "{name}: no step with prefill chunks was split");
+        assert!(stats.prefix_cache_hit_tokens > 0, "{name}: the repeated prompts never shared a block");
+    }
+}
+
 #[test]
 fn greedy_tokens_match_with_chunked_prefill_and_preemption() {
     for name in MODELS {

@@ -299,9 +299,9 @@ pub struct EngineSwitches {
     /// Decode steps of up to `model::GRAPH_MAX_BATCH` sequences replayed as CUDA graphs
     /// (`SLUICE_CUDA_GRAPHS=0` turns them off).
     pub cuda_graphs: bool,
-    /// Decode steps of at least `model::SPLIT_MIN_SEQS` sequences run as two halves on two
-    /// CUDA streams, one half's attention beside the other's GEMMs (`SLUICE_NANO_BATCHES=1`;
-    /// off by default until measured: docs/engine.md).
+    /// Steps of at least `model::SPLIT_MIN_SEQS` sequences run as two halves on two CUDA
+    /// streams (`model::split_plan`), one half's attention beside the other's GEMMs
+    /// (`SLUICE_NANO_BATCHES=1`; off by default until measured: docs/engine.md).
     pub nano_batches: bool,
 }
 

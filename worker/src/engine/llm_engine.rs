@@ -140,8 +140,10 @@ pub struct EngineStats {
     pub overlapped_steps: u64,
     /// Decode steps launched as a CUDA graph (`EngineSwitches::cuda_graphs`).
     pub graph_steps: u64,
-    /// Decode steps run as two halves on two streams (`EngineSwitches::nano_batches`).
+    /// Steps run as two halves on two streams (`EngineSwitches::nano_batches`), and those of
+    /// them that also prefilled.
     pub split_steps: u64,
+    pub split_prefill_steps: u64,
     /// Tokens of admitted sequences and how many of them came from the prefix cache.
     pub prefix_cache_query_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
@@ -435,7 +437,7 @@ impl LlmEngine {
         s.kv_blocks_used = self.sched.allocator.num_used();
         s.preemptions = self.sched.preemptions;
         s.graph_steps = self.model.graph_steps();
-        s.split_steps = self.model.split_steps();
+        (s.split_steps, s.split_prefill_steps) = self.model.split_steps();
         s.prefix_cache_query_tokens = self.sched.prefix_query_tokens;
         s.prefix_cache_hit_tokens = self.sched.prefix_hit_tokens;
         s.prefix_cache_blocks = self.sched.allocator.num_cached();

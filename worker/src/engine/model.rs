@@ -159,9 +159,37 @@ const PREFILL_GROUP_ELEMS: usize = 1 << 22;
 /// busy long enough that the host's kernel launches are hidden behind it.
 pub const GRAPH_MAX_BATCH: usize = 8;
 
-/// Fewest sequences of a decode step that `EngineSwitches::nano_batches` splits in two: each
-/// half must still fill the GPU on its own (smaller steps are bound by their launches).
+/// Fewest sequences of a step that `EngineSwitches::nano_batches` splits in two, and half of
+/// it the fewest decode sequences the second half takes: each half must still fill the GPU
+/// on its own (smaller steps are bound by their launches).
 pub const SPLIT_MIN_SEQS: usize = 64;
+
+/// How a step splits (`EngineSwitches::nano_batches`): the indices into `seqs` of the first
+/// half and of the second, each in step order, or None when it does not split.
+///
+/// The second half takes only decode tokens that do not fill their block. The only K/V a
+/// sequence reads that another sequence writes in the same step is a full block that a prompt
+/// admitted in this step found in the prefix cache while the step computes it, and such a block
+/// is filled by a prefill chunk or by a decode token at a block's last slot. Those stay in the
+/// first half with every prefill chunk, so the halves share nothing that either writes. A
+/// decode-only step gives the second half half its sequences; a step with prefill chunks gives
+/// it every decode token it may take (their attention runs beside the prefill's GEMMs).
+pub fn split_plan(seqs: &[SeqInput], block_size: usize) -> Option<(Vec<usize>, Vec<usize>)> {
+    if seqs.len() < SPLIT_MIN_SEQS || block_size == 0 {
+        return None;
+    }
+    let (mut first, mut movable): (Vec<usize>, Vec<usize>) =
+        (0..seqs.len()).partition(|&i| seqs[i].tokens.len() > 1 || (seqs[i].start_pos + 1).is_multiple_of(block_size));
+    let prefill = first.iter().any(|&i| seqs[i].tokens.len() > 1);
+    let take = if prefill { movable.len() } else { (seqs.len() / 2).min(movable.len()) };
+    if take < SPLIT_MIN_SEQS / 2 {
+        return None;
+    }
+    let second = movable.split_off(movable.len() - take);
+    first.extend(movable);
+    first.sort_unstable();
+    Some((first, second))
+}
 
 /// The captured decode graphs of a model, by batch size, for the KV cache they were captured
 /// over (its layer-0 key tensor: a graph writes into the cache it saw).
@@ -271,8 +299,9 @@ pub struct Model {
     /// Large decode steps run as two halves on two streams (`EngineSwitches::nano_batches`;
     /// off with the profiler).
     split: Option<SplitSteps>,
-    /// Steps run as two halves so far.
+    /// Steps run as two halves so far, and those of them that also prefilled.
     split_steps: std::sync::atomic::AtomicU64,
+    split_prefill_steps: std::sync::atomic::AtomicU64,
     /// Per-phase timing (`SLUICE_PROFILE=1`).
     profiler: std::sync::Mutex<Profiler>,
 }
@@ -391,6 +420,7 @@ impl Model {
                 None
             },
             split_steps: std::sync::atomic::AtomicU64::new(0),
+            split_prefill_steps: std::sync::atomic::AtomicU64::new(0),
             profiler: std::sync::Mutex::new(Profiler::new(device, switches.profile)),
         })
     }
@@ -409,9 +439,11 @@ impl Model {
         self.graph_steps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Steps run as two halves on two streams so far (`EngineSwitches::nano_batches`).
-    pub fn split_steps(&self) -> u64 {
-        self.split_steps.load(std::sync::atomic::Ordering::Relaxed)
+    /// Steps run as two halves on two streams so far (`EngineSwitches::nano_batches`), and
+    /// how many of them also prefilled.
+    pub fn split_steps(&self) -> (u64, u64) {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.split_steps), load(&self.split_prefill_steps))
     }
 
     /// Whether `SLUICE_PROFILE=1` timing is on (its events assume one step at a time).
@@ -780,10 +812,9 @@ impl Model {
             return Ok(None);
         }
         if let Some(split) = &self.split
-            && seqs.len() >= SPLIT_MIN_SEQS
-            && seqs.iter().all(|s| s.tokens.len() == 1)
+            && let Some(plan) = split_plan(seqs, cache.block_size())
         {
-            return self.split_logits(seqs, cache, prev, split);
+            return self.split_logits(seqs, plan, cache, prev, split);
         }
         self.prof(|p| p.begin(if seqs.iter().any(|s| s.tokens.len() > 1) { "mixed" } else { "decode" }));
         let (st, logit_of) = self.prepare(seqs, cache.block_size(), prev, None)?;
@@ -794,25 +825,24 @@ impl Model {
         Ok(self.forward_step(&st, cache)?.map(|logits| (logits, logit_of)))
     }
 
-    /// A decode step of `seqs` as two halves, each through every layer on its own CUDA stream,
-    /// so that one half's attention can run beside the other's GEMMs: the first half on this
-    /// thread's per-thread default stream, the second on the split thread's (with the lane's
-    /// GEMM state). The halves join on the GPU before the shared lm_head. Only decode steps: their
-    /// tokens write disjoint KV slots and read only their own sequences' blocks (a step that
-    /// admits prompts may read blocks another sequence of the same step writes).
+    /// A step of `seqs` as the two halves of `plan` (`split_plan`), each through every layer on
+    /// its own CUDA stream, so that one half's attention can run beside the other's GEMMs: the
+    /// first half on this thread's per-thread default stream, the second on the split thread's
+    /// (with the lane's GEMM state). The halves join on the GPU before the shared lm_head.
     #[allow(clippy::type_complexity)]
     fn split_logits(
         &self,
         seqs: &[SeqInput],
+        (first, second): (Vec<usize>, Vec<usize>),
         cache: &KvCache,
         prev: Option<&StepIds>,
         split: &SplitSteps,
     ) -> Result<Option<(Tensor, Vec<Option<usize>>)>, EngineError> {
         use super::cuda_ops::StreamMark;
-        let (first, second) = seqs.split_at(seqs.len() - seqs.len() / 2);
         let bs = cache.block_size();
-        let (st_first, rows_first) = self.prepare(first, bs, prev, None)?;
-        let (st_second, rows_second) = self.prepare(second, bs, prev, None)?;
+        let half = |idx: &[usize]| idx.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>();
+        let (st_first, rows_first) = self.prepare(&half(&first), bs, prev, None)?;
+        let (st_second, rows_second) = self.prepare(&half(&second), bs, prev, None)?;
         // Both halves' inputs (and the previous step, whose ids they may read) are enqueued on
         // this thread's stream: the second stream starts after them.
         let inputs_ready = StreamMark::record(&self.device)?;
@@ -841,12 +871,22 @@ impl Model {
         second_done.wait(&self.device)?;
         let last_first = out_first?;
         self.split_steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if first.iter().any(|&i| seqs[i].tokens.len() > 1) {
+            self.split_prefill_steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let parts: Vec<Tensor> = [last_first, last_second].into_iter().flatten().collect();
         if parts.is_empty() {
             return Ok(None);
         }
+        // The logits rows are the first half's, then the second's.
         let offset = rows_first.iter().flatten().count();
-        let logit_of = rows_first.into_iter().chain(rows_second.into_iter().map(|r| r.map(|r| r + offset))).collect();
+        let mut logit_of = vec![None; seqs.len()];
+        for (&i, r) in first.iter().zip(rows_first) {
+            logit_of[i] = r;
+        }
+        for (&i, r) in second.iter().zip(rows_second) {
+            logit_of[i] = r.map(|r| r + offset);
+        }
         Ok(Some((self.lm_head(&Tensor::cat(&parts, 0)?)?, logit_of)))
     }
 
@@ -1091,4 +1131,54 @@ fn to_cache(x: &Tensor, cache: DType) -> Result<Tensor, EngineError> {
         return Ok(x.to_dtype(DType::F32)?.clamp(-m, m)?.to_dtype(DType::F8E4M3)?);
     }
     Ok(x.to_dtype(cache)?)
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::{SPLIT_MIN_SEQS, SeqInput, split_plan};
+
+    fn seq(tokens: usize, start_pos: usize) -> SeqInput {
+        SeqInput { tokens: vec![1; tokens], start_pos, blocks: Vec::new(), want_logits: true }
+    }
+
+    fn fills_block(s: &SeqInput, bs: usize) -> bool {
+        (s.start_pos + 1).is_multiple_of(bs)
+    }
+
+    #[test]
+    fn a_decode_step_splits_in_halves_and_keeps_block_filling_tokens_first() {
+        // Positions 0..70: the tokens at 15, 31, 47 and 63 fill their 16-slot block.
+        let seqs: Vec<SeqInput> = (0..70).map(|p| seq(1, p)).collect();
+        let Some((first, second)) = split_plan(&seqs, 16) else { panic!("a 70-sequence decode step splits") };
+        assert_eq!(second.len(), 35);
+        assert!(second.iter().all(|&i| !fills_block(&seqs[i], 16)), "{second:?}");
+        for p in [15, 31, 47, 63] {
+            assert!(first.contains(&p), "position {p} fills its block: first half");
+        }
+        let mut all: Vec<usize> = first.iter().chain(&second).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..70).collect::<Vec<_>>(), "every sequence in exactly one half");
+        assert!(first.is_sorted() && second.is_sorted());
+    }
+
+    #[test]
+    fn a_mixed_step_gives_the_second_half_every_decode_token_that_does_not_fill_a_block() {
+        let mut seqs: Vec<SeqInput> = (0..10).map(|i| seq(100, i * 7)).collect();
+        seqs.extend((0..60).map(|p| seq(1, 100 + p)));
+        let Some((first, second)) = split_plan(&seqs, 16) else { panic!("a mixed step with 60 decode tokens splits") };
+        assert!((0..10).all(|i| first.contains(&i)), "prefill chunks stay first");
+        let plain = seqs.iter().filter(|s| s.tokens.len() == 1 && !fills_block(s, 16)).count();
+        assert_eq!(second.len(), plain);
+        assert!(second.iter().all(|&i| seqs[i].tokens.len() == 1 && !fills_block(&seqs[i], 16)));
+        assert_eq!(first.len() + second.len(), seqs.len());
+    }
+
+    #[test]
+    fn small_steps_and_steps_with_few_decode_tokens_do_not_split() {
+        let small: Vec<SeqInput> = (0..SPLIT_MIN_SEQS - 1).map(|p| seq(1, p)).collect();
+        assert!(split_plan(&small, 16).is_none());
+        let mut mostly_prefill: Vec<SeqInput> = (0..50).map(|i| seq(20, i)).collect();
+        mostly_prefill.extend((0..20).map(|p| seq(1, 200 + 2 * p)));
+        assert!(split_plan(&mostly_prefill, 16).is_none(), "20 decode tokens are too few for a half");
+    }
 }
