@@ -8,7 +8,8 @@
 #   overlap: (not in all) whether decode attention and the layer's GEMMs overlap on two CUDA
 #            streams at the 8B shape (`sluice-kernel-bench --overlap`, docs/engine.md): bf16 and
 #            FP8, decode steps alone and with 2,048 prefill rows in the GEMMs; then the split
-#            decode steps' GPU test and the 8B runs with and without SLUICE_NANO_BATCHES=1.
+#            steps' GPU test, the 8B runs and the shared-prefix run (cache on) with and without
+#            SLUICE_NANO_BATCHES=1.
 # Each step is bounded by `timeout`; every output and a log.txt go to $OUT (or ./gpu-results).
 #
 #   scripts/gpu_bench_8b.sh BIN_DIR [measure|checks|all|overlap]   # default all (two calls' worth)
@@ -61,5 +62,7 @@ if [[ $PART == overlap ]]; then
   step l8b_fp8_kv_split 110 env SLUICE_NANO_BATCHES=1 "$B/sluice-bench" $L8B --dtype fp8 --kv-cache-dtype fp8
   step l8b_bf16 130 "$B/sluice-bench" $L8B
   step l8b_bf16_split 130 env SLUICE_NANO_BATCHES=1 "$B/sluice-bench" $L8B
+  step prefix_on 25 "$B/sluice-bench" $SP --prefix-caching on
+  step prefix_on_split 25 env SLUICE_NANO_BATCHES=1 "$B/sluice-bench" $SP --prefix-caching on
 fi
 for f in "$R"/*.err; do tail -n 3 "$f" | sed "s|^|$(basename "$f"): |" >> "$R/log.txt"; done
