@@ -62,7 +62,7 @@ impl Proj {
     pub fn forward_deferred(&self, x: &Tensor, small: bool, lane: Option<&Lane>) -> Result<ProjOut, EngineError> {
         match (self, lane) {
             (Self::Fp8(f), _) => f.forward_deferred(x, lane),
-            (Self::Dense(l), Some(lane)) => Ok(ProjOut::done(lane.linear(x, l.weight())?)),
+            (Self::Dense(l), Some(lane)) => Ok(ProjOut::done(dense_on(lane, l, x)?)),
             (Self::Dense(_), None) => Ok(ProjOut::done(self.forward_small(x, small)?)),
         }
     }
@@ -73,7 +73,7 @@ impl Proj {
     pub fn forward_silu_mul(&self, x: &Tensor, small: bool, lane: Option<&Lane>) -> Result<Tensor, EngineError> {
         match (self, lane) {
             (Self::Fp8(f), _) => f.forward_silu_mul(x, lane),
-            (Self::Dense(l), Some(lane)) => cuda_ops::silu_mul(&lane.linear(x, l.weight())?),
+            (Self::Dense(l), Some(lane)) => cuda_ops::silu_mul(&dense_on(lane, l, x)?),
             (Self::Dense(_), None) => {
                 if let Some(w) = self.small_weight(x, small)?
                     && let Some(y) = cuda_ops::small_linear(x, w, true)?
@@ -93,6 +93,15 @@ impl Proj {
             Self::Dense(l) if small && l.bias().is_none() && x.dim(0)? <= SMALL_LINEAR_WINS => Ok(Some(l.weight())),
             _ => Ok(None),
         }
+    }
+}
+
+/// `l.forward(x)` on `lane`'s GEMM state.
+fn dense_on(lane: &Lane, l: &Linear, x: &Tensor) -> Result<Tensor, EngineError> {
+    let y = lane.linear(x, l.weight())?;
+    match l.bias() {
+        Some(b) => Ok(y.broadcast_add(b)?),
+        None => Ok(y),
     }
 }
 
@@ -193,6 +202,22 @@ pub fn fake_quant_rows(x: &Tensor) -> Result<Tensor, EngineError> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_lane_computes_what_the_dense_projection_computes_bias_included() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+        let p = Proj::new(Linear::new(w, Some(b)), None).unwrap();
+        let lane = Lane::new(&dev, false).unwrap();
+        let want = p.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let got = p.forward_deferred(&x, false, Some(&lane)).unwrap().finish().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, want);
+        let want = cuda_ops::silu_mul(&p.forward(&x).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let got = p.forward_silu_mul(&x, false, Some(&lane)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn fake_quantization_keeps_row_maxima_and_three_mantissa_bits() {
