@@ -61,18 +61,6 @@ impl Cluster {
         out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
     }
 
-    /// Names of the pods of BatchInferenceJob `job` whose phase is `Failed`.
-    fn failed_pods(&self, job: &str) -> Vec<String> {
-        let pods = self.json(&["get", "pods", "-l", &format!("sluice.dev/job={job}")]).unwrap();
-        pods["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Failed")
-            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
-            .collect()
-    }
-
     /// The `kubectl get bij NAME` row, split into columns.
     fn row(&self, name: &str) -> Vec<String> {
         self.ok(&["get", "bij", name, "-n", &self.namespace, "--no-headers"], None).split_whitespace().map(str::to_string).collect()
@@ -575,7 +563,14 @@ fn fleet_case(c: &Cluster, volume: &str, dir: &Path, env: &str, timeout: Duratio
     assert_eq!(tight_peak, 2, "the tight job never got its 2 workers while the slack job ran");
     // No running shard was killed: not one pod of the three failed.
     for n in names {
-        let failed = c.failed_pods(n);
+        let pods = c.json(&["get", "pods", "-l", &format!("sluice.dev/job={n}")]).unwrap();
+        let failed: Vec<&str> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Failed")
+            .filter_map(|p| p["metadata"]["name"].as_str())
+            .collect();
         assert!(failed.is_empty(), "{n}: pods failed: {failed:?}");
         let input = if n == "fleet-slack" { "slow.jsonl" } else { "quickstart-input.jsonl" };
         let out = OutputCheck::read(&dir.join(format!("out/{n}"))).unwrap();
@@ -843,7 +838,14 @@ fn operator_on_a_real_cluster() {
         c.events_of("slow").iter().filter(|e| e["reason"] == "Scaled").filter_map(|e| e["message"].as_str().map(str::to_string)).collect();
     assert!(peak_parallelism > 1, "never scaled above one worker; Scaled events: {scaled:?}");
     assert!(lowered_after_peak, "parallelism never went down from its peak {peak_parallelism}; Scaled events: {scaled:?}");
-    let failed = c.failed_pods("slow");
+    let pods = c.json(&["get", "pods", "-l", "sluice.dev/job=slow"]).unwrap();
+    let failed: Vec<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Failed")
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
     assert!(failed.iter().all(|n| *n == victim), "pods failed besides the deleted {victim}: {failed:?}");
     check_columns(&c.row("slow"));
 
