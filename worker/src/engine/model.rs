@@ -242,7 +242,7 @@ impl CapturedDecode {
     }
 }
 
-/// What running a decode step as two halves needs (`Model::split_logits`).
+/// What running a step as two halves needs (`Model::split_logits`).
 struct SplitSteps {
     /// The second half's GEMM state (its own cuBLAS handle and FP8 workspace).
     lane: super::cuda_ops::Lane,
@@ -296,7 +296,7 @@ pub struct Model {
     graphs: std::sync::Mutex<DecodeGraphs>,
     /// Steps launched through a graph so far.
     graph_steps: std::sync::atomic::AtomicU64,
-    /// Large decode steps run as two halves on two streams (`EngineSwitches::nano_batches`;
+    /// Large steps run as two halves on two streams (`EngineSwitches::nano_batches`;
     /// off with the profiler).
     split: Option<SplitSteps>,
     /// Steps run as two halves so far, and those of them that also prefilled.
